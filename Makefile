@@ -1,0 +1,40 @@
+# The two commands of the quick start: `make train` and `make test`.
+# Each creates .venv on first use and installs with the pinned torch from constraints.txt.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The memorizing and block-recurrent reference packages pull faiss-gpu and CUDA wheels;
+# they are test oracles only, so they go in without dependencies (what they import is
+# already in the dev extra or the runtime set).
+REFERENCE_NODEPS := memorizing-transformers-pytorch==0.4.1 block-recurrent-transformer-pytorch==0.4.4
+
+.PHONY: train test bench lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps $(REFERENCE_NODEPS)
+	$(BIN)/pip install -q -c constraints.txt beartype joblib
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/longrange train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/longrange bench speed --models vanilla --lengths 1024,4096
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,1 @@
+"""longrange: efficient long-context transformers on one set of tested layers."""

@@ -1,0 +1,6 @@
+"""Exact softmax attention with boolean masks, causal offsets and additive biases."""
+
+from longrange.ops.dense.naive import dense_attention_naive
+from longrange.ops.dense.sdpa import dense_attention, dense_attention_sdpa, merge_masks
+
+__all__ = ["dense_attention", "dense_attention_naive", "dense_attention_sdpa", "merge_masks"]
