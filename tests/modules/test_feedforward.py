@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from longrange.modules.feedforward import Chunk, FeedForward, GEGLUFeedForward
+from longrange.testing import assert_close, assert_same_forward_backward
+
+
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
+def test_feedforward_shapes_and_param_names(glu):
+    torch.manual_seed(0)
+    ff = FeedForward(16, mult=3, glu=glu)
+    assert ff.w1.weight.shape == (16 * 3 * (2 if glu else 1), 16)
+    assert ff.w2.weight.shape == (16, 16 * 3)
+    x = torch.randn(2, 7, 16)
+    assert ff(x, mask=None).shape == (2, 7, 16)
+
+
+def test_feedforward_matches_hand_written_glu():
+    torch.manual_seed(1)
+    ff = FeedForward(8, mult=2, activation=nn.ReLU, glu=True)
+    x = torch.randn(3, 5, 8)
+    a, b = (x @ ff.w1.weight.T + ff.w1.bias).chunk(2, dim=-1)
+    expected = (torch.relu(a) * b) @ ff.w2.weight.T + ff.w2.bias
+    assert_close(ff(x), expected)
+
+
+def test_feedforward_activation_instance_and_errors():
+    ff = FeedForward(4, activation=nn.Tanh())
+    assert isinstance(ff.act, nn.Tanh)
+    with pytest.raises(TypeError, match="activation"):
+        FeedForward(4, activation=torch.tanh)
+    with pytest.raises(ValueError, match="dropout"):
+        FeedForward(4, dropout=1.5)
+    with pytest.raises(ValueError, match="mult"):
+        FeedForward(4, mult=0)
+
+
+def test_geglu_two_thirds_width():
+    ff = GEGLUFeedForward(30, mult=4)
+    assert ff.inner_dim == 80
+    assert ff.w1.weight.shape == (160, 30) and ff.w1.bias is None
+    plain = sum(p.numel() for p in FeedForward(30, mult=4, bias=False).parameters())
+    gated = sum(p.numel() for p in ff.parameters())
+    assert abs(gated - plain) / plain < 0.01
+
+
+@pytest.mark.parametrize("chunks,n", [(1, 9), (3, 9), (4, 63), (10, 7)], ids=str)
+def test_chunk_equals_unchunked(chunks, n):
+    torch.manual_seed(2)
+    ff = FeedForward(12, glu=True)
+    chunked = Chunk(chunks, ff, along_dim=-2)
+    x = torch.randn(2, n, 12, dtype=torch.float64)
+    ff.double()
+    assert_same_forward_backward(chunked, ff, [x])
+
+
+def test_chunk_passes_kwargs_and_validates():
+    seen = []
+
+    def fn(x, *, tag):
+        seen.append(tag)
+        return x * 2
+
+    out = Chunk(3, fn)(torch.ones(1, 6, 2), tag="t")
+    assert seen == ["t"] * 3 and torch.equal(out, torch.full((1, 6, 2), 2.0))
+    with pytest.raises(ValueError, match="chunks"):
+        Chunk(0, fn)
+    with pytest.raises(TypeError, match="chunks"):
+        Chunk(2.0, fn)
