@@ -20,17 +20,13 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((a - e).norm() / e.norm().clamp_min(1e-12))
 
 
-def assert_close(
-    actual: Tensor, expected: Tensor, rtol: float | None = None, name: str = ""
-) -> None:
+def assert_close(actual: Tensor, expected: Tensor, rtol: float | None = None, name: str = "") -> None:
     """Fail when the relative error (a norm ratio, see :func:`relative_error`) exceeds rtol.
 
     The default tolerance depends on the dtype of ``expected``.
     """
     if actual.shape != expected.shape:
-        raise AssertionError(
-            f"{name or 'tensor'}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-        )
+        raise AssertionError(f"{name or 'tensor'}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     if not torch.isfinite(actual).all():
         raise AssertionError(f"{name or 'tensor'}: contains NaN or inf")
     rtol = DEFAULT_RTOL.get(expected.dtype, 1e-4) if rtol is None else rtol
@@ -70,9 +66,7 @@ def assert_same_forward_backward(
             continue
         if a.grad is None:
             raise AssertionError(f"input {i}: fast path produced no gradient")
-        assert_close(
-            a.grad, b.grad, grad_rtol if grad_rtol is not None else rtol, name=f"grad of input {i}"
-        )
+        assert_close(a.grad, b.grad, grad_rtol if grad_rtol is not None else rtol, name=f"grad of input {i}")
 
 
 def assert_causal(

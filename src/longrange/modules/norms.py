@@ -124,9 +124,7 @@ class PreNorm(nn.Module):
     taking ``dim`` and returning a module (``nn.LayerNorm``, :class:`ScaleNorm`, ...).
     """
 
-    def __init__(
-        self, dim: int, fn: Callable, *, norm: str | Callable[[int], nn.Module] = "layer"
-    ) -> None:
+    def __init__(self, dim: int, fn: Callable, *, norm: str | Callable[[int], nn.Module] = "layer") -> None:
         super().__init__()
         self.norm = make_norm(norm, dim)
         self.fn = fn

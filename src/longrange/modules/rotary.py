@@ -98,6 +98,4 @@ class RotaryEmbedding(nn.Module):
             return self.rotate(q, q_positions), self.rotate(k, k_positions)
         q_scale = self.xpos_scale(q_positions)
         k_scale = self.xpos_scale(k_positions).reciprocal()
-        return self.rotate(q, q_positions, scale=q_scale), self.rotate(
-            k, k_positions, scale=k_scale
-        )
+        return self.rotate(q, q_positions, scale=q_scale), self.rotate(k, k_positions, scale=k_scale)

@@ -25,9 +25,7 @@ def causal_mask(n: int, m: int, device: torch.device | None = None) -> Tensor:
     return cols <= rows + offset
 
 
-def merge_masks(
-    mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device
-) -> Tensor | None:
+def merge_masks(mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device) -> Tensor | None:
     """Combine a padding/attention mask with the causal band; None when nothing is masked."""
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
@@ -71,9 +69,7 @@ def dense_attention_sdpa(
         attn_mask = bias.to(q.dtype)
         if keep is not None:
             attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and quality against sequence length, recorded per device."""

@@ -1,0 +1,222 @@
+"""``longrange bench speed``: forward+backward and forward-only time, tokens/s, peak memory.
+
+Each (family, length) point: one warm-up, then the median of ``repeats`` timed runs. Peak
+memory is measured in a fresh process per point (the CUDA allocator's peak on GPU; the growth
+of the resident-set high-water mark on CPU), so one point's allocations cannot hide another's.
+Families are benchmarked at one shared size: their ``bench`` preset, or dim 256, depth 4,
+heads 4 on top of their default config.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from longrange.bench.device import device_slug, environment
+from longrange.models.registry import get_family
+
+BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
+
+
+def bench_model(family: str, length: int, device: str):
+    fam = get_family(family)
+    config = fam.presets["bench"]() if "bench" in fam.presets else fam.config_class(**BENCH_SIZE)
+    config = config.replace(max_seq_len=max(config.max_seq_len, length))
+    return fam.model_class(config).to(device)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(model, tokens: torch.Tensor) -> None:
+    out = model.forward_lm(tokens[:, :-1])
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    loss.backward()
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_point(family: str, length: int, *, device: str, repeats: int, batch_size: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = bench_model(family, length, device).train()
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        _fwd_bwd(model, tokens)
+
+    def forward():
+        with torch.no_grad():
+            model.forward_lm(tokens[:, :-1])
+
+    fwd_bwd = _timed(train_step, device, repeats)
+    model.eval()
+    fwd = _timed(forward, device, repeats)
+    return {
+        "family": family,
+        "length": length,
+        "batch_size": batch_size,
+        "params": model.num_params(),
+        "fwd_bwd_s": fwd_bwd,
+        "fwd_s": fwd,
+        "tokens_per_s": batch_size * length / fwd_bwd,
+    }
+
+
+def memory_point(family: str, length: int, *, device: str, batch_size: int) -> float:
+    """Peak memory (MB) of one forward+backward, measured in this process."""
+    torch.manual_seed(0)
+    model = bench_model(family, length, device).train()
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _fwd_bwd(model, tokens)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _current_rss_kib()
+    _reset_peak_rss()
+    _fwd_bwd(model, tokens)
+    return (_peak_rss_kib() - before) / 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _current_rss_kib() -> int:
+    value = _status_kib("VmRSS")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss() -> None:
+    # Linux resets the high-water mark (VmHWM) when "5" is written to clear_refs, so the peak
+    # we read afterwards belongs to this measurement, not to imports or model construction.
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_kib() -> int:
+    value = _status_kib("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size: int) -> float | None:
+    cmd = [sys.executable, "-m", "longrange.bench.speed", family, str(length), device, str(batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def results_path(out_dir: str | Path, device: str, suite: str) -> Path:
+    return Path(out_dir) / device_slug(device) / f"{suite}.json"
+
+
+def merge_results(path: Path, env: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """Replace earlier rows for the same (family, length, batch) and keep the rest."""
+    from longrange.train.checkpoint import atomic_write_json
+
+    existing: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text()).get("results", [])
+        except (json.JSONDecodeError, AttributeError):
+            existing = []
+    key = lambda r: (r["family"], r["length"], r["batch_size"])  # noqa: E731
+    fresh = {key(r) for r in rows}
+    merged = [r for r in existing if key(r) not in fresh] + rows
+    merged.sort(key=key)
+    atomic_write_json(path, {"suite": path.stem, "environment": env, "results": merged})
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'family':<16}{'length':>8}{'fwd+bwd s':>12}{'fwd s':>10}{'tokens/s':>12}{'peak MB':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mem = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        if "error" in r:
+            lines.append(f"{r['family']:<16}{r['length']:>8}  {r['error']}")
+            continue
+        lines.append(
+            f"{r['family']:<16}{r['length']:>8}{r['fwd_bwd_s']:>12.3f}{r['fwd_s']:>10.3f}"
+            f"{r['tokens_per_s']:>12,.0f}{mem:>10}"
+        )
+    return "\n".join(lines)
+
+
+def run_speed_suite(
+    families: list[str],
+    lengths: list[int],
+    *,
+    device: str,
+    repeats: int = 3,
+    batch_size: int = 1,
+    out_dir: str | Path = "benchmarks/results",
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not lengths or any(n < 2 for n in lengths):
+        raise ValueError(f"lengths must be integers >= 2, got {lengths}")
+    env = environment(device)
+    rows = []
+    for family in families:
+        for length in lengths:
+            try:
+                row = time_point(family, length, device=device, repeats=repeats, batch_size=batch_size)
+            except (RuntimeError, ValueError) as err:  # out of memory, or a length the config refuses
+                row = {"family": family, "length": length, "batch_size": batch_size, "error": str(err)[:200]}
+            else:
+                if memory:
+                    row["peak_mb"] = memory_in_fresh_process(
+                        family, length, device=device, batch_size=batch_size
+                    )
+            row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
+    path = results_path(out_dir, device, "speed")
+    merge_results(path, env, rows)
+    print(f"\n{env['device']}, torch {env['torch']}\n{format_table(rows)}\nwritten: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    # Worker for memory_in_fresh_process: family length device batch_size
+    fam, n, dev, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    print(memory_point(fam, n, device=dev, batch_size=bs))

@@ -1,0 +1,242 @@
+"""The ``longrange`` command: train, generate, eval, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrange.models.base import CONFIG_NAME, LongRangeLM
+from longrange.models.registry import FAMILY_MODULES, get_family
+
+
+def _model_settings(family: str, settings: list[str]) -> dict[str, Any]:
+    cls = get_family(family).config_class
+    out = {}
+    for text in settings:
+        key, value = cls.parse_setting(text)
+        out[key] = value
+    return out
+
+
+def _load_model(path: str, device: str) -> LongRangeLM:
+    """A run folder (its latest weights) or any model directory written by save_pretrained."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint")
+    if not (p / CONFIG_NAME).is_file() and (p / "best" / CONFIG_NAME).is_file():
+        p = p / "best"
+    return LongRangeLM.from_pretrained(p, map_location=device)
+
+
+def _device(name: str) -> str:
+    from longrange.train.distributed import pick_device
+
+    return str(pick_device(name))
+
+
+# --- subcommands ------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from longrange.train.config import TrainConfig
+    from longrange.train.trainer import Trainer, load_run_config
+
+    if args.resume:
+        cfg = load_run_config(Path(args.resume))
+        if args.steps is not None:
+            cfg.steps = args.steps
+        Trainer(cfg, resume=args.resume).fit()
+        return 0
+    preset = args.preset
+    family = get_family(args.model)
+    if preset is None:
+        preset = "small" if "small" in family.presets else next(iter(family.presets), None)
+    settings = _model_settings(args.model, args.set or [])
+    fields = {
+        "model": args.model,
+        "preset": preset,
+        "set": settings,
+        "data": args.data,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "out": args.out,
+        "name": args.name,
+        "fsdp": args.fsdp,
+        "progress": not args.no_progress,
+    }
+    for key in ("batch_size", "steps", "lr", "warmup", "accum", "eval_every", "eval_tokens", "save_every"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    Trainer(TrainConfig(**fields)).fit()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from longrange.data.tokenizer import ByteTokenizer
+
+    device = _device(args.device)
+    model = _load_model(args.run, device).eval()
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    new = model.generate(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token=args.eos_token,
+        repetition_penalty=args.repetition_penalty,
+        generator=gen,
+    )
+    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from longrange.data.corpus import load_corpus
+    from longrange.train.evaluate import evaluate_bpb
+
+    device = _device(args.device)
+    model = _load_model(args.run, device)
+    corpus = load_corpus(args.data)
+    seq_len = args.seq_len or model.config.max_seq_len
+    bpb = evaluate_bpb(model, corpus.val, seq_len=seq_len, max_tokens=args.max_tokens, device=device)
+    print(f"validation bits per byte: {bpb:.4f}  ({corpus.summary()})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from longrange.models.registry import available_families
+
+    rows = []
+    for name in available_families():
+        fam = get_family(name)
+        for preset, make in fam.presets.items():
+            with torch.device("meta"):
+                params = fam.model_class(make()).num_params()
+            rows.append((name, preset, f"{params / 1e6:.2f} M", fam.description))
+    print(f"{'family':<16}{'preset':<10}{'params':>10}  description")
+    for family, preset, params, desc in rows:
+        print(f"{family:<16}{preset:<10}{params:>10}  {desc}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longrange.bench.speed import run_speed_suite
+
+    if args.suite != "speed":
+        raise ValueError(f"bench suite must be 'speed'; got {args.suite!r}")
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        get_family(m)
+    run_speed_suite(
+        models,
+        lengths,
+        device=_device(args.device),
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        memory=not args.no_memory,
+    )
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longrange", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    families = ", ".join(FAMILY_MODULES)
+
+    t = sub.add_parser("train", help="train a model and write a run folder")
+    t.add_argument("--model", default="vanilla", help=f"model family ({families}); default vanilla")
+    t.add_argument(
+        "--preset", default=None, help="preset of the family (see `longrange models`); default small"
+    )
+    t.add_argument(
+        "--data", default=None, help="'builtin' (default), a text file, a folder, or a .jsonl file"
+    )
+    t.add_argument(
+        "--seq-len", type=int, default=None, help="training window (default: the model's max_seq_len)"
+    )
+    t.add_argument("--batch-size", type=int, default=None, help="sequences per step per process (default 16)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 30)")
+    t.add_argument("--accum", type=int, default=None, help="gradient accumulation steps (default 1)")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between validations (default 100)")
+    t.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
+    t.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default 100)")
+    t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    t.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    t.add_argument("--out", default="runs", help="parent folder of run folders (default runs)")
+    t.add_argument("--name", default=None, help="run folder name (default <model>-<preset>)")
+    t.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP under torchrun")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="set any model config field, e.g. --set depth=6"
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a run folder or checkpoint")
+    g.add_argument("run", metavar="RUN_OR_CKPT", help="run folder or model directory")
+    g.add_argument("--prompt", default="\n", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bytes")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--eos-token", type=int, default=None, help="stop at this byte value")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="validation bits per byte of a run folder or checkpoint")
+    e.add_argument("run", metavar="RUN_OR_CKPT", help="run folder or model directory")
+    e.add_argument(
+        "--data", default=None, help="'builtin' (default), a text file, a folder, or a .jsonl file"
+    )
+    e.add_argument("--seq-len", type=int, default=None, help="chunk length (default: max_seq_len)")
+    e.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted bytes")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("models", help="list families, presets and parameter counts")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmarks: time and memory against sequence length")
+    b.add_argument("suite", choices=["speed"], help="which suite")
+    b.add_argument("--models", default="vanilla", help="comma-separated families (default vanilla)")
+    b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths")
+    b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    b.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    b.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"longrange {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

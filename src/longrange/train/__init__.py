@@ -1,0 +1,1 @@
+"""Training: the trainer, checkpoints, schedules, evaluation, distributed set-up."""
