@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install -q -c constraints.txt --no-deps $(REFERENCE_NODEPS)
-	$(BIN)/pip install -q -c constraints.txt beartype joblib
+	$(BIN)/pip install -q -c constraints.txt beartype joblib einops-exts
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -218,7 +218,9 @@ class Trainer:
         new = self.model.generate(prompt, self.cfg.sample_tokens, temperature=0.8, top_k=40, generator=gen)
         return self.cfg.prompt + tok.decode(new)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps``. ``stop_after`` ends the process's work early right after
+        that step, as a kill would (tests use it to check resume)."""
         cfg, metrics_path = self.cfg, self.run_dir / "metrics.jsonl"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +278,10 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
                 dist_util.barrier(self.dist)
+            if stop_after is not None and self.step >= stop_after:
+                if bar:
+                    bar.close()
+                return {"run_dir": str(self.run_dir), "steps": self.step, "stopped": True}
         if bar:
             bar.close()
         wall = time.perf_counter() - started

@@ -1,0 +1,30 @@
+import json
+
+from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite
+
+
+def test_speed_suite_writes_json(tmp_path, capsys):
+    rows = run_speed_suite(["vanilla"], [32, 64], device="cpu", repeats=1, out_dir=tmp_path, memory=False)
+    assert [r["length"] for r in rows] == [32, 64]
+    files = list(tmp_path.glob("*/speed.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["environment"]["torch"]
+    row = data["results"][0]
+    assert {"family", "length", "fwd_bwd_s", "fwd_s", "tokens_per_s", "params"} <= set(row)
+    assert row["tokens_per_s"] > 0
+    # A second run replaces its own points and keeps the others.
+    run_speed_suite(["vanilla"], [64], device="cpu", repeats=1, out_dir=tmp_path, memory=False)
+    data = json.loads(files[0].read_text())
+    assert sorted(r["length"] for r in data["results"]) == [32, 64]
+    assert "vanilla" in capsys.readouterr().out
+
+
+def test_memory_point_runs_in_a_fresh_process():
+    mb = memory_in_fresh_process("vanilla", 256, device="cpu", batch_size=1)
+    assert mb is not None and mb > 0
+
+
+def test_table_shows_errors():
+    text = format_table([{"family": "x", "length": 8, "batch_size": 1, "error": "out of memory"}])
+    assert "out of memory" in text

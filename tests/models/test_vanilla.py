@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+
+from longrange.models.base import LongRangeLM
+from longrange.models.registry import create_model, make_config
+from longrange.models.vanilla import VanillaConfig, VanillaLM
+from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+
+
+@pytest.fixture
+def model():
+    return create_model("vanilla", "tiny").eval()
+
+
+def test_shapes_and_causality(model):
+    tokens = torch.randint(0, 256, (2, 63))
+    assert model(tokens).shape == (2, 63, 256)
+    assert_causal(model, tokens, 256)
+
+
+def test_naive_backend_matches_sdpa():
+    fast = create_model("vanilla", "tiny").eval()
+    slow = create_model("vanilla", "tiny", attn_backend="naive").eval()
+    slow.load_state_dict(fast.state_dict())
+    tokens = torch.randint(0, 256, (2, 45))
+    assert_close(fast(tokens), slow(tokens), 1e-4)
+
+
+def test_left_padding_is_ignored(model):
+    tokens = torch.randint(0, 256, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :7] = False
+    assert_padding_ignored(lambda t, m: model(t, mask=m), tokens, mask, 256)
+
+
+def test_save_load_round_trip(tmp_path, model):
+    tokens = torch.randint(0, 256, (1, 30))
+    model.save_pretrained(tmp_path / "m")
+    loaded = LongRangeLM.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, VanillaLM)
+    assert torch.equal(loaded(tokens), model(tokens))
+    assert VanillaLM.from_pretrained(tmp_path / "m").config == model.config
+
+
+def test_from_pretrained_refuses_bad_directories(tmp_path, model):
+    with pytest.raises(FileNotFoundError):
+        LongRangeLM.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a longrange model directory"):
+        LongRangeLM.from_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        LongRangeLM.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "f")
+    cfg = json.loads((tmp_path / "f" / "config.json").read_text())
+    cfg["family"] = "no_such_family"
+    (tmp_path / "f" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown model family"):
+        LongRangeLM.from_pretrained(tmp_path / "f")
+    model.save_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        LongRangeLM.from_pretrained(tmp_path / "g")
+
+
+def test_weights_of_another_shape_are_refused(tmp_path, model):
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["dim"] = 32
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape"):
+        LongRangeLM.from_pretrained(tmp_path / "m")
+
+
+def test_config_round_trip_and_errors():
+    cfg = make_config("vanilla", "small", depth=3)
+    assert VanillaConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="unknown config key"):
+        VanillaConfig.from_dict({"family": "vanilla", "bogus": 1})
+    with pytest.raises(ValueError, match="divisible by heads"):
+        VanillaConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        create_model("vanilla", "huge")
+    with pytest.raises(ValueError, match="unknown model family"):
+        create_model("transformer-xl")
+
+
+def test_bad_tokens_are_refused_before_work(model):
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        model(torch.full((1, 4), 256))
+    with pytest.raises(TypeError, match="bool"):
+        model(torch.zeros(1, 4, dtype=torch.long), mask=torch.ones(1, 4))
+
+
+def test_kv_cache_decoding_equals_recompute(model):
+    tokens = torch.randint(0, 256, (2, 40))
+    full = model(tokens)
+    logits, state = model.prefill(tokens[:, :15])
+    assert_close(logits, full[:, :15], 1e-5)
+    for t in range(15, 40):
+        step, state = model.step(tokens[:, t], state)
+        if t + 1 < 40:
+            assert_close(step, full[:, t], 1e-5, name=f"step {t}")
+
+
+def test_greedy_generate_equals_full_recompute(model):
+    prompt = torch.randint(0, 256, (2, 5))
+    new = model.generate(prompt, 30, temperature=0)
+    seq = prompt
+    for _ in range(30):
+        nxt = model(seq)[:, -1].argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    assert torch.equal(new, seq[:, 5:])

@@ -1,0 +1,163 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longrange.data.corpus import load_corpus
+from longrange.train.checkpoint import atomic_write_json, load_trainer_state
+from longrange.train.config import TrainConfig
+from longrange.train.trainer import Trainer, lr_at
+
+TINY = {"max_seq_len": 64, "dropout": 0.1}
+
+
+def _cfg(tmp_path, **overrides):
+    base = dict(
+        model="vanilla",
+        preset="tiny",
+        set=TINY,
+        seq_len=32,
+        batch_size=4,
+        steps=6,
+        lr=3e-3,
+        warmup=2,
+        eval_every=3,
+        eval_tokens=512,
+        log_every=1,
+        save_every=3,
+        out=str(tmp_path / "runs"),
+        name="t",
+        sample_tokens=16,
+        progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_run_folder_contents_and_learning(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    result = Trainer(_cfg(tmp_path, steps=30, eval_every=30, lr=1e-2), corpus=corpus).fit()
+    run = tmp_path / "runs" / "t"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+        "train_config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "sample.txt",
+        "best/model.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "val_bpb" in records[0]
+    logged = [r for r in records if "train_loss" in r]
+    assert {"step", "train_loss", "lr", "tokens_per_s"} <= set(logged[0])
+    assert result["val_bpb_after"] < result["val_bpb_before"] - 1.0
+    assert (run / "sample.txt").read_text().startswith("def ")
+
+
+def test_resume_equals_uninterrupted(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, name="full"), corpus=corpus).fit()
+    Trainer(_cfg(tmp_path, name="cut"), corpus=corpus).fit(stop_after=3)
+    _, plain, _ = load_trainer_state(tmp_path / "runs" / "cut")
+    assert plain["step"] == 3
+    Trainer(_cfg(tmp_path, name="cut"), resume=str(tmp_path / "runs" / "cut"), corpus=corpus).fit()
+    full = load_file(str(tmp_path / "runs" / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "runs" / "cut" / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "runs" / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_corrupt_trainer_state_is_refused(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, steps=3), corpus=corpus).fit()
+    run = tmp_path / "runs" / "t"
+    (run / "trainer_state.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="corrupt trainer state"):
+        Trainer(_cfg(tmp_path, steps=6), resume=str(run), corpus=corpus)
+    atomic_write_json(run / "trainer_state.json", {"nothing": 1})
+    with pytest.raises((ValueError, FileNotFoundError)):
+        Trainer(_cfg(tmp_path, steps=6), resume=str(run), corpus=corpus)
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55, abs=0.01)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+    assert math.isfinite(lr_at(0, TrainConfig(warmup=0)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"precision": "fp8"}, "precision"),
+        ({"seq_len": 1}, "seq_len"),
+    ],
+    ids=["steps", "lr", "precision", "seq_len"],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_two_process_gloo_ddp(tmp_path, text_folder):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "longrange.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_seq_len=32",
+        "--data",
+        str(text_folder),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "4",
+        "--eval-tokens",
+        "256",
+        "--save-every",
+        "4",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "ddp",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    assert (run / "model.safetensors").is_file()
+    assert proc.stdout.count("longrange train: done") == 1  # only rank 0 reports
+    assert json.loads((run / "trainer_state.json").read_text())["step"] == 4
