@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 
-def _make_activation(activation: type[nn.Module] | nn.Module | None) -> nn.Module:
+def make_activation(activation: type[nn.Module] | nn.Module | None) -> nn.Module:
+    """An activation module from None (GELU), an nn.Module subclass, or an instance."""
     if activation is None:
         return nn.GELU()
     if isinstance(activation, nn.Module):
@@ -80,7 +81,7 @@ class FeedForward(nn.Module):
         self.glu = glu
         self.inner_dim = inner_dim
         self.w1 = nn.Linear(dim, inner_dim * (2 if glu else 1), bias=bias)
-        self.act = _make_activation(activation)
+        self.act = make_activation(activation)
         self.dropout = nn.Dropout(dropout)
         self.w2 = nn.Linear(inner_dim, dim if dim_out is None else dim_out, bias=bias)
 
