@@ -159,3 +159,12 @@ def test_moe_learns_a_toy_regression(one_thread):
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     print(f"\nMoE toy regression loss {first:.4f} -> {last:.4f}")
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_runs(dtype):
+    moe = MoE(16, 4).to(dtype)
+    out, aux = moe(torch.randn(2, 33, 16).to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(aux)
+    (out.float().sum() + aux).backward()
+    assert torch.isfinite(moe.experts.w1.grad).all()

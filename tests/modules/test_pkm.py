@@ -120,3 +120,13 @@ def test_pkm_learns_a_toy_regression(one_thread):
     assert last < 0.5 * first, (first, last)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert len(list(itertools.chain(rest, values))) == len(list(pkm.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("query_norm", ["layer", "batch"])
+def test_half_precision_runs(dtype, query_norm):
+    pkm = PKM(16, num_keys=8, topk=4, dim_head=8, query_norm=query_norm).to(dtype)
+    out = pkm(torch.randn(2, 33, 16).to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(pkm.values.weight.grad).all()

@@ -241,7 +241,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
         def rerun(branch, x_in, kw, rng: _RngState, d_branch, where):
             leaf = x_in.detach().requires_grad_()
-            kw = {k: leaves.get(k, v) if k in key_slot else v for k, v in kw.items()}
+            kw = {k: leaves.get(k, v) for k, v in kw.items()}
             with (
                 torch.enable_grad(),
                 rng.replay(),
