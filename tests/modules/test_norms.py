@@ -20,9 +20,7 @@ def test_layernorm_with_and_without_bias():
     with_bias, without = LayerNorm(8), LayerNorm(8, bias=False)
     assert with_bias.bias is not None and without.bias is None
     assert [n for n, _ in without.named_parameters()] == ["weight"]
-    expected = (x - x.mean(-1, keepdim=True)) / (
-        x.var(-1, unbiased=False, keepdim=True) + 1e-5
-    ).sqrt()
+    expected = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
     assert_close(without(x), expected)
     with torch.no_grad():
         with_bias.bias.fill_(0.5)
