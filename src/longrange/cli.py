@@ -128,23 +128,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from longrange.bench.speed import run_speed_suite
+    from longrange.bench.suites import run_suite
+    from longrange.models.registry import available_families
 
-    if args.suite != "speed":
-        raise ValueError(f"bench suite must be 'speed'; got {args.suite!r}")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.models == "all":
+        models = available_families()
+    else:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         get_family(m)
-    run_speed_suite(
-        models,
-        lengths,
-        device=_device(args.device),
-        repeats=args.repeats,
-        batch_size=args.batch_size,
-        out_dir=args.out,
-        memory=not args.no_memory,
-    )
+    options = {
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "out": args.out,
+        "no_memory": args.no_memory,
+        "compare_reference": args.compare_reference,
+        "steps": args.steps,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "readme": args.readme,
+    }
+    run_suite(args.suite, models, lengths, device=_device(args.device), options=options)
     return 0
 
 
@@ -212,15 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list families, presets and parameter counts")
     m.set_defaults(func=cmd_models)
 
-    b = sub.add_parser("bench", help="benchmarks: time and memory against sequence length")
-    b.add_argument("suite", choices=["speed"], help="which suite")
-    b.add_argument("--models", default="vanilla", help="comma-separated families (default vanilla)")
-    b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths")
+    b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
+    b.add_argument(
+        "suite",
+        choices=["speed", "memory", "generate", "recall", "quality", "report"],
+        help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
+        "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
+        "report (plots + README tables)",
+    )
+    b.add_argument("--models", default="vanilla", help="comma-separated families, or 'all' (default vanilla)")
+    b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")
     b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda")
     b.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
-    b.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    b.add_argument(
+        "--no-memory", action="store_true", help="speed: skip the fresh-process memory measurement"
+    )
+    b.add_argument(
+        "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
+    )
+    b.add_argument("--steps", type=int, default=None, help="recall / quality: training steps per family")
+    b.add_argument("--prompt-len", type=int, default=1024, help="generate: prompt length (default 1024)")
+    b.add_argument("--new-tokens", type=int, default=1024, help="generate: tokens to decode (default 1024)")
+    b.add_argument("--readme", default="README.md", help="report: the README whose tables are rewritten")
     b.set_defaults(func=cmd_bench)
     return parser
 

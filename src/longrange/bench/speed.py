@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from longrange.bench.device import device_slug, environment
+from longrange.bench.flops import count_flops, growth_exponents, matmul_peak
 from longrange.models.registry import get_family
 
 BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
@@ -31,7 +32,8 @@ BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
 def bench_model(family: str, length: int, device: str):
     fam = get_family(family)
     config = fam.presets["bench"]() if "bench" in fam.presets else fam.config_class(**BENCH_SIZE)
-    config = config.replace(max_seq_len=max(config.max_seq_len, length))
+    if not getattr(fam.model_class, "bench_feeds_chunks", False):
+        config = config.replace(max_seq_len=max(config.max_seq_len, length))
     return fam.model_class(config).to(device)
 
 
@@ -41,6 +43,9 @@ def _sync(device: str) -> None:
 
 
 def _fwd_bwd(model, tokens: torch.Tensor) -> None:
+    if getattr(model, "bench_feeds_chunks", False):
+        _fwd_bwd_chunks(model, tokens)
+        return
     out = model.forward_lm(tokens[:, :-1])
     loss = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     if out.aux_loss is not None:
@@ -48,8 +53,25 @@ def _fwd_bwd(model, tokens: torch.Tensor) -> None:
     loss.backward()
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
+def _fwd_bwd_chunks(model, tokens: torch.Tensor) -> None:
+    """For families that set ``bench_feeds_chunks`` (memorizing): read the length as training
+    does, chunk by chunk (``max_seq_len`` tokens) through a fresh state that fills as it goes,
+    with a forward and a backward per chunk."""
+    size = model.config.max_seq_len
+    state = model.init_state(tokens.shape[0], tokens.device)
+    for start in range(0, tokens.shape[1] - 1, size):
+        piece = tokens[:, start : start + size + 1]
+        out = model.forward_lm(piece[:, :-1], state=state)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), piece[:, 1:].flatten())
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        loss.backward()
+        state = model.detach_state(out.state)
+
+
+def _timed(fn, device: str, repeats: int, *, warmed: bool = False) -> float:
+    if not warmed:
+        fn()
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -60,7 +82,10 @@ def _timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_point(family: str, length: int, *, device: str, repeats: int, batch_size: int) -> dict[str, Any]:
+def time_point(
+    family: str, length: int, *, device: str, repeats: int, batch_size: int, peak_flops: float | None = None
+) -> dict[str, Any]:
+    """Time one (family, length) point; the warm-up run is also the one whose FLOPs are counted."""
     torch.manual_seed(0)
     model = bench_model(family, length, device).train()
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
@@ -73,10 +98,11 @@ def time_point(family: str, length: int, *, device: str, repeats: int, batch_siz
         with torch.no_grad():
             model.forward_lm(tokens[:, :-1])
 
-    fwd_bwd = _timed(train_step, device, repeats)
+    flops = count_flops(train_step)
+    fwd_bwd = _timed(train_step, device, repeats, warmed=True)
     model.eval()
     fwd = _timed(forward, device, repeats)
-    return {
+    row = {
         "family": family,
         "length": length,
         "batch_size": batch_size,
@@ -84,12 +110,28 @@ def time_point(family: str, length: int, *, device: str, repeats: int, batch_siz
         "fwd_bwd_s": fwd_bwd,
         "fwd_s": fwd,
         "tokens_per_s": batch_size * length / fwd_bwd,
+        "fwd_bwd_flops": flops,
     }
+    if peak_flops:
+        row["mfu"] = flops / fwd_bwd / peak_flops
+    return row
 
 
 def memory_point(family: str, length: int, *, device: str, batch_size: int) -> float:
-    """Peak memory (MB) of one forward+backward, measured in this process."""
+    """Peak memory (MB) of one forward+backward, measured in this process.
+
+    ``family`` may be ``ref:<family>`` for the reference package's model (CPU only).
+    """
     torch.manual_seed(0)
+    if family.startswith("ref:"):
+        from longrange.bench.reference import BUILDERS, _first
+
+        ref = BUILDERS[family[4:]][1](length).train()
+        tokens = torch.randint(0, 256, (1, length + 1))
+        before = _current_rss_kib()
+        _reset_peak_rss()
+        F.cross_entropy(_first(ref(tokens[:, :-1])).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        return (_peak_rss_kib() - before) / 1024
     model = bench_model(family, length, device).train()
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
     if torch.device(device).type == "cuda":
@@ -148,8 +190,13 @@ def results_path(out_dir: str | Path, device: str, suite: str) -> Path:
     return Path(out_dir) / device_slug(device) / f"{suite}.json"
 
 
-def merge_results(path: Path, env: dict[str, str], rows: list[dict[str, Any]]) -> None:
-    """Replace earlier rows for the same (family, length, batch) and keep the rest."""
+def merge_results(
+    path: Path,
+    env: dict[str, str],
+    rows: list[dict[str, Any]],
+    keys: tuple[str, ...] = ("family", "length", "batch_size"),
+) -> None:
+    """Replace earlier rows with the same key fields and keep the rest."""
     from longrange.train.checkpoint import atomic_write_json
 
     existing: list[dict[str, Any]] = []
@@ -158,24 +205,59 @@ def merge_results(path: Path, env: dict[str, str], rows: list[dict[str, Any]]) -
             existing = json.loads(path.read_text()).get("results", [])
         except (json.JSONDecodeError, AttributeError):
             existing = []
-    key = lambda r: (r["family"], r["length"], r["batch_size"])  # noqa: E731
+
+    def key(r: dict[str, Any]) -> tuple:
+        return tuple(str(r.get(k)) for k in keys)
+
     fresh = {key(r) for r in rows}
     merged = [r for r in existing if key(r) not in fresh] + rows
     merged.sort(key=key)
     atomic_write_json(path, {"suite": path.stem, "environment": env, "results": merged})
 
 
+def _reference_rows(
+    family: str, lengths: list[int], *, device: str, repeats: int, memory: bool
+) -> list[dict]:
+    from longrange.bench.reference import reference_available, time_reference_point
+
+    if torch.device(device).type != "cpu" or not reference_available(family):
+        return []
+    out = []
+    for length in lengths:
+        try:
+            row = time_reference_point(family, length, repeats=repeats)
+        except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+            row = {
+                "family": f"{family} (reference)",
+                "length": length,
+                "batch_size": 1,
+                "error": str(err)[:200],
+            }
+        else:
+            if memory:
+                row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
+        row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        print(format_table([row]).splitlines()[-1], flush=True)
+        out.append(row)
+    return out
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'family':<16}{'length':>8}{'fwd+bwd s':>12}{'fwd s':>10}{'tokens/s':>12}{'peak MB':>10}"
+    head = (
+        f"{'family':<16}{'length':>8}{'fwd+bwd s':>12}{'fwd s':>10}{'tokens/s':>12}{'peak MB':>10}"
+        f"{'MFU':>7}{'growth':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         mem = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
         if "error" in r:
             lines.append(f"{r['family']:<16}{r['length']:>8}  {r['error']}")
             continue
+        mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
+        growth = f"{r['growth']:.2f}" if r.get("growth") is not None else "-"
         lines.append(
             f"{r['family']:<16}{r['length']:>8}{r['fwd_bwd_s']:>12.3f}{r['fwd_s']:>10.3f}"
-            f"{r['tokens_per_s']:>12,.0f}{mem:>10}"
+            f"{r['tokens_per_s']:>12,.0f}{mem:>10}{mfu:>7}{growth:>8}"
         )
     return "\n".join(lines)
 
@@ -189,17 +271,23 @@ def run_speed_suite(
     batch_size: int = 1,
     out_dir: str | Path = "benchmarks/results",
     memory: bool = True,
+    compare_reference: bool = False,
 ) -> list[dict[str, Any]]:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not lengths or any(n < 2 for n in lengths):
         raise ValueError(f"lengths must be integers >= 2, got {lengths}")
     env = environment(device)
+    peak = matmul_peak(device)
+    env["matmul_peak_gflops"] = f"{peak / 1e9:.1f}"
     rows = []
     for family in families:
-        for length in lengths:
+        family_rows = []
+        for length in sorted(lengths):
             try:
-                row = time_point(family, length, device=device, repeats=repeats, batch_size=batch_size)
+                row = time_point(
+                    family, length, device=device, repeats=repeats, batch_size=batch_size, peak_flops=peak
+                )
             except (RuntimeError, ValueError) as err:  # out of memory, or a length the config refuses
                 row = {"family": family, "length": length, "batch_size": batch_size, "error": str(err)[:200]}
             else:
@@ -208,8 +296,19 @@ def run_speed_suite(
                         family, length, device=device, batch_size=batch_size
                     )
             row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            family_rows.append(row)
             rows.append(row)
             print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
+        if compare_reference:
+            family_rows += _reference_rows(
+                family, sorted(lengths), device=device, repeats=repeats, memory=memory
+            )
+            rows += family_rows[len(lengths) :]
+        timed = [r for r in family_rows[: len(lengths)] if "fwd_bwd_s" in r]
+        for r, p in zip(
+            timed, growth_exponents([r["length"] for r in timed], [r["fwd_bwd_s"] for r in timed])
+        ):
+            r["growth"] = p
     path = results_path(out_dir, device, "speed")
     merge_results(path, env, rows)
     print(f"\n{env['device']}, torch {env['torch']}\n{format_table(rows)}\nwritten: {path}")

@@ -1,0 +1,78 @@
+"""Model FLOPs and the device's matmul peak, for model FLOP utilisation (MFU).
+
+FLOPs are counted by running the workload once under ``torch.utils.flop_counter``, so each
+family is counted from the operations it really runs (its matmuls, einsums and fused attention
+calls), with no per-family formula to drift. PyTorch does not count the CPU flash-attention
+kernel, so its formulas are added here: forward 4·B·H·N·M·D (QKᵀ and PV over the full N x M
+block, masked or not), backward twice that; recomputation inside the kernel is not model work
+and is not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, n, d = query_shape
+    m, e = key_shape[-2], value_shape[-1]
+    return 2 * b * h * n * m * d + 2 * b * h * n * m * e
+
+
+def _sdpa_cpu_backward_flops(
+    grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+
+
+# flop_counter hands custom formulas the shapes of the tensors, not the tensors.
+CUSTOM = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs of running ``fn`` once (matmul-like and attention operations)."""
+    with FlopCounterMode(display=False, custom_mapping=CUSTOM) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(
+    device: str | torch.device, *, size: int = 2048, repeats: int = 5, dtype=torch.float32
+) -> float:
+    """Measured FLOP/s of a square ``size`` matmul (median of repeats) on ``device``."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * size**3 / times[len(times) // 2]
+
+
+def growth_exponents(lengths: list[int], values: list[float]) -> list[float | None]:
+    """Exponent p of cost ~ n^p between successive lengths; None for the first point."""
+    import math
+
+    out: list[float | None] = [None]
+    for (n0, v0), (n1, v1) in zip(zip(lengths, values), zip(lengths[1:], values[1:])):
+        if v0 and v1 and v0 > 0 and v1 > 0 and n1 != n0:
+            out.append(math.log(v1 / v0) / math.log(n1 / n0))
+        else:
+            out.append(None)
+    return out

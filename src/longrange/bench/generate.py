@@ -1,0 +1,75 @@
+"""``longrange bench generate``: decoding speed with and without incremental state.
+
+Incremental: ``prefill`` on the prompt, then one ``step`` per new token (the family's KV
+caches, running sums or recurrent states). Recompute: the whole sequence re-run for every new
+token, as the reference packages do. Recompute is timed on the first ``recompute_tokens`` new
+tokens only (its per-token cost only grows, so its tokens/s is an upper bound) to keep the
+suite short on a CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from longrange.bench.speed import _sync, bench_model
+
+
+@torch.no_grad()
+def generate_point(
+    family: str,
+    *,
+    device: str,
+    prompt_len: int = 1024,
+    new_tokens: int = 1024,
+    recompute_tokens: int = 32,
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = bench_model(family, prompt_len + new_tokens, device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+
+    start = time.perf_counter()
+    logits, state = model.prefill(prompt)
+    token = logits[:, -1].argmax(-1)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, state = model.step(token, state)
+        token = logits.argmax(-1)
+    _sync(device)
+    incremental_s = time.perf_counter() - start
+
+    seq = prompt
+    start = time.perf_counter()
+    for _ in range(recompute_tokens):
+        nxt = model.forward_lm(seq).logits[:, -1].argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    _sync(device)
+    recompute_s = time.perf_counter() - start
+    return {
+        "family": family,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_s": prefill_s,
+        "incremental_tokens_per_s": new_tokens / incremental_s,
+        "recompute_tokens_per_s": recompute_tokens / recompute_s,
+        "recompute_tokens_measured": recompute_tokens,
+        "speedup": (new_tokens / incremental_s) / (recompute_tokens / recompute_s),
+    }
+
+
+def format_generate_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'family':<16}{'prefill s':>10}{'incremental tok/s':>19}{'recompute tok/s':>17}{'speed-up':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['family']:<16}  {r['error']}")
+            continue
+        lines.append(
+            f"{r['family']:<16}{r['prefill_s']:>10.2f}{r['incremental_tokens_per_s']:>19,.1f}"
+            f"{r['recompute_tokens_per_s']:>17,.1f}{r['speedup']:>9.1f}x"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Plots and README tables from the recorded JSON under ``benchmarks/results/<device>/``.
+
+``longrange bench report`` redraws every plot and rewrites the README section between the
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers, so the tables always come from
+the JSON, never from hand edits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def load_suite(folder: Path, suite: str) -> dict[str, Any] | None:
+    path = folder / f"{suite}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def plot_speed(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if "fwd_bwd_s" in r]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for fam in families:
+        pts = sorted(
+            (r["length"], r["fwd_bwd_s"], r.get("peak_mb"), r.get("mfu")) for r in rows if r["family"] == fam
+        )
+        style = {"linewidth": 2.5, "color": "black"} if fam == "vanilla" else {}
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam, **style)
+        mem = [(p[0], p[2]) for p in pts if p[2]]
+        if mem:
+            axes[1].plot(*zip(*mem), "o-", label=fam, **style)
+        mfu = [(p[0], 100 * p[3]) for p in pts if p[3] is not None]
+        if mfu:
+            axes[2].plot(*zip(*mfu), "o-", label=fam, **style)
+    for ax, title, ylabel in (
+        (axes[0], "forward + backward time", "seconds"),
+        (axes[1], "peak memory", "MB"),
+        (axes[2], "model FLOP utilisation", "% of measured matmul peak"),
+    ):
+        ax.set_xscale("log", base=2)
+        if ax is not axes[2]:
+            ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.suptitle(data["environment"]["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _speed_markdown(data: dict[str, Any]) -> str:
+    rows = data["results"]
+    lengths = sorted({r["length"] for r in rows})
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    out = ["| family | " + " | ".join(f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths) + " |"]
+    out.append("|---" * (len(lengths) + 1) + "|")
+    for fam in families:
+        cells = []
+        for n in lengths:
+            hit = [r for r in rows if r["family"] == fam and r["length"] == n]
+            if not hit:
+                cells.append("")
+            elif "error" in hit[0]:
+                cells.append("fails")
+            else:
+                r = hit[0]
+                mem = f" / {r['peak_mb']:.0f} MB" if r.get("peak_mb") else ""
+                cells.append(f"{r['fwd_bwd_s']:.2f} s{mem}")
+        out.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    out = ["| " + " | ".join(c[1] for c in columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        cells = []
+        for key, _title, fmt in columns:
+            value = r.get(key)
+            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def markdown_for_device(folder: Path) -> str:
+    parts = []
+    speed = load_suite(folder, "speed")
+    env = (speed or {}).get("environment", {})
+    parts.append(f"### {env.get('device', folder.name)}\n")
+    if speed:
+        parts.append(
+            "Forward + backward time / peak memory, batch 1, dim 256, depth 4, heads 4 "
+            f"(torch {env.get('torch', '?')}; matmul peak {env.get('matmul_peak_gflops', '?')} GFLOP/s):\n"
+        )
+        parts.append(_speed_markdown(speed) + "\n")
+        if (folder / "speed.png").is_file():
+            parts.append(f"![speed](benchmarks/results/{folder.name}/speed.png)\n")
+    gen = load_suite(folder, "generate")
+    if gen:
+        parts.append("Decoding, 1K new tokens after a 1K prompt (tokens/s):\n")
+        cols = [
+            ("family", "family", ""),
+            ("incremental_tokens_per_s", "incremental", ".1f"),
+            ("recompute_tokens_per_s", "full recompute", ".1f"),
+            ("speedup", "speed-up", ".1f"),
+        ]
+        parts.append(_rows_markdown([r for r in gen["results"] if "error" not in r], cols) + "\n")
+    recall = load_suite(folder, "recall")
+    if recall:
+        from longrange.bench.tasks import format_recall_table
+
+        parts.append("Synthetic recall accuracy after a fixed training budget:\n")
+        parts.append("```\n" + format_recall_table(recall["results"]) + "\n```\n")
+    quality = load_suite(folder, "quality")
+    if quality:
+        parts.append("Validation bits per byte on the built-in corpus after a fixed budget:\n")
+        cols = [
+            ("family", "family", ""),
+            ("preset", "preset", ""),
+            ("steps", "steps", ""),
+            ("val_bpb", "val bpb", ".3f"),
+        ]
+        parts.append(_rows_markdown([r for r in quality["results"] if "error" not in r], cols) + "\n")
+    return "\n".join(parts)
+
+
+def write_report(results_dir: str | Path = "benchmarks/results", readme: str | Path = "README.md") -> str:
+    root = Path(results_dir)
+    sections = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        speed = load_suite(folder, "speed")
+        if speed:
+            plot_speed(speed, folder / "speed.png")
+        sections.append(markdown_for_device(folder))
+    body = "\n".join(sections) if sections else "_No results recorded yet._\n"
+    readme = Path(readme)
+    text = readme.read_text() if readme.is_file() else ""
+    block = f"{START}\n{body}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text)
+    return body

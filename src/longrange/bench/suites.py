@@ -1,0 +1,133 @@
+"""The suites behind ``longrange bench``: each runs, prints its table and merges its rows into
+``benchmarks/results/<device>/<suite>.json`` (rows of other families and lengths are kept)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from longrange.bench.device import environment
+from longrange.bench.speed import (
+    format_table,
+    memory_in_fresh_process,
+    merge_results,
+    results_path,
+    run_speed_suite,
+)
+
+SUITES = ("speed", "memory", "generate", "recall", "quality", "report")
+
+
+def _stamp(row: dict[str, Any]) -> dict[str, Any]:
+    row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+def run_memory_suite(families, lengths, *, device, batch_size=1, out_dir="benchmarks/results"):
+    rows = []
+    for family in families:
+        for length in sorted(lengths):
+            mb = memory_in_fresh_process(family, length, device=device, batch_size=batch_size)
+            row = {"family": family, "length": length, "batch_size": batch_size, "peak_mb": mb}
+            if mb is None:
+                row["error"] = "failed (out of memory or a length the configuration refuses)"
+            rows.append(_stamp(row))
+            print(f"{family:<16}{length:>8}{'-' if mb is None else f'{mb:.0f} MB':>12}", flush=True)
+    path = results_path(out_dir, device, "memory")
+    merge_results(path, environment(device), rows)
+    print(f"written: {path}")
+    return rows
+
+
+def run_generate_suite(families, *, device, prompt_len=1024, new_tokens=1024, out_dir="benchmarks/results"):
+    from longrange.bench.generate import format_generate_table, generate_point
+
+    rows = []
+    for family in families:
+        try:
+            row = generate_point(family, device=device, prompt_len=prompt_len, new_tokens=new_tokens)
+        except (RuntimeError, ValueError) as err:
+            row = {"family": family, "error": str(err)[:200]}
+        rows.append(_stamp(row))
+        print(format_generate_table([row]).splitlines()[-1], flush=True)
+    path = results_path(out_dir, device, "generate")
+    merge_results(path, environment(device), rows, keys=("family", "prompt_len", "new_tokens"))
+    print(format_generate_table(rows) + f"\nwritten: {path}")
+    return rows
+
+
+def run_recall_suite(families, *, device, tasks=None, steps=300, out_dir="benchmarks/results"):
+    from longrange.bench.tasks import TASKS, format_recall_table, train_on_task
+
+    rows = []
+    for family in families:
+        for task in tasks or list(TASKS):
+            try:
+                row = train_on_task(family, task, steps=steps, device=device)
+            except (RuntimeError, ValueError) as err:
+                row = {"family": family, "task": task, "error": str(err)[:200]}
+            rows.append(_stamp(row))
+            acc = row.get("accuracy")
+            print(f"{family:<16}{task:<10}{'-' if acc is None else f'{100 * acc:.1f}%':>8}", flush=True)
+    path = results_path(out_dir, device, "recall")
+    merge_results(path, environment(device), rows, keys=("family", "task"))
+    print(format_recall_table(rows) + f"\nwritten: {path}")
+    return rows
+
+
+def run_quality_suite(families, *, device, steps=200, preset="tiny", out_dir="benchmarks/results"):
+    from longrange.bench.tasks import format_quality_table, quality_point
+
+    rows = []
+    for family in families:
+        try:
+            row = quality_point(family, steps=steps, preset=preset, device=device)
+        except (RuntimeError, ValueError) as err:
+            row = {"family": family, "error": str(err)[:200]}
+        rows.append(_stamp(row))
+    path = results_path(out_dir, device, "quality")
+    merge_results(path, environment(device), rows, keys=("family",))
+    print(format_quality_table(rows) + f"\nwritten: {path}")
+    return rows
+
+
+def run_suite(suite: str, families: list[str], lengths: list[int], *, device: str, options: dict[str, Any]):
+    out_dir = options.get("out", "benchmarks/results")
+    if suite == "speed":
+        return run_speed_suite(
+            families,
+            lengths,
+            device=device,
+            repeats=options.get("repeats", 3),
+            batch_size=options.get("batch_size", 1),
+            out_dir=out_dir,
+            memory=not options.get("no_memory", False),
+            compare_reference=options.get("compare_reference", False),
+        )
+    if suite == "memory":
+        return run_memory_suite(
+            families, lengths, device=device, batch_size=options.get("batch_size", 1), out_dir=out_dir
+        )
+    if suite == "generate":
+        return run_generate_suite(
+            families,
+            device=device,
+            prompt_len=options.get("prompt_len", 1024),
+            new_tokens=options.get("new_tokens", 1024),
+            out_dir=out_dir,
+        )
+    if suite == "recall":
+        return run_recall_suite(families, device=device, steps=options.get("steps") or 300, out_dir=out_dir)
+    if suite == "quality":
+        return run_quality_suite(families, device=device, steps=options.get("steps") or 200, out_dir=out_dir)
+    if suite == "report":
+        from longrange.bench.report import write_report
+
+        body = write_report(out_dir, options.get("readme", "README.md"))
+        print(body)
+        return []
+    raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
+
+
+__all__ = ["SUITES", "Path", "format_table", "run_suite"]

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from longrange.bench.flops import count_flops, growth_exponents
+from longrange.bench.report import write_report
+from longrange.bench.suites import run_suite
+from longrange.bench.tasks import train_on_task
+from longrange.models.registry import create_model
+
+
+def test_flop_count_of_a_known_case():
+    # One vanilla forward at length n: per layer q/k/v/out projections 8·n·d², the feed-forward
+    # 16·n·d² (mult 4), attention 4·n²·d over the full score block; plus the head 2·n·d·V.
+    model = create_model("vanilla", "tiny")
+    c = model.config
+    n, d = 64, c.dim
+    tokens = torch.randint(0, 256, (1, n))
+    with torch.no_grad():
+        flops = count_flops(lambda: model(tokens))
+    expected = c.depth * (8 * n * d * d + 16 * n * d * d + 4 * n * n * d) + 2 * n * d * c.vocab_size
+    assert flops == expected
+
+
+def test_backward_flops_are_twice_forward():
+    q = torch.randn(1, 2, 32, 16, requires_grad=True)
+    fwd = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    both = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    assert fwd == 4 * 2 * 32 * 32 * 16
+    assert both == 3 * fwd
+
+
+def test_growth_exponent():
+    assert growth_exponents([1, 2, 4], [1.0, 4.0, 16.0]) == [None, 2.0, 2.0]
+
+
+def test_speed_json_schema_and_report(tmp_path):
+    run_suite(
+        "speed",
+        ["vanilla"],
+        [32, 64],
+        device="cpu",
+        options={"repeats": 1, "out": tmp_path, "no_memory": True},
+    )
+    (path,) = tmp_path.glob("*/speed.json")
+    data = json.loads(path.read_text())
+    assert data["suite"] == "speed"
+    assert {"device", "torch", "longrange", "matmul_peak_gflops"} <= set(data["environment"])
+    for row in data["results"]:
+        assert {
+            "family",
+            "length",
+            "batch_size",
+            "fwd_bwd_s",
+            "fwd_s",
+            "tokens_per_s",
+            "fwd_bwd_flops",
+            "mfu",
+        } <= set(row)
+        assert 0 < row["mfu"] < 1.5
+    assert data["results"][1]["growth"] is not None
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\ntail\n")
+    write_report(tmp_path, readme)
+    text = readme.read_text()
+    assert "old" not in text and "| vanilla |" in text and text.endswith("tail\n")
+    assert (path.parent / "speed.png").is_file()
+
+
+def test_generate_and_recall_suites_at_tiny_size(tmp_path):
+    rows = run_suite(
+        "generate",
+        ["vanilla"],
+        [],
+        device="cpu",
+        options={"out": tmp_path, "prompt_len": 16, "new_tokens": 8},
+    )
+    assert rows[0]["incremental_tokens_per_s"] > 0
+    row = train_on_task("vanilla", "copying", steps=2, batch_size=2, eval_batches=1)
+    assert 0 <= row["accuracy"] <= 1 and row["length"] % 128 == 0
+
+
+def test_unknown_suite_and_task():
+    with pytest.raises(ValueError, match="unknown bench suite"):
+        run_suite("nope", ["vanilla"], [], device="cpu", options={})
+    with pytest.raises(ValueError, match="unknown task"):
+        train_on_task("vanilla", "nope", steps=1)
