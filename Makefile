@@ -25,8 +25,14 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Regenerates the CPU results, plots and README tables (about 30 minutes on 2 cores).
+BENCH_LENGTHS ?= 1024,2048,4096,8192,16384
 bench: $(STAMP)
-	$(BIN)/longrange bench speed --models vanilla --lengths 1024,4096
+	$(BIN)/longrange bench speed --models all --lengths $(BENCH_LENGTHS) --repeats 2
+	$(BIN)/longrange bench generate --models all --prompt-len 1024 --new-tokens 256
+	$(BIN)/longrange bench recall --models all --steps 200
+	$(BIN)/longrange bench quality --models all --steps 150
+	$(BIN)/longrange bench report
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
