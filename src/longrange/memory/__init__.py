@@ -1,0 +1,1 @@
+"""State that outlives a forward pass: kNN memories, XL memories, recurrent states."""

@@ -1,0 +1,429 @@
+"""``KNNMemory`` and ``KNNMemoryList``: the memorizing-transformers-pytorch names on our store.
+
+A :class:`KNNMemory` holds, for each of ``num_indices`` batch rows, up to ``max_memories``
+(key, value) pairs of width ``dim`` in a memory-mapped file, plus an index over the keys
+(``backend``: exact torch search or faiss, see ``interface.py``). ``add`` appends pairs per
+row (FIFO: the oldest are evicted first, and a retrieved value is always the one stored with
+its key), ``search`` returns the top-k pairs per query with a validity mask, ``clear`` forgets
+rows, ``save`` / ``load`` persist it, ``close`` (alias ``cleanup``) removes its files.
+
+Differences from the reference, on purpose: wrap-around keeps keys and values matched (the
+reference re-numbered its faiss ids after wiping the whole index); ``clear`` touches only the
+rows it is given; closing deletes the files; with no ``memmap_filename`` the file goes into a
+fresh temporary directory rather than the working directory; a directory is locked against
+other processes. The reference's search-statistics arguments (``increment_hits``,
+``increment_age``) are accepted: it keeps no statistics by default, and neither do we.
+
+Dimensions: B rows in scope, N entries per row, Q queries per row, K neighbours, D width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from longrange.memory.knn.interface import make_index, resolve_backend
+from longrange.memory.knn.store import (
+    MemmapStore,
+    claim_file,
+    lock_directory,
+    prepare_directory,
+    release_file,
+    unlock_directory,
+)
+
+SAVE_DATA = "knn.memory.memmap"
+SAVE_META = "knn.memory.json"
+SAVE_FORMAT = "longrange-knn-memory-1"
+DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = None  # None: a fresh temporary directory per memory list
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _release(store: MemmapStore, path: Path, directory: Path, remove_directory: bool) -> None:
+    store.close()
+    with contextlib.suppress(OSError):
+        path.unlink()
+    release_file(path)
+    unlock_directory(directory)
+    if remove_directory:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # fails while other memories still use it; the last one removes it
+
+
+class KNNMemory:
+    """kNN memory of ``num_indices`` rows x ``max_memories`` (key, value) pairs of width ``dim``.
+
+    Keyword-only extras: ``backend`` ("auto", "exact", "faiss"), ``index`` ("flat", "hnsw",
+    "ivf"; faiss only), ``index_options`` (faiss: hnsw_m, ef_search, ef_construction, nlist,
+    nprobe, train_size), ``device`` (where searches run for the exact backend and where results
+    are returned), ``remove_directory`` (delete the file's directory on close when empty).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_memories: int = 16000,
+        num_indices: int = 1,
+        memmap_filename: str | os.PathLike | None = None,
+        multiprocessing: bool = True,
+        *,
+        backend: str = "auto",
+        index: str = "flat",
+        index_options: dict | None = None,
+        device: torch.device | str | None = None,
+        remove_directory: bool = False,
+    ) -> None:
+        self.dim = _positive_int("dim", dim)
+        self.max_memories = _positive_int("max_memories", max_memories)
+        self.num_indices = _positive_int("num_indices", num_indices)
+        if not isinstance(multiprocessing, bool):
+            raise TypeError(f"multiprocessing must be a bool, got {multiprocessing!r}")
+        self.device = torch.device(device if device is not None else "cpu")
+        self.backend = resolve_backend(backend, self.device)
+        self.shape = (num_indices, max_memories, 2, dim)
+        if memmap_filename is None:
+            directory = Path(tempfile.mkdtemp(prefix="longrange-knn-")).resolve()
+            path, remove_directory = directory / SAVE_DATA, True
+        else:
+            path = Path(memmap_filename)
+            directory = prepare_directory(path.parent)
+            path = directory / path.name
+        lock_directory(directory)
+        try:
+            claim_file(path)
+        except ValueError:
+            unlock_directory(directory)
+            raise
+        try:
+            store = MemmapStore(path, num_indices, max_memories, dim)
+        except OSError as err:
+            release_file(path)
+            unlock_directory(directory)
+            raise ValueError(f"cannot create the kNN memory file {str(path)!r}: {err}") from None
+        self.store, self.path, self.directory = store, path, directory
+        self._finalizer = weakref.finalize(self, _release, store, path, directory, remove_directory)
+        # Where pairs are gathered from: the file itself on CPU, a device copy elsewhere.
+        self._kv = (
+            store.tensor() if self.device.type == "cpu" else torch.zeros(self.shape, device=self.device)
+        )
+        threads = (os.cpu_count() or 1) if multiprocessing else 1
+        self.index = make_index(
+            self.backend,
+            store,
+            kv=self._kv,
+            kind=index,
+            device=self.device,
+            options=index_options,
+            threads=threads,
+        )
+        self.index_kind = index
+        self.scoped_indices = list(range(num_indices))
+
+    # --- reference-compatible surface -----------------------------------------------------
+    @property
+    def db(self) -> np.ndarray:
+        """The memory-mapped [rows, max_memories, 2, dim] array."""
+        self._check_open()
+        return self.store.kv
+
+    @property
+    def db_offsets(self) -> np.ndarray:
+        """Entries written per row since its last clear (the next entry id)."""
+        return self.store.counts
+
+    def set_scoped_indices(self, indices: Iterable[int]) -> None:
+        indices = [int(i) for i in indices]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"scoped batch indices must be unique, got {indices}")
+        bad = [i for i in indices if not 0 <= i < self.num_indices]
+        if bad:
+            raise ValueError(f"batch indices must lie in [0, {self.num_indices}), got {bad}")
+        self.scoped_indices = indices
+
+    @contextmanager
+    def at_batch_indices(self, indices: Iterable[int]):
+        previous = self.scoped_indices
+        self.set_scoped_indices(indices)
+        try:
+            yield self
+        finally:
+            self.scoped_indices = previous
+
+    def clear(self, batch_indices: int | Sequence[int] | None = None) -> None:
+        """Forget the given rows (all rows when None); the other rows are untouched."""
+        self._check_open()
+        if batch_indices is None:
+            rows = list(range(self.num_indices))
+        else:
+            rows = [int(batch_indices)] if isinstance(batch_indices, int) else [int(i) for i in batch_indices]
+        bad = [i for i in rows if not 0 <= i < self.num_indices]
+        if bad:
+            raise ValueError(f"batch_indices must lie in [0, {self.num_indices}), got {bad}")
+        for row in rows:
+            self.store.clear(row)
+            self.index.reset(row)
+
+    def add(self, memories: Tensor, mask: Tensor | None = None) -> None:
+        """Append ``memories`` [B, N, 2, D] (keys, values) to the rows in scope.
+
+        ``mask`` [B, N] (bool, True = store) skips entries per row, e.g. padding.
+        """
+        self._check_open()
+        rows = self.scoped_indices
+        if memories.dim() != 4 or memories.shape[0] != len(rows) or memories.shape[2:] != (2, self.dim):
+            raise ValueError(
+                f"memories must have shape (batch={len(rows)}, n, 2, dim={self.dim}), "
+                f"got {tuple(memories.shape)}"
+            )
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != memories.shape[:2]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(memories.shape[:2])}")
+        memories = memories.detach()
+        host = memories.to("cpu", torch.float32).numpy()
+        keep = None if mask is None else mask.detach().cpu().numpy()
+        items = []
+        for i, row in enumerate(rows):
+            entries = host[i] if keep is None else host[i][keep[i]]
+            ids, evicted = self.store.write(row, entries)
+            if ids.size and self.device.type != "cpu":
+                fresh = memories[i] if keep is None else memories[i][mask[i]]
+                slots = torch.as_tensor(ids % self.max_memories, device=self.device)
+                self._kv[row, slots] = fresh[-ids.size :].to(self.device, torch.float32)
+            items.append((row, ids, entries[len(entries) - ids.size :, 0], evicted))
+        if hasattr(self.index, "add_rows"):
+            self.index.add_rows(items)
+        else:
+            for item in items:
+                self.index.add(*item)
+
+    def search(
+        self,
+        queries: Tensor,
+        topk: int,
+        nprobe: int | None = None,
+        increment_hits: bool = True,
+        increment_age: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """queries [B, ..., D] -> (pairs [B, ..., K, 2, D] float32, mask [B, ..., K] bool).
+
+        Missing neighbours (fewer than K alive entries) are zero pairs with mask False.
+        ``nprobe`` sets the lists searched by an IVF index for this call.
+        """
+        self._check_open()
+        rows = self.scoped_indices
+        if queries.dim() < 2 or queries.shape[0] != len(rows) or queries.shape[-1] != self.dim:
+            raise ValueError(
+                f"queries must have shape (batch={len(rows)}, ..., dim={self.dim}), "
+                f"got {tuple(queries.shape)}"
+            )
+        if not isinstance(topk, int) or topk < 0:
+            raise ValueError(f"topk must be a non-negative integer, got {topk!r}")
+        lead = queries.shape[1:-1]
+        flat = queries.detach().reshape(len(rows), -1, self.dim).float()
+        if self.backend == "exact":
+            flat = flat.to(self.device)
+        if nprobe is not None and self.index_kind == "ivf":
+            self.index.nprobe = _positive_int("nprobe", nprobe)
+            for index in self.index.indexes:
+                if hasattr(index, "nprobe"):
+                    index.nprobe = nprobe
+        slots = self.index.search(rows, flat, topk).to(self._kv.device)  # [B, Q, K]
+        mask = slots >= 0
+        row_ids = torch.as_tensor(rows, device=self._kv.device)[:, None, None]
+        pairs = self._kv[row_ids, slots.clamp_min(0)]  # [B, Q, K, 2, D]
+        pairs = pairs.masked_fill(~mask[..., None, None], 0.0)
+        pairs = pairs.reshape(len(rows), *lead, topk, 2, self.dim).to(queries.device)
+        return pairs, mask.reshape(len(rows), *lead, topk).to(queries.device)
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the pairs, the counters and the index into ``directory``."""
+        self._check_open()
+        target = prepare_directory(directory)
+        data = target / SAVE_DATA
+        if data.resolve() == self.path.resolve():
+            raise ValueError(f"cannot save a kNN memory onto its own file {str(self.path)!r}")
+        self.store.flush()
+        tmp = target / (SAVE_DATA + ".tmp")
+        shutil.copyfile(self.path, tmp)
+        os.replace(tmp, data)
+        self.index.save(target)
+        meta = {
+            "format": SAVE_FORMAT,
+            "shape": list(self.shape),
+            "dtype": "float32",
+            "counts": [int(c) for c in self.store.counts],
+            "backend": self.backend,
+            "index": self.index_kind,
+        }
+        tmp_meta = target / (SAVE_META + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, target / SAVE_META)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Replace this memory's contents with those saved in ``directory``.
+
+        The saved shape and dtype must equal this memory's; a corrupt or foreign directory
+        raises ValueError and leaves this memory unchanged.
+        """
+        self._check_open()
+        source = Path(directory)
+        meta_path, data_path = source / SAVE_META, source / SAVE_DATA
+        if not meta_path.is_file() or not data_path.is_file():
+            raise ValueError(f"{str(source)!r} holds no saved kNN memory (needs {SAVE_META} and {SAVE_DATA})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            shape, dtype, counts = tuple(meta["shape"]), meta["dtype"], [int(c) for c in meta["counts"]]
+            if meta.get("format") != SAVE_FORMAT:
+                raise ValueError(f"unknown format {meta.get('format')!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"corrupt kNN memory metadata {str(meta_path)!r}: {err}") from None
+        if shape != self.shape or dtype != "float32":
+            raise ValueError(
+                f"saved kNN memory has shape {shape} and dtype {dtype}; this memory needs "
+                f"{self.shape} and float32"
+            )
+        if len(counts) != self.num_indices or any(c < 0 for c in counts):
+            raise ValueError(f"corrupt kNN memory metadata {str(meta_path)!r}: bad counts {counts}")
+        expected = int(np.prod(self.shape)) * 4
+        if data_path.stat().st_size != expected:
+            raise ValueError(
+                f"corrupt kNN memory data {str(data_path)!r}: {data_path.stat().st_size} bytes, "
+                f"expected {expected}"
+            )
+        saved = np.memmap(data_path, mode="r", dtype=np.float32, shape=self.shape)
+        self.store.kv[:] = saved
+        del saved
+        self.store.counts[:] = counts
+        if self.device.type != "cpu":
+            self._kv.copy_(self.store.tensor())
+        self.index.load(source)
+
+    # --- lifetime -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this kNN memory has been closed (cleanup removed its files)")
+
+    def close(self) -> None:
+        """Delete the memory's file, release the directory lock; the memory is unusable after."""
+        if self._finalizer.alive:
+            self.index.close()
+            self._kv = None
+            self._finalizer()
+
+    cleanup = close
+
+    def __enter__(self) -> KNNMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"file={str(self.path)!r}"
+        return (
+            f"KNNMemory(dim={self.dim}, max_memories={self.max_memories}, num_indices={self.num_indices}, "
+            f"backend={self.backend!r}, index={self.index_kind!r}, {state})"
+        )
+
+
+class KNNMemoryList(list):
+    """One :class:`KNNMemory` per memorizing layer, with the reference's helpers."""
+
+    @classmethod
+    def create_memories(
+        cls,
+        *,
+        batch_size: int,
+        num_memory_layers: int,
+        memories_directory: str | os.PathLike | None = DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY,
+    ):
+        """Return ``fn(*args, **kwargs)`` building ``num_memory_layers`` memories of
+        ``batch_size`` rows (``KNNMemory`` arguments) in ``memories_directory`` (None: a fresh
+        temporary directory, removed by :meth:`cleanup`)."""
+        _positive_int("batch_size", batch_size)
+        if not isinstance(num_memory_layers, int) or num_memory_layers < 0:
+            raise ValueError(f"num_memory_layers must be a non-negative integer, got {num_memory_layers!r}")
+        if memories_directory is None:
+            directory, owned = Path(tempfile.mkdtemp(prefix="longrange-knn-")), True
+        else:
+            directory, owned = prepare_directory(memories_directory), False
+
+        def inner(*args, **kwargs) -> KNNMemoryList:
+            kwargs.setdefault("remove_directory", owned)
+            memories = cls()
+            try:
+                for layer in range(num_memory_layers):
+                    memories.append(
+                        KNNMemory(
+                            *args,
+                            num_indices=batch_size,
+                            memmap_filename=directory / f"knn.memory.layer.{layer + 1}.memmap",
+                            **kwargs,
+                        )
+                    )
+            except BaseException:
+                memories.cleanup()
+                if kwargs["remove_directory"]:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            if kwargs["remove_directory"] and not memories:
+                directory.rmdir()
+            return memories
+
+        return inner
+
+    @property
+    def num_indices(self) -> int | None:
+        return self[0].num_indices if self else None
+
+    @contextmanager
+    def at_batch_indices(self, indices: Iterable[int]):
+        indices = list(indices)
+        with contextlib.ExitStack() as stack:
+            for memory in self:
+                stack.enter_context(memory.at_batch_indices(indices))
+            yield self
+
+    def clear_memory(
+        self, batch_indices: int | Sequence[int] | None = None, memory_indices: Sequence[int] | None = None
+    ) -> None:
+        """Clear the given rows (all when None) of the given memories (all when None)."""
+        chosen = range(len(self)) if memory_indices is None else memory_indices
+        for i in chosen:
+            if not 0 <= int(i) < len(self):
+                raise ValueError(f"memory_indices must lie in [0, {len(self)}), got {i}")
+            self[int(i)].clear(batch_indices)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        target = prepare_directory(directory)
+        for i, memory in enumerate(self):
+            memory.save(target / f"layer{i + 1}")
+
+    def load(self, directory: str | os.PathLike) -> None:
+        for i, memory in enumerate(self):
+            memory.load(Path(directory) / f"layer{i + 1}")
+
+    def cleanup(self) -> None:
+        """Close every memory: their files (and a temporary directory) are removed."""
+        for memory in self:
+            memory.close()

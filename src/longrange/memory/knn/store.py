@@ -1,0 +1,163 @@
+"""The memory-mapped key/value store behind a kNN memory, and the directory lock.
+
+Layout (DESIGN.md section 5): one float32 array ``kv`` of shape [R, M, 2, D] in a file,
+R batch rows, M slots per row, ``kv[r, s, 0]`` a key and ``kv[r, s, 1]`` its value.
+
+Entry ids. The n-th entry written to a row since the row was last cleared has id n and lives
+in slot ``n mod M``; ``count[r]`` is the next id. An id is *alive* while
+``count - M <= id < count``: once M newer entries have been written its slot holds another
+pair. Writing is FIFO, so the oldest entries are the ones overwritten. The index backends key
+their entries by these ids, so an id always names the (key, value) pair stored with it; the
+reference keyed its faiss index by insertion position and lost that match at every reset.
+
+One process holds a memory directory at a time: :func:`lock_directory` takes a file lock on
+it (reference-counted inside the process, so a list of memories can share one directory) and
+refuses a directory that another process holds. Within the process, one file backs one
+memory: opening a file that is in use raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch import Tensor
+
+LOCK_NAME = ".knn.lock"
+
+_registry_lock = threading.Lock()
+_dir_locks: dict[Path, list] = {}  # resolved directory -> [FileLock, holders]
+_files_in_use: set[Path] = set()
+
+
+def prepare_directory(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed; ValueError when it cannot be created or written."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the kNN memory directory {str(path)!r}: {err}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"the kNN memory directory {str(path)!r} is not a writable directory")
+    return path.resolve()
+
+
+def lock_directory(directory: Path) -> None:
+    """Take (or share, within this process) the lock on ``directory``."""
+    directory = directory.resolve()
+    with _registry_lock:
+        held = _dir_locks.get(directory)
+        if held is not None:
+            held[1] += 1
+            return
+        lock = FileLock(str(directory / LOCK_NAME))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ValueError(
+                f"the kNN memory directory {str(directory)!r} is locked by another process "
+                f"({LOCK_NAME}); two processes cannot share one memory directory, give each its own"
+            ) from None
+        _dir_locks[directory] = [lock, 1]
+
+
+def unlock_directory(directory: Path) -> None:
+    """Drop one hold on ``directory``; the last one releases the lock and removes its file."""
+    directory = directory.resolve()
+    with _registry_lock:
+        held = _dir_locks.get(directory)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _dir_locks[directory]
+        lock_path = directory / LOCK_NAME
+        # Unlink while still holding the lock, so no other process can lock the old inode.
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        held[0].release()
+
+
+def claim_file(path: Path) -> None:
+    path = path.resolve()
+    with _registry_lock:
+        if path in _files_in_use:
+            raise ValueError(
+                f"the kNN memory file {str(path)!r} is already used by another memory in this "
+                "process; give each memory its own file or directory"
+            )
+        _files_in_use.add(path)
+
+
+def release_file(path: Path) -> None:
+    with _registry_lock:
+        _files_in_use.discard(path.resolve())
+
+
+class MemmapStore:
+    """Keys and values of R rows x M slots in a memory-mapped file, with FIFO counters.
+
+    ``kv`` is the numpy memmap [R, M, 2, D]; :meth:`tensor` is a torch view of the same memory.
+    """
+
+    def __init__(self, path: Path, rows: int, capacity: int, dim: int) -> None:
+        self.path, self.rows, self.capacity, self.dim = path, rows, capacity, dim
+        self.shape = (rows, capacity, 2, dim)
+        # mode w+ creates a sparse file: nothing is written until a slot is filled.
+        self.kv = np.memmap(path, mode="w+", dtype=np.float32, shape=self.shape)
+        self.counts = np.zeros(rows, dtype=np.int64)
+        self._view = torch.from_numpy(self.kv)
+
+    def tensor(self) -> Tensor:
+        """[R, M, 2, D] float32 torch view of the file (no copy)."""
+        return self._view
+
+    def filled(self, row: int) -> int:
+        return int(min(self.counts[row], self.capacity))
+
+    def alive_ids(self, row: int) -> np.ndarray:
+        count = int(self.counts[row])
+        return np.arange(max(0, count - self.capacity), count, dtype=np.int64)
+
+    def write(self, row: int, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append ``entries`` [n, 2, D] to ``row``; return (ids written, ids evicted).
+
+        When n exceeds M only the last M entries are stored (the others would be overwritten
+        by them at once); their ids still count, so the FIFO order is the order given.
+        """
+        n = entries.shape[0]
+        count = int(self.counts[row])
+        kept = entries[-self.capacity :]
+        first = count + n - kept.shape[0]
+        ids = np.arange(first, count + n, dtype=np.int64)
+        # Ids that were alive before and are not after this write lost their slots.
+        upper = min(count, max(0, count + n - self.capacity))
+        evicted = np.arange(max(0, count - self.capacity), upper, dtype=np.int64)
+        if kept.shape[0]:
+            self.kv[row, ids % self.capacity] = kept
+        self.counts[row] = count + n
+        return ids, evicted
+
+    def read_keys(self, row: int, ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.kv[row, ids % self.capacity, 0])
+
+    def clear(self, row: int) -> None:
+        self.counts[row] = 0
+
+    def flush(self) -> None:
+        self.kv.flush()
+
+    def close(self) -> None:
+        """Drop the mapping (the file stays; the owner removes it)."""
+        self._view = None
+        mm = getattr(self.kv, "_mmap", None)
+        self.kv = None
+        if mm is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                mm.close()

@@ -1,0 +1,294 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longrange.memory.knn import KNNMemory, KNNMemoryList
+
+DIM = 16
+
+# (backend, index, index_options): every index is searched exhaustively on small data.
+BACKENDS = [
+    pytest.param("exact", "flat", None, id="exact"),
+    pytest.param("faiss", "flat", None, id="faiss-flat"),
+    pytest.param("faiss", "hnsw", {"ef_search": 256, "hnsw_m": 16}, id="faiss-hnsw"),
+    pytest.param("faiss", "ivf", {"nlist": 4, "nprobe": 4, "train_size": 24}, id="faiss-ivf"),
+]
+
+
+def _keys(n, rows=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, n, DIM, generator=gen), dim=-1)
+
+
+def _pairs(keys):
+    """Each value is a fixed function of its key, so a mismatched pair is detectable."""
+    return torch.stack([keys, keys.flip(-1) * 2 + 1], dim=2)
+
+
+def _matched(kv, mask):
+    keys, values = kv[..., 0, :], kv[..., 1, :]
+    return torch.allclose(values[mask], keys[mask].flip(-1) * 2 + 1, atol=1e-5)
+
+
+def _memory(tmp_path, backend, index, options, *, max_memories=64, rows=2, name="m"):
+    return KNNMemory(
+        DIM,
+        max_memories=max_memories,
+        num_indices=rows,
+        memmap_filename=tmp_path / name / "knn.memmap",
+        multiprocessing=False,
+        backend=backend,
+        index=index,
+        index_options=options,
+    )
+
+
+@pytest.mark.parametrize("backend,index,options", BACKENDS[1:])
+def test_faiss_and_exact_return_the_same_neighbours(tmp_path, backend, index, options):
+    keys = _keys(40)
+    exact = _memory(tmp_path, "exact", "flat", None, name="exact")
+    other = _memory(tmp_path, backend, index, options, name="other")
+    for start in range(0, 40, 7):
+        exact.add(_pairs(keys[:, start : start + 7]))
+        other.add(_pairs(keys[:, start : start + 7]))
+    queries = _keys(11, seed=1)[:, None]  # [B, 1, Q, D]
+    kv_e, mask_e = exact.search(queries, 5)
+    kv_o, mask_o = other.search(queries, 5)
+    assert mask_e.all() and torch.equal(mask_e, mask_o)
+    torch.testing.assert_close(kv_o, kv_e)
+    assert kv_e.shape == (2, 1, 11, 5, 2, DIM)
+    exact.close()
+    other.close()
+
+
+@pytest.mark.parametrize("backend,index,options", BACKENDS)
+def test_wraparound_evicts_oldest_and_keeps_pairs_matched(tmp_path, backend, index, options):
+    memory = _memory(tmp_path, backend, index, options, max_memories=8)
+    keys = _keys(37)
+    for start, size in ((0, 3), (3, 5), (8, 11), (19, 4), (23, 14)):  # one add larger than the memory
+        memory.add(_pairs(keys[:, start : start + size]))
+        kv, mask = memory.search(keys, 3)
+        assert _matched(kv, mask), "a retrieved value does not belong to its key"
+    top = kv[:, :, 0, 0]  # best neighbour's key for every query
+    alive = (top - keys).abs().amax(dim=-1) < 1e-6
+    assert alive[:, -8:].all(), "the 8 newest entries must be retrievable"
+    assert not alive[:, :-8].any(), "evicted (oldest) entries must be gone"
+    assert memory.db_offsets.tolist() == [37, 37]
+    memory.close()
+
+
+def _best_alive(queries, alive):
+    """For each query [B, Q, D], the alive key [B, A, D] with the largest inner product."""
+    best = torch.einsum("bqd,bad->bqa", queries, alive).argmax(dim=-1)
+    return torch.gather(alive, 1, best[..., None].expand(-1, -1, alive.shape[-1]))
+
+
+def test_reference_loses_key_value_match_on_wraparound(tmp_path):
+    """The defect SPEC.md lists: when the reference's index overflows it is wiped and the next
+    keys are numbered from 0 while their pairs go to later slots, so a key that the index still
+    holds (but whose slot was overwritten) brings back another entry's pair. Exact search must
+    return the best *alive* key for every query; ours does, the reference does not."""
+    knn_memory = pytest.importorskip("memorizing_transformers_pytorch.knn_memory")
+    ref = knn_memory.KNNMemory(
+        DIM, max_memories=8, num_indices=2, memmap_filename=str(tmp_path / "r.memmap"), multiprocessing=False
+    )
+    ours = _memory(tmp_path, "faiss", "flat", None, max_memories=8)
+    keys = _keys(19)
+    for start, size in ((0, 3), (3, 5), (8, 5), (13, 6)):
+        ref.add(_pairs(keys[:, start : start + size]))
+        ours.add(_pairs(keys[:, start : start + size]))
+    want = _best_alive(keys, keys[:, -8:])
+    ref_kv, _ = ref.search(keys, 1)
+    assert not torch.allclose(ref_kv[:, :, 0, 0], want), "reference defect gone?"
+    kv, mask = ours.search(keys, 1)
+    assert mask.all()
+    torch.testing.assert_close(kv[:, :, 0, 0], want)
+    ours.close()
+
+
+@pytest.mark.parametrize("backend,index,options", BACKENDS[:3])
+def test_clearing_a_row_leaves_the_others(tmp_path, backend, index, options):
+    memory = _memory(tmp_path, backend, index, options, rows=3)
+    keys = _keys(20, rows=3)
+    memory.add(_pairs(keys))
+    before, before_mask = memory.search(keys, 4)
+    memory.clear([1])
+    after, after_mask = memory.search(keys, 4)
+    assert not after_mask[1].any() and not after[1].any()
+    for row in (0, 2):
+        assert torch.equal(after_mask[row], before_mask[row]) and torch.equal(after[row], before[row])
+    assert memory.db_offsets.tolist() == [20, 0, 20]
+    # The cleared row refills from slot 0 and only sees its new entries.
+    memory.add(_pairs(_keys(20, rows=3, seed=5)))
+    kv, mask = memory.search(keys, 4)
+    assert mask[1].all() and _matched(kv, mask)
+    assert memory.db_offsets.tolist() == [40, 20, 40]
+    memory.close()
+
+
+def test_scoped_rows_and_masked_adds(tmp_path):
+    memory = _memory(tmp_path, "faiss", "flat", None, rows=3)
+    keys = _keys(6, rows=2)
+    keep = torch.tensor([[True, False, True, True, False, True], [False] * 6])
+    with memory.at_batch_indices([2, 0]):
+        memory.add(_pairs(keys), mask=keep)
+        _, mask = memory.search(keys, 8)
+    assert memory.db_offsets.tolist() == [0, 0, 4]
+    assert mask[0].sum(-1).eq(4).all() and not mask[1].any()
+    assert memory.scoped_indices == [0, 1, 2]
+    with pytest.raises(ValueError, match="batch indices"):
+        memory.set_scoped_indices([0, 3])
+    memory.close()
+
+
+@pytest.mark.parametrize("backend,index,options", BACKENDS)
+def test_save_load_round_trip(tmp_path, backend, index, options):
+    keys = _keys(30)
+    original = _memory(tmp_path, backend, index, options, max_memories=32, name="a")
+    original.add(_pairs(keys[:, :20]))
+    original.clear(1)
+    original.add(_pairs(keys[:, 20:]))
+    original.save(tmp_path / "saved")
+    copy = _memory(tmp_path, backend, index, options, max_memories=32, name="b")
+    copy.load(tmp_path / "saved")
+    assert copy.db_offsets.tolist() == original.db_offsets.tolist()
+    for memory in (original, copy):  # both continue the same way after the round trip
+        memory.add(_pairs(_keys(25, seed=3)))
+    queries = _keys(9, seed=4)
+    for got, want in zip(copy.search(queries, 6), original.search(queries, 6)):
+        assert torch.equal(got, want)
+    original.close()
+    copy.close()
+
+
+def test_load_refuses_corrupt_or_foreign_directories(tmp_path):
+    memory = _memory(tmp_path, "faiss", "flat", None, max_memories=16, name="a")
+    memory.add(_pairs(_keys(5)))
+    memory.save(tmp_path / "saved")
+    other = _memory(tmp_path, "faiss", "flat", None, max_memories=32, name="b")
+    with pytest.raises(ValueError, match="shape"):
+        other.load(tmp_path / "saved")
+    with pytest.raises(ValueError, match="no saved kNN memory"):
+        memory.load(tmp_path / "nothing")
+    meta = tmp_path / "saved" / "knn.memory.json"
+    good = meta.read_text()
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        memory.load(tmp_path / "saved")
+    meta.write_text(good)
+    data = tmp_path / "saved" / "knn.memory.memmap"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        memory.load(tmp_path / "saved")
+    assert memory.db_offsets.tolist() == [5, 5]  # a failed load leaves the memory unchanged
+    memory.close()
+    other.close()
+
+
+def test_locked_directory_gives_a_clear_error(tmp_path):
+    holder = textwrap.dedent(
+        f"""
+        import sys
+        from filelock import FileLock
+        lock = FileLock({str(tmp_path / ".knn.lock")!r})
+        lock.acquire()
+        print("locked", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="locked by another process"):
+            KNNMemoryList.create_memories(batch_size=1, num_memory_layers=2, memories_directory=tmp_path)(
+                dim=DIM, max_memories=8
+            )
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    # Released: now it works, and one file cannot back two memories of this process.
+    memories = KNNMemoryList.create_memories(batch_size=1, num_memory_layers=2, memories_directory=tmp_path)(
+        dim=DIM, max_memories=8
+    )
+    with pytest.raises(ValueError, match="already used"):
+        KNNMemory(DIM, max_memories=8, memmap_filename=memories[0].path)
+    memories.cleanup()
+
+
+def test_unwritable_directory_and_bad_inputs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="kNN memory directory"):
+        KNNMemory(DIM, memmap_filename=blocker / "sub" / "knn.memmap")
+    with pytest.raises(ValueError, match="max_memories"):
+        KNNMemory(DIM, max_memories=0)
+    with pytest.raises(ValueError, match="backend"):
+        KNNMemory(DIM, backend="annoy")
+    with pytest.raises(ValueError, match="index"):
+        KNNMemory(DIM, backend="exact", index="hnsw")
+    memory = KNNMemory(DIM, max_memories=8, num_indices=2)
+    with pytest.raises(ValueError, match="memories must have shape"):
+        memory.add(torch.zeros(3, 4, 2, DIM))
+    with pytest.raises(ValueError, match="queries must have shape"):
+        memory.search(torch.zeros(2, 4, DIM + 1), 2)
+    memory.close()
+    with pytest.raises(ValueError, match="closed"):
+        memory.search(torch.zeros(2, 4, DIM), 2)
+
+
+def test_cleanup_removes_every_file(tmp_path):
+    memories = KNNMemoryList.create_memories(batch_size=2, num_memory_layers=2)(dim=DIM, max_memories=8)
+    directory = memories[0].directory
+    memories[0].add(_pairs(_keys(4)))
+    assert len(list(directory.iterdir())) == 3  # two memmaps and the lock
+    memories.cleanup()
+    assert not directory.exists()
+    given = KNNMemoryList.create_memories(
+        batch_size=2, num_memory_layers=1, memories_directory=tmp_path / "d"
+    )(dim=DIM, max_memories=8)
+    given.cleanup()
+    assert list((tmp_path / "d").iterdir()) == []
+    # A memory that is never closed is cleaned up when it is collected.
+    lost = KNNMemory(DIM, max_memories=8)
+    path = lost.path
+    del lost
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_hnsw_drops_dead_entries_and_stays_bounded(tmp_path):
+    memory = _memory(tmp_path, "faiss", "hnsw", {"ef_search": 64}, max_memories=10, rows=1)
+    keys = _keys(200, rows=1)
+    for start in range(0, 200, 7):
+        memory.add(_pairs(keys[:, start : start + 7]))
+        assert memory.index.indexes[0].ntotal < 2 * 10 + 7
+    kv, mask = memory.search(keys, 3)
+    assert _matched(kv, mask) and mask.all()
+    top = kv[0, :, 0, 0]
+    assert ((top - keys[0]).abs().amax(-1) < 1e-6).nonzero().flatten().tolist() == list(range(190, 200))
+    memory.close()
+
+
+def test_save_writes_index_and_counters(tmp_path):
+    memory = _memory(tmp_path, "faiss", "flat", None, max_memories=8)
+    memory.add(_pairs(_keys(11)))
+    memory.save(tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "knn.memory.json").read_text())
+    assert meta["counts"] == [11, 11] and meta["shape"] == [2, 8, 2, DIM] and meta["dtype"] == "float32"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "knn.index.row0.faiss",
+        "knn.index.row1.faiss",
+        "knn.memory.json",
+        "knn.memory.memmap",
+    ]
+    np.testing.assert_array_equal(
+        np.fromfile(tmp_path / "out" / "knn.memory.memmap", dtype=np.float32).reshape(2, 8, 2, DIM), memory.db
+    )
+    memory.close()
