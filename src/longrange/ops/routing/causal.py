@@ -1,0 +1,276 @@
+"""Strictly causal routed attention in O(N * W): sort by (cluster, position), then blocked
+local attention in that order (DESIGN.md section 3).
+
+The reference routes causal attention like the non-causal one (each cluster takes its top-W
+tokens over the whole sequence), so whether a past token is routed, and which keys it meets,
+depends on future tokens. Here every token has one cluster (a function of that token alone)
+and a query sees the ``window_size`` most recent keys of its own cluster, itself included:
+
+1. stable order by (cluster, position): a cluster's tokens become one contiguous run in time
+   order, so "the W most recent keys of my cluster" is "same cluster and 0 <= sorted distance
+   < W". Only tokens of the same cluster lie between two tokens of one cluster, so that
+   distance never counts another cluster's (possibly future) tokens;
+2. the sorted sequence is cut into blocks of ``block_size`` queries; each block meets the keys
+   of its own block and of the ``ceil((W - 1) / block_size)`` blocks before it, with the mask
+   (same cluster) & (0 <= distance < W), in one batched SDPA call; never N x N;
+3. each query also meets the K memory ("null") keys of its cluster: they are gathered per
+   query slot and appended to the block's keys, visible to that slot only;
+4. outputs are scattered back to time order.
+
+Padded tokens (``mask`` False) form a cluster of their own, so they never take a real token's
+place in a window, and their outputs are zero. :func:`causal_routed_step` is the same rule for
+one new token against per-cluster ring buffers of the W most recent keys (decoding).
+
+Dimensions: B batch, H heads, N positions, T padded sorted length, P blocks, Q block size,
+S = (L + 1) * Q keys per span (L look-back blocks), C clusters, K memory keys per cluster,
+W window, D head width, E value width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD_CLUSTER = -1  # padded tokens
+NO_CLUSTER = -2  # slots past the end of the sorted sequence
+
+
+def check_routing_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mem_k: Tensor | None,
+    mem_v: Tensor | None,
+    mask: Tensor | None,
+    same_length: bool,
+) -> None:
+    """ValueError / TypeError naming the bad argument (shapes as in the op docstrings)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1] or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(
+            f"q [B, H, N, D], k [B, H, M, D], v [B, H, M, E] do not fit: {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if same_length and k.shape[2] != q.shape[2]:
+        raise ValueError(f"q and k must have the same length, got {q.shape[2]} and {k.shape[2]}")
+    if (mem_k is None) != (mem_v is None):
+        raise ValueError("mem_k and mem_v must be given together")
+    if mem_k is not None:
+        heads = q.shape[1]
+        if mem_k.dim() != 4 or mem_k.shape[0] != heads or mem_k.shape[-1] != q.shape[-1]:
+            raise ValueError(f"mem_k must be [H={heads}, C, K, D={q.shape[-1]}], got {tuple(mem_k.shape)}")
+        if mem_v.shape[:3] != mem_k.shape[:3] or mem_v.shape[-1] != v.shape[-1]:
+            raise ValueError(f"mem_v must be [H, C, K, E={v.shape[-1]}], got {tuple(mem_v.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0], q.shape[2])):
+        raise ValueError(
+            f"mask must be a bool tensor [B, N] = {(q.shape[0], q.shape[2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+
+
+def _check_clusters(name: str, clusters: Tensor, shape: tuple[int, ...], num_clusters: int | None) -> None:
+    if not isinstance(clusters, Tensor) or clusters.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor of cluster ids")
+    if tuple(clusters.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(clusters.shape)}")
+    if clusters.numel() and int(clusters.min()) < 0:
+        raise ValueError(f"{name} must hold cluster ids >= 0")
+    if num_clusters is not None and clusters.numel() and int(clusters.max()) >= num_clusters:
+        raise ValueError(f"{name} holds ids >= the {num_clusters} clusters of mem_k")
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, N, F] rows picked by index [B, H, M] -> [B, H, M, F]."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def sort_by_cluster(clusters: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (cluster, position) order of clusters [B, H, N]: returns (order [B, H, N], the
+    cluster of each sorted token [B, H, N]); padded tokens get :data:`PAD_CLUSTER`."""
+    n = clusters.shape[-1]
+    if mask is not None:
+        clusters = clusters.masked_fill(~mask[:, None, :], PAD_CLUSTER)
+    pos = torch.arange(n, device=clusters.device)
+    key = (clusters.long() + 1) * n + pos
+    order = key.argsort(dim=-1)
+    return order, clusters.gather(-1, order)
+
+
+def _spans(x: Tensor, look_back: int, block: int, value: float = 0.0) -> Tensor:
+    """x [B, H, P * Q, F] -> [B, H, P, (L + 1) * Q, F] (or [B, H, P * Q] -> [B, H, P, S]): each
+    block with the L blocks before it; ``value`` fills the places before the start."""
+    span = (look_back + 1) * block
+    if x.dim() == 3:
+        return F.pad(x, (look_back * block, 0), value=value).unfold(2, span, block)
+    padded = F.pad(x, (0, 0, look_back * block, 0), value=value)
+    return padded.unfold(2, span, block).transpose(-1, -2)  # [B, H, P, S, F]
+
+
+def causal_routed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    clusters: Tensor,
+    *,
+    window_size: int,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mask: Tensor | None = None,
+    shared_qk: bool = False,
+    scale: float | None = None,
+    dropout: float = 0.0,
+    block_size: int | None = None,
+) -> Tensor:
+    """Causal routed attention; same contract as
+    :func:`longrange.ops.routing.naive.causal_routed_attention_naive`, plus dropout.
+
+    q, k: [B, H, N, D], v: [B, H, N, E]; clusters [B, H, N] long in [0, C); mem_k [H, C, K, D],
+    mem_v [H, C, K, E] (K may be 0); mask [B, N] (True = real token). ``block_size`` (default
+    W) trades span waste against batch size. Returns [B, H, N, E].
+    """
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"window_size must be a positive int, got {window_size!r}")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    check_routing_inputs(q, k, v, mem_k=mem_k, mem_v=mem_v, mask=mask, same_length=True)
+    b, h, n, _ = q.shape
+    _check_clusters("clusters", clusters, (b, h, n), None if mem_k is None else mem_k.shape[1])
+    e = v.shape[-1]
+    w = window_size
+    block = min(block_size or w, max(n, 1))
+    blocks = -(-n // block)
+    look_back = min(-(-(w - 1) // block), blocks - 1)
+    extra = blocks * block - n
+
+    order, sorted_clusters = sort_by_cluster(clusters, mask)
+    qs, ks, vs = (_gather_tokens(t, order) for t in (q, k, v))
+    if extra:
+        qs, ks, vs = (F.pad(t, (0, 0, 0, extra)) for t in (qs, ks, vs))
+        sorted_clusters = F.pad(sorted_clusters, (0, extra), value=NO_CLUSTER)
+
+    span = (look_back + 1) * block
+    q_blocks = qs.view(b, h, blocks, block, -1)
+    k_spans, v_spans = _spans(ks, look_back, block), _spans(vs, look_back, block)
+    c_blocks = sorted_clusters.view(b, h, blocks, block)
+    c_spans = _spans(sorted_clusters, look_back, block, value=NO_CLUSTER)
+    rows = torch.arange(block, device=q.device)[:, None]
+    cols = torch.arange(span, device=q.device)[None, :]
+    distance = look_back * block + rows - cols
+    band = (distance >= 0) & (distance < w)  # [Q, S]
+    keep = band & (c_blocks[..., :, None] == c_spans[..., None, :])  # [B, H, P, Q, S]
+    is_self = distance == 0
+
+    n_mem = 0 if mem_k is None else mem_k.shape[2]
+    if n_mem:
+        heads = torch.arange(h, device=q.device)[:, None]
+        slot_clusters = sorted_clusters.clamp(0, mem_k.shape[1] - 1)
+        mk = mem_k.to(q.dtype)[heads, slot_clusters].view(b, h, blocks, block * n_mem, -1)
+        mv = mem_v.to(v.dtype)[heads, slot_clusters].view(b, h, blocks, block * n_mem, e)
+        k_spans = torch.cat((k_spans, mk), dim=-2)
+        v_spans = torch.cat((v_spans, mv), dim=-2)
+        own = torch.arange(block * n_mem, device=q.device)[None, :] // n_mem == rows  # [Q, Q * K]
+        keep = torch.cat((keep, own.expand(b, h, blocks, block, block * n_mem)), dim=-1)
+        is_self = torch.cat((is_self, torch.zeros_like(own)), dim=-1)
+
+    if shared_qk:
+        others = (keep & ~is_self).any(dim=-1, keepdim=True)
+        keep = keep & ~(is_self & others)
+    any_key = keep.any(dim=-1, keepdim=True)
+    keep = keep | ~any_key  # SDPA gives NaN on a row with no key: open it, zero it below
+
+    out = F.scaled_dot_product_attention(
+        q_blocks.flatten(1, 2),
+        k_spans.flatten(1, 2),
+        v_spans.flatten(1, 2),
+        attn_mask=keep.flatten(1, 2),
+        dropout_p=dropout,
+        scale=scale,
+    ).view(b, h, blocks, block, e)
+    out = out.masked_fill(~any_key, 0.0).view(b, h, blocks * block, e)[:, :, :n]
+    out = torch.zeros_like(out).scatter(2, order[..., None].expand(b, h, n, e), out)
+    if mask is not None:
+        out = out.masked_fill(~mask[:, None, :, None], 0.0)
+    return out
+
+
+def ring_buffers(
+    k: Tensor, v: Tensor, clusters: Tensor, *, num_clusters: int, window_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The decoding cache after a prompt: for every cluster the W most recent keys and values.
+
+    k: [B, H, N, D], v: [B, H, N, E], clusters [B, H, N]. Returns (k_buf [B, H, C, W, D],
+    v_buf [B, H, C, W, E], counts [B, H, C]); the j-th token of a cluster (counting from 0)
+    sits in slot j mod W, so slot (count - 1) mod W holds the newest.
+    """
+    b, h, n, d = k.shape
+    c, w = num_clusters, window_size
+    order, sorted_clusters = sort_by_cluster(clusters)
+    counts = torch.zeros(b, h, c, dtype=torch.long, device=k.device)
+    counts.scatter_add_(2, clusters.long(), torch.ones_like(clusters, dtype=torch.long))
+    starts = counts.cumsum(-1) - counts
+    rank = torch.arange(n, device=k.device) - starts.gather(2, sorted_clusters)
+    recent = rank >= counts.gather(2, sorted_clusters) - w
+    flat_slot = (sorted_clusters * w + rank % w).masked_fill(~recent, c * w)  # c * w: discarded
+    k_buf = k.new_zeros(b, h, c * w + 1, d)
+    v_buf = v.new_zeros(b, h, c * w + 1, v.shape[-1])
+    k_buf.scatter_(2, flat_slot[..., None].expand(b, h, n, d), _gather_tokens(k, order))
+    v_buf.scatter_(2, flat_slot[..., None].expand(b, h, n, v.shape[-1]), _gather_tokens(v, order))
+    return (
+        k_buf[:, :, : c * w].view(b, h, c, w, d),
+        v_buf[:, :, : c * w].view(b, h, c, w, -1),
+        counts,
+    )
+
+
+def push_ring(k_buf: Tensor, v_buf: Tensor, counts: Tensor, k: Tensor, v: Tensor, clusters: Tensor) -> None:
+    """Write one new token per row (k [B, H, 1, D], v [B, H, 1, E], clusters [B, H]) into the
+    buffers of :func:`ring_buffers`, in place."""
+    b, h, _, w, _ = k_buf.shape
+    bi = torch.arange(b, device=k.device)[:, None]
+    hi = torch.arange(h, device=k.device)[None, :]
+    slot = counts[bi, hi, clusters] % w
+    k_buf[bi, hi, clusters, slot] = k[:, :, 0]
+    v_buf[bi, hi, clusters, slot] = v[:, :, 0]
+    counts[bi, hi, clusters] += 1
+
+
+def causal_routed_step(
+    q: Tensor,
+    k_buf: Tensor,
+    v_buf: Tensor,
+    counts: Tensor,
+    clusters: Tensor,
+    *,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    shared_qk: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """One new query per row (q [B, H, 1, D], its cluster [B, H]) against its cluster's ring
+    buffer, which already holds its own key (:func:`push_ring`). Returns [B, H, 1, E], the row
+    :func:`causal_routed_attention` gives that token."""
+    b, h, _, w, _ = k_buf.shape
+    bi = torch.arange(b, device=q.device)[:, None]
+    hi = torch.arange(h, device=q.device)[None, :]
+    keys, values = k_buf[bi, hi, clusters], v_buf[bi, hi, clusters]  # [B, H, W, D]
+    count = counts[bi, hi, clusters]  # [B, H]
+    slots = torch.arange(w, device=q.device)
+    keep = slots < count[..., None]  # [B, H, W]
+    is_self = slots == ((count - 1) % w)[..., None]
+    if mem_k is not None and mem_k.shape[2]:
+        keys = torch.cat((mem_k.to(q.dtype)[hi, clusters], keys), dim=2)
+        values = torch.cat((mem_v.to(values.dtype)[hi, clusters], values), dim=2)
+        keep = torch.cat((keep.new_ones(b, h, mem_k.shape[2]), keep), dim=-1)
+        is_self = torch.cat((is_self.new_zeros(b, h, mem_k.shape[2]), is_self), dim=-1)
+    if shared_qk:
+        others = (keep & ~is_self).any(dim=-1, keepdim=True)
+        keep = keep & ~(is_self & others)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep[:, :, None, :], scale=scale)

@@ -1,0 +1,112 @@
+"""Spherical k-means per attention head: the router of the Routing Transformer.
+
+Roy et al. 2021 ("Efficient Content-Based Sparse Attention with Routing Transformers") route
+queries and keys by online k-means on the unit sphere: points are L2-normalised, the nearest
+centroid is the one of largest dot product, a centroid is the normalised sum of its points,
+and the centroids follow the data by an exponential moving average between optimiser steps.
+A commitment loss ``mean((x - centroid(x))**2)`` pulls the points toward their centroids.
+
+Everything here is a stateless function; the layer that owns the centroids (a buffer, never a
+parameter) and decides when to update them lives in ``longrange.models.routing_layers``.
+
+Points may carry a weight (``weights`` [B, N] or [B, H, N], 0 or 1, e.g. a padding mask): a
+point of weight 0 neither moves a centroid nor enters the commitment loss.
+
+Dimensions: B batch, H heads, N points per row, D head width, C clusters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _point_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
+    """weights [B, N] or [B, H, N] (bool or float) -> float [B, H, N] (None stays None)."""
+    if weights is None:
+        return None
+    w = weights[:, None] if weights.dim() == 2 else weights
+    return w.to(x.dtype).expand(x.shape[:-1])
+
+
+def similarities(x: Tensor, means: Tensor) -> Tensor:
+    """Dot products of points x [B, H, N, D] with centroids means [H, C, D] -> [B, H, N, C]."""
+    return torch.einsum("bhnd,hcd->bhnc", x, means.to(x.dtype))
+
+
+def nearest(x: Tensor, means: Tensor) -> Tensor:
+    """Index of the nearest centroid (largest dot product) of each point: [B, H, N] long."""
+    return similarities(x, means).argmax(dim=-1)
+
+
+def lloyd_step(
+    x: Tensor, means: Tensor, buckets: Tensor | None = None, weights: Tensor | None = None
+) -> Tensor:
+    """One spherical k-means iteration over every row of the batch.
+
+    x: [B, H, N, D] (normalised), means: [H, C, D], buckets: [B, H, N] assignments (the nearest
+    centroid when None). Returns the new centroids [H, C, D]: the normalised sum of each
+    cluster's points; a cluster without points keeps its centroid.
+    """
+    heads, clusters, dim = means.shape
+    if buckets is None:
+        buckets = nearest(x, means)
+    w = _point_weights(weights, x)
+    points = x if w is None else x * w[..., None]
+    index = buckets[..., None].expand(*buckets.shape, dim)
+    sums = x.new_zeros(x.shape[0], heads, clusters, dim).scatter_add_(2, index, points).sum(0)
+    ones = torch.ones_like(buckets, dtype=x.dtype) if w is None else w
+    counts = x.new_zeros(x.shape[0], heads, clusters).scatter_add_(2, buckets, ones).sum(0)
+    fresh = F.normalize(sums, dim=-1)
+    return torch.where(counts[..., None] > 0, fresh, means.to(x.dtype))
+
+
+def init_means(
+    x: Tensor,
+    num_clusters: int,
+    *,
+    iters: int = 10,
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Centroids [H, C, D] from data: C points drawn per head (without replacement when there
+    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised."""
+    b, h, n, d = x.shape
+    pool = x.transpose(0, 1).reshape(h, b * n, d)
+    candidates = torch.arange(b * n, device=x.device)
+    w = _point_weights(weights, x)
+    if w is not None:
+        # A point is a candidate when every head keeps it (padding masks are per token).
+        keep = (w > 0).all(dim=1).reshape(b * n)
+        if bool(keep.any()):
+            candidates = candidates[keep]
+    count = candidates.numel()
+    if count >= num_clusters:
+        pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
+    else:
+        pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
+    means = pool[:, candidates[pick.to(x.device)]]
+    for _ in range(iters):
+        means = lloyd_step(x, means, weights=weights)
+    return means
+
+
+def commitment_loss(x: Tensor, means: Tensor, buckets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean squared distance of points x [B, H, N, D] to their centroids (a scalar).
+
+    Gradients reach x only; the centroids move by :func:`lloyd_step` and :func:`ema_`.
+    """
+    heads = torch.arange(means.shape[0], device=x.device)[:, None]
+    routed = means.to(x.dtype)[heads, buckets]  # [B, H, N, D]
+    err = (x - routed.detach()).pow(2).mean(dim=-1)
+    w = _point_weights(weights, x)
+    if w is None:
+        return err.mean()
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def ema_(moving: Tensor, new: Tensor, decay: float) -> Tensor:
+    """In place ``moving = decay * moving + (1 - decay) * new``; returns ``moving``."""
+    return moving.mul_(decay).add_(new.to(moving.dtype), alpha=1.0 - decay)

@@ -1,0 +1,258 @@
+"""Routed attention ops: fast == naive (forward and gradients), strict causality, decoding
+steps, k-means maths, edge cases and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrange.ops.routing import (
+    assigned_routed_attention,
+    assigned_routed_attention_naive,
+    balanced_routed_attention,
+    balanced_routed_attention_naive,
+    causal_routed_attention,
+    causal_routed_attention_naive,
+    causal_routed_step,
+    cluster_topk,
+    push_ring,
+    ring_buffers,
+)
+from longrange.ops.routing.kmeans import commitment_loss, ema_, init_means, lloyd_step, nearest
+from longrange.testing import assert_close, assert_same_forward_backward
+
+
+def _qkv(b, h, n, d, *, m=None, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    m = n if m is None else m
+    q = torch.randn(b, h, n, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, h, m, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, h, m, d + 2, generator=gen, dtype=dtype)
+    return q, k, v, gen
+
+
+def _mem(h, c, k, d, gen, dtype=torch.float64):
+    return torch.randn(h, c, k, d, generator=gen, dtype=dtype), torch.randn(
+        h, c, k, d + 2, generator=gen, dtype=dtype
+    )
+
+
+CAUSAL_CASES = [
+    pytest.param(2, 2, 63, 8, 4, 1, False, False, None, id="odd-n63-w8-mem1"),
+    pytest.param(1, 3, 50, 5, 3, 0, True, False, None, id="shared-no-mem-w5"),
+    pytest.param(2, 2, 70, 16, 4, 2, False, True, 4, id="masked-mem2-block4"),
+    pytest.param(1, 2, 45, 8, 3, 1, True, True, 3, id="shared-masked-block3"),
+    pytest.param(1, 1, 7, 16, 2, 1, False, False, None, id="window-longer-than-n"),
+    pytest.param(1, 2, 33, 1, 4, 1, False, False, None, id="window-1"),
+]
+
+
+@pytest.mark.parametrize("b, h, n, w, c, k_mem, shared, masked, block", CAUSAL_CASES)
+def test_causal_matches_naive(b, h, n, w, c, k_mem, shared, masked, block):
+    q, k, v, gen = _qkv(b, h, n, 8)
+    clusters = torch.randint(0, c, (b, h, n), generator=gen)
+    mem_k, mem_v = _mem(h, c, k_mem, 8, gen)
+    mask = torch.rand(b, n, generator=gen) > 0.25 if masked else None
+    opts = dict(window_size=w, mask=mask, shared_qk=shared)
+
+    def fast(q, k, v, mk, mv):
+        return causal_routed_attention(q, k, v, clusters, mem_k=mk, mem_v=mv, block_size=block, **opts)
+
+    def naive(q, k, v, mk, mv):
+        return causal_routed_attention_naive(q, k, v, clusters, mem_k=mk, mem_v=mv, **opts)
+
+    assert_same_forward_backward(fast, naive, [q, k, v, mem_k, mem_v], rtol=1e-9)
+
+
+def test_causal_float32_matches_naive():
+    q, k, v, gen = _qkv(2, 2, 129, 16, dtype=torch.float32)
+    clusters = torch.randint(0, 5, (2, 2, 129), generator=gen)
+    mem_k, mem_v = _mem(2, 5, 1, 16, gen, torch.float32)
+    fast = causal_routed_attention(q, k, v, clusters, window_size=16, mem_k=mem_k, mem_v=mem_v)
+    naive = causal_routed_attention_naive(q, k, v, clusters, window_size=16, mem_k=mem_k, mem_v=mem_v)
+    assert_close(fast, naive, rtol=1e-5)
+
+
+def test_causal_is_strictly_causal():
+    """Changing the future (its queries, keys, values and clusters) leaves the past alone."""
+    q, k, v, gen = _qkv(2, 2, 60, 8, dtype=torch.float32)
+    clusters = torch.randint(0, 3, (2, 2, 60), generator=gen)
+    mem_k, mem_v = _mem(2, 3, 1, 8, gen, torch.float32)
+    base = causal_routed_attention(q, k, v, clusters, window_size=6, mem_k=mem_k, mem_v=mem_v)
+    for t in (0, 17, 40):
+        q2, k2, v2, c2 = q.clone(), k.clone(), v.clone(), clusters.clone()
+        q2[:, :, t + 1 :] = torch.randn_like(q2[:, :, t + 1 :])
+        k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :])
+        v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :])
+        c2[:, :, t + 1 :] = torch.randint(0, 3, c2[:, :, t + 1 :].shape)
+        out = causal_routed_attention(q2, k2, v2, c2, window_size=6, mem_k=mem_k, mem_v=mem_v)
+        # exact maths; only the summation order of masked-out blocks may differ
+        assert (out[:, :, : t + 1] - base[:, :, : t + 1]).abs().max() < 1e-6, t
+
+
+def test_causal_padding_never_takes_a_window_slot():
+    """Padded tokens inside the sequence do not push real keys out of a window."""
+    q, k, v, _ = _qkv(1, 1, 40, 8)
+    clusters = torch.zeros(1, 1, 40, dtype=torch.long)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    mask[:, 10:20] = False
+    keep = mask[0]
+    padded = causal_routed_attention(q, k, v, clusters, window_size=4, mask=mask)
+    compact = causal_routed_attention(
+        q[:, :, keep], k[:, :, keep], v[:, :, keep], clusters[:, :, keep], window_size=4
+    )
+    assert_close(padded[:, :, keep], compact, rtol=1e-12)
+    assert padded[:, :, ~keep].abs().max() == 0
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared-qk"])
+def test_decoding_steps_equal_full_rows(shared):
+    q, k, v, gen = _qkv(2, 2, 57, 8)
+    if shared:
+        k = torch.nn.functional.normalize(q, dim=-1)
+    clusters = torch.randint(0, 4, (2, 2, 57), generator=gen)
+    mem_k, mem_v = _mem(2, 4, 1, 8, gen)
+    opts = dict(mem_k=mem_k, mem_v=mem_v, shared_qk=shared)
+    full = causal_routed_attention(q, k, v, clusters, window_size=5, **opts)
+    start = 20
+    k_buf, v_buf, counts = ring_buffers(
+        k[:, :, :start], v[:, :, :start], clusters[:, :, :start], num_clusters=4, window_size=5
+    )
+    rows = []
+    for i in range(start, 57):
+        push_ring(k_buf, v_buf, counts, k[:, :, i : i + 1], v[:, :, i : i + 1], clusters[:, :, i])
+        rows.append(causal_routed_step(q[:, :, i : i + 1], k_buf, v_buf, counts, clusters[:, :, i], **opts))
+    assert_close(torch.cat(rows, dim=2), full[:, :, start:], rtol=1e-10)
+
+
+BALANCED_CASES = [
+    pytest.param(2, 2, 63, 8, 4, 1, False, False, False, id="plain-odd"),
+    pytest.param(1, 2, 48, 6, 3, 2, True, True, False, id="shared-masked-mem2"),
+    pytest.param(2, 1, 40, 8, 5, 0, False, True, True, id="causal-mask-no-mem"),
+]
+
+
+@pytest.mark.parametrize("b, h, n, w, c, k_mem, shared, masked, causal", BALANCED_CASES)
+def test_balanced_matches_naive(b, h, n, w, c, k_mem, shared, masked, causal):
+    q, k, v, gen = _qkv(b, h, n, 8)
+    q_index = cluster_topk(torch.randn(b, h, n, c, generator=gen), w)
+    k_index = q_index if shared else cluster_topk(torch.randn(b, h, n, c, generator=gen), w)
+    mem_k, mem_v = _mem(h, c, k_mem, 8, gen)
+    mask = torch.rand(b, n, generator=gen) > 0.25 if masked else None
+    opts = dict(q_mask=mask, k_mask=mask, causal=causal, shared_qk=shared)
+
+    def fast(q, k, v, mk, mv):
+        return balanced_routed_attention(q, k, v, q_index, k_index, mem_k=mk, mem_v=mv, **opts)
+
+    def naive(q, k, v, mk, mv):
+        return balanced_routed_attention_naive(q, k, v, q_index, k_index, mem_k=mk, mem_v=mv, **opts)
+
+    assert_same_forward_backward(fast, naive, [q, k, v, mem_k, mem_v], rtol=1e-9)
+
+
+@pytest.mark.parametrize("block", [None, 3], ids=["block-w", "block-3"])
+def test_assigned_matches_naive_and_is_causal_in_queries(block):
+    q, k, v, gen = _qkv(2, 2, 41, 8, m=37)
+    q_clusters = torch.randint(0, 4, (2, 2, 41), generator=gen)
+    k_index = cluster_topk(torch.randn(2, 2, 37, 4, generator=gen), 9)
+    mem_k, mem_v = _mem(2, 4, 1, 8, gen)
+    q_mask = torch.rand(2, 41, generator=gen) > 0.2
+    k_mask = torch.rand(2, 37, generator=gen) > 0.2
+    opts = dict(q_mask=q_mask, k_mask=k_mask)
+
+    def fast(q, k, v, mk, mv):
+        return assigned_routed_attention(
+            q, k, v, q_clusters, k_index, mem_k=mk, mem_v=mv, block_size=block, **opts
+        )
+
+    def naive(q, k, v, mk, mv):
+        return assigned_routed_attention_naive(q, k, v, q_clusters, k_index, mem_k=mk, mem_v=mv, **opts)
+
+    assert_same_forward_backward(fast, naive, [q, k, v, mem_k, mem_v], rtol=1e-9)
+    base = fast(q, k, v, mem_k, mem_v)
+    q2, c2 = q.clone(), q_clusters.clone()
+    q2[:, :, 20:] = torch.randn_like(q2[:, :, 20:])
+    c2[:, :, 20:] = torch.randint(0, 4, c2[:, :, 20:].shape)
+    out = assigned_routed_attention(q2, k, v, c2, k_index, mem_k=mem_k, mem_v=mem_v, block_size=block, **opts)
+    assert (out[:, :, :20] - base[:, :, :20]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_half_precision_and_empty_rows_have_no_nan(dtype):
+    q, k, v, gen = _qkv(1, 2, 33, 8, dtype=dtype)
+    clusters = torch.randint(0, 3, (1, 2, 33), generator=gen)
+    mask = torch.zeros(1, 33, dtype=torch.bool)
+    mask[:, ::4] = True
+    # no memory and shared_qk: a query alone in its cluster sees itself; fully padded rows give 0
+    out = causal_routed_attention(q, k, v, clusters, window_size=4, mask=mask, shared_qk=True)
+    assert torch.isfinite(out).all()
+    q_index = cluster_topk(torch.randn(1, 2, 33, 3, generator=gen), 8)
+    out = balanced_routed_attention(q, k, v, q_index, q_index, q_mask=mask, k_mask=mask)
+    assert torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_before_work():
+    q, k, v, _ = _qkv(1, 2, 10, 8, dtype=torch.float32)
+    clusters = torch.zeros(1, 2, 10, dtype=torch.long)
+    with pytest.raises(ValueError, match="window_size"):
+        causal_routed_attention(q, k, v, clusters, window_size=0)
+    with pytest.raises(ValueError, match="clusters"):
+        causal_routed_attention(q, k, v, clusters[..., :5], window_size=4)
+    with pytest.raises(TypeError, match="clusters"):
+        causal_routed_attention(q, k, v, clusters.float(), window_size=4)
+    with pytest.raises(ValueError, match="mask"):
+        causal_routed_attention(q, k, v, clusters, window_size=4, mask=torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mem_k"):
+        causal_routed_attention(q, k, v, clusters, window_size=4, mem_k=torch.zeros(3, 1, 1, 8), mem_v=None)
+    with pytest.raises(ValueError, match="q_index"):
+        balanced_routed_attention(
+            q, k, v, torch.full((1, 2, 2, 3), 10), torch.zeros(1, 2, 2, 3, dtype=torch.long)
+        )
+    with pytest.raises(TypeError, match="q must be"):
+        causal_routed_attention(q.long(), k, v, clusters, window_size=4)
+
+
+def _clustered_points(seed=0, heads=2, centres=4, n=256, d=8, spread=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    true = torch.nn.functional.normalize(torch.randn(heads, centres, d, generator=gen), dim=-1)
+    pick = torch.randint(0, centres, (2, heads, n), generator=gen)
+    heads_idx = torch.arange(heads)[:, None]
+    x = true[heads_idx, pick] + spread * torch.randn(2, heads, n, d, generator=gen)
+    return torch.nn.functional.normalize(x, dim=-1), true, gen
+
+
+def test_kmeans_moves_means_toward_data_and_commitment_falls():
+    x, true, gen = _clustered_points()
+    means = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=gen), dim=-1)
+    losses = []
+    for _ in range(30):
+        buckets = nearest(x, means)
+        losses.append(float(commitment_loss(x, means, buckets)))
+        ema_(means, lloyd_step(x, means, buckets), 0.8)
+        means = torch.nn.functional.normalize(means, dim=-1)
+    assert losses[-1] < 0.5 * losses[0]
+    # each true centre has a mean close to it
+    closeness = torch.einsum("hcd,hkd->hck", true, means).amax(dim=-1)
+    assert closeness.min() > 0.9
+
+
+def test_kmeans_init_from_data_and_weights():
+    x, _, gen = _clustered_points(seed=1)
+    means = init_means(x, 4, iters=10, generator=gen)
+    assert means.shape == (2, 4, 8)
+    assert torch.allclose(means.norm(dim=-1), torch.ones(2, 4))
+    buckets = nearest(x, means)
+    assert float(commitment_loss(x, means, buckets)) < 0.05
+    # weight-0 points never move a centroid
+    weights = torch.zeros(2, x.shape[2], dtype=torch.bool)
+    assert torch.equal(lloyd_step(x, means, buckets, weights), means)
+
+
+def test_empty_cluster_keeps_its_mean():
+    x, _, gen = _clustered_points(seed=2, centres=2)
+    means = torch.nn.functional.normalize(torch.randn(2, 3, 8, generator=gen), dim=-1)
+    buckets = torch.zeros(2, 2, x.shape[2], dtype=torch.long)
+    new = lloyd_step(x, means, buckets)
+    assert torch.equal(new[:, 1:], means[:, 1:])
