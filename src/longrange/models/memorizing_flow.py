@@ -1,0 +1,225 @@
+"""The chunk flow of the Memorizing Transformer: state, retrieval, XL window and commit.
+
+:func:`run_chunk` runs the next tokens of a chunk through the layers of a
+:class:`~longrange.models.memorizing.MemorizingLM`: every layer attends over [its XL memory ;
+the chunk so far], memorizing layers also over the pairs retrieved from their kNN memory.
+The chunk's keys and values accumulate in a :class:`ChunkCache`; when the chunk is done
+(a forward call ends, or decoding has filled ``max_seq_len`` tokens) :func:`commit` moves
+them on: the last ``xl_max_memories`` entries of [XL ; chunk] become the layer's XL memory,
+and the entries leaving it go into the kNN memory, after the chunk's own searches.
+
+Document starts: with ``clear_memories_on_sos_token_id`` a start is the sos token's
+position; with ``..._eos_...`` the position after the eos. Queries at or after a start (in
+the same row) retrieve nothing; at the commit the row's kNN memory is cleared and only
+entries from its latest start on are stored (in the kNN memory and in the XL window).
+
+Memory shifts (ERNIE-Doc): memories are rotated by ``shift_*_memories_down`` before each
+chunk, as the reference does, so layer i reads the XL memory written by layer i + shift.
+
+Dimensions: B batch, n new tokens, P earlier keys, M = P + n keys, H heads, D head width,
+L XL length, C chunk length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from longrange.memory.knn import KNNMemoryList
+
+if TYPE_CHECKING:
+    from longrange.models.memorizing import MemorizingLM
+
+
+@dataclass
+class ChunkCache:
+    """Keys and values of the current chunk so far, and where documents start in it."""
+
+    kv: list[Tensor | None]  # per layer [B, c, 2, D]
+    valid: Tensor  # [B, c] entries that are not padding
+    started: Tensor  # [B] a document started in this chunk (queries after it retrieve nothing)
+    last_start: Tensor  # [B] position of the latest start in this chunk (-1: none)
+    pending: Tensor  # [B] the last token was an eos: the next position starts a document
+    length: int = 0
+
+
+@dataclass
+class MemorizingState:
+    """What outlives a chunk: one kNN memory per memorizing layer (B rows each), XL memories
+    (one (kv [B, L, 2, D], valid [B, L]) per XL layer; None before the first chunk) and,
+    while decoding, the current chunk's cache."""
+
+    batch_size: int
+    knn: KNNMemoryList
+    xl: list[tuple[Tensor, Tensor]] | None = None
+    cache: ChunkCache | None = None
+    closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        """Remove the memory files now (they are also removed once the state is collected)."""
+        if not self.closed:
+            self.knn.cleanup()
+        self.closed = True
+
+
+def rotate(items: list, shift: int) -> list:
+    if not items or not shift:
+        return list(items)
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def _new_cache(depth: int, batch: int, device: torch.device) -> ChunkCache:
+    no = torch.zeros(batch, dtype=torch.bool, device=device)
+    return ChunkCache(
+        [None] * depth, torch.ones(batch, 0, dtype=torch.bool, device=device), no, no.long() - 1, no
+    )
+
+
+def _starts(model: MemorizingLM, tokens: Tensor, cache: ChunkCache | None) -> Tensor | None:
+    """[B, n] True where a document starts (sos at the position, eos just before it)."""
+    sos, eos = model.config.clear_memories_on_sos_token_id, model.config.clear_memories_on_eos_token_id
+    if sos is None and eos is None:
+        return None
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    if sos is not None:
+        starts |= tokens == sos
+    if eos is not None:
+        starts[:, 1:] |= tokens[:, :-1] == eos
+        if cache is not None:
+            starts[:, 0] |= cache.pending
+    return starts
+
+
+def run_chunk(
+    model: MemorizingLM,
+    tokens: Tensor,
+    mask: Tensor | None,
+    state: MemorizingState | None,
+    *,
+    commit: bool = True,
+    add_knn_memory: bool = True,
+) -> Tensor:
+    """Run tokens [B, n] (the next part of the current chunk); return logits [B, n, V].
+
+    Without a state there is no memory and nothing is kept. With one, the chunk is committed
+    when ``commit`` is set or the chunk reaches ``max_seq_len`` tokens.
+    """
+    c = model.config
+    batch, n = tokens.shape
+    device = tokens.device
+    cache = None
+    if state is not None:
+        cache = state.cache if state.cache is not None else _new_cache(c.depth, batch, device)
+    starts = _starts(model, tokens, cache)
+    after_start = None  # [B, n] queries in a document that began inside this chunk
+    if starts is not None:
+        after_start = (starts.cumsum(dim=1) > 0) | cache_started(cache, batch, device)[:, None]
+    memories = rotate(list(state.knn), c.shift_knn_memories_down) if state is not None else []
+    xl_in = rotate(state.xl, c.shift_xl_memories_down) if state is not None and state.xl else []
+    knn_iter, xl_iter = iter(memories), iter(xl_in)
+    new_valid = mask if mask is not None else torch.ones(batch, n, dtype=torch.bool, device=device)
+    biases: dict[tuple[bool, int], Tensor] = {}
+    new_kv = []
+    x = model.embed(tokens)
+    for idx, block in enumerate(model.blocks):
+        layer, attn = idx + 1, block.attn
+        q, k, v = attn.project(block.attn_norm(x))
+        parts_k, parts_v, parts_valid = [], [], []
+        xl = next(xl_iter, None) if layer in model.xl_layers else None
+        if xl is not None:
+            parts_k.append(xl[0][..., 0, :].to(k.dtype))
+            parts_v.append(xl[0][..., 1, :].to(v.dtype))
+            parts_valid.append(xl[1])
+        if cache is not None and cache.kv[idx] is not None:
+            parts_k.append(cache.kv[idx][..., 0, :].to(k.dtype))
+            parts_v.append(cache.kv[idx][..., 1, :].to(v.dtype))
+            parts_valid.append(cache.valid)
+        keys, values, key_valid = k, v, mask
+        if parts_k:
+            keys, values = torch.cat([*parts_k, k], dim=1), torch.cat([*parts_v, v], dim=1)
+            key_valid = torch.cat([*parts_valid, new_valid], dim=1)
+            key_valid = None if bool(key_valid.all()) else key_valid
+        m = keys.shape[1]
+        if (attn.knn, m) not in biases:
+            biases[(attn.knn, m)] = (model.knn_rel_pos if attn.knn else model.rel_pos)(n, m).to(q.dtype)
+        bias = biases[(attn.knn, m)]
+        if attn.knn:
+            memory = next(knn_iter, None)
+            retrieved = None
+            if memory is not None and bool(memory.db_offsets.any()):
+                pairs, found = memory.search(q, attn.num_retrieved_memories)
+                if after_start is not None:
+                    found = found & ~after_start[:, None, :, None]
+                retrieved = (pairs, found)
+            out = attn.attend(q, keys, values, key_valid, bias, retrieved)
+        else:
+            out = attn.attend(q, keys, values, key_valid, bias)
+        x = x + out
+        x = x + block.ff(block.ff_norm(x))
+        new_kv.append(torch.stack([k, v], dim=-2).detach())
+    logits = model.head(model.norm(x))
+    if state is None:
+        return logits
+    for idx, kv in enumerate(new_kv):
+        cache.kv[idx] = kv if cache.kv[idx] is None else torch.cat([cache.kv[idx], kv], dim=1)
+    cache.valid = torch.cat([cache.valid, new_valid], dim=1)
+    if starts is not None:
+        positions = torch.arange(cache.length, cache.length + n, device=device)
+        latest = torch.where(starts, positions, -1).amax(dim=1)
+        cache.last_start = torch.maximum(cache.last_start, latest)
+        cache.started = cache.started | starts.any(dim=1)
+        eos = c.clear_memories_on_eos_token_id
+        cache.pending = tokens[:, -1] == eos if eos is not None else cache.pending
+    cache.length += n
+    state.cache = cache
+    if commit or cache.length >= c.max_seq_len:
+        commit_chunk(model, state, add_knn_memory=add_knn_memory)
+    return logits
+
+
+def cache_started(cache: ChunkCache | None, batch: int, device: torch.device) -> Tensor:
+    if cache is None:
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+    return cache.started
+
+
+def commit_chunk(model: MemorizingLM, state: MemorizingState, *, add_knn_memory: bool = True) -> None:
+    """Move the cached chunk into the XL windows and the kNN memories; clear the cache."""
+    c, cache = model.config, state.cache
+    if cache is None or cache.length == 0:
+        state.cache = None
+        return
+    size = cache.length
+    started = cache.started | cache.pending
+    last_start = torch.where(cache.pending, size, cache.last_start)
+    # Entries before a row's latest document start are dropped (rows with no start keep all).
+    cut = torch.where(started, last_start, torch.iinfo(torch.long).min)
+    clear_rows = started.nonzero().flatten().tolist()
+    memories = iter(rotate(list(state.knn), c.shift_knn_memories_down))
+    xl_in = iter(rotate(state.xl, c.shift_xl_memories_down) if state.xl else [])
+    new_xl = []
+    for idx, block in enumerate(model.blocks):
+        layer, attn = idx + 1, block.attn
+        entries, valid = cache.kv[idx], cache.valid
+        xl = next(xl_in, None) if layer in model.xl_layers else None
+        if xl is not None:
+            entries = torch.cat([xl[0].to(entries.dtype), entries], dim=1)
+            valid = torch.cat([xl[1], valid], dim=1)
+        positions = torch.arange(size - entries.shape[1], size, device=entries.device)
+        valid = valid & (positions[None, :] >= cut[:, None])
+        keep = attn.xl_max_memories
+        if keep:
+            new_xl.append((entries[:, -keep:], valid[:, -keep:]))
+            entries, valid = entries[:, :-keep], valid[:, :-keep]
+        if attn.knn:
+            memory = next(memories)
+            if clear_rows:
+                memory.clear(clear_rows)
+            if add_knn_memory and entries.shape[1] and bool(valid.any()):
+                memory.add(entries, None if bool(valid.all()) else valid)
+    state.xl = new_xl if model.xl_layers else None
+    state.cache = None

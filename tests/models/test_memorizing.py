@@ -1,0 +1,399 @@
+import glob
+import os
+import tempfile
+
+import pytest
+import torch
+
+from longrange.models.memorizing import KNNMemoryList, MemorizingConfig, MemorizingLM, MemorizingTransformer
+from longrange.models.registry import create_model, make_config
+from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+
+VOCAB, CHUNK = 32, 16
+SOS, EOS = 3, 4
+
+
+def _model(**overrides):
+    settings = dict(
+        vocab_size=VOCAB,
+        dim=32,
+        depth=2,
+        heads=2,
+        max_seq_len=CHUNK,
+        max_knn_memories=64,
+        num_retrieved_memories=4,
+        knn_backend="exact",
+        memorizing_layers=(1, 2),
+    )
+    settings.update(overrides)
+    return MemorizingLM(MemorizingConfig(**settings)).eval()
+
+
+def _tokens(batch, n, seed=0):
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _temp_dirs():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "longrange-knn-*")))
+
+
+@pytest.fixture(autouse=True)
+def _no_files_left_behind():
+    before = _temp_dirs()
+    yield
+    import gc
+
+    gc.collect()
+    assert _temp_dirs() <= before, "kNN memory files were left behind"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "bench"])
+def test_presets_and_config_round_trip(preset):
+    config = make_config("memorizing", preset)
+    assert type(config).from_dict(config.to_dict()) == config
+    if preset == "tiny":
+        model = create_model("memorizing", preset)
+        assert model.carries_state and model.context_limit() is None
+        assert model(_tokens(1, 20)).shape == (1, 20, 256)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"memorizing_layers": (0,)}, "memorizing_layers"),
+        ({"xl_memory_layers": (3,), "xl_max_memories": 4}, "xl_memory_layers"),
+        ({"knn_backend": "exact", "knn_index": "hnsw"}, "knn_index"),
+        ({"clear_memories_on_eos_token_id": VOCAB}, "clear_memories_on_eos_token_id"),
+        ({"num_retrieved_memories": -1}, "num_retrieved_memories"),
+    ],
+    ids=["layer-0", "xl-layer-3", "hnsw-exact", "eos-range", "negative-k"],
+)
+def test_bad_config_raises(setting, message):
+    with pytest.raises(ValueError, match=message):
+        _model(**setting)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"xl_max_memories": 5},
+        {"clear_memories_on_sos_token_id": SOS, "clear_memories_on_eos_token_id": EOS},
+    ],
+    ids=["plain", "xl", "sos-eos"],
+)
+def test_causal_within_a_chunk_with_a_filled_memory(options):
+    model = _model(**options)
+    history = _tokens(2, 2 * CHUNK, seed=1)
+
+    def chunk_logits(tokens):
+        state = model.init_state(2)
+        model.forward_lm(history, state=state)  # fills the memory (and the XL window)
+        out = model.forward_lm(tokens, state=state).logits
+        state.close()
+        return out
+
+    # with a vocabulary of 32 the random tails often hold the sos / eos ids
+    assert_causal(chunk_logits, _tokens(2, CHUNK - 3, seed=2), VOCAB, positions=(0, 4, 7, 11))
+
+
+def test_memory_changes_outputs_only_through_past_entries():
+    model = _model()
+    chunks = _tokens(2, 3 * CHUNK, seed=3)
+    state = model.init_state(2)
+    first = model.forward_lm(chunks[:, :CHUNK], state=state).logits
+    # Within the first chunk the memory is empty: searching before adding means no self-retrieval.
+    assert_close(first, model(chunks[:, :CHUNK]), 1e-6)
+    assert state.knn[0].db_offsets.tolist() == [CHUNK, CHUNK]
+    second = model.forward_lm(chunks[:, CHUNK : 2 * CHUNK], state=state).logits
+    assert (second - model(chunks[:, CHUNK : 2 * CHUNK])).abs().max() > 1e-4, "memory had no effect"
+    # Changing row 1's past changes row 1 only: one memory per batch row.
+    other = chunks.clone()
+    other[1, :CHUNK] = _tokens(1, CHUNK, seed=4)
+    again = model.init_state(2)
+    model.forward_lm(other[:, :CHUNK], state=again)
+    changed = model.forward_lm(other[:, CHUNK : 2 * CHUNK], state=again).logits
+    assert torch.allclose(changed[0], second[0], atol=1e-6)
+    assert (changed[1] - second[1]).abs().max() > 1e-4
+    # Resetting a row (a new document) makes it forget; the other row keeps its memory.
+    model.reset_state_rows(again, torch.tensor([True, False]))
+    fresh = model.forward_lm(chunks[:, 2 * CHUNK :], state=again).logits
+    ref_state = model.init_state(2)
+    model.forward_lm(chunks[:, :CHUNK], state=ref_state)
+    model.forward_lm(chunks[:, CHUNK : 2 * CHUNK], state=ref_state)
+    remembered = model.forward_lm(chunks[:, 2 * CHUNK :], state=ref_state).logits
+    assert_close(fresh[0], model(chunks[:, 2 * CHUNK :])[0], 1e-6)
+    assert not torch.allclose(fresh[1], remembered[1], atol=1e-4)  # row 1 saw other[1]'s past
+    for s in (state, again, ref_state):
+        s.close()
+
+
+def test_long_input_runs_chunk_by_chunk_like_a_carried_state():
+    model = _model(xl_max_memories=6)
+    tokens = _tokens(2, 3 * CHUNK + 5, seed=5)
+    whole = model(tokens)
+    state = model.init_state(2)
+    pieces = [model.forward_lm(tokens[:, i : i + CHUNK], state=state).logits for i in range(0, 53, CHUNK)]
+    assert_close(whole, torch.cat(pieces, dim=1), 1e-6)
+    state.close()
+
+
+def test_sos_token_clears_from_its_position_on():
+    # One layer, so that positions after the sos see the earlier ones only through local keys.
+    model = _model(clear_memories_on_sos_token_id=SOS, depth=1, memorizing_layers=(1,))
+    history = _tokens(1, CHUNK, seed=6).clamp_min(SOS + 1)
+    chunk = _tokens(1, CHUNK, seed=7).clamp_min(SOS + 1)
+    marked = chunk.clone()
+    marked[0, 9] = SOS
+
+    def run(tokens, then=None):
+        state = model.init_state(1)
+        model.forward_lm(history, state=state)
+        out = model.forward_lm(tokens, state=state).logits
+        after = None if then is None else model.forward_lm(then, state=state).logits
+        state.close()
+        return out, after
+
+    plain, _ = run(chunk)
+    cleared, next_chunk = run(marked, then=chunk)
+    assert torch.allclose(cleared[:, :9], plain[:, :9], atol=1e-6)  # earlier queries unaffected
+    # From the sos on the old document is not retrieved: the same as having no memory at all.
+    state = model.init_state(1)
+    alone = model.forward_lm(marked, state=state).logits
+    assert_close(cleared[:, 9:], alone[:, 9:], 1e-6)
+    # After the chunk the memory holds only the new document (positions 9..15).
+    follow = model.forward_lm(chunk, state=state).logits
+    state.close()
+    assert_close(next_chunk, follow, 1e-6)
+
+
+def test_padding_is_neither_attended_nor_stored():
+    model = _model(xl_max_memories=4)
+    tokens = _tokens(2, 2 * CHUNK, seed=8)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 3:7] = False
+    mask[1, 20:23] = False
+
+    def run(t, m):
+        state = model.init_state(2)
+        out = torch.cat(
+            [
+                model.forward_lm(t[:, i : i + CHUNK], mask=m[:, i : i + CHUNK], state=state).logits
+                for i in (0, CHUNK)
+            ],
+            dim=1,
+        )
+        assert state.knn[0].db_offsets.tolist() == [2 * CHUNK - 4 - 4, 2 * CHUNK - 3 - 4]
+        state.close()
+        return out
+
+    assert_padding_ignored(run, tokens, mask, VOCAB)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"xl_max_memories": 6, "shift_xl_memories_down": 1, "clear_memories_on_eos_token_id": EOS}],
+    ids=["plain", "xl-shift-eos"],
+)
+def test_greedy_generation_equals_recompute(options):
+    model = _model(**options)
+    prompt = _tokens(2, 21, seed=9)
+    new = model.generate(prompt, 30, temperature=0)
+    sequence = torch.cat([prompt, new], dim=1)
+    logits = model(sequence[:, :-1])
+    assert torch.equal(logits.argmax(dim=-1)[:, prompt.shape[1] - 1 :], new)
+
+
+def test_batch_size_must_match_the_memories():
+    model = _model()
+    state = model.init_state(2)
+    with pytest.raises(ValueError, match="batch size 3 does not match the kNN memories"):
+        model.forward_lm(_tokens(3, 8), state=state)
+    state.close()
+    compat = MemorizingTransformer(
+        num_tokens=VOCAB, dim=32, depth=2, heads=2, dim_head=16, max_knn_memories=32
+    )
+    with (
+        compat.knn_memories_context(batch_size=2) as memories,
+        pytest.raises(ValueError, match="batch size 1"),
+    ):
+        compat(_tokens(1, 8), memories)
+
+
+def test_reference_interface_and_memory_directory(tmp_path):
+    model = MemorizingTransformer(
+        num_tokens=VOCAB,
+        dim=32,
+        depth=3,
+        heads=2,
+        dim_head=16,
+        max_knn_memories=32,
+        num_retrieved_memories=4,
+        xl_max_memories=5,
+        xl_memory_layers=(2, 3),
+        knn_memories_directory=str(tmp_path / "mem"),
+        knn_backend="faiss",
+    )
+    assert model.memorizing_layers == (1,) and model.num_xl_memory_layers == 2
+    x = _tokens(2, 12, seed=10)
+    with model.knn_memories_context(batch_size=2) as memories:
+        assert isinstance(memories, KNNMemoryList) and len(memories) == 1
+        assert memories[0].path.parent.parent == (tmp_path / "mem").resolve()
+        logits, xl = model(x, memories)
+        assert logits.shape == (2, 12, VOCAB) and [t.shape for t in xl] == [(2, 5, 2, 16)] * 2
+        loss, xl = model(x, memories, xl_memories=xl, labels=x)
+        assert loss.ndim == 0 and memories[0].db_offsets.tolist() == [24, 24]
+        model(x, memories, xl_memories=xl, add_knn_memory=False)
+        assert memories[0].db_offsets.tolist() == [24, 24]
+    assert list((tmp_path / "mem").iterdir()) == []
+
+
+def test_reference_parity():
+    """Copied weights + an exact index in the reference: equal outputs over several chunks
+    (no wrap-around, no XL: the reference misaligns its relative bias once XL memories exist)."""
+    ref_module = pytest.importorskip("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
+    knn_module = pytest.importorskip("memorizing_transformers_pytorch.knn_memory")
+    from longrange.convert import load_reference
+
+    faiss = knn_module.faiss
+
+    class ExactFaiss:  # the reference's HNSW index, swapped for an exact one
+        def __getattr__(self, name):
+            return getattr(faiss, name)
+
+        @staticmethod
+        def IndexHNSWFlat(dim, m, metric):
+            return faiss.IndexFlatIP(dim)
+
+    kwargs = dict(
+        num_tokens=VOCAB,
+        dim=32,
+        depth=3,
+        heads=2,
+        dim_head=16,
+        max_knn_memories=256,
+        num_retrieved_memories=5,
+        memorizing_layers=(2, 3),
+        ff_mult=2,
+    )
+    torch.manual_seed(0)
+    reference = ref_module.MemorizingTransformer(**kwargs, knn_memories_directory=tempfile.mkdtemp()).eval()
+    ours = MemorizingTransformer(**kwargs).eval()
+    load_reference(ours, reference.state_dict())
+    x = _tokens(2, 4 * CHUNK, seed=11)
+    knn_module.faiss = ExactFaiss()
+    try:
+        with (
+            reference.knn_memories_context(batch_size=2) as ref_mem,
+            ours.knn_memories_context(batch_size=2) as mem,
+        ):
+            for i in range(0, 4 * CHUNK, CHUNK):
+                chunk = x[:, i : i + CHUNK]
+                assert_close(ours(chunk, mem), reference(chunk, ref_mem), 1e-4, name=f"chunk {i // CHUNK}")
+            assert_close(ours(chunk, mem, labels=chunk), reference(chunk, ref_mem, labels=chunk), 1e-4)
+    finally:
+        knn_module.faiss = faiss
+        import shutil
+
+        shutil.rmtree(reference.knn_memories_directory, ignore_errors=True)
+
+
+def test_reference_parity_with_xl_on_the_first_chunk():
+    ref_module = pytest.importorskip("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
+    from longrange.convert import load_reference
+
+    kwargs = dict(
+        num_tokens=VOCAB,
+        dim=32,
+        depth=2,
+        heads=2,
+        dim_head=16,
+        max_knn_memories=64,
+        num_retrieved_memories=4,
+        xl_max_memories=6,
+        memorizing_layers=(1,),
+    )
+    reference = ref_module.MemorizingTransformer(**kwargs, knn_memories_directory=tempfile.mkdtemp()).eval()
+    ours = MemorizingTransformer(**kwargs).eval()
+    load_reference(ours, reference.state_dict())
+    x = _tokens(2, CHUNK, seed=12)
+    with (
+        reference.knn_memories_context(batch_size=2) as ref_mem,
+        ours.knn_memories_context(batch_size=2) as mem,
+    ):
+        ref_logits, ref_xl = reference(x, ref_mem)
+        logits, xl = ours(x, mem)
+        assert_close(logits, ref_logits, 1e-4)
+        for got, want in zip(xl, ref_xl):
+            assert_close(got, want, 1e-5)
+        assert mem[0].db_offsets.tolist() == [CHUNK - 6, CHUNK - 6]  # entries that left the XL window
+    import shutil
+
+    shutil.rmtree(reference.knn_memories_directory, ignore_errors=True)
+
+
+def test_options_run_and_train():
+    model = _model(
+        knn_attn_heads=4,
+        knn_gate_output=True,
+        knn_backend="faiss",
+        knn_index="hnsw",
+        knn_memory_multiprocessing=True,
+        attn_dropout=0.1,
+        ff_dropout=0.1,
+        attn_scale_init=10.0,
+        shift_knn_memories_down=1,
+        rel_pos_num_buckets=8,
+        rel_pos_max_distance=32,
+    ).train()
+    gate = model.blocks[0].attn.output_gate
+    assert gate is not None and model.blocks[0].attn.heads == 4
+    state = model.init_state(2)
+    for i in range(3):
+        out = model.forward_lm(_tokens(2, CHUNK, seed=20 + i), state=state)
+        out.logits.sum().backward()
+        state = model.detach_state(out.state)
+    assert gate.grad is not None and gate.grad.abs() > 0
+    assert state.knn[1].backend == "faiss" and state.knn[1].index_kind == "hnsw"
+    state.close()
+    compat = MemorizingTransformer(
+        num_tokens=VOCAB, dim=32, depth=1, dim_head=16, heads=2, pad_id=7, max_knn_memories=16
+    )
+    assert compat.memorizing_layers == ()  # the reference's default (depth // 2,) for depth 1
+    labels = _tokens(1, 8)
+    labels[0, :4] = 7
+    with compat.knn_memories_context(batch_size=1) as memories:
+        loss = compat(_tokens(1, 8), memories, labels=labels)
+        logits = compat(_tokens(1, 8), memories)
+    kept = labels[0] != 7
+    assert_close(loss, torch.nn.functional.cross_entropy(logits[0, kept], labels[0, kept]), 1e-6)
+
+
+def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
+    from longrange.data.corpus import load_corpus
+    from longrange.train.config import TrainConfig
+    from longrange.train.trainer import Trainer
+
+    cfg = TrainConfig(
+        model="memorizing",
+        preset="tiny",
+        set={"max_seq_len": 32, "max_knn_memories": 128},
+        seq_len=32,
+        batch_size=2,
+        steps=3,
+        eval_every=3,
+        eval_tokens=256,
+        log_every=1,
+        save_every=3,
+        out=str(tmp_path / "runs"),
+        name="m",
+        sample_tokens=8,
+        progress=False,
+    )
+    trainer = Trainer(cfg, corpus=load_corpus(text_folder))
+    result = trainer.fit()
+    assert result["val_bpb_after"] < result["val_bpb_before"]
+    assert trainer.state.knn[0].db_offsets.max() > 0
+    loaded = MemorizingLM.from_pretrained(tmp_path / "runs" / "m")
+    assert loaded.config == trainer.model.config
+    trainer.state.close()
