@@ -1,0 +1,161 @@
+"""ops/dense: the SDPA path equals the naive score-matrix path, forward and every input gradient,
+and a query with no key gets zeros (never NaN) in every float dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrange.ops.dense import (
+    dense_attention,
+    dense_attention_naive,
+    dense_attention_sdpa,
+    merge_masks,
+)
+from longrange.ops.dense.sdpa import causal_mask
+from longrange.testing import assert_close, assert_same_forward_backward
+
+LOW_PRECISION = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def make_inputs(batch, heads, n, m, dim, *, seed, dtype=torch.float32, value_dim=None):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, n, dim), (batch, heads, m, dim), (batch, heads, m, value_dim or dim)]
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+def key_padding(batch, m, *, seed, keep=0.7):
+    """[B, 1, 1, M] mask with about ``keep`` of the keys kept and at least one per row."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, m, generator=gen) < keep
+    mask[:, 0] = True
+    return mask[:, None, None, :]
+
+
+# (id, batch, heads, n queries, m keys, head dim, causal, padding mask, bias)
+CASES = [
+    ("plain-63", 2, 2, 63, 63, 16, False, False, False),
+    ("padding-63", 2, 2, 63, 63, 16, False, True, False),
+    ("causal-63", 2, 2, 63, 63, 16, True, False, False),
+    ("causal-padding-501", 1, 2, 501, 501, 8, True, True, False),
+    ("causal-offset-37-of-100", 2, 2, 37, 100, 16, True, False, False),
+    ("causal-offset-padding-1-of-63", 2, 3, 1, 63, 16, True, True, False),
+    ("bias-63", 2, 2, 63, 63, 16, False, False, True),
+    ("bias-causal-padding-offset-45-of-77", 2, 2, 45, 77, 16, True, True, True),
+    ("value-width-differs", 1, 2, 33, 65, 16, False, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "batch, heads, n, m, dim, causal, padded, biased", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_sdpa_matches_naive(batch, heads, n, m, dim, causal, padded, biased):
+    q, k, v = make_inputs(batch, heads, n, m, dim, seed=n + m, value_dim=dim + 8 * (n == 33))
+    mask = key_padding(batch, m, seed=m) if padded else None
+    inputs = [q, k, v]
+    if biased:
+        gen = torch.Generator().manual_seed(7)
+        inputs.append(torch.randn(1, heads, n, m, generator=gen))  # a learned relative bias
+
+    def run(fn):
+        def call(q, k, v, bias=None):
+            return fn(q, k, v, mask=mask, causal=causal, bias=bias)
+
+        return call
+
+    assert_same_forward_backward(run(dense_attention_sdpa), run(dense_attention_naive), inputs, rtol=1e-4)
+
+
+def test_causal_offset_aligns_queries_with_last_keys():
+    expected = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(causal_mask(2, 4), expected)
+    # More queries than keys: the first queries have no key at all.
+    assert not causal_mask(3, 2)[0].any()
+
+
+def test_causal_offset_equals_slice_of_full_causal():
+    q, k, v = make_inputs(1, 2, 40, 40, 16, seed=3)
+    full = dense_attention(q, k, v, causal=True)
+    tail = dense_attention(q[:, :, -9:], k, v, causal=True)
+    assert_close(tail, full[:, :, -9:])
+
+
+def test_merge_masks_rules():
+    assert merge_masks(None, False, 3, 5, torch.device("cpu")) is None
+    padding = torch.tensor([True, False, True, True, True])
+    merged = merge_masks(padding, True, 3, 5, torch.device("cpu"))
+    assert torch.equal(merged, causal_mask(3, 5) & padding)
+    with pytest.raises(TypeError, match="mask"):
+        merge_masks(padding.float(), False, 3, 5, torch.device("cpu"))
+
+
+def fully_masked_setup(dtype):
+    """Padding masks with one batch row entirely masked and, in the other, query rows whose
+    keys are all masked; returns inputs, mask [B, 1, N, M] and the empty rows [B, 1, N, 1]."""
+    q, k, v = make_inputs(2, 2, 31, 47, 16, seed=11, dtype=dtype)
+    mask = key_padding(2, 47, seed=5).expand(2, 1, 31, 47).clone()
+    mask[0] = False
+    mask[1, :, 4:9] = False
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return (q, k, v), mask, empty
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKENDS = ["sdpa", "naive"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_fully_masked_rows_give_zeros_and_finite_gradients(dtype, backend, with_bias):
+    (q, k, v), mask, empty = fully_masked_setup(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias = torch.randn(1, 2, 31, 47).to(dtype) if with_bias else None
+    out = dense_attention(*leaves, mask=mask, bias=bias, backend=backend)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out.masked_select(empty) == 0).all()
+    assert out.masked_select(~empty).abs().sum() > 0
+    out.float().square().sum().backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert (leaves[0].grad.masked_select(empty) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=lambda d: str(d).removeprefix("torch."))
+def test_low_precision_sdpa_matches_naive_with_empty_rows(dtype):
+    (q, k, v), mask, _ = fully_masked_setup(dtype)
+    assert_same_forward_backward(
+        lambda q, k, v: dense_attention_sdpa(q, k, v, mask=mask),
+        lambda q, k, v: dense_attention_naive(q, k, v, mask=mask),
+        [q, k, v],
+        rtol=LOW_PRECISION[dtype],
+    )
+
+
+def test_causal_with_more_queries_than_keys_zeroes_the_first_rows():
+    q, k, v = make_inputs(1, 1, 6, 4, 8, seed=2)
+    for backend in BACKENDS:
+        out = dense_attention(q, k, v, causal=True, backend=backend)
+        assert (out[:, :, :2] == 0).all()
+        assert torch.isfinite(out).all()
+
+
+def test_dropout_zero_is_deterministic_and_dropout_changes_output():
+    q, k, v = make_inputs(1, 2, 20, 20, 8, seed=4)
+    mask = key_padding(1, 20, seed=1)
+    base = dense_attention(q, k, v, mask=mask)
+    assert_close(dense_attention(q, k, v, mask=mask, dropout=0.0), base)
+    torch.manual_seed(0)
+    dropped = dense_attention(q, k, v, mask=mask, dropout=0.5)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, base)
+
+
+def test_bad_arguments_are_named():
+    q, k, v = make_inputs(1, 1, 4, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="backend"):
+        dense_attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="dropout"):
+        dense_attention(q, k, v, dropout=0.1, backend="naive")
+    with pytest.raises(TypeError, match="mask"):
+        dense_attention(q, k, v, mask=torch.ones(4, 4))
