@@ -1,0 +1,296 @@
+"""block_recurrent: strictly causal; one call equals any split into segments with the state
+passed along; the recurrent state changes across blocks and carries information beyond the
+XL memory's reach; padding is ignored; incremental decoding equals recompute; the
+reference-named classes equal block-recurrent-transformer-pytorch after weight conversion."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from longrange.convert import load_reference
+from longrange.models.block_recurrent import (
+    BlockRecurrentLM,
+    BlockRecurrentTransformer,
+    RecurrentTrainerWrapper,
+)
+from longrange.models.registry import create_model
+from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+
+V = 40
+BASE = dict(
+    vocab_size=V, dim=32, depth=2, heads=2, dim_head=8, block_width=8, num_state_vectors=4, max_seq_len=32
+)
+VARIANTS = {
+    "default": {},
+    "compressed-mem": dict(use_compressed_mem=True, compressed_mem_factor=2),
+    "lstm-gate": dict(gate_type="lstm"),
+    "read-below-write": dict(depth=3, recurrent_layers=(2, 3), read_recurrent_layers=(1, 3)),
+    "all-layers-qknorm": dict(all_layers_qk_rmsnorm=True, depth=3, recurrent_layers=(3,)),
+}
+
+
+def model_for(variant: str, **extra) -> BlockRecurrentLM:
+    torch.manual_seed(0)
+    return create_model("block_recurrent", **{**BASE, **VARIANTS[variant], **extra}).eval()
+
+
+def tokens(batch, n, seed=0):
+    return torch.randint(0, V, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run_in_segments(model, x, cuts, mask=None):
+    state, outs, start = None, [], 0
+    for stop in [*cuts, x.shape[1]]:
+        piece_mask = None if mask is None else mask[:, start:stop]
+        out = model.forward_lm(x[:, start:stop], mask=piece_mask, state=state)
+        outs.append(out.logits)
+        state, start = out.state, stop
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causal(variant):
+    model = model_for(variant)
+    assert_causal(lambda t: model.forward_lm(t).logits, tokens(2, 29), V, positions=[0, 6, 7, 12, 20, 27])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_segments_equal_one_call(variant):
+    model = model_for(variant)
+    x = tokens(2, 45, seed=1)
+    whole = model.forward_lm(x)
+    with torch.no_grad():
+        pieces, state = run_in_segments(model, x, cuts=[5, 8, 19, 20, 37])
+    assert_close(pieces, whole.logits, rtol=1e-5)
+    for a, b in zip(state.memory.kv, whole.state.memory.kv):
+        assert_close(a, b, rtol=1e-5)
+    for a, b in zip(state.states, whole.state.states):
+        assert_close(a, b, rtol=1e-5)
+    assert len(state.pending) == 45 % 8
+
+
+def test_recurrent_state_changes_and_reaches_past_the_memory():
+    # One layer: the XL memory reaches back one block, so block 0 can influence block 2
+    # only through the recurrent state.
+    torch.manual_seed(0)
+    model = create_model("block_recurrent", **{**BASE, "depth": 1, "recurrent_layers": (1,)}).eval()
+    x = tokens(1, 24, seed=2)
+    changed = x.clone()
+    changed[:, :8] = (x[:, :8] + 1) % V
+    with torch.no_grad():
+        base, _ = run_in_segments(model, x, cuts=[8, 16])
+        other = model.forward_lm(changed).logits
+        after_one = model.forward_lm(x[:, :8]).state.states[0]
+        after_two = model.forward_lm(x[:, :16]).state.states[0]
+    assert (after_one - after_two).abs().max() > 1e-3
+    assert (other[:, 16:] - base[:, 16:]).abs().max() > 1e-4
+    # Control: with the state read switched off, block 2 no longer sees block 0.
+    with torch.no_grad():
+        model.layers[0].to_out.weight[:, 16:] = 0
+        base = model.forward_lm(x).logits
+        other = model.forward_lm(changed).logits
+    assert (other[:, 16:] - base[:, 16:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["default", "compressed-mem", "read-below-write"])
+def test_padding_is_ignored_across_blocks_and_segments(variant):
+    model = model_for(variant)
+    x = tokens(3, 37, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(3, 37, generator=gen) < 0.7
+    mask[1, :11] = False  # left padding, longer than a block
+    mask[2, 20:] = False  # right padding
+
+    assert_padding_ignored(lambda t, m: model.forward_lm(t, mask=m).logits, x, mask, V)
+    assert_padding_ignored(lambda t, m: run_in_segments(model, t, [9, 24], m)[0], x, mask, V)
+
+
+def test_incremental_generation_equals_recompute():
+    model = model_for("compressed-mem")
+    prompt = tokens(2, 11, seed=5)
+    new = model.generate(prompt, 30, temperature=0)
+    seq = prompt
+    for _ in range(30):
+        logits = model.forward_lm(seq).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(new, seq[:, 11:])
+    # Step logits equal the full forward's, token for token.
+    with torch.no_grad():
+        logits, state = model.prefill(seq[:, :3])
+        steps = [logits]
+        for t in range(3, seq.shape[1]):
+            step_logits, state = model.step(seq[:, t], state)
+            steps.append(step_logits[:, None])
+    assert_close(torch.cat(steps, dim=1), model.forward_lm(seq).logits, rtol=1e-5)
+    assert model.context_limit() is None
+
+
+def test_state_protocol_reset_detach_and_carry_switch():
+    model = model_for("default")
+    x = tokens(2, 16, seed=6)
+    state = model.forward_lm(x).state
+    state = model.reset_state_rows(state, torch.tensor([True, False]))
+    y = tokens(2, 16, seed=7)
+    carried = model.forward_lm(y, state=state).logits
+    fresh = model.forward_lm(y[:1]).logits
+    assert_close(carried[:1], fresh, rtol=1e-5)  # a reset row starts over
+    assert (carried[1] - model.forward_lm(y[1:]).logits[0]).abs().max() > 1e-4  # the other carries
+
+    model.train()
+    out = model.forward_lm(x, state=model.init_state(2))
+    detached = model.detach_state(out.state)
+    assert all(not t.requires_grad for t in detached.memory.kv + detached.states)
+
+    for carry in ("none", "xl_memory"):
+        switched = model_for("default", segment_carry=carry)
+        logits = switched.forward_lm(y, state=state).logits
+        if carry == "none":
+            assert_close(logits, switched.forward_lm(y).logits, rtol=1e-6)
+        else:
+            assert (logits - carried).abs().max() > 1e-5
+
+
+def test_reference_named_class_matches_reference():
+    ref_pkg = pytest.importorskip("block_recurrent_transformer_pytorch")
+    torch.manual_seed(0)
+    span = dict(depth=3, recurrent_layers=(2, 3), read_recurrent_layers=(1, 3))
+    for extra in ({}, dict(use_compressed_mem=True), span):
+        args = dict(num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4)
+        args.update(max_seq_len=24, **extra)
+        ref = ref_pkg.BlockRecurrentTransformer(**args)
+        ours = load_reference(BlockRecurrentTransformer(**args), ref.state_dict())
+        mems_a = mems_b = states_a = states_b = []
+        for seg in range(3):
+            x = tokens(2, 25, seed=seg)
+            loss_a, mems_a, states_a = ref(x, return_loss=True, xl_memories=mems_a, states=states_a)
+            loss_b, mems_b, states_b = ours(x, return_loss=True, xl_memories=mems_b, states=states_b)
+            assert_close(loss_b, loss_a, rtol=1e-5, name=f"loss {extra} segment {seg}")
+            for a, b in zip(mems_a + states_a, mems_b + states_b):
+                assert_close(b, a, rtol=1e-4)
+        logits_a = ref(tokens(2, 24, seed=9), xl_memories=mems_a, states=states_a)[0]
+        logits_b = ours(tokens(2, 24, seed=9), xl_memories=mems_b, states=states_b)[0]
+        assert_close(logits_b, logits_a, rtol=1e-4)
+    # A partial final block: like the reference, it updates the states; unlike it, the memory too.
+    x = tokens(2, 13, seed=10)
+    _, ref_mems, ref_states = ref(x, return_memories_and_states=True)
+    _, our_mems, our_states = ours(x, return_memories_and_states=True)
+    for a, b in zip(ref_states, our_states):
+        assert_close(b, a, rtol=1e-4)
+    native = BlockRecurrentLM.forward_lm(ours, x)
+    assert_close(our_mems[0], ours.flush(native.state).memory.kv[0])
+    assert our_mems[0].shape[-2] == 8 and ref_mems[0].shape[-2] == 8
+
+
+def test_reference_named_segments_equal_one_call_and_generate():
+    torch.manual_seed(0)
+    args = dict(num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4)
+    short = BlockRecurrentTransformer(max_seq_len=16, **args).eval()
+    long = BlockRecurrentTransformer(max_seq_len=48, **args).eval()
+    long.load_state_dict(short.state_dict())
+    x = tokens(2, 49, seed=11)
+    wrapper = RecurrentTrainerWrapper(short)
+    loss, mems, states = wrapper(x, return_memories_and_states=True)
+    whole, mems_w, states_w = long(x, return_loss=True, return_memories_and_states=True)
+    assert_close(loss, whole, rtol=1e-5)
+    for a, b in zip(mems + states, mems_w + states_w):
+        assert_close(a, b, rtol=1e-5)
+
+    prime = x[:, :5]
+    out = wrapper.generate(prime, 40, temperature=0)
+    assert out.shape == (2, 35)
+    seq = torch.cat([prime, out], dim=1)
+    assert torch.equal(long(seq[:, :-1])[0].argmax(-1)[:, 4:], out)
+    new, mems_g, states_g = short.generate(prime, 17, temperature=0, return_memories_and_states=True)
+    assert torch.equal(new, out[:, :12])
+    _, mems_f, states_f = short(seq[:, :16], return_memories_and_states=True)
+    for a, b in zip(mems_g + states_g, mems_f + states_f):
+        assert_close(a, b, rtol=1e-5)
+
+
+def test_trainer_wrapper_dropout_and_mask():
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(
+        num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4, max_seq_len=8
+    )
+    x = tokens(2, 25, seed=12)
+    dropped = RecurrentTrainerWrapper(model, xl_memories_dropout=1.0, state_dropout=1.0).train()
+    random.seed(0)
+    fresh = sum(model(x[:, i * 8 : i * 8 + 9], return_loss=True)[0] for i in range(3)) / 3
+    assert_close(dropped(x), fresh, rtol=1e-6)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, 3:5] = False
+    keep = RecurrentTrainerWrapper(model)
+    changed = torch.where(mask, x, (x + 7) % V)
+    assert_close(keep(changed, mask=mask), keep(x, mask=mask), rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 8 plus 1"):
+        keep(x[:, :20])
+
+
+def test_save_load_and_half_precision(tmp_path):
+    model = model_for("compressed-mem")
+    model.save_pretrained(tmp_path / "run")
+    loaded = BlockRecurrentLM.from_pretrained(tmp_path / "run").eval()
+    x = tokens(2, 29, seed=13)
+    assert_close(loaded.forward_lm(x).logits, model.forward_lm(x).logits, rtol=1e-6)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, :10] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_lm(x, mask=mask).logits
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(recurrent_layers=(3,)), "recurrent_layers must range"),
+        (dict(recurrent_layers=(1, 1)), "unique"),
+        (dict(recurrent_layers=(1,), read_recurrent_layers=(2,)), "read layer must be <="),
+        (dict(recurrent_layers=(1,), read_recurrent_layers=(1, 2)), "one entry per recurrent layer"),
+        (dict(max_seq_len=30), "divisible by block_width"),
+        (dict(gate_type="gru"), "gate_type"),
+        (dict(segment_carry="some"), "segment_carry"),
+        (dict(dim_head=7), "dim_head"),
+    ],
+    ids=["layer-range", "duplicate", "read-above-write", "read-count", "seq-len", "gate", "carry", "odd"],
+)
+def test_bad_config(change, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("block_recurrent", **{**BASE, **change})
+
+
+def test_bad_calls():
+    model = model_for("default")
+    state = model.forward_lm(tokens(2, 5)).state
+    with pytest.raises(ValueError, match="batch rows"):
+        model.forward_lm(tokens(3, 5), state=state)
+    with pytest.raises(TypeError, match="BlockRecurrentState"):
+        model.forward_lm(tokens(2, 5), state=[])
+    compat = BlockRecurrentTransformer(
+        **{
+            "num_tokens": V,
+            "dim": 32,
+            "depth": 2,
+            "dim_head": 8,
+            "heads": 2,
+            "block_width": 8,
+            "num_state_vectors": 4,
+            "max_seq_len": 16,
+        }
+    )
+    with pytest.raises(ValueError, match="unknown keyword"):
+        BlockRecurrentTransformer(num_tokens=V, dim=32, depth=2, flash=True)
+    with pytest.raises(TypeError, match="num_tokens"):
+        BlockRecurrentTransformer(dim=32, depth=2)
+    with pytest.raises(ValueError, match="one memory per layer"):
+        compat(tokens(2, 8), xl_memories=[torch.zeros(2, 2, 8, 8)])
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        compat(tokens(2, 17))
+    with pytest.raises(ValueError, match="filter_thres"):
+        compat.generate(tokens(2, 3), 6, filter_thres=1.0)
+    with pytest.raises(ValueError, match="qk_rmsnorm_scale"):
+        load_reference(model, compat.state_dict())
+    with pytest.raises(ValueError, match="fixed gate"):
+        load_reference(model_for("lstm-gate", qk_rmsnorm_scale=8**-0.5), {})
