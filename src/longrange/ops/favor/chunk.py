@@ -1,0 +1,235 @@
+"""Causal linear attention in chunks (DESIGN.md section 4), and its one-token decoding step.
+
+The sequence is cut into G chunks of C positions. Inside a chunk the kernel matrix is formed
+explicitly, (phi(Q) phi(K)^T o causal mask) [V, 1], a C x C product; across chunks each query
+reads the running sums S = sum over earlier chunks of phi(k)^T [v, 1] ([M, E + 1] per head, the
+last column being the normaliser z). Memory is O(N (M + E) + N C + (N / C) M E), never an
+(N, M, E) tensor; FLOPs O(N C (M + E) + N M E).
+
+Stabiliser (DESIGN.md section 3): key features arrive divided by exp(c_i), c the running maximum
+of the key log-features (``log_scale``, non-decreasing in i). A query at t weighs key i <= t by
+exp(c_i - c_t) <= 1, so every term it sees is relative to the stabiliser of its own prefix;
+the running sums are kept relative to the last chunk's stabiliser and rescaled by
+exp(c_old - c_new) <= 1 when it grows, as online softmax does. Nothing ever overflows, and the
+output at t is a function of positions <= t only, bit for bit.
+
+Dimensions: B batch, H heads, N positions, G chunks, C chunk size, M features, E value width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from longrange.ops.favor.linear import normalise, with_ones
+
+
+@dataclass
+class FavorState:
+    """Running sums of causal FAVOR+ after some prefix.
+
+    kv: [B, H, M, E + 1], sum over the prefix of exp(c_i - c) phi(k_i)^T [v_i, 1];
+    log_scale: [B, H], the stabiliser c those sums are relative to.
+    """
+
+    kv: Tensor
+    log_scale: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, features: int, value_dim: int, like: Tensor) -> FavorState:
+        from longrange.ops.favor.features import EMPTY_LOG_SCALE
+
+        kv = like.new_zeros(batch, heads, features, value_dim + 1, dtype=torch.float32)
+        return cls(kv, like.new_full((batch, heads), EMPTY_LOG_SCALE, dtype=torch.float32))
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor | None, state: FavorState | None) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"q, k must be [B, H, N, M] alike and v [B, H, N, E], got {list(q.shape)}, "
+            f"{list(k.shape)}, {list(v.shape)}"
+        )
+    if log_scale is not None and log_scale.shape != q.shape[:-1]:
+        raise ValueError(f"log_scale must be [B, H, N] = {list(q.shape[:-1])}, got {list(log_scale.shape)}")
+    if state is not None:
+        b, h, _, m = q.shape
+        if state.kv.shape != (b, h, m, v.shape[-1] + 1) or state.log_scale.shape != (b, h):
+            raise ValueError(
+                f"state must hold kv [{b}, {h}, {m}, {v.shape[-1] + 1}] and log_scale [{b}, {h}], got "
+                f"{list(state.kv.shape)} and {list(state.log_scale.shape)}"
+            )
+
+
+def _pairwise(rows: Tensor, cols: Tensor, keep: Tensor) -> Tensor:
+    """exp(rows[..., :, None] - cols[..., None, :]) where ``keep``, else 0 (never inf * 0)."""
+    return (rows[..., :, None] - cols[..., None, :]).masked_fill_(~keep, float("-inf")).exp_()
+
+
+def scan_sums(
+    x: Tensor, c_ref: Tensor, c_end: Tensor, initial: Tensor, block: int = 32
+) -> tuple[Tensor, Tensor]:
+    """The running sums before every chunk and after the last.
+
+    x: [B, H, G, M, F], chunk g's sums relative to c_end[g]; c_ref[g] = c_end[g - 1] (c_ref[0]
+    the stabiliser of ``initial`` [B, H, M, F]). Returns (S [B, H, G, M, F] with
+    S_g = sum_{j<g} exp(c_end_j - c_ref_g) x_j + exp(c_ref_0 - c_ref_g) initial, relative to
+    c_ref[g]; the final sums relative to c_end[-1]). Every factor is formed pairwise and is <= 1:
+    one batched product per block of ``block`` chunks, a loop over blocks carrying the boundary.
+    """
+    b, h, g, m, f = x.shape
+    flat = x.view(b, h, g, m * f)
+    out = torch.empty_like(flat)
+    carry = initial.reshape(b, h, m * f)
+    for start in range(0, g, block):
+        stop = min(start + block, g)
+        cr, ce = c_ref[..., start:stop], c_end[..., start:stop]
+        lower = torch.ones(stop - start, stop - start, dtype=torch.bool, device=x.device).tril(-1)
+        part = _pairwise(ce, cr, lower.T).transpose(-1, -2) @ flat[:, :, start:stop]
+        part.addcmul_((cr[..., :1] - cr).exp_()[..., None], carry[:, :, None])
+        out[:, :, start:stop] = part
+        # the sums after chunk stop - 1, relative to its c_end = c_ref of the next chunk
+        carry = torch.addcmul(
+            flat[:, :, stop - 1], part[:, :, -1], (cr[..., -1] - ce[..., -1]).exp()[..., None]
+        )
+    return out.view(x.shape), carry.view(initial.shape)
+
+
+def scan_sums_backward(
+    grads: Tensor, c_ref: Tensor, c_end: Tensor, d_final: Tensor, block: int = 32
+) -> tuple[Tensor, Tensor]:
+    """Adjoint of :func:`scan_sums`: from the gradients of S [B, H, G, M, F] and of the final
+    sums, the gradients of x (dX_g = sum_{j>g} exp(c_end_g - c_ref_j) grads_j + exp(c_end_g -
+    c_end_last) d_final) and of ``initial``."""
+    b, h, g, m, f = grads.shape
+    flat = grads.view(b, h, g, m * f)
+    out = torch.empty_like(flat)
+    carry, carry_c = d_final.reshape(b, h, m * f), c_end[..., -1]
+    for start in reversed(range(0, g, block)):
+        stop = min(start + block, g)
+        cr, ce = c_ref[..., start:stop], c_end[..., start:stop]
+        upper = torch.ones(stop - start, stop - start, dtype=torch.bool, device=grads.device).triu(1)
+        part = _pairwise(ce, cr, upper) @ flat[:, :, start:stop]
+        part.addcmul_((ce - carry_c[..., None]).exp_()[..., None], carry[:, :, None])
+        out[:, :, start:stop] = part
+        # the gradient of S at this block's first chunk
+        carry = torch.addcmul(flat[:, :, start], part[:, :, 0], (cr[..., 0] - ce[..., 0]).exp()[..., None])
+        carry_c = cr[..., 0]
+    return out.view(grads.shape), carry.view(d_final.shape)
+
+
+class _ChunkCausal(torch.autograd.Function):
+    """Chunked causal products with a hand-written backward that recomputes the C x C blocks,
+    so only the inputs and the per-chunk running sums [B, H, G, M, E + 1] are kept.
+
+    q, k: [B, H, G, C, M]; v1: [B, H, G, C, F] (F = E + 1); c: [B, H, G, C] non-decreasing;
+    kv0: [B, H, M, F] relative to c0 [B, H]. Returns (unnormalised out [B, H, G, C, F],
+    final sums [B, H, M, F] relative to c[..., -1, -1]).
+    """
+
+    @staticmethod
+    def _factors(c: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
+        size = c.shape[-1]
+        causal = torch.ones(size, size, dtype=torch.bool, device=c.device).tril()
+        within = _pairwise(c, c, causal.T).transpose(-1, -2)  # [B, H, G, C, C]: exp(c_i - c_t), i <= t
+        c_end = c[..., -1]  # [B, H, G]
+        c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)  # the stabiliser of S_g
+        to_end = (c - c_end[..., None]).exp_()[..., None]  # [B, H, G, C, 1], <= 1
+        from_ref = (c_ref[..., None] - c).exp_()[..., None]  # [B, H, G, C, 1], <= 1
+        return within, to_end, from_ref, c_ref, c_end
+
+    @staticmethod
+    def forward(ctx, q, k, v1, c, kv0, c0):
+        within, to_end, from_ref, c_ref, c_end = _ChunkCausal._factors(c, c0)
+        out = (q @ k.transpose(-1, -2)).mul_(within) @ v1
+        kv_chunks = k.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
+        befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
+        out.addcmul_(q @ befores, from_ref)
+        ctx.save_for_backward(q, k, v1, c, c0, befores)
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_final):
+        q, k, v1, c, c0, befores = ctx.saved_tensors
+        within, to_end, from_ref, c_ref, c_end = _ChunkCausal._factors(c, c0)
+        d_final = torch.zeros_like(befores[:, :, 0]) if d_final is None else d_final
+        d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
+        d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
+        dq = d_scores @ k
+        dq += d_read @ befores.transpose(-1, -2)
+        d_after, d_kv0 = scan_sums_backward(q.transpose(-1, -2) @ d_read, c_ref, c_end, d_final)
+        dk = d_scores.transpose(-1, -2) @ q
+        dk.addcmul_(v1 @ d_after.transpose(-1, -2), to_end)
+        del d_scores
+        scores = (q @ k.transpose(-1, -2)).mul_(within)
+        dv1 = scores.transpose(-1, -2) @ d_out
+        dv1.addcmul_(k @ d_after, to_end)
+        return dq, dk, dv1, None, d_kv0, None
+
+
+def chunk_causal_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_scale: Tensor | None = None,
+    chunk_size: int = 128,
+    state: FavorState | None = None,
+) -> tuple[Tensor, FavorState]:
+    """Causal linear attention; q, k: [B, H, N, M] features, v: [B, H, N, E].
+
+    log_scale: [B, H, N], the running stabiliser the key features were computed with (None:
+    features carry no stabiliser). state: the running sums of an earlier prefix to continue.
+    Returns (out [B, H, N, E], state after the last position). Computed in float32 (float64
+    for float64 inputs); the output has v's dtype.
+    """
+    _check(q, k, v, log_scale, state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    b, h, n, m = q.shape
+    q, k, v1 = q.to(dtype), k.to(dtype), with_ones(v.to(dtype))
+    e1 = v1.shape[-1]
+    c = log_scale.detach().to(dtype) if log_scale is not None else q.new_zeros(b, h, n)
+    if state is not None:
+        kv0, c0 = state.kv.to(dtype), state.log_scale.to(dtype)
+    else:
+        kv0, c0 = q.new_zeros(b, h, m, e1), c[..., 0]
+    size = min(chunk_size, n)
+    groups = -(-n // size)
+    pad = groups * size - n
+    if pad:
+        q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+        c = torch.cat((c, c[..., -1:].expand(b, h, pad)), dim=-1)
+    out, final = _ChunkCausal.apply(
+        q.reshape(b, h, groups, size, m),
+        k.reshape(b, h, groups, size, m),
+        v1.reshape(b, h, groups, size, e1),
+        c.reshape(b, h, groups, size),
+        kv0,
+        c0,
+    )
+    out = normalise(out.reshape(b, h, groups * size, e1)[:, :, :n])
+    final_scale = c[..., -1] if log_scale is not None or state is None else state.log_scale
+    return out.to(v.dtype), FavorState(final, final_scale)
+
+
+def causal_linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: FavorState, *, log_scale=None):
+    """One new position: q, k [B, H, 1, M] features, v [B, H, 1, E], log_scale [B, H, 1] (the
+    stabiliser k was computed with, >= the state's). Returns (out [B, H, 1, E], new state)."""
+    _check(q, k, v, log_scale, state)
+    if q.shape[-2] != 1:
+        raise ValueError(f"a step takes one position, got {q.shape[-2]}")
+    dtype = state.kv.dtype
+    kv = state.kv
+    if log_scale is None:
+        scale = state.log_scale
+    else:
+        scale = log_scale[..., 0].to(dtype)
+        kv = kv * torch.exp(state.log_scale - scale)[..., None, None]
+    kv = kv + k.to(dtype).transpose(-1, -2) @ with_ones(v.to(dtype))
+    out = normalise(q.to(dtype) @ kv)
+    return out.to(v.dtype), FavorState(kv, scale)

@@ -1,0 +1,269 @@
+"""ops/favor: chunked causal linear attention equals the explicit kernel matrix (forward and every
+gradient), the running stabiliser keeps outputs independent of later keys and finite in half
+precision, padding removes keys from the normaliser, decoding steps equal the chunked pass, and
+FAVOR+ approximates softmax attention better with more (and orthogonal) features."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longrange.ops.dense import dense_attention_naive
+from longrange.ops.favor import (
+    FavorState,
+    causal_linear_attention,
+    causal_linear_attention_step,
+    chunk_causal_linear_attention,
+    gaussian_orthogonal_random_matrix,
+    generalized_features,
+    linear_attention,
+    linear_attention_naive,
+    no_projection_features,
+    softmax_key_features,
+    softmax_query_features,
+)
+from longrange.ops.favor.chunk import scan_sums, scan_sums_backward
+from longrange.testing import assert_close, assert_same_forward_backward, relative_error
+
+
+def qkv(batch, heads, n, dim, *, seed, dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, heads, n, dim, generator=gen) * scale).to(dtype) for _ in range(3)]
+
+
+def projection(m, d, seed=0, **kw):
+    return gaussian_orthogonal_random_matrix(m, d, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def softmax_causal(chunk_size, proj, backend="chunk"):
+    def fn(q, k, v):
+        fq = softmax_query_features(q, proj)
+        fk, scale = softmax_key_features(k, proj, causal=True)
+        return causal_linear_attention(fq, fk, v, log_scale=scale, chunk_size=chunk_size, backend=backend)[0]
+
+    return fn
+
+
+# (id, n, chunk size): odd lengths, chunks that do not divide n, one chunk, chunk of one
+CHUNK_CASES = [
+    ("n63-c16", 63, 16),
+    ("n100-c7", 100, 7),
+    ("n37-c64", 37, 64),
+    ("n29-c1", 29, 1),
+    ("n128-c32", 128, 32),
+]
+
+
+@pytest.mark.parametrize("n,chunk", [c[1:] for c in CHUNK_CASES], ids=[c[0] for c in CHUNK_CASES])
+def test_chunked_causal_equals_naive_forward_and_gradients(n, chunk):
+    proj = projection(24, 16)
+    inputs = qkv(2, 2, n, 16, seed=n)
+    assert_same_forward_backward(softmax_causal(chunk, proj), softmax_causal(chunk, proj, "naive"), inputs)
+
+
+def test_chunked_causal_without_stabiliser_equals_naive():
+    inputs = [t.exp() for t in qkv(1, 3, 45, 8, seed=3)[:2]] + qkv(1, 3, 45, 8, seed=4)[:1]
+
+    def run(backend):
+        return lambda q, k, v: causal_linear_attention(q, k, v, chunk_size=10, backend=backend)[0]
+
+    assert_same_forward_backward(run("chunk"), run("naive"), inputs)
+
+
+def test_chunked_causal_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 1, 8, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    scale = torch.randn(1, 1, 8, generator=gen, dtype=torch.float64).cummax(-1).values
+
+    def fn(q, k, v):
+        return chunk_causal_linear_attention(q.exp(), k.exp(), v, log_scale=scale, chunk_size=3)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_scan_blocks_equal_sequential_recurrence_and_backward():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 9, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    init = torch.randn(2, 1, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    c_end = (torch.randn(2, 1, 9, generator=gen, dtype=torch.float64) * 3).cummax(-1).values
+    c0 = c_end[..., 0] - 1.0
+    c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
+    befores, final = scan_sums(x, c_ref, c_end, init, block=4)
+    running, expected = init, []
+    for g in range(9):
+        expected.append(running)
+        running = running * (c_ref[..., g] - c_end[..., g]).exp()[..., None, None] + x[:, :, g]
+    assert_close(befores, torch.stack(expected, dim=2), 1e-12)
+    assert_close(final, running, 1e-12)
+    d_before, d_final = torch.randn_like(befores), torch.randn_like(final)
+    want = torch.autograd.grad((befores, final), (x, init), (d_before, d_final))
+    got = scan_sums_backward(d_before, c_ref, c_end, d_final, block=2)
+    assert_close(got[0], want[0], 1e-12)
+    assert_close(got[1], want[1], 1e-12)
+
+
+def test_stabilised_features_equal_the_exact_kernel():
+    """exp(w q' - |q'|^2/2) exp(w k' - |k'|^2/2) computed without any stabiliser in float64."""
+    q, k, v = qkv(1, 2, 50, 16, seed=7)
+    proj = projection(32, 16)
+    out = softmax_causal(16, proj)(q, k, v)
+
+    def raw(x):
+        x = x.double() * 16**-0.25
+        return torch.exp(x @ proj.double().T - x.square().sum(-1, keepdim=True) / 2)
+
+    exact = linear_attention_naive(raw(q), raw(k), v.double(), causal=True)
+    assert_close(out, exact, 1e-5)
+
+
+@pytest.mark.parametrize("where", [5, 31], ids=["early", "late"])
+def test_outputs_never_depend_on_later_keys(where):
+    """A huge later key (one that would dominate a sequence-wide stabiliser) leaves every
+    earlier output bit for bit unchanged, while the reference-style global max does not."""
+    q, k, v = qkv(1, 2, 40, 16, seed=11)
+    proj = projection(32, 16)
+    fn = softmax_causal(8, proj)
+    base = fn(q, k, v)
+    k2 = k.clone()
+    k2[..., where, :] = proj[0] * 3.0  # aligned with a feature: a very large log-feature
+    moved = fn(q, k2, v)
+    assert torch.equal(base[..., :where, :], moved[..., :where, :])
+    assert not torch.allclose(base[..., where:, :], moved[..., where:, :])
+
+
+def test_half_precision_with_extreme_keys_stays_finite():
+    q, k, v = qkv(2, 2, 70, 16, seed=5, scale=6.0)
+    proj = projection(32, 16)
+    reference = softmax_causal(16, proj)(q.double(), k.double(), v.double())
+    for dtype in (torch.bfloat16, torch.float16):
+        out = softmax_causal(16, proj)(q.to(dtype), k.to(dtype), v.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert relative_error(out, reference) < 0.05
+
+
+def test_padding_removes_keys_from_numerator_and_normaliser():
+    q, k, v = qkv(2, 2, 30, 16, seed=9)
+    proj = projection(32, 16)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, 20:] = False
+    mask[1, ::3] = False
+    for causal in (False, True):
+        fq = softmax_query_features(q, proj)
+        fk, scale = softmax_key_features(k, proj, causal=causal, mask=mask)
+        if causal:
+            out = chunk_causal_linear_attention(fq, fk, v, log_scale=scale, chunk_size=8)[0]
+        else:
+            out = linear_attention(fq, fk, v)
+        for b in range(2):
+            kept = mask[b].nonzero()[:, 0]
+            fq_b = softmax_query_features(q[b : b + 1], proj)
+            fk_b, _ = softmax_key_features(k[b : b + 1, :, kept], proj, causal=False)
+            if causal:
+                # query t sees the kept keys at positions <= t
+                for t in (4, 17, 29):
+                    seen = kept[kept <= t]
+                    fk_t, _ = softmax_key_features(k[b : b + 1, :, seen], proj, causal=False)
+                    want = linear_attention(fq_b[:, :, t : t + 1], fk_t, v[b : b + 1, :, seen])
+                    assert_close(out[b : b + 1, :, t : t + 1], want, 1e-5)
+            else:
+                want = linear_attention(fq_b, fk_b, v[b : b + 1, :, kept])
+                assert_close(out[b : b + 1], want, 1e-5)
+
+
+def test_fully_masked_rows_give_zeros():
+    q, k, v = qkv(1, 1, 12, 8, seed=2)
+    proj = projection(16, 8)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 6:] = True
+    fq = softmax_query_features(q, proj)
+    fk, scale = softmax_key_features(k, proj, causal=True, mask=mask)
+    out = chunk_causal_linear_attention(fq, fk, v, log_scale=scale, chunk_size=4)[0]
+    assert torch.isfinite(out).all() and out[..., :6, :].abs().max() == 0
+    fk, _ = softmax_key_features(k, proj, causal=False, mask=torch.zeros(1, 12, dtype=torch.bool))
+    assert linear_attention(fq, fk, v).abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["softmax", "generalized", "no_projection"])
+def test_decoding_steps_equal_the_chunked_pass(kind):
+    q, k, v = qkv(2, 2, 23, 8, seed=13)
+    proj = projection(16, 8)
+
+    def features(q, k, running=None):
+        if kind == "softmax":
+            fk, scale = softmax_key_features(k, proj, causal=True, initial_log_scale=running)
+            return softmax_query_features(q, proj), fk, scale
+        if kind == "generalized":
+            make = dict(kernel_fn=torch.relu, eps=1e-3)
+            return generalized_features(q, proj, **make), generalized_features(k, proj, **make), None
+        return no_projection_features(q, k, causal=True, initial_log_scale=running)
+
+    fq, fk, scale = features(q, k)
+    full, _ = chunk_causal_linear_attention(fq, fk, v, log_scale=scale, chunk_size=5)
+    # a prefix in chunks, then one step per position
+    fq, fk, scale = features(q[:, :, :9], k[:, :, :9])
+    first, state = chunk_causal_linear_attention(fq, fk, v[:, :, :9], log_scale=scale, chunk_size=4)
+    outs = [first]
+    for t in range(9, 23):
+        fq, fk, scale = features(q[:, :, t : t + 1], k[:, :, t : t + 1], state.log_scale)
+        out, state = causal_linear_attention_step(fq, fk, v[:, :, t : t + 1], state, log_scale=scale)
+        outs.append(out)
+    assert_close(torch.cat(outs, dim=2), full, 1e-5)
+    empty = FavorState.empty(2, 2, fq.shape[-1], 8, q)
+    assert empty.kv.abs().max() == 0
+
+
+def test_orthogonal_rows_and_scalings():
+    w = projection(40, 16, scaling=1)
+    assert_close(w.norm(dim=1), torch.full((40,), 4.0), 1e-5)
+    block = w[:16] / 4.0
+    assert_close(block @ block.T, torch.eye(16), 1e-5)
+    chi = projection(40, 16, scaling=0)
+    assert not torch.allclose(chi.norm(dim=1), torch.full((40,), 4.0))
+    with pytest.raises(ValueError, match="scaling"):
+        gaussian_orthogonal_random_matrix(8, 4, scaling=2)
+
+
+def favor_error(nb_features, *, orthogonal, seeds=12, n=64, d=16):
+    """Mean relative error of non-causal FAVOR+ against exact softmax attention."""
+    errors = []
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        q, k, v = (torch.randn(1, 1, n, d, generator=gen, dtype=torch.float64) * 0.7 for _ in range(3))
+        exact = dense_attention_naive(q, k, v, scale=d**-0.5)
+        w = projection(nb_features, d, seed=seed, orthogonal=orthogonal).double()
+        fq = softmax_query_features(q, w)
+        fk, _ = softmax_key_features(k, w, causal=False)
+        errors.append(relative_error(linear_attention(fq, fk, v), exact))
+    return sum(errors) / len(errors)
+
+
+def test_favor_error_falls_with_features_and_orthogonal_beats_iid():
+    """The Performer paper's approximation experiment, reduced: 16 -> 64 -> 256 features."""
+    ortho = [favor_error(m, orthogonal=True) for m in (16, 64, 256)]
+    iid = [favor_error(m, orthogonal=False) for m in (16, 64, 256)]
+    assert ortho[0] > ortho[1] > ortho[2]
+    assert iid[0] > iid[1] > iid[2]
+    assert all(o < i for o, i in zip(ortho, iid))
+    # it keeps shrinking (towards 1 / sqrt(M) for many features)
+    assert ortho[2] < ortho[0] / 1.5
+
+
+def test_bad_inputs_raise_before_work():
+    q, k, v = qkv(1, 1, 8, 4, seed=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_causal_linear_attention(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="log_scale"):
+        chunk_causal_linear_attention(q, k, v, log_scale=torch.zeros(1, 1, 7))
+    with pytest.raises(ValueError, match="eps must be 0"):
+        softmax_key_features(k, projection(8, 4), causal=True, eps=1e-4)
+    with pytest.raises(ValueError, match="mask"):
+        softmax_key_features(k, projection(8, 4), causal=False, mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="backend"):
+        causal_linear_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="projection"):
+        softmax_query_features(q, projection(8, 6))
+    assert math.isfinite(favor_error(8, orthogonal=True, seeds=1, n=8, d=4))
