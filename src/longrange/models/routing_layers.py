@@ -92,7 +92,13 @@ class Kmeans(nn.Module):
         self._pending, self._pending_count = None, 0
 
     def forward(
-        self, x: Tensor, *, paired: bool = False, weights: Tensor | None = None, update_means: bool = False
+        self,
+        x: Tensor,
+        *,
+        paired: bool = False,
+        weights: Tensor | None = None,
+        update_means: bool = False,
+        normalized: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, H, N, D] (normalised inside) -> (similarities [B, H, N, C] without gradient,
         nearest centroid [B, H, N], commitment loss scaled by ``commitment``).
@@ -100,9 +106,10 @@ class Kmeans(nn.Module):
         ``paired``: x holds N / 2 queries then their N / 2 keys, and each (query, key) pair of a
         token shares one cluster, the nearest to both (k-means on the pairs). ``weights``
         [B, N] marks the points that count (padding excluded). ``update_means`` accumulates a
-        Lloyd step for the next :meth:`update`.
+        Lloyd step for the next :meth:`update`. ``normalized``: x is already L2-normalised.
         """
-        x = F.normalize(x, dim=-1)
+        if not normalized:
+            x = F.normalize(x, dim=-1)
         self.init(x, weights)
         with torch.no_grad():
             dists = similarities(x, self.means)
@@ -260,8 +267,13 @@ class KmeansAttention(nn.Module):
     def _route_pairs(self, q: Tensor, k: Tensor, mask: Tensor | None, paired: bool):
         """k-means over queries and keys; returns (dists, buckets, loss, keys to attend)."""
         if self.shared_qk:
-            dists, buckets, loss = self.kmeans(q, weights=mask, update_means=self._update())
-            return dists, buckets, loss, F.normalize(k, dim=-1)
+            keys = F.normalize(k, dim=-1)
+            # with shared query/key projections the queries are the keys before normalising
+            points = keys if k is q else F.normalize(q, dim=-1)
+            dists, buckets, loss = self.kmeans(
+                points, weights=mask, update_means=self._update(), normalized=True
+            )
+            return dists, buckets, loss, keys
         weights = None if mask is None else torch.cat((mask, mask), dim=-1)
         dists, buckets, loss = self.kmeans(
             torch.cat((q, k), dim=2), paired=paired, weights=weights, update_means=self._update()
@@ -483,15 +495,21 @@ class SelfAttention(nn.Module):
     def _split(self, t: Tensor) -> Tensor:
         return t.view(*t.shape[:2], -1, self.dim_head).transpose(1, 2)
 
-    def _rotate(self, t: Tensor, pos_emb: Tensor) -> Tensor:
-        if not pos_emb.is_floating_point():
-            return self.rotary.rotate(t, pos_emb)
-        # the reference's table: [1, N, D] holding sin(angles) then cos(angles)
-        sin, cos = pos_emb.to(t.dtype)[0].chunk(2, dim=-1)
-        sin, cos = sin.repeat_interleave(2, dim=-1), cos.repeat_interleave(2, dim=-1)
-        pairs = t.unflatten(-1, (-1, 2))
-        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return t * cos + turned * sin
+    def _phases(self, pos_emb: Tensor) -> Tensor:
+        """Unit complex numbers [N, D / 2] rotating each interleaved feature pair."""
+        if pos_emb.is_floating_point():
+            # the reference's table: [1, N, D] holding sin(angles) then cos(angles)
+            sin, cos = pos_emb[0].float().chunk(2, dim=-1)
+        else:
+            angles = pos_emb.float()[:, None] * self.rotary.inv_freq[None, :]
+            sin, cos = angles.sin(), angles.cos()
+        return torch.complex(cos, sin)
+
+    @staticmethod
+    def _rotate(t: Tensor, phases: Tensor) -> Tensor:
+        # (x1 + i x2) * (cos + i sin): the pair (x1, x2) turned by the angle, one complex product
+        turned = torch.view_as_complex(t.float().unflatten(-1, (-1, 2))) * phases
+        return torch.view_as_real(turned).flatten(-2).to(t.dtype)
 
     def forward(
         self,
@@ -521,7 +539,10 @@ class SelfAttention(nn.Module):
             else:
                 k = self._split(self.to_q(kv_input)) if self.receives_context else q
             if not self.receives_context and pos_emb is not None:
-                q, k, v = (self._rotate(t, pos_emb) for t in (q, k, v))
+                phases = self._phases(pos_emb)
+                rotated_q = self._rotate(q, phases)
+                k = rotated_q if k is q else self._rotate(k, phases)
+                q, v = rotated_q, self._rotate(v, phases)
             routed_cache = None
             if cache is not None:
                 cache.routed = cache.routed or RoutedCache()

@@ -85,6 +85,11 @@ def _check_clusters(name: str, clusters: Tensor, shape: tuple[int, ...], num_clu
         raise ValueError(f"{name} holds ids >= the {num_clusters} clusters of mem_k")
 
 
+def default_block_size(window_size: int) -> int:
+    """Queries per block: half the window (spans of 1.5 W keys rather than 2 W) down to 16."""
+    return max(min(16, window_size), window_size // 2)
+
+
 def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x [B, H, N, F] rows picked by index [B, H, M] -> [B, H, M, F]."""
     return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
@@ -100,16 +105,6 @@ def sort_by_cluster(clusters: Tensor, mask: Tensor | None = None) -> tuple[Tenso
     key = (clusters.long() + 1) * n + pos
     order = key.argsort(dim=-1)
     return order, clusters.gather(-1, order)
-
-
-def _spans(x: Tensor, look_back: int, block: int, value: float = 0.0) -> Tensor:
-    """x [B, H, P * Q, F] -> [B, H, P, (L + 1) * Q, F] (or [B, H, P * Q] -> [B, H, P, S]): each
-    block with the L blocks before it; ``value`` fills the places before the start."""
-    span = (look_back + 1) * block
-    if x.dim() == 3:
-        return F.pad(x, (look_back * block, 0), value=value).unfold(2, span, block)
-    padded = F.pad(x, (0, 0, look_back * block, 0), value=value)
-    return padded.unfold(2, span, block).transpose(-1, -2)  # [B, H, P, S, F]
 
 
 def causal_routed_attention(
@@ -132,7 +127,7 @@ def causal_routed_attention(
 
     q, k: [B, H, N, D], v: [B, H, N, E]; clusters [B, H, N] long in [0, C); mem_k [H, C, K, D],
     mem_v [H, C, K, E] (K may be 0); mask [B, N] (True = real token). ``block_size`` (default
-    W) trades span waste against batch size. Returns [B, H, N, E].
+    :func:`default_block_size`) trades span waste against batch size. Returns [B, H, N, E].
     """
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"window_size must be a positive int, got {window_size!r}")
@@ -145,57 +140,93 @@ def causal_routed_attention(
     _check_clusters("clusters", clusters, (b, h, n), None if mem_k is None else mem_k.shape[1])
     e = v.shape[-1]
     w = window_size
-    block = min(block_size or w, max(n, 1))
+    block = min(block_size or default_block_size(w), max(n, 1))
     blocks = -(-n // block)
     look_back = min(-(-(w - 1) // block), blocks - 1)
     extra = blocks * block - n
 
-    order, sorted_clusters = sort_by_cluster(clusters, mask)
-    qs, ks, vs = (_gather_tokens(t, order) for t in (q, k, v))
-    if extra:
-        qs, ks, vs = (F.pad(t, (0, 0, 0, extra)) for t in (qs, ks, vs))
-        sorted_clusters = F.pad(sorted_clusters, (0, extra), value=NO_CLUSTER)
-
-    span = (look_back + 1) * block
-    q_blocks = qs.view(b, h, blocks, block, -1)
-    k_spans, v_spans = _spans(ks, look_back, block), _spans(vs, look_back, block)
-    c_blocks = sorted_clusters.view(b, h, blocks, block)
-    c_spans = _spans(sorted_clusters, look_back, block, value=NO_CLUSTER)
-    rows = torch.arange(block, device=q.device)[:, None]
-    cols = torch.arange(span, device=q.device)[None, :]
-    distance = look_back * block + rows - cols
-    band = (distance >= 0) & (distance < w)  # [Q, S]
-    keep = band & (c_blocks[..., :, None] == c_spans[..., None, :])  # [B, H, P, Q, S]
-    is_self = distance == 0
-
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
     n_mem = 0 if mem_k is None else mem_k.shape[2]
-    if n_mem:
-        heads = torch.arange(h, device=q.device)[:, None]
-        slot_clusters = sorted_clusters.clamp(0, mem_k.shape[1] - 1)
-        mk = mem_k.to(q.dtype)[heads, slot_clusters].view(b, h, blocks, block * n_mem, -1)
-        mv = mem_v.to(v.dtype)[heads, slot_clusters].view(b, h, blocks, block * n_mem, e)
-        k_spans = torch.cat((k_spans, mk), dim=-2)
-        v_spans = torch.cat((v_spans, mv), dim=-2)
-        own = torch.arange(block * n_mem, device=q.device)[None, :] // n_mem == rows  # [Q, Q * K]
-        keep = torch.cat((keep, own.expand(b, h, blocks, block, block * n_mem)), dim=-1)
-        is_self = torch.cat((is_self, torch.zeros_like(own)), dim=-1)
+    span = (look_back + 1) * block
+    rows_total = b * h * n
+    device = q.device
 
-    if shared_qk:
-        others = (keep & ~is_self).any(dim=-1, keepdim=True)
-        keep = keep & ~(is_self & others)
-    any_key = keep.any(dim=-1, keepdim=True)
-    keep = keep | ~any_key  # SDPA gives NaN on a row with no key: open it, zero it below
+    # Every gather below reads rows of a table [B * H * N rows of q / k / v ; a zero row ;
+    # K unit rows for the memory keys], so the sorted order, the block spans and the
+    # memory columns each cost one row gather, and their gradients one index_add.
+    order, sorted_clusters = sort_by_cluster(clusters, mask)
+    sorted_rows = torch.arange(b * h, device=device).view(b, h, 1) * n + order
+    front = look_back * block
+    ext_rows = F.pad(sorted_rows, (front, extra), value=rows_total)  # [B, H, L * Q + T]
+    ext_clusters = F.pad(sorted_clusters.int(), (front, extra), value=NO_CLUSTER)
+    span_rows = ext_rows.unfold(2, span, block)  # [B, H, P, S]
+    c_spans = ext_clusters.unfold(2, span, block)
+    q_rows = ext_rows[..., front:]  # [B, H, T]
+    c_sorted = ext_clusters[..., front:]
+    if n_mem:
+        mem_cols = torch.arange(rows_total + 1, rows_total + 1 + n_mem, device=device)
+        span_rows = torch.cat((span_rows, mem_cols.expand(b, h, blocks, n_mem)), dim=-1)
+
+    def table(x: Tensor, width: int) -> Tensor:
+        unit = F.pad(torch.eye(n_mem, dtype=x.dtype, device=device), (width, 0))
+        return torch.cat(
+            (F.pad(x.reshape(rows_total, width), (0, n_mem)), x.new_zeros(1, width + n_mem), unit)
+        )
+
+    k_spans = table(k, d).index_select(0, span_rows.reshape(-1)).view(b, h * blocks, -1, d + n_mem)
+    v_spans = table(v, e).index_select(0, span_rows.reshape(-1)).view(b, h * blocks, -1, e + n_mem)
+    qs = torch.cat((q.reshape(rows_total, d), q.new_zeros(1, d))).index_select(0, q_rows.reshape(-1))
+    qs = qs.view(b, h, blocks * block, d)
+    if n_mem:
+        # Memory keys differ per query (its cluster's), so they ride on K extra feature
+        # columns: query i carries its K memory logits q_i . mem_k[c_i] there, and the K
+        # unit-vector key columns pick them out. K extra value channels return each memory
+        # key's attention weight, which then scales the query's own memory values.
+        n_clusters = mem_k.shape[1]
+        heads = torch.arange(h, device=device).view(1, h, 1, 1)
+        slot = c_sorted.long().clamp(0, n_clusters - 1)[..., None] + heads * n_clusters
+        slot = (slot * n_mem + torch.arange(n_mem, device=device)).view(-1)  # rows of [H * C * K, *]
+        mem_rows = mem_k.to(q.dtype).reshape(-1, d).index_select(0, slot).view(b, h, -1, n_mem, d)
+        qs = torch.cat((qs, (qs[..., None, :] * mem_rows).sum(-1)), dim=-1)  # [B, H, T, D + K]
+
+    rows = torch.arange(block, device=device)[:, None]
+    cols = torch.arange(span, device=device)[None, :]
+    distance = front + rows - cols
+    band = (distance >= 0) & (distance < w)  # [Q, S]
+    if shared_qk and n_mem:
+        band = band & (distance != 0)  # the memory key is always there: never alone
+    keep = band & (c_sorted.view(b, h, blocks, block, 1) == c_spans[..., None, :])  # [B, H, P, Q, S]
+    any_key = None
+    if n_mem:
+        keep = F.pad(keep, (0, n_mem), value=True)
+    else:
+        if shared_qk:
+            is_self = distance == 0
+            others = (keep & ~is_self).any(dim=-1, keepdim=True)
+            keep = keep & ~(is_self & others)
+        any_key = keep.any(dim=-1, keepdim=True)
+        keep = keep | ~any_key  # SDPA gives NaN on a row with no key: open it, zero it below
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=device).masked_fill_(~keep, float("-inf"))
 
     out = F.scaled_dot_product_attention(
-        q_blocks.flatten(1, 2),
-        k_spans.flatten(1, 2),
-        v_spans.flatten(1, 2),
-        attn_mask=keep.flatten(1, 2),
+        qs.view(b, h * blocks, block, -1),
+        k_spans,
+        v_spans,
+        attn_mask=bias.view(b, h * blocks, block, -1),
         dropout_p=dropout,
         scale=scale,
-    ).view(b, h, blocks, block, e)
-    out = out.masked_fill(~any_key, 0.0).view(b, h, blocks * block, e)[:, :, :n]
-    out = torch.zeros_like(out).scatter(2, order[..., None].expand(b, h, n, e), out)
+    ).view(b, h, blocks * block, -1)
+    if any_key is not None:
+        out = out.masked_fill(~any_key.view(b, h, blocks * block, 1), 0.0)
+    if n_mem:
+        main, weights = out.split((e, n_mem), dim=-1)
+        mem_rows = mem_v.to(v.dtype).reshape(-1, e).index_select(0, slot).view(b, h, -1, n_mem, e)
+        out = main + (weights[..., None] * mem_rows).sum(-2)
+    # back to time order: token i sits at sorted place inverse[i]
+    inverse = torch.empty_like(order).scatter_(2, order, torch.arange(n, device=device).expand(b, h, n))
+    back = (torch.arange(b * h, device=device).view(b, h, 1) * (blocks * block) + inverse).view(-1)
+    out = out.reshape(-1, e).index_select(0, back).view(b, h, n, e)
     if mask is not None:
         out = out.masked_fill(~mask[:, None, :, None], 0.0)
     return out
