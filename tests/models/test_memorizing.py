@@ -397,3 +397,18 @@ def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
     loaded = MemorizingLM.from_pretrained(tmp_path / "runs" / "m")
     assert loaded.config == trainer.model.config
     trainer.state.close()
+
+
+@pytest.mark.parametrize("n,m", [(7, 7), (5, 19), (1, 12)], ids=["square", "xl", "decode"])
+def test_toeplitz_relative_bias_equals_the_table_lookup(n, m):
+    from longrange.models.memorizing import relative_bias
+    from longrange.modules.positional import T5RelativePositionBias
+
+    table = T5RelativePositionBias(heads=3, causal=True, scale=2.0, num_buckets=8, max_distance=16)
+    grad = torch.randn(3, n, m)
+    assert_close(relative_bias(table, n, m), table(n, m), 1e-7)
+    (relative_bias(table, n, m) * grad).sum().backward()
+    fast = table.relative_attention_bias.weight.grad.clone()
+    table.zero_grad()
+    (table(n, m) * grad).sum().backward()
+    assert_close(fast, table.relative_attention_bias.weight.grad, 1e-6)

@@ -108,6 +108,8 @@ def run_chunk(
     Without a state there is no memory and nothing is kept. With one, the chunk is committed
     when ``commit`` is set or the chunk reaches ``max_seq_len`` tokens.
     """
+    from longrange.models.memorizing import causal_bias, relative_bias
+
     c = model.config
     batch, n = tokens.shape
     device = tokens.device
@@ -144,17 +146,18 @@ def run_chunk(
             key_valid = torch.cat([*parts_valid, new_valid], dim=1)
             key_valid = None if bool(key_valid.all()) else key_valid
         m = keys.shape[1]
-        if (attn.knn, m) not in biases:
-            biases[(attn.knn, m)] = (model.knn_rel_pos if attn.knn else model.rel_pos)(n, m).to(q.dtype)
+        if (attn.knn, m) not in biases:  # shared by the layers of a kind: built once per chunk
+            table = model.knn_rel_pos if attn.knn else model.rel_pos
+            biases[(attn.knn, m)] = causal_bias(relative_bias(table, n, m), n, m, device=device)
         bias = biases[(attn.knn, m)]
         if attn.knn:
             memory = next(knn_iter, None)
             retrieved = None
             if memory is not None and bool(memory.db_offsets.any()):
-                pairs, found = memory.search(q, attn.num_retrieved_memories)
+                mem_k, mem_v, found = memory.retrieve(q, attn.num_retrieved_memories)
                 if after_start is not None:
                     found = found & ~after_start[:, None, :, None]
-                retrieved = (pairs, found)
+                retrieved = (mem_k, mem_v, found)
             out = attn.attend(q, keys, values, key_valid, bias, retrieved)
         else:
             out = attn.attend(q, keys, values, key_valid, bias)

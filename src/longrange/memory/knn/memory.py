@@ -224,6 +224,13 @@ class KNNMemory:
         Missing neighbours (fewer than K alive entries) are zero pairs with mask False.
         ``nprobe`` sets the lists searched by an IVF index for this call.
         """
+        keys, values, mask = self.retrieve(queries, topk, nprobe=nprobe)
+        return torch.stack([keys, values], dim=-2), mask
+
+    def retrieve(
+        self, queries: Tensor, topk: int, *, nprobe: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Like :meth:`search`, with keys and values apart: ([B, ..., K, D], [B, ..., K, D], mask)."""
         self._check_open()
         rows = self.scoped_indices
         if queries.dim() < 2 or queries.shape[0] != len(rows) or queries.shape[-1] != self.dim:
@@ -233,7 +240,7 @@ class KNNMemory:
             )
         if not isinstance(topk, int) or topk < 0:
             raise ValueError(f"topk must be a non-negative integer, got {topk!r}")
-        lead = queries.shape[1:-1]
+        lead = (len(rows), *queries.shape[1:-1], topk)
         flat = queries.detach().reshape(len(rows), -1, self.dim).float()
         if self.backend == "exact":
             flat = flat.to(self.device)
@@ -245,10 +252,17 @@ class KNNMemory:
         slots = self.index.search(rows, flat, topk).to(self._kv.device)  # [B, Q, K]
         mask = slots >= 0
         row_ids = torch.as_tensor(rows, device=self._kv.device)[:, None, None]
-        pairs = self._kv[row_ids, slots.clamp_min(0)]  # [B, Q, K, 2, D]
-        pairs = pairs.masked_fill(~mask[..., None, None], 0.0)
-        pairs = pairs.reshape(len(rows), *lead, topk, 2, self.dim).to(queries.device)
-        return pairs, mask.reshape(len(rows), *lead, topk).to(queries.device)
+        flat_ids = (row_ids * self.max_memories + slots.clamp_min(0)).flatten()
+        table = self._kv.view(-1, 2, self.dim)
+        # A row gather (one memcpy per pair) into two half-size buffers, which the allocator
+        # reuses from call to call where one large buffer would be mapped afresh each time.
+        keys = table[:, 0].index_select(0, flat_ids).view(*lead, self.dim)
+        values = table[:, 1].index_select(0, flat_ids).view(*lead, self.dim)
+        mask = mask.view(lead)
+        if not bool(mask.all()):
+            keys.masked_fill_(~mask[..., None], 0.0)
+            values.masked_fill_(~mask[..., None], 0.0)
+        return keys.to(queries.device), values.to(queries.device), mask.to(queries.device)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
