@@ -229,6 +229,19 @@ def test_trainer_wrapper_dropout_and_mask():
         keep(x[:, :20])
 
 
+def test_memory_lean_functions_have_exact_gradients():
+    from longrange.memory.recurrent import _ScaledL2Norm
+    from longrange.models.block_recurrent import _GeGLU
+
+    h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    gain = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GeGLU.apply, (h,))
+    assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (h, gain))
+    a, b = h.chunk(2, dim=-1)
+    assert_close(_GeGLU.apply(h), torch.nn.functional.gelu(a) * b)
+    assert_close(_ScaledL2Norm.apply(h, gain), torch.nn.functional.normalize(h, dim=-1) * gain)
+
+
 def test_save_load_and_half_precision(tmp_path):
     model = model_for("compressed-mem")
     model.save_pretrained(tmp_path / "run")
@@ -239,7 +252,9 @@ def test_save_load_and_half_precision(tmp_path):
     mask[0, :10] = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_lm(x, mask=mask).logits
-    assert torch.isfinite(out).all()
+        plain = model.forward_lm(x).logits
+    assert torch.isfinite(out).all() and torch.isfinite(plain).all()
+    assert_close(plain.float(), model.forward_lm(x).logits, rtol=5e-2)
 
 
 @pytest.mark.parametrize(

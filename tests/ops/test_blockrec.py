@@ -30,6 +30,8 @@ CASES = [
     ("decode-step-1-of-63", 2, 4, 1, 63, 16, True, True),
     ("state-read-50-to-16", 2, 2, 50, 16, 16, False, False),
     ("state-write-16-to-33-padded", 3, 2, 16, 33, 16, False, True),
+    ("many-blocks-folded-causal-padded", 5, 3, 16, 32, 8, True, True),
+    ("many-blocks-folded-read", 6, 2, 16, 8, 8, False, False),
 ]
 
 
@@ -60,9 +62,10 @@ def test_shared_head_equals_repeated_heads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])
-def test_fully_masked_rows_are_zero(dtype, backend):
-    q, k, v = make_inputs(2, 2, 9, 9, 8, seed=3, dtype=dtype)
-    key_mask = torch.ones(2, 9, dtype=torch.bool)
+@pytest.mark.parametrize("batch", [2, 5], ids=["expanded", "folded"])
+def test_fully_masked_rows_are_zero(dtype, backend, batch):
+    q, k, v = make_inputs(batch, 2, 9, 9, 8, seed=3, dtype=dtype)
+    key_mask = torch.ones(batch, 9, dtype=torch.bool)
     key_mask[0, :4] = False  # causal rows 0..3 of batch 0 have no key
     out = shared_kv_attention(q, k, v, key_mask=key_mask, causal=True, backend=backend)
     assert torch.isfinite(out).all()

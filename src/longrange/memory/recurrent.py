@@ -29,11 +29,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longrange.modules.norms import LayerNorm
 from longrange.ops.blockrec import shared_kv_attention
+
+
+class _ScaledL2Norm(torch.autograd.Function):
+    """``F.normalize(x, dim=-1) * gain``, saving only x and its inverse norm for the backward
+    pass (autograd would also keep the normalised copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gain: Tensor) -> Tensor:
+        inv = x.norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        ctx.save_for_backward(x, inv, gain)
+        return x * inv * gain
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, inv, gain = ctx.saved_tensors
+        unit = x * inv
+        grad_unit = grad * gain
+        grad_x = inv * (grad_unit - unit * (grad_unit * unit).sum(dim=-1, keepdim=True))
+        grad_gain = (grad * unit).reshape(-1, gain.shape[-1]).sum(dim=0)
+        return grad_x, grad_gain
 
 
 class QKNorm(nn.Module):
@@ -46,7 +65,7 @@ class QKNorm(nn.Module):
         self.k_scale = nn.Parameter(torch.ones(dim_head))
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return F.normalize(q, dim=-1) * self.q_scale, F.normalize(k, dim=-1) * self.k_scale
+        return _ScaledL2Norm.apply(q, self.q_scale), _ScaledL2Norm.apply(k, self.k_scale)
 
 
 @dataclass

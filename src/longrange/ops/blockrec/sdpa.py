@@ -1,10 +1,14 @@
 """Shared-key/value attention on the fused ``scaled_dot_product_attention`` kernel.
 
-The one key/value head is expanded to every query head as a view (no copy here). Folding the
-heads into the query axis instead ([B, 1, H*N, D]) runs as fast forward but the CPU flash
-kernel's backward parallelises over batch x heads only, so with one block (B*H = 1) its
-backward is several times slower; enable_gqa is slower still. The causal band is cached per
-shape, so that the many calls of one forward share one mask tensor (saved once by autograd).
+Two layouts, chosen by batch size (the number of blocks run together):
+- many rows: the H query heads are folded into the query axis ([B, 1, H*N, D]) against the
+  single key/value head, so keys and values are never copied per head (nor saved per head
+  for the backward pass);
+- few rows: the key/value head is expanded to every query head. The CPU flash kernel's
+  backward parallelises over batch x heads only, so folding a single block (B*H = 1) would
+  leave cores idle and run several times slower. (``enable_gqa`` is slower than both.)
+The causal band is cached per shape, so that the many calls of one forward share one mask
+tensor (and autograd saves it once).
 
 Dimensions: B batch, H query heads, N queries, M keys, D head width.
 """
@@ -17,11 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+FOLD_MIN_BATCH = 4
+
 
 @functools.lru_cache(maxsize=16)
-def causal_band(n: int, m: int, device: torch.device) -> Tensor:
-    """[N, M] bool: query i (at key position M - N + i) sees keys j <= M - N + i."""
-    return torch.arange(m, device=device)[None, :] <= torch.arange(n, device=device)[:, None] + (m - n)
+def causal_band(n: int, m: int, repeats: int, device: torch.device) -> Tensor:
+    """[repeats * N, M] bool: row r*N + i (query i, at key position M - N + i) sees keys
+    j <= M - N + i."""
+    band = torch.arange(m, device=device)[None, :] <= torch.arange(n, device=device)[:, None] + (m - n)
+    return band.repeat(repeats, 1) if repeats > 1 else band
+
+
+@functools.lru_cache(maxsize=16)
+def causal_bias(n: int, m: int, repeats: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The band as an additive mask (0 / -inf). The kernel turns a boolean mask into such a
+    tensor on every call and saves it for the backward pass; a cached one is saved once."""
+    band = causal_band(n, m, repeats, device)
+    return torch.zeros(band.shape, device=device, dtype=dtype).masked_fill(~band, float("-inf"))
 
 
 def shared_kv_attention_sdpa(
@@ -35,12 +51,19 @@ def shared_kv_attention_sdpa(
 ) -> Tensor:
     """Same contract as :func:`shared_kv_attention_naive`: q [B, H, N, D], k/v [B, M, D],
     key_mask [B, M] -> [B, H, N, D]."""
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
     m = k.shape[-2]
-    kh, vh = k[:, None].expand(b, h, m, -1), v[:, None].expand(b, h, m, -1)
-    mask = causal_band(n, m, q.device) if causal and n > 1 else None
+    fold = b >= FOLD_MIN_BATCH
+    if fold:
+        q_in, k_in, v_in = q.reshape(b, 1, h * n, d), k[:, None], v[:, None]
+    else:
+        q_in, k_in, v_in = q, k[:, None].expand(b, h, m, d), v[:, None].expand(b, h, m, d)
+    causal = causal and n > 1
+    repeats = h if fold else 1
+    mask = causal_bias(n, m, repeats, q.device, q.dtype) if causal and key_mask is None else None
     empty_rows = None
     if key_mask is not None:
+        mask = causal_band(n, m, repeats, q.device) if causal else None
         keys = key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
         any_key = mask.any(dim=-1, keepdim=True)
@@ -48,10 +71,10 @@ def shared_kv_attention_sdpa(
             # A row with no key would come back NaN: open it for the kernel, zero it after.
             empty_rows = ~any_key
             mask = mask | empty_rows
-    out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask, scale=scale)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
-    return out
+    return out.view(b, h, n, d)
 
 
 def shared_kv_attention(
