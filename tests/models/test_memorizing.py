@@ -412,3 +412,18 @@ def test_toeplitz_relative_bias_equals_the_table_lookup(n, m):
     table.zero_grad()
     (table(n, m) * grad).sum().backward()
     assert_close(fast, table.relative_attention_bias.weight.grad, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_runs_without_nan(dtype):
+    model = _model(xl_max_memories=4).train()
+    state = model.init_state(2)
+    mask = torch.ones(2, CHUNK, dtype=torch.bool)
+    mask[1, :] = False  # a row whose keys are all masked
+    with torch.autocast("cpu", dtype=dtype):
+        for i in range(3):
+            out = model.forward_lm(_tokens(2, CHUNK, seed=30 + i), mask=mask if i == 1 else None, state=state)
+            assert torch.isfinite(out.logits).all()
+            out.logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    state.close()
