@@ -128,6 +128,35 @@ def test_incremental_generation_equals_recompute():
     assert model.context_limit() is None
 
 
+def test_decoding_step_runs_one_position():
+    model = model_for("default")
+    widths = []
+    model.layers[0].to_q.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+    model.generate(tokens(1, 5, seed=14), 20, temperature=0)
+    assert widths[0] == 5 and set(widths[1:]) == {1}
+
+
+def test_evaluation_with_carried_state_equals_whole_documents():
+    import numpy as np
+
+    from longrange.data.corpus import Document
+    from longrange.train.evaluate import evaluate_bpb
+
+    model = model_for("compressed-mem")
+    docs = [
+        Document(f"d{i}", np.asarray(tokens(1, n, seed=i)[0], dtype=np.uint8)) for i, n in enumerate((61, 40))
+    ]
+    nats, count = 0.0, 0
+    for doc in docs:
+        x = torch.from_numpy(doc.tokens.astype(np.int64))[None]
+        with torch.no_grad():
+            logits = model.forward_lm(x[:, :-1]).logits
+        nats += float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
+        count += x.shape[1] - 1
+    expected = nats / count / np.log(2)
+    assert abs(evaluate_bpb(model, docs, seq_len=12) - expected) < 1e-4
+
+
 def test_state_protocol_reset_detach_and_carry_switch():
     model = model_for("default")
     x = tokens(2, 16, seed=6)
