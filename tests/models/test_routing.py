@@ -154,6 +154,22 @@ def test_exactly_one_kmeans_update_per_backward_and_none_in_eval(monkeypatch):
     assert model.update_kmeans() == n_kmeans  # the pending step is applied on request
 
 
+def test_checkpointed_routed_attention_gives_the_same_gradients():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 50))
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = create_model("routing", preset="tiny", checkpoint_routed_attention=flag, attn_dropout=0.1)
+        model.cancel_kmeans_update()
+        torch.manual_seed(1)
+        out = model.forward_lm(x)
+        (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert_close(a, b, rtol=1e-5)
+
+
 def test_kmeans_means_move_toward_data_and_commitment_falls():
     gen = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=gen), dim=-1)

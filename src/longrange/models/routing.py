@@ -100,6 +100,9 @@ class RoutingConfig(ModelConfig):
     use_absolute_pos_emb: bool = False
     shift_tokens: bool = False
     return_embeddings: bool = False
+    # Recompute the causal routed attention in backward instead of keeping its blocked spans:
+    # about a fifth less activation memory for about a tenth more time.
+    checkpoint_routed_attention: bool = False
 
     def local_heads(self) -> tuple[int, ...]:
         """Local attention heads of every layer."""
@@ -303,6 +306,9 @@ class RoutingBody(nn.Module):
             routes.update(context=in_context, context_mask=in_context)
         stack = ReversibleSequence if c.reversible else SequentialSequence
         self.layers = stack(blocks, layer_dropout=c.layer_dropout, args_route=routes)
+        for module in self.modules():
+            if isinstance(module, KmeansAttention):
+                module.checkpoint = c.checkpoint_routed_attention
         has_local = any(n > 0 for n in c.local_heads())
         local_window = c.local_attn_window_size or c.window_size
         self.pad_multiple = local_window if has_local else 0

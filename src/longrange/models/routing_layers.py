@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.reversible import in_recomputation
@@ -239,6 +240,7 @@ class KmeansAttention(nn.Module):
         self.num_mem_kv = max(num_mem_kv, 1 if causal and not receives_context else 0)
         self.mem_key = nn.Parameter(torch.randn(num_heads, num_clusters, self.num_mem_kv, head_dim))
         self.mem_value = nn.Parameter(torch.randn(num_heads, num_clusters, self.num_mem_kv, head_dim))
+        self.checkpoint = False  # recompute the causal routed op in backward (less memory)
 
     def _update(self) -> bool:
         return self.training and not in_recomputation()
@@ -286,18 +288,23 @@ class KmeansAttention(nn.Module):
             return self._step(q, k, v, cache)
         _, buckets, loss, keys = self._route_pairs(q, k, mask, paired=True)
         clusters = buckets[:, :, :n]
-        out = causal_routed_attention(
-            q,
-            keys,
-            v,
-            clusters,
-            window_size=self.window_size,
-            mem_k=self.mem_key,
-            mem_v=self.mem_value,
-            mask=mask,
-            shared_qk=self.shared_qk,
-            dropout=self._dropout(),
+        options = dict(
+            window_size=self.window_size, mask=mask, shared_qk=self.shared_qk, dropout=self._dropout()
         )
+        args = (q, keys, v, clusters)
+        if self.checkpoint and torch.is_grad_enabled():
+            # keep only the inputs; the blocked spans are rebuilt in backward (exact: the RNG
+            # state for dropout is replayed)
+            out = checkpoint(
+                causal_routed_attention,
+                *args,
+                mem_k=self.mem_key,
+                mem_v=self.mem_value,
+                use_reentrant=False,
+                **options,
+            )
+        else:
+            out = causal_routed_attention(*args, mem_k=self.mem_key, mem_v=self.mem_value, **options)
         if cache is not None:
             cache.k_buf, cache.v_buf, cache.counts = ring_buffers(
                 keys, v, clusters, num_clusters=self.num_clusters, window_size=self.window_size
