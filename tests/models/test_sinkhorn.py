@@ -23,6 +23,7 @@ from longrange.models.sinkhorn import (
     SinkhornTransformerLM,
 )
 from longrange.ops.sinkhorn import dense_selection, sinkhorn_attention_naive
+from longrange.ops.sinkhorn.layout import split_heads
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored, relative_error
 
 V = 40
@@ -152,8 +153,8 @@ def test_values_are_reordered_with_the_keys():
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        q = ours._heads(ours.to_q(x))
-        k, v = (ours._heads(t) for t in ours.to_kv(x).chunk(2, dim=-1))
+        (q,) = split_heads(ours.to_q(x), 1, 2)
+        k, v = split_heads(ours.to_kv(x), 2, 2)
         choice = ours.sinkhorn_attention.sort_net(q, k, topk=2)
         reorder = dense_selection(
             choice.indices.flatten(2)[..., None], choice.weights.flatten(2)[..., None], 8

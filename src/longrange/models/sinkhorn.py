@@ -142,6 +142,23 @@ def sinkhorn_bench() -> SinkhornConfig:
     return SinkhornConfig(dim=256, depth=4, heads=4, bucket_size=128, max_seq_len=65536)
 
 
+def axial_rows(emb: AxialPositionalEmbedding, offset: int, n: int) -> Tensor:
+    """Positions offset .. offset + n of an axial embedding, [1, n, D], computed from the
+    per-axis rows instead of the whole [max_seq_len, D] table (which the benchmark size,
+    max_seq_len 65536, would build and differentiate on every call)."""
+    if offset + n > emb.max_seq_len:
+        raise ValueError(f"positions up to {offset + n} exceed the axial shape's {emb.max_seq_len}")
+    device = emb.weights[0].device
+    pos = torch.arange(offset, offset + n, device=device)
+    stride = emb.max_seq_len
+    parts = []
+    for size, weight in zip(emb.axial_shape, emb.weights):
+        stride //= size
+        parts.append(F.embedding((pos // stride) % size, weight.reshape(size, weight.shape[-1])))
+    out = torch.stack(parts).sum(dim=0) if emb.summed else torch.cat(parts, dim=-1)
+    return out[None]
+
+
 def _cached(make):
     made: list[nn.Module] = []
 
@@ -289,7 +306,7 @@ class SinkhornLM(LongRangeLM):
 
     def _embed(self, tokens: Tensor, offset: int = 0) -> Tensor:
         x = self.to_token_emb(tokens)
-        return self.emb_dropout(x + self.axial_pos_emb(x, offset=offset))
+        return self.emb_dropout(x + axial_rows(self.axial_pos_emb, offset, tokens.shape[1]).to(x.dtype))
 
     def _head(self, x: Tensor) -> Tensor:
         return self.to_logits(self.norm(x))

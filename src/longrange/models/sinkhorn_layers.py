@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.models.sinkhorn_sortnets import (
@@ -54,6 +53,7 @@ from longrange.ops.sinkhorn import (
     sinkhorn_attention_naive,
     unrotate_heads,
 )
+from longrange.ops.sinkhorn.layout import merge_heads, split_heads
 
 BACKENDS = ("auto", "naive")
 
@@ -276,11 +276,17 @@ class SinkhornCausalAttention(nn.Module):
         else:
             self.sort_net = CausalAttentionSortNet(heads, bucket_size, dim_heads, temperature)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_mask: Tensor | None = None, kv_mask=None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, q_mask: Tensor | None = None, kv_mask=None, *, rotated=False
+    ) -> Tensor:
+        """q, k, v [B, H, N, D]; masks [B, N]. ``rotated``: heads H // 2 .. of q, k, v are
+        already rotated left by S - 1 (:func:`~longrange.ops.sinkhorn.layout.split_heads`),
+        and the output is returned the same way."""
         b, h, n, _ = q.shape
         s, half = self.bucket_size, h // 2
         mask = kv_mask if kv_mask is not None else q_mask
-        q, k, v = (rotate_heads(t, half, s - 1) for t in (q, k, v))
+        if not rotated:
+            q, k, v = (rotate_heads(t, half, s - 1) for t in (q, k, v))
         if mask is not None:
             mask = rotate_heads(mask[:, None].expand(b, h, n), half, s - 1)
         idx, w = self.sort_net(q, k, self.n_top_buckets, mask=mask)
@@ -294,7 +300,7 @@ class SinkhornCausalAttention(nn.Module):
             out = causal_sinkhorn_attention(
                 q, k, v, null_k, null_v, indices=idx, weights=w, dropout=dropout, **common
             )
-        return unrotate_heads(out, half, s - 1)
+        return out if rotated else unrotate_heads(out, half, s - 1)
 
     # --- decoding -----------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int, like: Tensor) -> CausalCache:
@@ -464,9 +470,6 @@ class SinkhornSelfAttention(nn.Module):
             )  # fmt: skip
         self.dropout = nn.Dropout(dropout)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-
     def forward(
         self,
         x: Tensor,
@@ -500,24 +503,29 @@ class SinkhornSelfAttention(nn.Module):
                 f"key / value length {source.shape[1]} must be divisible by the key bucket size "
                 f"{self.kv_bucket_size}"
             )
+        lh, rotate_from, shift = self.n_local_attn_heads, self.heads, 0
         if self.context_only:
-            q = self._heads(self.to_q(x))
-            k, v = (self._heads(t) for t in self.to_kv(source).chunk(2, dim=-1))
+            (q,) = split_heads(self.to_q(x), 1, self.heads)
+            k, v = split_heads(self.to_kv(source), 2, self.heads)
         else:
-            # one projection for q, k and v
+            if self.causal:
+                # the second half of the Sinkhorn heads works on buckets shifted by S - 1
+                rotate_from, shift = lh + (self.heads - lh) // 2, self.bucket_size - 1
             weight = torch.cat([self.to_q.weight, self.to_kv.weight], dim=0)
-            q, k, v = (self._heads(t) for t in F.linear(x, weight).chunk(3, dim=-1))
-        lh = self.n_local_attn_heads
+            q, k, v = split_heads(F.linear(x, weight), 3, self.heads, rotate_from=rotate_from, shift=shift)
         outs = []
         if lh:
             outs.append(self.local_attention(q[:, :lh], k[:, :lh], v[:, :lh], input_mask=input_mask))
         if lh < self.heads:
             sq, sk, sv = (t[:, lh:] if lh else t for t in (q, k, v))
-            outs.append(self.sinkhorn_attention(sq, sk, sv, q_mask=input_mask, kv_mask=kv_mask))
+            extra = {"rotated": True} if self.causal else {}
+            outs.append(self.sinkhorn_attention(sq, sk, sv, q_mask=input_mask, kv_mask=kv_mask, **extra))
         if cache is not None:
+            if shift:
+                q, k, v = (unrotate_heads(t, rotate_from, shift) for t in (q, k, v))
             self._fill(cache, q, k, v, kv_mask, n if length is None else length)
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+        out = merge_heads(*outs, rotate_from=rotate_from, shift=shift)
+        return self.dropout(self.to_out(out))
 
     # --- decoding -----------------------------------------------------------------------
     def _fill(self, cache: LayerCache, q: Tensor, k: Tensor, v: Tensor, kv_mask, length: int) -> None:
@@ -552,12 +560,12 @@ class SinkhornSelfAttention(nn.Module):
     def step(self, x: Tensor, cache: LayerCache) -> Tensor:
         """x [B, 1, dim] at position ``cache.length`` -> [B, 1, dim]."""
         p, lh = cache.length, self.n_local_attn_heads
-        q = self._heads(self.to_q(x))
+        (q,) = split_heads(self.to_q(x), 1, self.heads)
         outs = []
         if self.context_only:
             outs.append(self.sinkhorn_attention.step_context(q, cache.context, p))
         else:
-            k, v = (self._heads(t) for t in self.to_kv(x).chunk(2, dim=-1))
+            k, v = split_heads(self.to_kv(x), 2, self.heads)
             if lh:
                 cache.local_k[:, :, p] = k[:, :lh, 0]
                 cache.local_v[:, :, p] = v[:, :lh, 0]
@@ -567,5 +575,4 @@ class SinkhornSelfAttention(nn.Module):
             if lh < self.heads:
                 outs.append(self.sinkhorn_attention.step(q[:, lh:], k[:, lh:], v[:, lh:], cache.causal, p))
         cache.length = p + 1
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+        return self.dropout(self.to_out(merge_heads(*outs)))

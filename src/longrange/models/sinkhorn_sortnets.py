@@ -31,10 +31,10 @@ from longrange.ops.sinkhorn import (
     attention_sort_scores,
     bucket_means,
     bucket_sums,
+    causal_bucket_summaries,
     causal_candidates_valid,
     causal_query_summaries,
     causal_sort_scores,
-    cumulative_mean,
     differentiable_topk,
     gumbel_sinkhorn,
     key_bucket_valid,
@@ -211,7 +211,8 @@ class CausalSimpleSortNet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         s = self.bucket_size
         u = k.shape[2] // s
-        first = torch.cat([cumulative_mean(k, mask), _masked(k, mask)], dim=-1)[:, :, ::s]
+        ck_first = causal_bucket_summaries(k, s, mask, with_bucket_sums=False)[0]
+        first = torch.cat([ck_first, _masked(k, mask)[:, :, ::s]], dim=-1)
         scores = self._scores(first, topk + u)
         valid = causal_candidates_valid(u, topk, device=k.device, has_real=key_bucket_valid(mask, s))
         return differentiable_topk(scores, topk, temperature=self.temperature, valid=valid)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from longrange.ops.dense import dense_attention
+from longrange.ops.sinkhorn.layout import gather_weighted
 from longrange.ops.sinkhorn.sort import head_mask
 
 
@@ -110,55 +111,68 @@ def sinkhorn_attention(
     """
     _check(q, k, v, bucket_size, kv_bucket_size)
     b, h, n, d = q.shape
+    e = v.shape[-1]
     u, v_count, t = n // bucket_size, k.shape[2] // kv_bucket_size, kv_bucket_size
     if include_own and u != v_count:
         raise ValueError(f"include_own needs as many query as key buckets, got {u} and {v_count}")
-    kb = k.reshape(b, h, v_count, t, d)
-    vb = v.reshape(b, h, v_count, t, v.shape[-1])
+    r = b * h
+    kb = k.reshape(r, v_count, t * d)
+    vb = v.reshape(r, v_count, t * e)
     keep = None
     if kv_mask is not None:
-        keep = _bucket_keep(kv_mask, h, t)
-        kb, vb = kb * keep[..., None].to(kb.dtype), vb * keep[..., None].to(vb.dtype)
+        keep = _bucket_keep(kv_mask, h, t).expand(b, h, v_count, t).reshape(r, v_count, t)
+        kb = (kb.reshape(r, v_count, t, d) * keep[..., None].to(kb.dtype)).reshape(r, v_count, t * d)
+        vb = (vb.reshape(r, v_count, t, e) * keep[..., None].to(vb.dtype)).reshape(r, v_count, t * e)
+    shared = not include_own and bool((row_index == row_index[:1]).all())
+    rows = row_index[:1] if shared else row_index  # [U', K]
     if indices is not None:
         if weights is None or reorder is not None:
             raise ValueError("give either indices with weights, or reorder")
-        src = indices[:, :, row_index]  # [B, H, U, K]
-        w = weights[:, :, row_index][..., None, None]
-        sorted_k, sorted_v = gather_buckets(kb, src) * w, gather_buckets(vb, src) * w
+        picks = indices.reshape(r, -1)[:, rows]  # [R, U', K]
+        w = weights.reshape(r, -1)[:, rows]
+        src_k, src_v, src_keep = kb, vb, keep
     elif reorder is not None:
-        rows = reorder.shape[2]
-        sorted_k = torch.matmul(reorder, kb.reshape(b, h, v_count, -1)).reshape(b, h, rows, t, d)
-        sorted_v = torch.matmul(reorder, vb.reshape(b, h, v_count, -1)).reshape(b, h, rows, t, -1)
-        sorted_k, sorted_v = sorted_k[:, :, row_index], sorted_v[:, :, row_index]
-        src = reorder.argmax(dim=-1)[:, :, row_index] if keep is not None else None
+        # soft reordering: one batched matmul over the buckets, then every row has weight 1
+        mix = reorder.reshape(r, -1, v_count).to(kb.dtype)
+        src_k, src_v = torch.matmul(mix, kb), torch.matmul(mix, vb)
+        picks = rows.expand(r, *rows.shape)
+        w = torch.ones(picks.shape, dtype=kb.dtype, device=kb.device)
+        src_keep = None
+        if keep is not None:
+            src_keep = keep.gather(1, mix.argmax(dim=-1)[..., None].expand(-1, -1, t))
     else:
         raise ValueError("give either indices with weights, or reorder")
-    kk = None
+    own_k, own_v = (kb, vb) if include_own else (None, None)
+    keys = gather_weighted(src_k, picks, w, own=own_k)
+    values = gather_weighted(src_v, picks, w, own=own_v)
+    mask = None
     if keep is not None:
-        kk = gather_buckets(keep.expand(b, h, v_count, t), src).flatten(-2)  # [B, H, U, K * T]
+        kk = gather_buckets(src_keep.reshape(b, h, -1, t), picks.reshape(b, h, *picks.shape[1:]))
+        kk = kk.reshape(r, picks.shape[1], -1)
+        if include_own:
+            kk = torch.cat([kk, keep], dim=-1)
+        mask = kk[:, :, None, :]
 
-    shared = not include_own and bool((row_index == row_index[:1]).all())
     if shared:
         # SortCut without own buckets: every query sees the same keys, one flat attention.
-        keys, values = sorted_k[:, :, 0].flatten(2, 3), sorted_v[:, :, 0].flatten(2, 3)
-        mask = None if kk is None else kk[:, :, 0, None, :]
-        return dense_attention(q, keys, values, mask=mask, scale=scale, dropout=dropout)
-
-    keys, values = sorted_k.flatten(3, 4), sorted_v.flatten(3, 4)
-    if include_own:
-        keys, values = torch.cat([keys, kb], dim=3), torch.cat([values, vb], dim=3)
-        if kk is not None:
-            kk = torch.cat([kk, keep], dim=-1)
-    mask = None if kk is None else kk.reshape(b * h, u, 1, -1)
+        out = dense_attention(
+            q.reshape(r, 1, n, d),
+            keys.reshape(r, 1, -1, d),
+            values.reshape(r, 1, -1, e),
+            mask=mask,
+            scale=scale,
+            dropout=dropout,
+        )
+        return out.reshape(b, h, n, e)
     out = dense_attention(
-        q.reshape(b * h, u, bucket_size, d),
-        keys.reshape(b * h, u, keys.shape[3], d),
-        values.reshape(b * h, u, values.shape[3], -1),
+        q.reshape(r, u, bucket_size, d),
+        keys.reshape(r, u, -1, d),
+        values.reshape(r, u, -1, e),
         mask=mask,
         scale=scale,
         dropout=dropout,
     )
-    return out.reshape(b, h, n, v.shape[-1])
+    return out.reshape(b, h, n, e)
 
 
 def causal_bucket_mask(
@@ -198,47 +212,59 @@ def causal_sinkhorn_attention(
     b, h, n, d = q.shape
     s, e = bucket_size, v.shape[-1]
     u, p = n // s, indices.shape[-1]
-    kb = k.reshape(b, h, u, s, d)
-    vb = v.reshape(b, h, u, s, e)
+    r = b * h
+    kb = k.reshape(r, u, s * d)
+    vb = v.reshape(r, u, s * e)
     keep = None
     if mask is not None:
-        keep = _bucket_keep(mask, h, s)
-        kb, vb = kb * keep[..., None].to(kb.dtype), vb * keep[..., None].to(vb.dtype)
-    # one null bucket in front serves every null column (they are identical)
-    ext_k = torch.cat([null_k[None, :, None, None, :].to(kb.dtype).expand(b, h, 1, s, d), kb], dim=2)
-    ext_v = torch.cat([null_v[None, :, None, None, :].to(vb.dtype).expand(b, h, 1, s, e), vb], dim=2)
-    slot = (indices - (p - 1)).clamp_min(0)  # [B, H, U, P] into [null, bucket 0, ...]
-    w = weights[..., None, None].to(kb.dtype)
-    keys = torch.cat([(gather_buckets(ext_k, slot) * w).flatten(3, 4), kb], dim=3)
-    values = torch.cat([(gather_buckets(ext_v, slot) * w).flatten(3, 4), vb], dim=3)
+        keep = _bucket_keep(mask, h, s).expand(b, h, u, s).reshape(r, u, s)
+        kb = (kb.reshape(r, u, s, d) * keep[..., None].to(kb.dtype)).reshape(r, u, s * d)
+        vb = (vb.reshape(r, u, s, e) * keep[..., None].to(vb.dtype)).reshape(r, u, s * e)
+    picks = torch.where(indices < p, -1, indices - p).reshape(r, u, p)  # -1: a null bucket
+    w = weights.reshape(r, u, p)
+    null_kb = null_k.to(kb.dtype)[None, :, None, :].expand(b, h, s, d).reshape(r, s * d)
+    null_vb = null_v.to(vb.dtype)[None, :, None, :].expand(b, h, s, e).reshape(r, s * e)
+    m = (p + 1) * s
+    keys = gather_weighted(kb, picks, w, null=null_kb, own=kb).reshape(r, u, m, d)
+    values = gather_weighted(vb, picks, w, null=null_vb, own=vb).reshape(r, u, m, e)
 
     allowed = causal_bucket_mask(s, p, device=q.device)
     full = allowed
+    kk = None
     if keep is not None:
-        ext_keep = torch.cat([keep.new_ones(b, h, 1, s), keep], dim=2)
-        kk = torch.cat([gather_buckets(ext_keep, slot).flatten(-2), keep], dim=-1)  # [B, H, U, M]
-        full = allowed & kk[:, :, :, None, :]
-    m = (p + 1) * s
-    out = dense_attention(
-        q.reshape(b * h, u, s, d),
-        keys.reshape(b * h, u, m, d),
-        values.reshape(b * h, u, m, e),
-        mask=full.reshape(b * h, u, s, m) if full.dim() > 2 else full,
-        scale=scale,
-        dropout=dropout,
-    ).reshape(b, h, u, s, e)
+        picked_keep = keep.gather(1, picks.clamp_min(0).reshape(r, u * p, 1).expand(-1, -1, s))
+        picked_keep = picked_keep.reshape(r, u, p, s) | (picks < 0)[..., None]
+        kk = torch.cat([picked_keep.reshape(r, u, p * s), keep], dim=-1)  # [R, U, M]
+        full = allowed & kk[:, :, None, :]
+    out = dense_attention(q.reshape(r, u, s, d), keys, values, mask=full, scale=scale, dropout=dropout)
     if wrap_from < h:
         wrapped = causal_bucket_mask(s, p, device=q.device, wrapped=True)
-        if keep is not None:
-            wrapped = wrapped & kk[:, wrap_from:, -1, None, :]
-        last = dense_attention(
-            q.reshape(b, h, u, s, d)[:, wrap_from:, -1],
-            keys[:, wrap_from:, -1],
-            values[:, wrap_from:, -1],
-            mask=wrapped,
-            scale=scale,
-            dropout=dropout,
-        )
-        fixed = torch.cat([out[:, wrap_from:, :-1], last[:, :, None]], dim=2)
-        out = torch.cat([out[:, :wrap_from], fixed], dim=1)
+        heads = slice(wrap_from, h)
+        last_q = q.reshape(b, h, u, s, d)[:, heads, -1]
+        last_k = keys.reshape(b, h, u, m, d)[:, heads, -1]
+        last_v = values.reshape(b, h, u, m, e)[:, heads, -1]
+        if kk is not None:
+            wrapped = wrapped & kk.reshape(b, h, u, 1, m)[:, heads, -1]
+        last = dense_attention(last_q, last_k, last_v, mask=wrapped, scale=scale, dropout=dropout)
+        out = _ReplaceLastBucket.apply(out.reshape(b, h, u, s, e), last, wrap_from)
     return out.reshape(b, h, n, e)
+
+
+class _ReplaceLastBucket(torch.autograd.Function):
+    """out [B, H, U, S, E] with the last bucket of heads ``start``.. replaced by ``last``
+    [B, H - start, S, E]; one copy each way."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, last: Tensor, start: int) -> Tensor:
+        ctx.start = start
+        res = out.clone()
+        res[:, start:, -1] = last
+        return res
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        grad_last = grad[:, ctx.start :, -1].clone()
+        grad_out = grad.clone()
+        grad_out[:, ctx.start :, -1] = 0
+        return grad_out, grad_last, None

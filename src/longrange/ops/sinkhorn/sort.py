@@ -88,9 +88,49 @@ def key_bucket_valid(mask: Tensor | None, bucket_size: int) -> Tensor | None:
     return m.reshape(m.shape[0], m.shape[1], -1, bucket_size).any(dim=-1)[:, :, None, :]
 
 
+def _exclusive_bucket_prefix(xb: Tensor) -> Tensor:
+    """[B, H, U, S, D] -> sum of everything in the buckets before each bucket [B, H, U, D]."""
+    sums = xb.sum(dim=3)
+    # exclusive by construction (not cumsum - own), so no bucket depends on its own values
+    return torch.cat([torch.zeros_like(sums[:, :, :1]), sums[:, :, :-1].cumsum(dim=2)], dim=2)
+
+
+def causal_bucket_summaries(
+    x: Tensor, bucket_size: int, mask: Tensor | None = None, *, with_bucket_sums: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Running means of x [B, H, N, D] summarised per bucket without an [N, D] running sum:
+    (the running mean at each bucket's first position [B, H, U, D], and the sum over each
+    bucket of the running means [B, H, U, D] or None).
+
+    The bucket sum of running means sum_t P_t / n_t (P_t the prefix sum, n_t the count of
+    real positions up to t) splits into (sum of the earlier buckets) * sum_t 1 / n_t plus
+    sum_r x_r * h_r, where h_r = sum over t >= r in the bucket of 1 / n_t: a weighted
+    reduction, O(N * D) reads and no [N, D] intermediate.
+    """
+    b, h, n, d = x.shape
+    s = bucket_size
+    u = n // s
+    m = head_mask(mask)
+    if m is None:
+        count = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).reshape(1, 1, u, s)
+        xb = x.reshape(b, h, u, s, d)
+    else:
+        mf = m.to(x.dtype)
+        count = mf.cumsum(dim=-1).clamp_min(1).reshape(m.shape[0], m.shape[1], u, s)
+        xb = (x * mf[..., None]).reshape(b, h, u, s, d)
+    before = _exclusive_bucket_prefix(xb)
+    first = (before + xb[:, :, :, 0]) / count[..., 0, None]
+    if not with_bucket_sums:
+        return first, None
+    inv = count.reciprocal()  # [1 or B, 1 or H, U, S]
+    tail = inv.flip(-1).cumsum(-1).flip(-1)  # h_r
+    sums = before * inv.sum(-1)[..., None] + torch.einsum("bhusd,bhus->bhud", xb, tail.expand(b, h, u, s))
+    return first, sums
+
+
 def causal_query_summaries(q: Tensor, bucket_size: int, mask: Tensor | None = None) -> Tensor:
     """The running mean of the queries at each bucket's first position: [B, H, U, D]."""
-    return cumulative_mean(q, mask)[:, :, ::bucket_size]
+    return causal_bucket_summaries(q, bucket_size, mask, with_bucket_sums=False)[0]
 
 
 def causal_candidates_valid(
@@ -117,7 +157,7 @@ def causal_sort_scores(
     d = q.shape[-1]
     n_buckets = q.shape[2] // bucket_size
     sq = causal_query_summaries(q, bucket_size, mask)
-    sk = bucket_sums(cumulative_mean(k, mask), bucket_size)[0]
+    sk = causal_bucket_summaries(k, bucket_size, mask)[1]
     real = torch.einsum("bhud,bhvd->bhuv", sq, sk) * d**-0.5
     scores = torch.cat([real.new_zeros(*real.shape[:-1], n_null), real], dim=-1)
     valid = causal_candidates_valid(
