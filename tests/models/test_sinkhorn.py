@@ -262,6 +262,9 @@ def test_reference_wrapper_and_autopadder_conventions():
     assert torch.isfinite(wrapper(x, return_loss=True, randomly_truncate_sequence=True))
     out = wrapper.generate(x[:, :5], 6)
     assert out.shape == (2, 6)
+    prompt_mask = torch.ones(2, 5, dtype=torch.bool)
+    prompt_mask[0, :2] = False  # a left-padded prompt, as the reference's generate takes it
+    assert wrapper.generate(x[:, :5], 4, input_mask=prompt_mask).shape == (2, 4)
 
     body = SinkhornTransformer(dim=32, depth=1, heads=2, bucket_size=8, n_sortcut=1, receives_context=True)
     padder = Autopadder(body)
@@ -351,4 +354,48 @@ def test_bad_inputs_are_refused():
     )
     assert fixed(tokens(1, 20)).shape == (1, 20, V)  # padded to the fixed length, masked
     with pytest.raises(ValueError, match="causal"):
-        lm(causal=False).prefill(tokens(1, 4))
+        lm(causal=False).prefill(tokens(1, 4), context=torch.randn(1, 4, 32))
+
+
+def test_non_causal_models_generate_by_recomputing():
+    model = lm(causal=False, n_sortcut=2)
+    out = AutoregressiveWrapper(model).generate(tokens(1, 6), 5)
+    assert out.shape == (1, 5)
+    assert model.generate(tokens(1, 6), 4, temperature=0).shape == (1, 4)
+
+
+KEYWORDS = [
+    (
+        "dropouts",
+        dict(ff_dropout=0.1, attn_dropout=0.1, emb_dropout=0.1, layer_dropout=0.3, attn_layer_dropout=0.1),
+    ),
+    ("context-bucket", dict(receives_context=True, context_bucket_size=8, context_n_sortcut=1, causal=False)),
+    ("embeddings", dict(emb_dim=24, return_embeddings=True, ff_chunks=3, ff_glu=True)),
+    ("axial-sinkhorn", dict(axial_shape=(4, 4, 4), causal=False, non_permutative=False, sinkhorn_iter=3)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in KEYWORDS], ids=[c[0] for c in KEYWORDS])
+def test_keywords_train(kw):
+    model = lm(**kw).train()
+    x = tokens(2, 29, seed=13)
+    extra = {"context": torch.randn(2, 13, 32)} if kw.get("receives_context") else {}
+    out = model.run(x, **extra)
+    width = 32 if kw.get("return_embeddings") else V
+    assert out.shape == (2, 29, width)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_runs_without_nan(dtype):
+    for kw in (dict(n_local_attn_heads=1), dict(causal=False, n_sortcut=2)):
+        model = lm(**kw).to(dtype)
+        x = tokens(2, 30, seed=14)
+        mask = torch.ones(2, 30, dtype=torch.bool)
+        mask[0, :9] = False
+        out = model.forward_lm(x, mask=mask).logits
+        out.float().square().mean().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -21,6 +21,7 @@ from longrange.ops.sinkhorn import (
     sinkhorn_attention_naive,
     unrotate_heads,
 )
+from longrange.ops.sinkhorn.layout import gather_weighted, merge_heads, split_heads
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -240,3 +241,39 @@ def test_bad_lengths_are_refused():
             q, k, v, bucket_size=5, kv_bucket_size=10, row_index=torch.zeros(2, 1, dtype=torch.long),
             include_own=True, indices=torch.zeros(1, 1, 1, dtype=torch.long), weights=torch.ones(1, 1, 1),
         )  # fmt: skip
+
+
+# --- layouts ---------------------------------------------------------------------------------
+def test_split_and_merge_heads_equal_rotation_with_gradients():
+    x = randn(2, 12, 3 * 4 * 5, seed=12)
+
+    def fast(x):
+        q, k, v = split_heads(x, 3, 4, rotate_from=2, shift=3)
+        return merge_heads(q * k, v[:, :1], v[:, 1:], rotate_from=2, shift=3)
+
+    def plain(x):
+        q, k, v = (rotate_heads(t.unflatten(-1, (4, 5)).transpose(1, 2), 2, 3) for t in x.chunk(3, dim=-1))
+        out = torch.cat([q * k, v[:, :1], v[:, 1:]], dim=1)
+        return unrotate_heads(out, 2, 3).transpose(1, 2).flatten(2)
+
+    assert_same_forward_backward(fast, plain, [x])
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["picks", "picks-own"])
+def test_gather_weighted_equals_indexing(own):
+    src, null = randn(3, 5, 8, seed=13), randn(3, 8, seed=14)
+    picks = torch.randint(-1, 5, (3, 4, 2), generator=torch.Generator().manual_seed(15))
+    w = randn(3, 4, 2, seed=16)
+    extra = [randn(3, 4, 6, seed=17)] if own else []
+
+    def fast(src, null, w, *extra):
+        return gather_weighted(src, picks, w, null=null, own=extra[0] if extra else None)
+
+    def plain(src, null, w, *extra):
+        picked = src[torch.arange(3)[:, None, None], picks.clamp_min(0)]
+        picked = torch.where((picks < 0)[..., None], null[:, None, None, :], picked) * w[..., None]
+        return torch.cat([picked.flatten(2), *extra], dim=-1)
+
+    assert_same_forward_backward(fast, plain, [src, null, w, *extra])
+    with pytest.raises(ValueError, match="null"):
+        gather_weighted(src, picks, w)

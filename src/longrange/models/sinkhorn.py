@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longrange.models.base import LMOutput, LongRangeLM
+from longrange.models.base import LMOutput, LongRangeLM, RecomputeState
 from longrange.models.config import ModelConfig
 from longrange.models.registry import register_family
 from longrange.models.sinkhorn_layers import LayerCache, SinkhornSelfAttention
@@ -375,7 +375,9 @@ class SinkhornLM(LongRangeLM):
         """Run a prompt [B, N] (and the decoder's ``context``); return logits [B, N, V] and
         the caches to continue with :meth:`step`."""
         if not self.config.causal:
-            raise ValueError("incremental decoding needs causal=True")
+            if context is not None:
+                raise ValueError("decoding with context needs causal=True")
+            return super().prefill(tokens, state)  # a non-causal model re-runs the window
         if state is not None:
             raise ValueError("SinkhornLM.prefill starts a new state; pass state=None")
         self.check_tokens(tokens)
@@ -394,6 +396,8 @@ class SinkhornLM(LongRangeLM):
 
     def step(self, token: Tensor, state: SinkhornState) -> tuple[Tensor, SinkhornState]:
         """One token per row [B] -> next-token logits [B, V]."""
+        if isinstance(state, RecomputeState):
+            return super().step(token, state)
         if state.length >= self.config.max_seq_len:
             raise ValueError(f"the decoding cache is full (max_seq_len={self.config.max_seq_len})")
         x = self._run_cached(self._embed(token[:, None], offset=state.length), state.caches)

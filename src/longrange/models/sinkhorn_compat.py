@@ -189,6 +189,9 @@ class AutoregressiveWrapper(_SharedWrapper):
     def generate(self, start_tokens, seq_len, eos_token=None, temperature=1.0, filter_logits_fn=top_k,
                  filter_thres=0.9, **kwargs):  # fmt: skip
         net = self.net
+        if "input_mask" in kwargs:
+            # the shared sampler grows a prompt mask named ``mask`` (which the nets also take)
+            kwargs["mask"] = kwargs.pop("input_mask")
         context_keys = {"context", "context_mask"}
         if not (isinstance(net, SinkhornLM) and kwargs and set(kwargs) <= context_keys and net.config.causal):
             return super().generate(start_tokens, seq_len, eos_token, temperature, filter_logits_fn,

@@ -12,6 +12,7 @@ between the halves.
 - :mod:`sort`: the sort scores (bucket summaries, running means, causal candidates);
 - :mod:`naive`: the reference, reordering as a dense buckets x buckets matrix;
 - :mod:`bucketed`: gather + one batched SDPA call (the fast path);
+- :mod:`layout`: one-pass head split / merge with the half-head shift, weighted bucket gather;
 - :mod:`decode`: one causal decoding step against key / value caches.
 """
 
@@ -31,6 +32,7 @@ from longrange.ops.sinkhorn.bucketed import (
     unrotate_heads,
 )
 from longrange.ops.sinkhorn.decode import causal_sinkhorn_step, picked_buckets
+from longrange.ops.sinkhorn.layout import gather_weighted, merge_heads, split_heads
 from longrange.ops.sinkhorn.naive import causal_sinkhorn_attention_naive, sinkhorn_attention_naive
 from longrange.ops.sinkhorn.sort import (
     attention_sort_scores,
@@ -60,13 +62,16 @@ __all__ = [
     "dense_selection",
     "differentiable_topk",
     "gather_buckets",
+    "gather_weighted",
     "gumbel_sinkhorn",
     "key_bucket_valid",
+    "merge_heads",
     "picked_buckets",
     "rotate_heads",
     "sample_gumbel",
     "sinkhorn_attention",
     "sinkhorn_attention_naive",
     "sinkhorn_normalize",
+    "split_heads",
     "unrotate_heads",
 ]

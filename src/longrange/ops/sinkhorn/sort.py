@@ -111,6 +111,10 @@ def causal_bucket_summaries(
     s = bucket_size
     u = n // s
     m = head_mask(mask)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # counts and long sums need more mantissa than half precision has
+        first, sums = causal_bucket_summaries(x.float(), bucket_size, mask, with_bucket_sums=with_bucket_sums)
+        return first.to(x.dtype), None if sums is None else sums.to(x.dtype)
     if m is None:
         count = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).reshape(1, 1, u, s)
         xb = x.reshape(b, h, u, s, d)
