@@ -260,15 +260,17 @@ def test_trainer_wrapper_dropout_and_mask():
 
 def test_memory_lean_functions_have_exact_gradients():
     from longrange.memory.recurrent import _ScaledL2Norm
-    from longrange.models.block_recurrent import _GeGLU
+    from longrange.models.block_recurrent import _GatedFeedForward
 
-    h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
-    gain = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_GeGLU.apply, (h,))
-    assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (h, gain))
-    a, b = h.chunk(2, dim=-1)
-    assert_close(_GeGLU.apply(h), torch.nn.functional.gelu(a) * b)
-    assert_close(_ScaledL2Norm.apply(h, gain), torch.nn.functional.normalize(h, dim=-1) * gain)
+    def f64(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    x, w1, w2, gain = f64(2, 3, 6), f64(8, 6), f64(5, 4), f64(6)
+    assert torch.autograd.gradcheck(_GatedFeedForward.apply, (x, w1, w2))
+    assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (x, gain))
+    a, b = (x @ w1.T).chunk(2, dim=-1)
+    assert_close(_GatedFeedForward.apply(x, w1, w2), (torch.nn.functional.gelu(a) * b) @ w2.T)
+    assert_close(_ScaledL2Norm.apply(x, gain), torch.nn.functional.normalize(x, dim=-1) * gain)
 
 
 def test_save_load_and_half_precision(tmp_path):

@@ -206,28 +206,38 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-class _GeGLU(torch.autograd.Function):
-    """gelu(a) * b for [a ; b] = h, saving only h for the backward pass (autograd would also
-    keep gelu(a): a third more feed-forward activation memory)."""
+class _GatedFeedForward(torch.autograd.Function):
+    """``w2 (gelu(a) * b)`` with ``[a ; b] = w1 x``, saving only x and ``w1 x`` for the backward
+    pass, where the gated activation is recomputed (autograd would also keep gelu(a) and the
+    product: 40% more feed-forward activation memory, the largest share of the model's)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:
-        ctx.save_for_backward(h)
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        h = F.linear(x, w1)
         a, b = h.chunk(2, dim=-1)
-        return F.gelu(a) * b
+        ctx.save_for_backward(x, h, w1, w2)
+        return F.linear(F.gelu(a) * b, w2)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, h, w1, w2 = ctx.saved_tensors
+        dt = h.dtype  # the compute dtype of the forward (lower under autocast)
         a, b = h.chunk(2, dim=-1)
         cdf = 0.5 * (1.0 + torch.erf(a * 0.5**0.5))
         pdf = torch.exp(-0.5 * a * a) * (2 * math.pi) ** -0.5
-        return torch.cat((grad * b * (cdf + a * pdf), grad * a * cdf), dim=-1)
+        grad = grad.to(dt)
+        gated = a * cdf * b
+        grad_w2 = grad.flatten(0, -2).T @ gated.flatten(0, -2)
+        grad_gated = grad @ w2.to(dt)
+        grad_h = torch.cat((grad_gated * b * (cdf + a * pdf), grad_gated * a * cdf), dim=-1)
+        grad_w1 = grad_h.flatten(0, -2).T @ x.to(dt).flatten(0, -2)
+        grad_x = grad_h @ w1.to(dt)
+        return grad_x.to(x.dtype), grad_w1.to(w1.dtype), grad_w2.to(w2.dtype)
 
 
 def _feed_forward(ff: GEGLUFeedForward, x: Tensor) -> Tensor:
-    """``ff(x)`` (exact GELU, no dropout) with the lean gated activation above."""
-    return ff.w2(_GeGLU.apply(ff.w1(x)))
+    """``ff(x)`` (exact GELU, no biases, no dropout) with the lean backward above."""
+    return _GatedFeedForward.apply(x, ff.w1.weight, ff.w2.weight)
 
 
 def _batch(parts: list[Tensor], dim: int) -> Tensor:
