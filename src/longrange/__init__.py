@@ -19,17 +19,50 @@ from longrange.modules.autoregressive import AutoregressiveWrapper
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it (imported lazily by __getattr__).
-_LAZY = {
-    "VanillaConfig": "longrange.models.vanilla",
-    "VanillaLM": "longrange.models.vanilla",
-    "load_reference": "longrange.convert",
+_FAMILY_EXPORTS = {
+    "longrange.models.vanilla": ["VanillaConfig", "VanillaLM"],
+    "longrange.models.performer": [
+        "PerformerConfig",
+        "PerformerModel",
+        "PerformerLM",
+        "Performer",
+        "PerformerEncDec",
+        "FastAttention",
+    ],
+    "longrange.models.routing": [
+        "RoutingConfig",
+        "RoutingLM",
+        "RoutingTransformerLM",
+        "RoutingTransformer",
+        "RoutingTransformerEncDec",
+        "KmeansAttention",
+    ],
+    "longrange.models.sinkhorn": [
+        "SinkhornConfig",
+        "SinkhornLM",
+        "SinkhornTransformerLM",
+        "SinkhornTransformer",
+        "SinkhornTransformerEncDec",
+        "SinkhornSelfAttention",
+    ],
+    "longrange.models.block_recurrent": [
+        "BlockRecurrentConfig",
+        "BlockRecurrentLM",
+        "BlockRecurrentTransformer",
+        "RecurrentTrainerWrapper",
+    ],
+    "longrange.models.memorizing": [
+        "MemorizingConfig",
+        "MemorizingLM",
+        "MemorizingTransformer",
+        "KNNAttention",
+        "KNNMemory",
+        "KNNMemoryList",
+    ],
+    "longrange.convert": ["load_reference"],
 }
-
-
-def _register_lazy(module: str, names: list[str]) -> None:
-    for name in names:
-        _LAZY.setdefault(name, module)
+# Public name -> module that defines it (imported lazily by __getattr__).
+_LAZY = {name: module for module, names in _FAMILY_EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
