@@ -224,6 +224,14 @@ def test_enc_dec_learns_copy_and_keeps_encoder_aux_loss():
     src = torch.randint(2, 16, (8, 8), generator=gen)
     out = model.generate(src, torch.ones(8, 1, dtype=torch.long), 8, temperature=0.01, filter_thres=0.99)
     assert (out == src).float().mean() > 0.9
+    # incremental decoding picks what a full re-run of the decoder picks (greedy: top-1)
+    context, _ = model.enc(src)
+    seq = torch.ones(8, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model.dec.net(seq, context=context)
+            seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(seq[:, 1:], out)
     # the encoder's commitment loss is part of the loss even with a reversible decoder
     tgt = torch.cat((torch.ones(8, 1, dtype=torch.long), src), dim=1)
     with torch.no_grad():
@@ -232,6 +240,56 @@ def test_enc_dec_learns_copy_and_keeps_encoder_aux_loss():
         dec_loss = model.dec(tgt, return_loss=True, context=context)
     assert float(aux) == 0.0 and float(enc_aux) > 0
     assert abs(float(loss) - float(dec_loss + enc_aux)) < 1e-6
+
+
+def test_decoder_with_context_is_causal():
+    torch.manual_seed(0)
+    decoder = _tiny_lm(
+        receives_context=True, context_window_size=4, context_shared_qk=True, n_local_attn_heads=1
+    )
+    context = torch.randn(2, 24, 32)
+    context_mask = torch.rand(2, 24) > 0.2
+    x = torch.randint(0, 64, (2, 30))
+    decoder.train()
+    logits, aux = decoder(x, context=context, context_mask=context_mask)
+    (logits.mean() + aux).backward()
+    decoder.eval()
+    assert_causal(lambda t: decoder(t, context=context, context_mask=context_mask)[0], x, 64)
+
+
+def test_decoder_with_context_decodes_incrementally():
+    torch.manual_seed(0)
+    decoder = _tiny_lm(receives_context=True, n_local_attn_heads=1, shift_tokens=True)
+    context = torch.randn(2, 24, 32)
+    context_mask = torch.rand(2, 24) > 0.2
+    x = torch.randint(0, 64, (2, 30))
+    decoder.train()
+    logits, aux = decoder(x, context=context, context_mask=context_mask)
+    (logits.mean() + aux).backward()
+    decoder.eval()
+    logits, state = decoder.prefill(x[:, :11], context=context, context_mask=context_mask)
+    rows = [logits]
+    for i in range(11, 30):
+        step_logits, state = decoder.step(x[:, i], state)
+        rows.append(step_logits[:, None])
+    with torch.no_grad():
+        full = decoder(x, context=context, context_mask=context_mask)[0]
+    assert_close(torch.cat(rows, dim=1), full, rtol=1e-5)
+
+
+def test_enc_dec_reference_weights_give_the_reference_encoder():
+    rt = pytest.importorskip("routing_transformer")
+    torch.manual_seed(0)
+    kw = dict(dim=32, enc_num_tokens=16, enc_depth=1, enc_heads=2, enc_max_seq_len=32, enc_window_size=8)
+    kw.update(dec_num_tokens=16, dec_depth=1, dec_heads=2, dec_max_seq_len=32, dec_window_size=8)
+    reference = rt.RoutingTransformerEncDec(**kw)
+    src = torch.randint(0, 16, (2, 32))
+    reference.enc(src)  # k-means initialised from data
+    reference.eval()
+    ours = RoutingTransformerEncDec(**kw).eval()
+    load_reference(ours, reference.state_dict())
+    with torch.no_grad():
+        assert relative_error(ours.enc(src)[0], reference.enc(src)[0]) < 1e-4
 
 
 def test_enc_dec_cancel_kmeans_update_removes_the_handle():
@@ -265,6 +323,13 @@ def test_reference_keywords_are_live():
     absolute = _tiny_lm(use_absolute_pos_emb=True).eval()
     assert absolute.num_params() == plain.num_params() + 64 * 32
     assert not torch.allclose(plain(x)[0], absolute(x)[0])
+    # rel_pos_emb switches the local heads' rotary positions (routing_transformer 1.6.1 always
+    # turned them on, whatever the keyword said)
+    assert (
+        _tiny_lm(n_local_attn_heads=2, rel_pos_emb=False).body.layers.blocks[0].f.fn.local_attn.rel_pos
+        is None
+    )
+    assert _tiny_lm(n_local_attn_heads=2).body.layers.blocks[0].f.fn.local_attn.rel_pos is not None
     moe = _tiny_lm(moe_layers=(1,), moe_loss_coef=1.0).train()
     assert moe(x)[1].item() > 0.5  # the balancing loss (about 1) is in the aux loss
 
@@ -339,6 +404,10 @@ PARITY = [
     pytest.param(dict(use_scale_norm=True, ff_glu=True, weight_tie=True), id="scalenorm-glu-tied"),
     pytest.param(dict(use_rezero=True, shift_tokens=True, n_local_attn_heads=2), id="rezero-shift"),
     pytest.param(dict(emb_dim=48, tie_embedding=True, n_local_attn_heads=(0, 2)), id="emb-dim-per-layer"),
+    pytest.param(
+        dict(ff_chunks=2, n_local_attn_heads=2, ff_activation=torch.nn.ReLU),
+        id="chunks-relu",
+    ),
 ]
 
 

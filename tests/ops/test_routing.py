@@ -9,11 +9,13 @@ import torch
 from longrange.ops.routing import (
     assigned_routed_attention,
     assigned_routed_attention_naive,
+    assigned_routed_step,
     balanced_routed_attention,
     balanced_routed_attention_naive,
     causal_routed_attention,
     causal_routed_attention_naive,
     causal_routed_step,
+    cluster_keys,
     cluster_topk,
     push_ring,
     ring_buffers,
@@ -175,6 +177,20 @@ def test_assigned_matches_naive_and_is_causal_in_queries(block):
     c2[:, :, 20:] = torch.randint(0, 4, c2[:, :, 20:].shape)
     out = assigned_routed_attention(q2, k, v, c2, k_index, mem_k=mem_k, mem_v=mem_v, block_size=block, **opts)
     assert (out[:, :, :20] - base[:, :, :20]).abs().max() < 1e-12
+
+
+def test_assigned_step_equals_full_rows():
+    q, k, v, gen = _qkv(2, 2, 23, 8, m=30)
+    q_clusters = torch.randint(0, 3, (2, 2, 23), generator=gen)
+    k_index = cluster_topk(torch.randn(2, 2, 30, 3, generator=gen), 7)
+    mem_k, mem_v = _mem(2, 3, 1, 8, gen)
+    k_mask = torch.rand(2, 30, generator=gen) > 0.3
+    full = assigned_routed_attention(q, k, v, q_clusters, k_index, mem_k=mem_k, mem_v=mem_v, k_mask=k_mask)
+    keys, values, kept = cluster_keys(k, v, k_index, mem_k=mem_k, mem_v=mem_v, k_mask=k_mask)
+    rows = [
+        assigned_routed_step(q[:, :, i : i + 1], q_clusters[:, :, i], keys, values, kept) for i in range(23)
+    ]
+    assert_close(torch.cat(rows, dim=2), full, rtol=1e-10)
 
 
 @pytest.mark.parametrize(

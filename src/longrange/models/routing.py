@@ -13,7 +13,8 @@ Notable choices (SPEC.md lists the reference defects fixed here):
   over the whole sequence) is kept for non-causal attention;
 - the number of clusters is ``max_seq_len // window_size``, as in the reference;
 - k-means centroids move after backward, once per backward pass, through a removable handle;
-  never during reversible recomputation or in eval;
+  never during reversible recomputation or in eval. They are initialised from the first batch
+  a layer sees: a one-time update made before that forward, like the later ones;
 - token shift, MoE and the k-means statistics honour the padding mask; ``commitment_factor``,
   ``ff_mult`` and ``use_absolute_pos_emb`` are all live;
 - decoding keeps per-layer caches (local keys of the last windows, per-cluster ring buffers of
@@ -321,16 +322,30 @@ class RoutingBody(nn.Module):
         return self.layers(x, **kwargs)
 
     @torch.no_grad()
-    def forward_cached(self, x: Tensor, caches: list[tuple[dict, dict]], pos_emb: Tensor) -> Tensor:
-        """Decoding pass (eval): the same maths as :meth:`forward`, with a cache per branch."""
+    def forward_cached(
+        self,
+        x: Tensor,
+        caches: list[tuple[dict, dict]],
+        pos_emb: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Decoding pass (eval): the same maths as :meth:`forward`, with a cache per branch.
+        The context is needed at the first call only (its routed keys are cached)."""
+        f_kwargs = []
+        for i in range(len(caches)):
+            if i in self.self_attn_blocks:
+                f_kwargs.append({"pos_emb": pos_emb})
+            else:
+                f_kwargs.append({"context": context, "context_mask": context_mask})
         if self.config.reversible:
             x1 = x2 = x
-            for block, (cf, cg) in zip(self.layers.blocks, caches):
-                x1 = x1 + block.f(x2, cache=cf, pos_emb=pos_emb)[0]
+            for block, (cf, cg), kw in zip(self.layers.blocks, caches, f_kwargs):
+                x1 = x1 + block.f(x2, cache=cf, **kw)[0]
                 x2 = x2 + _first(block.g(x1, cache=cg))
             return (x1 + x2) / 2
-        for block, (cf, cg) in zip(self.layers.blocks, caches):
-            x = x + block.f(x, cache=cf, pos_emb=pos_emb)[0]
+        for block, (cf, cg), kw in zip(self.layers.blocks, caches, f_kwargs):
+            x = x + block.f(x, cache=cf, **kw)[0]
             x = x + _first(block.g(x, cache=cg))
         return x
 
@@ -458,10 +473,23 @@ class RoutingLM(LongRangeLM):
         c = self.config
         return c.causal and not c.moe_layers and not c.return_embeddings
 
-    def prefill(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        if self.config.receives_context:
-            raise ValueError("a receives_context model decodes with a context; use RoutingTransformerEncDec")
+    def prefill(
+        self,
+        tokens: Tensor,
+        state: Any = None,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Any]:
+        """Run a prompt [B, N] and return its logits and the decoding state. A model with
+        ``receives_context`` takes the ``context`` [B, M, dim] (and ``context_mask``) here."""
+        if self.config.receives_context and context is None:
+            raise ValueError("this model has receives_context=True: pass context to prefill")
+        if context is not None and not self.config.receives_context:
+            raise ValueError("context was given but the model has receives_context=False")
         if not self._incremental():
+            if context is not None:
+                raise ValueError("incremental decoding with a context needs causal=True and no MoE layers")
             # MoE capacity depends on the length of the call: recompute to stay exact.
             return super().prefill(tokens, state)
         if state is not None:
@@ -469,7 +497,7 @@ class RoutingLM(LongRangeLM):
         self.check_tokens(tokens)
         caches = [({}, {}) for _ in self.body.layers.blocks]
         state = RoutingState(0, caches)
-        return self._decode(tokens, state), state
+        return self._decode(tokens, state, context, context_mask), state
 
     def step(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
         if isinstance(state, RecomputeState):
@@ -479,14 +507,20 @@ class RoutingLM(LongRangeLM):
         return self._decode(token[:, None], state)[:, -1], state
 
     @torch.no_grad()
-    def _decode(self, tokens: Tensor, state: RoutingState) -> Tensor:
+    def _decode(
+        self,
+        tokens: Tensor,
+        state: RoutingState,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         n = tokens.shape[1]
         x = self._embed(tokens, state.position)
         projected = isinstance(self.routing_transformer, ProjectInOut)
         if projected:
             x = self.routing_transformer.project_in(x)
         positions = torch.arange(state.position, state.position + n, device=tokens.device)
-        x = self.body.forward_cached(x, state.caches, positions)
+        x = self.body.forward_cached(x, state.caches, positions, context, context_mask)
         if projected:
             x = self.routing_transformer.project_out(x)
         state.position += n
@@ -513,6 +547,16 @@ def convert_reference(model: nn.Module, reference: dict[str, Tensor]) -> None:
     shift = any(m.config.shift_tokens for m in model.modules() if isinstance(m, RoutingBody))
     renamed = {_our_name(k, shift): v for k, v in reference.items()}
     ours = model.state_dict()
+    for key, tensor in ours.items():
+        theirs = renamed.get(key)
+        if (
+            key.endswith(("mem_key", "mem_value"))
+            and theirs is not None
+            and theirs.shape[2] < tensor.shape[2]
+        ):
+            # a causal layer here has at least one memory key where the reference may have
+            # none: the reference's keys fill the first slots, the extra ones stay as they are
+            renamed[key] = torch.cat((theirs.to(tensor), tensor[:, :, theirs.shape[2] :]), dim=2)
     missing = [k for k in ours if k not in renamed and not k.endswith("abs_pos_emb.emb.weight")]
     if missing:
         raise ValueError(f"reference state dict has no weight for {missing[:5]}")

@@ -31,6 +31,7 @@ from longrange.models.routing import ACTIVATIONS, RoutingBody, RoutingConfig, Ro
 from longrange.models.routing_layers import KmeansUpdateHandle, update_kmeans
 from longrange.modules.autopad import Autopadder as _SharedAutopadder
 from longrange.modules.autoregressive import AutoregressiveWrapper as _SharedWrapper
+from longrange.modules.autoregressive import top_k
 
 
 def _activation(ff_activation) -> tuple[str | None, type[nn.Module] | nn.Module | None]:
@@ -351,14 +352,66 @@ class RoutingTransformerEncDec(nn.Module):
         return self.enc(seq_in, **enc_kwargs)
 
     @torch.no_grad()
-    def generate(self, seq_in: Tensor, seq_out_start: Tensor, max_seq_len: int | None = None, **kwargs: Any):
-        """Sample ``max_seq_len`` (default: the decoder's) tokens after ``seq_out_start``."""
+    def generate(
+        self,
+        seq_in: Tensor,
+        seq_out_start: Tensor,
+        max_seq_len: int | None = None,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_logits_fn=top_k,
+        filter_thres: float = 0.9,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Sample ``max_seq_len`` (default: the decoder's) tokens after ``seq_out_start``.
+
+        The decoder runs incrementally: the encoder output is routed once, and each new token
+        costs one step per layer (the reference re-ran the whole prefix for every token)."""
         enc_kwargs, dec_kwargs, rest = _split_prefixed(kwargs)
-        context, _ = self._encode(seq_in, enc_kwargs, dec_kwargs)
-        if "input_mask" in dec_kwargs:
-            dec_kwargs["mask"] = dec_kwargs.pop("input_mask")
+        if rest:
+            raise TypeError(f"keywords must start with enc_ or dec_, got {sorted(rest)}")
         length = self.dec.max_seq_len if max_seq_len is None else max_seq_len
-        return self.dec.generate(seq_out_start, length, context=context, **dec_kwargs, **rest)
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f"max_seq_len must be a non-negative integer, got {length!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        context, _ = self._encode(seq_in, enc_kwargs, dec_kwargs)
+        context_mask = dec_kwargs.pop("context_mask", None)
+        if dec_kwargs:
+            raise TypeError(f"decoder keywords {sorted(dec_kwargs)} are not used by generate")
+        decoder = self.dec.net
+        was_training = self.training
+        self.eval()
+        try:
+            squeeze = seq_out_start.dim() == 1
+            tokens = (seq_out_start[None] if squeeze else seq_out_start).long()
+            limit = decoder.config.max_seq_len
+            logits, state = decoder.prefill(tokens[:, -limit:], context=context, context_mask=context_mask)
+            logits, filled = logits[:, -1], min(tokens.shape[1], limit)
+            new: list[Tensor] = []
+            done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            for i in range(length):
+                nxt = self.dec._pick(logits, temperature, filter_logits_fn, filter_thres)
+                new.append(nxt)
+                tokens = torch.cat((tokens, nxt[:, None]), dim=1)
+                if eos_token is not None:
+                    done |= nxt == eos_token
+                    if bool(done.all()):
+                        break
+                if i == length - 1:
+                    break
+                if filled >= limit:
+                    # the decoder window is full: restart from the latest half window
+                    window = tokens[:, -max(1, limit // 2) :]
+                    logits, state = decoder.prefill(window, context=context, context_mask=context_mask)
+                    logits, filled = logits[:, -1], window.shape[1]
+                else:
+                    logits, state = decoder.step(nxt, state)
+                    filled += 1
+            out = self.dec._finish(new, eos_token, tokens.shape[0], tokens.device)
+        finally:
+            self.train(was_training)
+        return out[0] if squeeze else out
 
     def forward(
         self,

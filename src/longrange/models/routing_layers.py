@@ -36,9 +36,11 @@ from longrange.modules.reversible import in_recomputation
 from longrange.modules.rotary import RotaryEmbedding
 from longrange.ops.routing import (
     assigned_routed_attention,
+    assigned_routed_step,
     balanced_routed_attention,
     causal_routed_attention,
     causal_routed_step,
+    cluster_keys,
     cluster_topk,
     push_ring,
     ring_buffers,
@@ -198,6 +200,16 @@ class RoutedCache:
     counts: Tensor | None = None
 
 
+@dataclass
+class ContextCache:
+    """Decoding state of one routed cross attention: every cluster's memory keys and the
+    context keys it took ([B, H, C, K + Wk, D]), their values, and which of them are real."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    kept: Tensor | None = None
+
+
 class KmeansAttention(nn.Module):
     """Routed attention over q, k, v [B, H, N, D] (k, v [B, H, M, D] with a context).
 
@@ -257,7 +269,7 @@ class KmeansAttention(nn.Module):
         **kwargs,
     ) -> tuple[Tensor, Tensor]:
         if self.receives_context:
-            return self._cross(q, k, v, query_mask, key_mask)
+            return self._cross(q, k, v, query_mask, key_mask, cache)
         key_mask = query_mask if key_mask is None else key_mask
         if self.causal:
             return self._causal(q, k, v, query_mask, cache)
@@ -366,7 +378,12 @@ class KmeansAttention(nn.Module):
         )
         return out, loss
 
-    def _cross(self, q, k, v, query_mask, key_mask):
+    def _cross(self, q, k, v, query_mask, key_mask, cache: ContextCache | None = None):
+        if cache is not None and cache.keys is not None:
+            with torch.no_grad():
+                clusters = similarities(F.normalize(q, dim=-1), self.kmeans.means).argmax(dim=-1)[:, :, 0]
+                out = assigned_routed_step(q, clusters, cache.keys, cache.values, cache.kept)
+            return out, q.new_zeros(())
         n, m = q.shape[2], k.shape[2]
         b = q.shape[0]
         weights = None
@@ -383,6 +400,10 @@ class KmeansAttention(nn.Module):
         if self.causal:
             clusters = q_dists.argmax(dim=-1)
             out = assigned_routed_attention(q, k, v, clusters, k_index, dropout=self._dropout(), **common)
+            if cache is not None:
+                cache.keys, cache.values, cache.kept = cluster_keys(
+                    k, v, k_index, mem_k=self.mem_key, mem_v=self.mem_value, k_mask=key_mask
+                )
             return out, loss
         if query_mask is not None:
             q_dists = q_dists.masked_fill(~query_mask[:, None, :, None], float("-inf"))
@@ -399,7 +420,7 @@ class AttentionCache:
     position: int = 0
     local_k: Tensor | None = None
     local_v: Tensor | None = None
-    routed: RoutedCache | None = None
+    routed: RoutedCache | ContextCache | None = None
 
 
 class SelfAttention(nn.Module):
@@ -529,7 +550,7 @@ class SelfAttention(nn.Module):
         cache: AttentionCache | None = None,
         **kwargs,
     ) -> tuple[Tensor, Tensor]:
-        if self.receives_context and context is None:
+        if self.receives_context and context is None and not (cache is not None and cache.position > 0):
             raise ValueError("this attention layer has receives_context=True: pass context")
         b, n, _ = x.shape
         outs = []
@@ -538,7 +559,11 @@ class SelfAttention(nn.Module):
         if self.local_attn_heads:
             lq, lk, lv = (self._split(t) for t in self.local_to_qkv(x).chunk(3, dim=-1))
             outs.append(self._local(lq, lk, lv, input_mask, cache, step))
-        if self.global_attn_heads:
+        if self.global_attn_heads and self.receives_context and step:
+            # the context's keys and values were routed and cached at the first call
+            out, _ = self.global_attn(self._split(self.to_q(x)), None, None, cache=cache.routed)
+            outs.append(out)
+        elif self.global_attn_heads:
             kv_input = context if self.receives_context else x
             q, v = self._split(self.to_q(x)), self._split(self.to_v(kv_input))
             if not self.shared_qk:
@@ -552,7 +577,7 @@ class SelfAttention(nn.Module):
                 q, v = rotated_q, self._rotate(v, phases)
             routed_cache = None
             if cache is not None:
-                cache.routed = cache.routed or RoutedCache()
+                cache.routed = cache.routed or (ContextCache() if self.receives_context else RoutedCache())
                 routed_cache = cache.routed
             out, aux = self.global_attn(
                 q, k, v, query_mask=input_mask, key_mask=context_mask, cache=routed_cache

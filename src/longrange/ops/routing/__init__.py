@@ -11,7 +11,13 @@
 - :mod:`~longrange.ops.routing.naive`: the dense masked references of all three.
 """
 
-from longrange.ops.routing.balanced import assigned_routed_attention, balanced_routed_attention, cluster_topk
+from longrange.ops.routing.balanced import (
+    assigned_routed_attention,
+    assigned_routed_step,
+    balanced_routed_attention,
+    cluster_keys,
+    cluster_topk,
+)
 from longrange.ops.routing.causal import (
     causal_routed_attention,
     causal_routed_step,
@@ -28,11 +34,13 @@ from longrange.ops.routing.naive import (
 __all__ = [
     "assigned_routed_attention",
     "assigned_routed_attention_naive",
+    "assigned_routed_step",
     "balanced_routed_attention",
     "balanced_routed_attention_naive",
     "causal_routed_attention",
     "causal_routed_attention_naive",
     "causal_routed_step",
+    "cluster_keys",
     "cluster_topk",
     "push_ring",
     "ring_buffers",

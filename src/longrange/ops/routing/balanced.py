@@ -127,6 +127,55 @@ def balanced_routed_attention(
     return out if q_mask is None else out.masked_fill(~q_mask[:, None, :, None], 0.0)
 
 
+def cluster_keys(
+    k: Tensor,
+    v: Tensor,
+    k_index: Tensor,
+    *,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    k_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Each cluster's memory keys then the keys it took: k [B, H, M, D], v [B, H, M, E],
+    k_index [B, H, C, Wk] -> (keys [B, H, C, K + Wk, D], values [B, H, C, K + Wk, E], which
+    are real [B, H, C, K + Wk] or None without ``k_mask``)."""
+    kg = _with_memory(_gather(k, k_index), mem_k)
+    vg = _with_memory(_gather(v, k_index), mem_v)
+    if k_mask is None:
+        return kg, vg, None
+    b, h = k.shape[:2]
+    kept = _gather(k_mask[:, None, :, None].expand(b, h, -1, 1), k_index)[..., 0]  # [B, H, C, Wk]
+    return kg, vg, F.pad(kept, (kg.shape[3] - k_index.shape[3], 0), value=True)
+
+
+def assigned_routed_step(
+    q: Tensor,
+    clusters: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    kept: Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """One new query per row (q [B, H, 1, D], its cluster [B, H]) against the output of
+    :func:`cluster_keys`; returns [B, H, 1, E], the row :func:`assigned_routed_attention`
+    gives it."""
+    b, h = clusters.shape
+    bi = torch.arange(b, device=q.device)[:, None]
+    hi = torch.arange(h, device=q.device)[None, :]
+    mask = None
+    if kept is not None:
+        mask = kept[bi, hi, clusters][:, :, None, :]  # [B, H, 1, K + Wk]
+    out = F.scaled_dot_product_attention(
+        q,
+        keys[bi, hi, clusters],
+        values[bi, hi, clusters],
+        attn_mask=None if mask is None else mask | ~mask.any(-1, keepdim=True),
+        scale=scale,
+    )
+    return out if mask is None else out * mask.any(-1, keepdim=True)[..., 0, None]
+
+
 def group_by_cluster(clusters: Tensor, num_clusters: int, block: int) -> tuple[Tensor, Tensor, int]:
     """Slots for queries grouped by cluster, each cluster's run padded to whole blocks.
 
@@ -180,17 +229,13 @@ def assigned_routed_attention(
     block = max(1, min(block_size or wk, n))
     slot, block_cluster, blocks = group_by_cluster(q_clusters, c, block)
     q_slots = q.new_zeros(b, h, blocks * block, d).scatter(2, slot[..., None].expand(b, h, n, d), q)
-    kg = _with_memory(_gather(k, k_index), mem_k)  # [B, H, C, K + Wk, D]
-    vg = _with_memory(_gather(v, k_index), mem_v)
+    kg, vg, kept = cluster_keys(k, v, k_index, mem_k=mem_k, mem_v=mem_v, k_mask=k_mask)
     per_block = block_cluster[..., None, None]
     k_blocks = kg.gather(2, per_block.expand(-1, -1, -1, kg.shape[3], d))
     v_blocks = vg.gather(2, per_block.expand(-1, -1, -1, vg.shape[3], e))
     keep = None
-    if k_mask is not None:
-        k_kept = _gather(k_mask[:, None, :, None].expand(b, h, -1, 1), k_index)[..., 0]  # [B, H, C, Wk]
-        n_mem = kg.shape[3] - wk
-        k_kept = F.pad(k_kept, (n_mem, 0), value=True)
-        keep = k_kept.gather(2, block_cluster[..., None].expand(-1, -1, -1, k_kept.shape[-1]))
+    if kept is not None:
+        keep = kept.gather(2, block_cluster[..., None].expand(-1, -1, -1, kept.shape[-1]))
         keep = keep[..., None, :].expand(-1, -1, -1, block, -1)
     out = _sdpa_rows(q_slots.view(b, h, blocks, block, d), k_blocks, v_blocks, keep, scale, dropout)
     out = out.view(b, h, blocks * block, e).gather(2, slot[..., None].expand(b, h, n, e))
