@@ -223,13 +223,22 @@ class _GatedFeedForward(torch.autograd.Function):
         x, h, w1, w2 = ctx.saved_tensors
         dt = h.dtype  # the compute dtype of the forward (lower under autocast)
         a, b = h.chunk(2, dim=-1)
-        cdf = 0.5 * (1.0 + torch.erf(a * 0.5**0.5))
-        pdf = torch.exp(-0.5 * a * a) * (2 * math.pi) ** -0.5
         grad = grad.to(dt)
-        gated = a * cdf * b
+        # In-place steps keep the temporaries few: this runs while every activation is saved.
+        cdf = torch.erf(a * 0.5**0.5).mul_(0.5).add_(0.5)
+        gated = torch.mul(a, cdf).mul_(b)
         grad_w2 = grad.flatten(0, -2).T @ gated.flatten(0, -2)
+        del gated
         grad_gated = grad @ w2.to(dt)
-        grad_h = torch.cat((grad_gated * b * (cdf + a * pdf), grad_gated * a * cdf), dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_a, grad_b = grad_h.chunk(2, dim=-1)
+        torch.mul(a, cdf, out=grad_b)
+        grad_b.mul_(grad_gated)
+        slope = torch.mul(a, a).mul_(-0.5).exp_().mul_((2 * math.pi) ** -0.5).mul_(a).add_(cdf)
+        del cdf
+        torch.mul(slope, b, out=grad_a)
+        grad_a.mul_(grad_gated)
+        del slope, grad_gated
         grad_w1 = grad_h.flatten(0, -2).T @ x.to(dt).flatten(0, -2)
         grad_x = grad_h @ w1.to(dt)
         return grad_x.to(x.dtype), grad_w1.to(w1.dtype), grad_w2.to(w2.dtype)
