@@ -18,7 +18,7 @@ from longrange.models.routing import (
     RoutingTransformerEncDec,
     RoutingTransformerLM,
 )
-from longrange.models.routing_layers import Kmeans
+from longrange.ops.routing.kmeans import Kmeans
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored, relative_error
 
 

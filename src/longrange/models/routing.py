@@ -23,14 +23,13 @@ Notable choices (SPEC.md lists the reference defects fixed here):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from longrange.convert import copy_weights, register_converter
+from longrange.convert import register_converter
 from longrange.models.base import LMOutput, LongRangeLM, RecomputeState
 from longrange.models.config import ModelConfig
 from longrange.models.registry import register_family
@@ -530,42 +529,12 @@ class RoutingLM(LongRangeLM):
 # --- weights of the reference package ----------------------------------------------------
 
 
-def _our_name(key: str, shift: bool) -> str:
-    key = re.sub(r"layers\.layers\.(\d+)\.0\.", r"layers.blocks.\1.f.", key)
-    key = re.sub(r"layers\.layers\.(\d+)\.1\.", r"layers.blocks.\1.g.", key)
-    key = re.sub(r"layers\.blocks\.(\d+)\.([fg])\.net\.", r"layers.blocks.\1.\2.", key)
-    if shift:
-        # the reference wraps each branch's function in PreShiftTokens; ours shifts in place
-        key = re.sub(r"(layers\.blocks\.\d+\.[fg]\.)fn\.fn\.", r"\1fn.", key)
-    # the reference's wrapper holds its LM as net.net (inside its Autopadder)
-    return re.sub(r"^dec\.net\.net\.", "dec.net.", key)
-
-
 def convert_reference(model: nn.Module, reference: dict[str, Tensor]) -> None:
     """Copy a ``routing_transformer`` model's state dict (LM, block stack or enc-dec) into
-    ``model``, k-means centroids included; every one of our weights must be found."""
-    shift = any(m.config.shift_tokens for m in model.modules() if isinstance(m, RoutingBody))
-    renamed = {_our_name(k, shift): v for k, v in reference.items()}
-    ours = model.state_dict()
-    for key, tensor in ours.items():
-        theirs = renamed.get(key)
-        if (
-            key.endswith(("mem_key", "mem_value"))
-            and theirs is not None
-            and theirs.shape[2] < tensor.shape[2]
-        ):
-            # a causal layer here has at least one memory key where the reference may have
-            # none: the reference's keys fill the first slots, the extra ones stay as they are
-            renamed[key] = torch.cat((theirs.to(tensor), tensor[:, :, theirs.shape[2] :]), dim=2)
-    missing = [k for k in ours if k not in renamed and not k.endswith("abs_pos_emb.emb.weight")]
-    if missing:
-        raise ValueError(f"reference state dict has no weight for {missing[:5]}")
-    copy_weights(model, renamed, {k: k for k in ours if k in renamed})
-    for name, module in model.named_modules():
-        if isinstance(module, AbsolutePositionalEmbedding) and f"{name}.emb.weight" not in renamed:
-            # routing_transformer 1.6.1 accepts use_absolute_pos_emb but never adds positions
-            with torch.no_grad():
-                module.emb.weight.zero_()
+    ``model``, k-means centroids included; see :mod:`longrange.models.routing_compat`."""
+    from longrange.models.routing_compat import load_reference_weights
+
+    load_reference_weights(model, reference)
 
 
 register_converter(RoutingLM, convert_reference)

@@ -20,18 +20,20 @@ and runs the shared flow; only the return conventions are the reference's:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from longrange.convert import register_converter
+from longrange.convert import copy_weights, register_converter
 from longrange.models.routing import ACTIVATIONS, RoutingBody, RoutingConfig, RoutingLM, convert_reference
 from longrange.models.routing_layers import KmeansUpdateHandle, update_kmeans
 from longrange.modules.autopad import Autopadder as _SharedAutopadder
 from longrange.modules.autoregressive import AutoregressiveWrapper as _SharedWrapper
 from longrange.modules.autoregressive import top_k
+from longrange.modules.positional import AbsolutePositionalEmbedding
 
 
 def _activation(ff_activation) -> tuple[str | None, type[nn.Module] | nn.Module | None]:
@@ -436,6 +438,47 @@ class RoutingTransformerEncDec(nn.Module):
             return out + enc_aux, torch.zeros((), device=enc_aux.device)
         logits, dec_aux = out
         return logits, dec_aux + enc_aux
+
+
+# --- weights of the reference package ----------------------------------------------------
+
+
+def _our_name(key: str, shift: bool) -> str:
+    key = re.sub(r"layers\.layers\.(\d+)\.0\.", r"layers.blocks.\1.f.", key)
+    key = re.sub(r"layers\.layers\.(\d+)\.1\.", r"layers.blocks.\1.g.", key)
+    key = re.sub(r"layers\.blocks\.(\d+)\.([fg])\.net\.", r"layers.blocks.\1.\2.", key)
+    if shift:
+        # the reference wraps each branch's function in PreShiftTokens; ours shifts in place
+        key = re.sub(r"(layers\.blocks\.\d+\.[fg]\.)fn\.fn\.", r"\1fn.", key)
+    # the reference's wrapper holds its LM as net.net (inside its Autopadder)
+    return re.sub(r"^dec\.net\.net\.", "dec.net.", key)
+
+
+def load_reference_weights(model: nn.Module, reference: dict[str, Tensor]) -> None:
+    """Copy a ``routing_transformer`` model's state dict (LM, block stack or enc-dec) into
+    ``model``, k-means centroids included; every one of our weights must be found."""
+    shift = any(m.config.shift_tokens for m in model.modules() if isinstance(m, RoutingBody))
+    renamed = {_our_name(k, shift): v for k, v in reference.items()}
+    ours = model.state_dict()
+    for key, tensor in ours.items():
+        theirs = renamed.get(key)
+        if (
+            key.endswith(("mem_key", "mem_value"))
+            and theirs is not None
+            and theirs.shape[2] < tensor.shape[2]
+        ):
+            # a causal layer here has at least one memory key where the reference may have
+            # none: the reference's keys fill the first slots, the extra ones stay as they are
+            renamed[key] = torch.cat((theirs.to(tensor), tensor[:, :, theirs.shape[2] :]), dim=2)
+    missing = [k for k in ours if k not in renamed and not k.endswith("abs_pos_emb.emb.weight")]
+    if missing:
+        raise ValueError(f"reference state dict has no weight for {missing[:5]}")
+    copy_weights(model, renamed, {k: k for k in ours if k in renamed})
+    for name, module in model.named_modules():
+        if isinstance(module, AbsolutePositionalEmbedding) and f"{name}.emb.weight" not in renamed:
+            # routing_transformer 1.6.1 accepts use_absolute_pos_emb but never adds positions
+            with torch.no_grad():
+                module.emb.weight.zero_()
 
 
 register_converter(RoutingTransformerEncDec, convert_reference)

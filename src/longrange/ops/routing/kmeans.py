@@ -6,8 +6,10 @@ centroid is the one of largest dot product, a centroid is the normalised sum of 
 and the centroids follow the data by an exponential moving average between optimiser steps.
 A commitment loss ``mean((x - centroid(x))**2)`` pulls the points toward their centroids.
 
-Everything here is a stateless function; the layer that owns the centroids (a buffer, never a
-parameter) and decides when to update them lives in ``longrange.models.routing_layers``.
+The functions are stateless; :class:`Kmeans` holds the centroids (a buffer, never a
+parameter) and the Lloyd steps accumulated until :meth:`Kmeans.update` applies them. When an
+update may happen (training, not during reversible recomputation) is the attention layer's
+decision (``longrange.models.routing_layers``).
 
 Points may carry a weight (``weights`` [B, N] or [B, H, N], 0 or 1, e.g. a padding mask): a
 point of weight 0 neither moves a centroid nor enters the commitment loss.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+KMEANS_INIT_ITERS = 10
 
 
 def _point_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
@@ -110,3 +114,98 @@ def commitment_loss(x: Tensor, means: Tensor, buckets: Tensor, weights: Tensor |
 def ema_(moving: Tensor, new: Tensor, decay: float) -> Tensor:
     """In place ``moving = decay * moving + (1 - decay) * new``; returns ``moving``."""
     return moving.mul_(decay).add_(new.to(moving.dtype), alpha=1.0 - decay)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class Kmeans(nn.Module):
+    """Spherical k-means over H heads with C centroids of width D (``means`` [H, C, D])."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_clusters: int,
+        ema_decay: float = 0.999,
+        commitment: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("num_clusters", num_clusters)):
+            _positive_int(name, value)
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"kmeans_ema_decay must lie in [0, 1], got {ema_decay!r}")
+        if commitment < 0:
+            raise ValueError(f"commitment_factor must be >= 0, got {commitment!r}")
+        self.ema_decay = ema_decay
+        self.commitment = commitment
+        self.register_buffer("means", F.normalize(torch.randn(num_heads, num_clusters, head_dim), dim=-1))
+        self.register_buffer("initted", torch.tensor(False))
+        self._pending: Tensor | None = None
+        self._pending_count = 0
+
+    @property
+    def num_clusters(self) -> int:
+        return self.means.shape[1]
+
+    @torch.no_grad()
+    def init(self, x: Tensor, weights: Tensor | None = None) -> None:
+        """Initialise the centroids from the points x [B, H, N, D] (once)."""
+        if bool(self.initted):
+            return
+        means = init_means(x.float(), self.num_clusters, iters=KMEANS_INIT_ITERS, weights=weights)
+        self.means.copy_(means)
+        self.initted.fill_(True)
+        self._pending, self._pending_count = None, 0
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        paired: bool = False,
+        weights: Tensor | None = None,
+        update_means: bool = False,
+        normalized: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, H, N, D] (normalised inside) -> (similarities [B, H, N, C] without gradient,
+        nearest centroid [B, H, N], commitment loss scaled by ``commitment``).
+
+        ``paired``: x holds N / 2 queries then their N / 2 keys, and each (query, key) pair of a
+        token shares one cluster, the nearest to both (k-means on the pairs). ``weights``
+        [B, N] marks the points that count (padding excluded). ``update_means`` accumulates a
+        Lloyd step for the next :meth:`update`. ``normalized``: x is already L2-normalised.
+        """
+        if not normalized:
+            x = F.normalize(x, dim=-1)
+        self.init(x, weights)
+        with torch.no_grad():
+            dists = similarities(x, self.means)
+            if paired:
+                n = x.shape[2] // 2
+                token = (dists[:, :, :n] + dists[:, :, n:]).argmax(dim=-1)
+                buckets = torch.cat((token, token), dim=-1)
+            else:
+                buckets = dists.argmax(dim=-1)
+        loss = commitment_loss(x, self.means, buckets, weights) * self.commitment
+        if update_means:
+            with torch.no_grad():
+                fresh = lloyd_step(x.float(), self.means, buckets, weights)
+                self._pending_count += 1
+                if self._pending is None:
+                    self._pending = fresh
+                else:
+                    self._pending += (fresh - self._pending) / self._pending_count
+        return dists, buckets, loss
+
+    @torch.no_grad()
+    def update(self, new_means: Tensor | None = None) -> bool:
+        """Move the centroids toward ``new_means`` (default: the Lloyd steps accumulated since
+        the last update) by the EMA; returns False when there was nothing to apply."""
+        new_means = self._pending if new_means is None else new_means
+        if new_means is None:
+            return False
+        ema_(self.means, new_means, self.ema_decay)
+        self._pending, self._pending_count = None, 0
+        return True
