@@ -23,7 +23,9 @@ from longrange.models.performer import (
     PerformerModel,
     SelfAttention,
 )
+from longrange.models.performer_layers import FeedForwardChunks
 from longrange.models.registry import create_model, make_config
+from longrange.modules.feedforward import Chunk, FeedForward
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored, relative_error
 
 VOCAB = 40
@@ -133,6 +135,39 @@ def test_incremental_decoding_equals_recompute(kw):
     logits, state = model.prefill(seq[:, :20])
     more, state = model.prefill(seq[:, 20:30], state)
     assert_close(torch.cat((logits, more), 1), model(seq[:, :30]), 1e-5)
+
+
+@pytest.mark.parametrize("glu,bias", [(False, True), (True, False)], ids=["gelu-bias", "geglu-nobias"])
+def test_lean_feedforward_equals_the_plain_layer(glu, bias):
+    torch.manual_seed(0)
+    ff = FeedForward(16, mult=2, glu=glu, bias=bias)
+    lean, plain = FeedForwardChunks(3, ff), Chunk(1, ff, along_dim=1)
+
+    def run(module):
+        x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = module(x)
+        grads = torch.autograd.grad(out, [x, *ff.parameters()], torch.ones_like(out))
+        return out, grads
+
+    out, grads = run(lean)
+    want, want_grads = run(plain)
+    assert_close(out, want, 1e-6)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, 1e-5)
+
+
+def test_recomputed_attention_and_backends_give_the_same_gradients():
+    x = tokens(2, 30)
+
+    def grads(**kw):
+        model = lm(chunk_size=8, local_attn_heads=(1, 0), local_window_size=8, **kw).train()
+        model(x).square().mean().backward()
+        return [p.grad for p in model.parameters()]
+
+    base = grads()
+    for kw in (dict(recompute_attention=True), dict(attn_backend="chunk"), dict(attn_backend="naive")):
+        for got, want in zip(grads(**kw), base):
+            assert_close(got, want, 1e-4)
 
 
 def test_autoregressive_wrapper_and_reference_defaults():

@@ -25,6 +25,7 @@ from longrange.ops.favor import (
     softmax_query_features,
 )
 from longrange.ops.favor.chunk import scan_sums, scan_sums_backward
+from longrange.ops.favor.fused import softmax_causal_attention
 from longrange.testing import assert_close, assert_same_forward_backward, relative_error
 
 
@@ -61,6 +62,30 @@ def test_chunked_causal_equals_naive_forward_and_gradients(n, chunk):
     proj = projection(24, 16)
     inputs = qkv(2, 2, n, 16, seed=n)
     assert_same_forward_backward(softmax_causal(chunk, proj), softmax_causal(chunk, proj, "naive"), inputs)
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 8), (64, 16)], ids=["n37-c8", "n64-c16"])
+def test_fused_softmax_equals_features_then_chunks(n, chunk):
+    proj = projection(24, 16)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, :5] = False
+    mask[1, 20:] = False
+
+    def fused(q, k, v):
+        return softmax_causal_attention(q, k, v, proj, mask=mask, chunk_size=chunk)[0]
+
+    def unfused(q, k, v):
+        fq = softmax_query_features(q, proj)
+        fk, scale = softmax_key_features(k, proj, causal=True, mask=mask)
+        return linear_attention_naive(fq, fk, v, causal=True, log_scale=scale)
+
+    assert_same_forward_backward(fused, unfused, qkv(2, 2, n, 16, seed=n))
+    q, k, v = qkv(2, 2, n, 16, seed=1)
+    first, state = softmax_causal_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], proj, mask=mask[:, :20])
+    rest, _ = softmax_causal_attention(
+        q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], proj, mask=mask[:, 20:], state=state, chunk_size=chunk
+    )
+    assert_close(torch.cat((first, rest), dim=2), fused(q, k, v), 1e-5)
 
 
 def test_chunked_causal_without_stabiliser_equals_naive():

@@ -35,11 +35,12 @@ from longrange.models.performer_layers import (
     Branch,
     CrossAttention,
     FastAttention,
+    FeedForwardChunks,
     SelfAttention,
     resolve_kernel_fn,
 )
 from longrange.models.registry import register_family
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import (
     AbsolutePositionalEmbedding,
     AxialPositionalEmbedding,
@@ -55,7 +56,8 @@ class PerformerConfig(ModelConfig):
     count for every layer or one per layer. longrange-only fields: ``ortho_scaling``,
     ``chunk_size`` and ``attn_backend`` (the causal op), ``feature_eps`` (the epsilon inside
     non-causal softmax features, the reference's 1e-4; causal features carry none),
-    ``kernel_eps`` (the generalized kernel's epsilon)."""
+    ``kernel_eps`` (the generalized kernel's epsilon), ``recompute_attention`` (keep only each
+    attention branch's input in training and run the branch again in backward)."""
 
     family = "performer"
 
@@ -91,6 +93,7 @@ class PerformerConfig(ModelConfig):
     shift_tokens: bool = False
     chunk_size: int = 128
     attn_backend: str = "auto"
+    recompute_attention: bool = False
 
     def local_heads(self) -> tuple[int, ...]:
         """Local attention heads of every layer."""
@@ -179,9 +182,21 @@ def performer_small() -> PerformerConfig:
 
 
 def performer_bench() -> PerformerConfig:
-    """The shared benchmark size (dim 256, depth 4, heads 4), all heads FAVOR+, 128 features
-    (the default D log D would be 266), chunks of 128."""
-    return PerformerConfig(dim=256, depth=4, heads=4, dim_head=64, nb_features=128, max_seq_len=65536)
+    """The shared benchmark size (dim 256, depth 4, heads 4), all heads FAVOR+, tuned for long
+    inputs: 64 features (one orthogonal block; the default D log D would be 266), chunks of 64,
+    attention branches recomputed in backward and the feed-forward formed a quarter of the
+    sequence at a time, so that a layer keeps little more than its input for backward."""
+    return PerformerConfig(
+        dim=256,
+        depth=4,
+        heads=4,
+        dim_head=64,
+        nb_features=64,
+        chunk_size=64,
+        recompute_attention=True,
+        ff_chunks=4,
+        max_seq_len=65536,
+    )
 
 
 class PerformerBody(nn.Module):
@@ -216,8 +231,9 @@ class PerformerBody(nn.Module):
         )
 
         def ff() -> nn.Module:
-            inner = FeedForward(c.dim, mult=c.ff_mult, dropout=c.ff_dropout, glu=c.ff_glu)
-            return Chunk(c.ff_chunks, inner, along_dim=1)
+            return FeedForwardChunks(
+                c.ff_chunks, FeedForward(c.dim, mult=c.ff_mult, dropout=c.ff_dropout, glu=c.ff_glu)
+            )
 
         blocks, self_blocks = [], []
         for local in c.local_heads():
@@ -231,7 +247,7 @@ class PerformerBody(nn.Module):
             )
             blocks.append(
                 (
-                    Branch(c.dim, attn, norm=c.norm_kind, shifts=shifts),
+                    Branch(c.dim, attn, norm=c.norm_kind, shifts=shifts, recompute=c.recompute_attention),
                     Branch(c.dim, ff(), norm=c.norm_kind, shifts=shifts),
                 )
             )
@@ -239,7 +255,7 @@ class PerformerBody(nn.Module):
                 cross = CrossAttention(c.dim, causal=False, **attn_kwargs)
                 blocks.append(
                     (
-                        Branch(c.dim, cross, norm=c.norm_kind, shifts=None),
+                        Branch(c.dim, cross, norm=c.norm_kind, shifts=None, recompute=c.recompute_attention),
                         Branch(c.dim, ff(), norm=c.norm_kind, shifts=None),
                     )
                 )

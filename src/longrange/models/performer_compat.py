@@ -26,7 +26,14 @@ from longrange.models.performer import PerformerBody, PerformerConfig, Performer
 from longrange.models.performer_layers import resolve_kernel_fn
 from longrange.modules.autoregressive import AutoregressiveWrapper as _SharedWrapper
 
-EXTRA_KEYWORDS = ("ortho_scaling", "chunk_size", "attn_backend", "feature_eps", "kernel_eps")
+EXTRA_KEYWORDS = (
+    "ortho_scaling",
+    "chunk_size",
+    "attn_backend",
+    "feature_eps",
+    "kernel_eps",
+    "recompute_attention",
+)
 
 
 def _config(kernel_fn: Any, **fields: Any) -> tuple[PerformerConfig, Any]:

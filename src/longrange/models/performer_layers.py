@@ -19,9 +19,12 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from longrange.modules.feedforward import Chunk, FeedForward
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.norms import ScaleNorm
 from longrange.modules.reversible import in_recomputation
@@ -78,7 +81,8 @@ class FastAttention(nn.Module):
     ``generalized_attention`` uses kernel_fn(x W^T) + ``kernel_eps`` features;
     ``no_projection`` uses softmax-ed queries and keys without random features.
     Non-causal softmax features carry the reference's epsilon ``feature_eps`` (1e-4); causal
-    ones none. ``chunk_size`` and ``backend`` ("auto", "chunk", "naive") pick the causal op.
+    ones none. ``chunk_size`` and ``backend`` ("auto", "fused", "chunk", "naive") pick the
+    causal op ("auto": fused for the softmax kernel, chunked for the others).
     The projection matrix is a buffer, so it is saved and loaded with the weights.
     """
 
@@ -113,6 +117,8 @@ class FastAttention(nn.Module):
             raise ValueError(f"ortho_scaling must be 0 or 1, got {ortho_scaling!r}")
         if backend not in favor.BACKENDS:
             raise ValueError(f"backend must be one of {favor.BACKENDS}, got {backend!r}")
+        if backend == "fused" and (no_projection or generalized_attention):
+            raise ValueError("backend='fused' is the softmax kernel's; use 'auto' or 'chunk'")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         nb_features = default_nb_features(dim_heads) if nb_features is None else nb_features
@@ -184,6 +190,11 @@ class FastAttention(nn.Module):
             return favor.linear_attention(fq, fk, v).to(v.dtype), None
         if k.shape[-2] != q.shape[-2]:
             raise ValueError("causal attention needs as many keys as queries")
+        softmax_kernel = not (self.no_projection or self.generalized_attention)
+        if softmax_kernel and self.backend in ("auto", "fused"):
+            return favor.softmax_causal_attention(
+                q, k, v, self.projection_matrix, mask=mask, chunk_size=self.chunk_size, state=state
+            )
         running = None if state is None else state.log_scale
         fq, fk, scale = self.features(q, k, mask, running)
         if state is None and self.backend == "naive":
@@ -405,12 +416,97 @@ class CrossAttention(Attention):
         return super().forward(*args, context=context, **kwargs)
 
 
+class _LeanFeedForward(torch.autograd.Function):
+    """w2(gelu(w1 x + b1)) + b2 (gated: w2(gelu(a) * g) + b2 with [a, g] = w1 x + b1), computed
+    over ``chunks`` slices of the positions and keeping only x for backward, which forms the
+    hidden activations again one slice at a time: the [B, N, F] activations are never stored."""
+
+    @staticmethod
+    def _hidden(x: Tensor, w1: Tensor, b1: Tensor | None, glu: bool) -> tuple[Tensor, Tensor]:
+        pre = F.linear(x, w1, b1)
+        if not glu:
+            return pre, F.gelu(pre)
+        a, g = pre.chunk(2, dim=-1)
+        return pre, F.gelu(a) * g
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, chunks: int, glu: bool):
+        out = x.new_empty(*x.shape[:-1], w2.shape[0])
+        for xs, os in zip(x.chunk(chunks, dim=1), out.chunk(chunks, dim=1)):
+            os.copy_(F.linear(_LeanFeedForward._hidden(xs, w1, b1, glu)[1], w2, b2))
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        ctx.chunks, ctx.glu = chunks, glu
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        db1 = None if b1 is None else torch.zeros_like(b1)
+        db2 = None if b2 is None else torch.zeros_like(b2)
+        for xs, ds, dxs in zip(
+            x.chunk(ctx.chunks, dim=1), d_out.chunk(ctx.chunks, dim=1), dx.chunk(ctx.chunks, dim=1)
+        ):
+            pre, hidden = _LeanFeedForward._hidden(xs, w1, b1, ctx.glu)
+            xs, ds = xs.reshape(-1, xs.shape[-1]), ds.reshape(-1, ds.shape[-1])
+            dw2.addmm_(ds.T, hidden.reshape(-1, hidden.shape[-1]))
+            d_hidden = (ds @ w2).view(hidden.shape)
+            if ctx.glu:
+                a, g = pre.chunk(2, dim=-1)
+                d_pre = torch.cat(
+                    (torch.ops.aten.gelu_backward(d_hidden * g, a), d_hidden * F.gelu(a)), dim=-1
+                )
+            else:
+                d_pre = torch.ops.aten.gelu_backward(d_hidden, pre)
+            d_pre = d_pre.reshape(-1, d_pre.shape[-1])
+            dw1.addmm_(d_pre.T, xs)
+            dxs.copy_((d_pre @ w1).view(dxs.shape))
+            if db1 is not None:
+                db1 += d_pre.sum(0)
+            if db2 is not None:
+                db2 += ds.sum(0)
+        return dx, dw1, db1, dw2, db2, None, None
+
+
+class FeedForwardChunks(Chunk):
+    """:class:`~longrange.modules.feedforward.Chunk` around a GELU :class:`FeedForward`
+    (the reference's ``Chunk(ff_chunks, FeedForward(...), along_dim=1)``, same weights). In
+    training it runs :class:`_LeanFeedForward`, so the hidden activations are neither stored
+    nor formed for more than one of ``chunks`` slices at a time; with dropout or another
+    activation it is the plain chunked layer."""
+
+    def __init__(self, chunks: int, fn: FeedForward) -> None:
+        super().__init__(chunks, fn, along_dim=1)
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        ff = self.fn
+        lean = (
+            torch.is_grad_enabled()
+            and type(ff.act) is nn.GELU
+            and ff.act.approximate == "none"
+            and (ff.dropout.p == 0 or not self.training)
+        )
+        if not lean:
+            return super().forward(x, **kwargs)
+        return _LeanFeedForward.apply(
+            x, ff.w1.weight, ff.w1.bias, ff.w2.weight, ff.w2.bias, self.chunks, ff.glu
+        )
+
+
 class Branch(nn.Module):
     """One residual branch: pre-LayerNorm, pre-ScaleNorm or a ReZero gate (``norm`` "layer",
     "scale", "rezero"), then an optional token shift honouring the padding mask, then ``fn``.
-    With a decoding ``cache`` the shift continues from the positions cached there."""
+    With a decoding ``cache`` the shift continues from the positions cached there.
 
-    def __init__(self, dim: int, fn: nn.Module, *, norm: str, shifts: tuple[int, ...] | None) -> None:
+    ``recompute``: in training, keep only the branch input and run the branch again in
+    backward (activation checkpointing), so that its activations never outlive the branch.
+    """
+
+    def __init__(
+        self, dim: int, fn: nn.Module, *, norm: str, shifts: tuple[int, ...] | None, recompute: bool = False
+    ) -> None:
         super().__init__()
         if norm not in ("layer", "scale", "rezero"):
             raise ValueError(f"norm must be 'layer', 'scale' or 'rezero', got {norm!r}")
@@ -418,10 +514,17 @@ class Branch(nn.Module):
         self.g = nn.Parameter(torch.tensor(1e-3)) if norm == "rezero" else None
         self.fn = fn
         self.shifts = shifts
+        self.recompute = recompute
 
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, cache: dict | None = None, **kwargs
     ) -> Tensor:
+        # a reversible stack's backward already re-runs the branch: no second recomputation
+        if self.recompute and cache is None and torch.is_grad_enabled() and not in_recomputation():
+            return checkpoint(self._run, x, mask, None, use_reentrant=False, **kwargs)
+        return self._run(x, mask, cache, **kwargs)
+
+    def _run(self, x: Tensor, mask: Tensor | None, cache: dict | None, **kwargs) -> Tensor:
         h = x if self.norm is None else self.norm(x)
         if self.shifts:
             past = None if cache is None else cache.get("shift")

@@ -4,9 +4,12 @@
   generalized kernel, no projection);
 - ``naive``: the explicit N x N kernel matrix, the reference;
 - ``linear``: non-causal linear attention;
-- ``chunk``: causal linear attention in chunks with running sums, and the decoding step.
+- ``chunk``: causal linear attention in chunks with running sums, and the decoding step;
+- ``fused``: causal FAVOR+ with the softmax kernel formed inside the chunked products (and
+  formed again in backward), so the feature tensors are never stored.
 
-:func:`causal_linear_attention` is the one choice point between the chunked and naive paths.
+:func:`causal_linear_attention` is the one choice point between the chunked and naive paths
+over given features; FAVOR+ layers call :func:`softmax_causal_attention` for the softmax kernel.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from longrange.ops.favor.features import (
     softmax_key_features,
     softmax_query_features,
 )
+from longrange.ops.favor.fused import softmax_causal_attention
 from longrange.ops.favor.linear import key_value_sums, linear_attention
 from longrange.ops.favor.naive import linear_attention_naive
 
-BACKENDS = ("auto", "chunk", "naive")
+BACKENDS = ("auto", "fused", "chunk", "naive")
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +46,7 @@ __all__ = [
     "linear_attention_naive",
     "no_projection_features",
     "running_log_scale",
+    "softmax_causal_attention",
     "softmax_key_features",
     "softmax_query_features",
 ]
@@ -59,7 +64,8 @@ def causal_linear_attention(
 ) -> tuple[Tensor, FavorState | None]:
     """Causal linear attention over features q, k [B, H, N, M] and values v [B, H, N, E].
 
-    ``backend``: "chunk" (and "auto") runs :func:`chunk_causal_linear_attention`; "naive" the
+    ``backend``: "chunk" (and "auto"; "fused" applies to the softmax kernel only, see
+    :func:`softmax_causal_attention`) runs :func:`chunk_causal_linear_attention`; "naive" the
     explicit kernel matrix (no state in or out). Returns (out [B, H, N, E], state or None).
     """
     if backend not in BACKENDS:

@@ -18,6 +18,7 @@ Dimensions: B batch, H heads, N positions, G chunks, C chunk size, M features, E
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,33 +121,63 @@ def scan_sums_backward(
     return out.view(grads.shape), carry.view(d_final.shape)
 
 
+@functools.lru_cache(maxsize=16)
+def _tril(size: int, device: torch.device) -> Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def _factors(c: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
+    """The stabiliser ratios of a chunked pass, all <= 1: within [B, H, G, C, C] exp(c_i - c_t)
+    for i <= t (else 0); to_end [B, H, G, C, 1] exp(c_i - c_end); from_ref exp(c_ref - c_t);
+    and c_ref, c_end [B, H, G] (the stabilisers of the sums before and after each chunk)."""
+    causal = _tril(c.shape[-1], c.device)
+    within = _pairwise(c, c, causal.T).transpose(-1, -2)
+    c_end = c[..., -1]
+    c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
+    to_end = (c - c_end[..., None]).exp_()[..., None]
+    from_ref = (c_ref[..., None] - c).exp_()[..., None]
+    return within, to_end, from_ref, c_ref, c_end
+
+
+def chunk_forward(q: Tensor, k: Tensor, v1: Tensor, c: Tensor, kv0: Tensor, c0: Tensor):
+    """The chunked causal products (no autograd): q, k [B, H, G, C, M], v1 [B, H, G, C, F],
+    c [B, H, G, C] non-decreasing, kv0 [B, H, M, F] relative to c0 [B, H]. Returns the
+    unnormalised output [B, H, G, C, F], the final sums [B, H, M, F] (relative to c at the last
+    position) and the sums before every chunk [B, H, G, M, F] (kept for the backward pass)."""
+    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    out = (q @ k.transpose(-1, -2)).mul_(within) @ v1
+    kv_chunks = k.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
+    befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
+    out.addcmul_(q @ befores, from_ref)
+    return out, final, befores
+
+
+def chunk_backward(q, k, v1, c, c0, befores, d_out: Tensor, d_final: Tensor | None):
+    """Gradients of :func:`chunk_forward`'s output and final sums with respect to q, k, v1 and
+    kv0; the C x C blocks are recomputed rather than stored."""
+    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    d_final = torch.zeros_like(befores[:, :, 0]) if d_final is None else d_final
+    d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
+    d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
+    dq = d_scores @ k
+    dq += d_read @ befores.transpose(-1, -2)
+    d_after, d_kv0 = scan_sums_backward(q.transpose(-1, -2) @ d_read, c_ref, c_end, d_final)
+    dk = d_scores.transpose(-1, -2) @ q
+    dk.addcmul_(v1 @ d_after.transpose(-1, -2), to_end)
+    del d_scores
+    scores = (q @ k.transpose(-1, -2)).mul_(within)
+    dv1 = scores.transpose(-1, -2) @ d_out
+    dv1.addcmul_(k @ d_after, to_end)
+    return dq, dk, dv1, d_kv0
+
+
 class _ChunkCausal(torch.autograd.Function):
-    """Chunked causal products with a hand-written backward that recomputes the C x C blocks,
-    so only the inputs and the per-chunk running sums [B, H, G, M, E + 1] are kept.
-
-    q, k: [B, H, G, C, M]; v1: [B, H, G, C, F] (F = E + 1); c: [B, H, G, C] non-decreasing;
-    kv0: [B, H, M, F] relative to c0 [B, H]. Returns (unnormalised out [B, H, G, C, F],
-    final sums [B, H, M, F] relative to c[..., -1, -1]).
-    """
-
-    @staticmethod
-    def _factors(c: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
-        size = c.shape[-1]
-        causal = torch.ones(size, size, dtype=torch.bool, device=c.device).tril()
-        within = _pairwise(c, c, causal.T).transpose(-1, -2)  # [B, H, G, C, C]: exp(c_i - c_t), i <= t
-        c_end = c[..., -1]  # [B, H, G]
-        c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)  # the stabiliser of S_g
-        to_end = (c - c_end[..., None]).exp_()[..., None]  # [B, H, G, C, 1], <= 1
-        from_ref = (c_ref[..., None] - c).exp_()[..., None]  # [B, H, G, C, 1], <= 1
-        return within, to_end, from_ref, c_ref, c_end
+    """:func:`chunk_forward` with a hand-written backward, so only the inputs and the running
+    sums before each chunk [B, H, G, M, E + 1] are kept for it."""
 
     @staticmethod
     def forward(ctx, q, k, v1, c, kv0, c0):
-        within, to_end, from_ref, c_ref, c_end = _ChunkCausal._factors(c, c0)
-        out = (q @ k.transpose(-1, -2)).mul_(within) @ v1
-        kv_chunks = k.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
-        befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
-        out.addcmul_(q @ befores, from_ref)
+        out, final, befores = chunk_forward(q, k, v1, c, kv0, c0)
         ctx.save_for_backward(q, k, v1, c, c0, befores)
         return out, final
 
@@ -154,20 +185,18 @@ class _ChunkCausal(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final):
         q, k, v1, c, c0, befores = ctx.saved_tensors
-        within, to_end, from_ref, c_ref, c_end = _ChunkCausal._factors(c, c0)
-        d_final = torch.zeros_like(befores[:, :, 0]) if d_final is None else d_final
-        d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
-        d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
-        dq = d_scores @ k
-        dq += d_read @ befores.transpose(-1, -2)
-        d_after, d_kv0 = scan_sums_backward(q.transpose(-1, -2) @ d_read, c_ref, c_end, d_final)
-        dk = d_scores.transpose(-1, -2) @ q
-        dk.addcmul_(v1 @ d_after.transpose(-1, -2), to_end)
-        del d_scores
-        scores = (q @ k.transpose(-1, -2)).mul_(within)
-        dv1 = scores.transpose(-1, -2) @ d_out
-        dv1.addcmul_(k @ d_after, to_end)
+        dq, dk, dv1, d_kv0 = chunk_backward(q, k, v1, c, c0, befores, d_out, d_final)
         return dq, dk, dv1, None, d_kv0, None
+
+
+def split_chunks(t: Tensor, size: int, value: float = 0.0) -> Tensor:
+    """[B, H, N, ...] -> [B, H, G, C, ...], padding N up to G * C with ``value``."""
+    n = t.shape[2]
+    pad = -n % size
+    if pad:
+        spec = [0, 0] * (t.dim() - 3) + [0, pad]
+        t = F.pad(t, spec, value=value)
+    return t.reshape(*t.shape[:2], -1, size, *t.shape[3:])
 
 
 def chunk_causal_linear_attention(
@@ -199,20 +228,12 @@ def chunk_causal_linear_attention(
     else:
         kv0, c0 = q.new_zeros(b, h, m, e1), c[..., 0]
     size = min(chunk_size, n)
-    groups = -(-n // size)
-    pad = groups * size - n
-    if pad:
-        q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
-        c = torch.cat((c, c[..., -1:].expand(b, h, pad)), dim=-1)
-    out, final = _ChunkCausal.apply(
-        q.reshape(b, h, groups, size, m),
-        k.reshape(b, h, groups, size, m),
-        v1.reshape(b, h, groups, size, e1),
-        c.reshape(b, h, groups, size),
-        kv0,
-        c0,
-    )
-    out = normalise(out.reshape(b, h, groups * size, e1)[:, :, :n])
+    if n % size:
+        # padded positions repeat the last stabiliser, so that c stays non-decreasing
+        c = torch.cat((c, c[..., -1:].expand(b, h, -n % size)), dim=-1)
+    q, k, v1 = (split_chunks(t, size) for t in (q, k, v1))
+    out, final = _ChunkCausal.apply(q, k, v1, c.reshape(b, h, -1, size), kv0, c0)
+    out = normalise(out.flatten(2, 3)[:, :, :n])
     final_scale = c[..., -1] if log_scale is not None or state is None else state.log_scale
     return out.to(v.dtype), FavorState(final, final_scale)
 
