@@ -72,6 +72,15 @@ def test_segments_equal_one_call(variant):
     assert len(state.pending) == 45 % 8
 
 
+@pytest.mark.parametrize("variant", ["default", "compressed-mem"])
+def test_naive_backend_matches_fused(variant):
+    x = tokens(2, 29, seed=15)
+    mask = torch.rand(2, 29, generator=torch.Generator().manual_seed(15)) < 0.8
+    fused = model_for(variant).forward_lm(x, mask=mask).logits
+    naive = model_for(variant, attn_backend="naive").forward_lm(x, mask=mask).logits
+    assert_close(fused, naive, rtol=1e-5)
+
+
 def test_recurrent_state_changes_and_reaches_past_the_memory():
     # One layer: the XL memory reaches back one block, so block 0 can influence block 2
     # only through the recurrent state.
