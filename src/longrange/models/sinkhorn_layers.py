@@ -9,8 +9,10 @@ Differences from the reference (sinkhorn-transformer 0.11.4), on purpose:
 - context attention projects the context to keys and values (``to_kv``; the reference uses
   the raw context as both);
 - with ``causal_queries`` (context attention inside a causal decoder) each query bucket picks
-  its own context buckets from the running mean of the queries up to its first position, and
-  there is no "own" context bucket (whether one exists would depend on the decoder length);
+  its own context buckets (top-k, also when ``non_permutative=False``: a Sinkhorn column
+  normalisation would mix later buckets in) from the running mean of the queries up to its
+  first position, and there is no "own" context bucket (whether one exists would depend on
+  the decoder length);
 - Sinkhorn (``non_permutative=False``) with ``n_top_buckets`` K > 1 gives query bucket u the
   sorted rows u .. u + K - 1 (cyclic); the reference silently uses one. Sinkhorn with SortCut
   sorts the U buckets and keeps the first ``n_sortcut`` rows (the reference's one-row
