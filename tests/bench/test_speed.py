@@ -28,3 +28,9 @@ def test_memory_point_runs_in_a_fresh_process():
 def test_table_shows_errors():
     text = format_table([{"family": "x", "length": 8, "batch_size": 1, "error": "out of memory"}])
     assert "out of memory" in text
+
+
+def test_table_accepts_rows_without_forward_time():
+    row = {"family": "x (reference)", "length": 8, "batch_size": 1, "fwd_bwd_s": 1.0, "fwd_s": None}
+    row["tokens_per_s"] = 8.0
+    assert "x (reference)" in format_table([row])

@@ -255,8 +255,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
         growth = f"{r['growth']:.2f}" if r.get("growth") is not None else "-"
+        fwd = f"{r['fwd_s']:.3f}" if r.get("fwd_s") is not None else "-"
         lines.append(
-            f"{r['family']:<16}{r['length']:>8}{r['fwd_bwd_s']:>12.3f}{r['fwd_s']:>10.3f}"
+            f"{r['family']:<16}{r['length']:>8}{r['fwd_bwd_s']:>12.3f}{fwd:>10}"
             f"{r['tokens_per_s']:>12,.0f}{mem:>10}{mfu:>7}{growth:>8}"
         )
     return "\n".join(lines)
