@@ -427,3 +427,15 @@ def test_half_precision_runs_without_nan(dtype):
             out.logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     state.close()
+
+
+def test_zero_retrieved_memories_disables_the_memory():
+    model = _model(num_retrieved_memories=0)
+    tokens = _tokens(2, 3 * CHUNK, seed=40)
+    state = model.init_state(2)
+    carried = torch.cat(
+        [model.forward_lm(tokens[:, i : i + CHUNK], state=state).logits for i in (0, 16, 32)], 1
+    )
+    alone = torch.cat([model(tokens[:, i : i + CHUNK]) for i in (0, 16, 32)], dim=1)
+    assert_close(carried, alone, 1e-6)
+    state.close()

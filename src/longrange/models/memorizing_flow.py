@@ -153,7 +153,7 @@ def run_chunk(
         if attn.knn:
             memory = next(knn_iter, None)
             retrieved = None
-            if memory is not None and bool(memory.db_offsets.any()):
+            if memory is not None and attn.num_retrieved_memories and bool(memory.db_offsets.any()):
                 mem_k, mem_v, found = memory.retrieve(q, attn.num_retrieved_memories)
                 if after_start is not None:
                     found = found & ~after_start[:, None, :, None]
