@@ -95,6 +95,21 @@ def test_padding_is_ignored(causal):
     assert_padding_ignored(lambda t, m: model(t, mask=m), x, mask, VOCAB)
 
 
+def test_reference_padding_leaks_and_ours_does_not():
+    """performer_pytorch zeroes masked values but keeps masked keys in the normaliser."""
+    ref = pytest.importorskip("performer_pytorch")
+    torch.manual_seed(0)
+    theirs = ref.PerformerLM(**SMALL).eval()
+    ours = PerformerLM(**SMALL).eval()
+    load_reference(ours, theirs.state_dict())
+    x = tokens(2, 30, seed=4)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[:, 20:] = False
+    with pytest.raises(AssertionError, match="padding leaks"):
+        assert_padding_ignored(lambda t, m: theirs(t, mask=m), x, mask, VOCAB)
+    assert_padding_ignored(lambda t, m: ours(t, mask=m), x, mask, VOCAB)
+
+
 def test_bfloat16_and_float16_have_no_nan():
     for dtype in (torch.bfloat16, torch.float16):
         model = lm(local_attn_heads=(1, 0), local_window_size=8).to(dtype).train()
@@ -218,6 +233,20 @@ def test_manual_redraw_check():
     assert torch.equal(proj, first)
     model.check_redraw_projections()  # the reference's method (broken there) works here
     model.check_redraw_projections()
+    assert not torch.equal(proj, first)
+
+
+def test_standalone_attention_redraws_on_its_own_interval():
+    attn = SelfAttention(
+        32, causal=True, heads=2, dim_head=16, nb_features=8, feature_redraw_interval=2
+    ).train()
+    proj = attn.fast_attention.projection_matrix
+    first = proj.clone()
+    x = torch.randn(1, 6, 32)
+    attn(x)
+    attn(x)
+    assert torch.equal(proj, first)
+    attn(x)
     assert not torch.equal(proj, first)
 
 
@@ -356,6 +385,18 @@ def test_causal_difference_from_reference_is_the_stabiliser_defect():
     with torch.no_grad():
         err = relative_error(ours(x), theirs(x))
     assert 1e-6 < err < 1e-2
+
+
+def test_stack_parity_with_reference():
+    ref = pytest.importorskip("performer_pytorch")
+    kw = dict(dim=32, depth=2, heads=2, dim_head=16, shift_tokens=True, nb_features=20)
+    torch.manual_seed(0)
+    theirs = ref.Performer(**kw).eval()
+    ours = Performer(**kw).eval()
+    load_reference(ours, theirs.state_dict())
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) < 1e-4
 
 
 def test_converter_refuses_mismatched_models():

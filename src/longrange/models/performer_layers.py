@@ -191,12 +191,16 @@ class FastAttention(nn.Module):
         if k.shape[-2] != q.shape[-2]:
             raise ValueError("causal attention needs as many keys as queries")
         softmax_kernel = not (self.no_projection or self.generalized_attention)
-        if softmax_kernel and self.backend in ("auto", "fused"):
+        one_step = state is not None and q.shape[-2] == 1 and not torch.is_grad_enabled()
+        if softmax_kernel and self.backend in ("auto", "fused") and not one_step:
             return favor.softmax_causal_attention(
                 q, k, v, self.projection_matrix, mask=mask, chunk_size=self.chunk_size, state=state
             )
         running = None if state is None else state.log_scale
         fq, fk, scale = self.features(q, k, mask, running)
+        if one_step:
+            # decoding: update the running sums directly (the same maths as a chunk of one)
+            return favor.causal_linear_attention_step(fq, fk, v, state, log_scale=scale)
         if state is None and self.backend == "naive":
             return favor.linear_attention_naive(fq, fk, v.float(), causal=True, log_scale=scale).to(
                 v.dtype
