@@ -38,7 +38,12 @@ def _temp_dirs():
 
 
 @pytest.fixture(autouse=True)
-def _no_files_left_behind():
+def _no_files_left_behind(tmp_path, monkeypatch):
+    # A temporary root of the test's own, so memories made by other processes on the machine
+    # cannot be mistaken for ones this test leaked.
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
     before = _temp_dirs()
     yield
     import gc
