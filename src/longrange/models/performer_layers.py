@@ -381,8 +381,7 @@ class Attention(nn.Module):
             v_all = torch.cat((cache["local_v"], v), dim=-2)
         else:
             k_all, v_all = k, v
-        start = position - (k_all.shape[-2] - k.shape[-2])
-        if q.shape[-2] == k_all.shape[-2] and start == 0:
+        if "local_k" not in cache and position == 0:
             out = local(q, k, v)  # a prefill from the start: one windowed pass
         else:
             rows = []
