@@ -314,8 +314,10 @@ def test_layers_and_stack_keep_reference_call_conventions():
     assert not torch.equal(before, fast.projection_matrix)
     with pytest.raises(ValueError, match="context"):
         lm()(tokens(1, 5), context=torch.randn(1, 3, 32))
-    enc = lm(causal=False)(tokens(1, 5), return_encodings=True)
-    assert enc.shape == (1, 5, 32)
+    bidirectional = lm(causal=False)
+    assert bidirectional(tokens(1, 5), return_encodings=True).shape == (1, 5, 32)
+    # no running state without causality: generation re-runs the window
+    assert bidirectional.generate(tokens(1, 5), 3, temperature=0).shape == (1, 3)
 
 
 BAD_KEYWORDS = [

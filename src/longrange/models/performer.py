@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from longrange.models.base import LMOutput, LongRangeLM
+from longrange.models.base import LMOutput, LongRangeLM, RecomputeState
 from longrange.models.config import ModelConfig
 from longrange.models.performer_layers import (
     KERNEL_FNS,
@@ -432,7 +432,10 @@ class PerformerModel(LongRangeLM):
         and the state holding every layer's running sums. A cross-attending decoder takes its
         ``context`` here (kept in the state for the following steps)."""
         if not self.config.causal:
-            raise ValueError("incremental decoding needs causal=True")
+            # a bidirectional model has no running state: every step re-runs the window
+            if context is not None or self.config.cross_attend:
+                raise ValueError("decoding with a context needs causal=True")
+            return super().prefill(tokens, state)
         if state is None:
             if context is None and self.decode_context is not None:
                 context, context_mask = self.decode_context
@@ -454,6 +457,8 @@ class PerformerModel(LongRangeLM):
     def step(self, token: Tensor, state: PerformerState) -> tuple[Tensor, PerformerState]:
         if token.dim() != 1:
             raise ValueError(f"step takes one token per row, shape [B], got {list(token.shape)}")
+        if isinstance(state, RecomputeState):
+            return super().step(token, state)
         logits, state = self.prefill(token[:, None], state)
         return logits[:, -1], state
 
