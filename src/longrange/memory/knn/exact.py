@@ -50,14 +50,17 @@ class ExactIndex(KNNIndex):
         else:
             keys = self.kv[torch.as_tensor(rows, device=self.kv.device), :f, 0]
         keys = keys.to(queries.device, queries.dtype)
-        short = torch.as_tensor(filled, device=queries.device)[:, None, None]
-        beyond = torch.arange(f, device=queries.device)[None, None, :] >= short  # [R, 1, F]
+        beyond = None  # [R, 1, F] slots past a row's fill, when rows are filled unequally
+        if int(filled.min()) < f:
+            short = torch.as_tensor(filled, device=queries.device)[:, None, None]
+            beyond = torch.arange(f, device=queries.device)[None, None, :] >= short
         kk = min(k, f)
         block = max(1, SCORE_BLOCK_ELEMENTS // max(1, r * f))
         pieces = []
         for start in range(0, q, block):
             scores = torch.bmm(queries[:, start : start + block], keys.transpose(1, 2))  # [R, Qb, F]
-            scores.masked_fill_(beyond, float("-inf"))
+            if beyond is not None:
+                scores.masked_fill_(beyond, float("-inf"))
             top = scores.topk(kk, dim=-1)
             pieces.append(top.indices.masked_fill(top.values == float("-inf"), -1))
         return pad_slots(torch.cat(pieces, dim=1), k)
