@@ -153,8 +153,12 @@ def memorizing_small() -> MemorizingConfig:
 
 
 def memorizing_bench() -> MemorizingConfig:
-    """The benchmark size: dim 256, depth 4, heads 4, chunks of 512, 64K memories."""
-    return MemorizingConfig(dim=256, depth=4, heads=4, max_seq_len=512, max_knn_memories=65536)
+    """The benchmark size: dim 256, depth 4, heads 4, chunks of 512, 64K memories in an HNSW
+    index (the reference's kind: its search cost barely grows as the memory fills, where an
+    exact flat search grows linearly)."""
+    return MemorizingConfig(
+        dim=256, depth=4, heads=4, max_seq_len=512, max_knn_memories=65536, knn_index="hnsw"
+    )
 
 
 # --- attention layers ---------------------------------------------------------------------

@@ -8,9 +8,9 @@ Index kinds:
   until it holds ``train_size`` entries; then the lists are trained on them. Evicted ids are
   removed as for ``flat``.
 - ``hnsw``: ``IndexHNSWFlat`` (``hnsw_m`` links, ``ef_search``, ``ef_construction``). HNSW
-  cannot remove entries, so evicted ids stay in the graph and are filtered out of the results
-  (ids below ``count - M`` are dead); when dead entries reach M the row is rebuilt from the
-  store, so the cost stays amortised O(1) per entry.
+  cannot remove entries, so evicted ids stay in the graph and the search skips them with an
+  id-range selector (ids below ``count - M`` are dead); when dead entries reach M the row is
+  rebuilt from the store, so the cost stays amortised O(1) per entry.
 - With faiss-gpu installed and the memory on a GPU, ``flat`` runs on ``GpuIndexFlatIP``
   (append-only like ``hnsw``).
 
@@ -159,8 +159,19 @@ class FaissIndex(KNNIndex):
         if filled == 0 or k == 0:
             return np.full((queries.shape[0], k), -1, dtype=np.int64)
         dead = index.ntotal - filled
-        fetch = min(index.ntotal, k + dead if self.append_only else k)
-        _, ids = index.search(np.ascontiguousarray(queries), fetch)
+        queries = np.ascontiguousarray(queries)
+        if dead > 0 and self.kind == "hnsw":
+            # The graph keeps evicted entries; a range selector on the ids skips them during the
+            # walk, so the cost does not grow with the number of dead entries.
+            params = faiss.SearchParametersHNSW(
+                sel=faiss.IDSelectorRange(max(0, count - self.capacity), count),
+                efSearch=max(self.ef_search, k),
+            )
+            _, ids = index.search(queries, min(k, filled), params=params)
+            dead = 0
+        else:
+            fetch = min(index.ntotal, k + dead if self.append_only else k)
+            _, ids = index.search(queries, fetch)
         alive = (ids >= max(0, count - self.capacity)) & (ids < count)
         if dead > 0:
             # Move the alive ids to the front, keeping their order (best first).
