@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite
 
 
@@ -34,3 +36,17 @@ def test_table_accepts_rows_without_forward_time():
     row = {"family": "x (reference)", "length": 8, "batch_size": 1, "fwd_bwd_s": 1.0, "fwd_s": None}
     row["tokens_per_s"] = 8.0
     assert "x (reference)" in format_table([row])
+
+
+@pytest.mark.parametrize(
+    "family, length",
+    [("performer", 64), ("routing", 256), ("sinkhorn", 256), ("block_recurrent", 512), ("memorizing", 1024)],
+)
+def test_reference_point_runs_each_reference_package(family, length):
+    from longrange.bench.reference import reference_available, time_reference_point
+
+    if not reference_available(family):
+        pytest.skip(f"the {family} reference package is not installed")
+    row = time_reference_point(family, length, repeats=1)
+    assert row["family"] == f"{family} (reference)" and row["length"] == length
+    assert row["fwd_bwd_s"] > 0 and row["params"] > 0

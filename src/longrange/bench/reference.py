@@ -8,6 +8,8 @@ heads 4) with the options the issues name. A family whose package is missing is 
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,11 +49,51 @@ def _block_recurrent(n: int) -> nn.Module:
     return BlockRecurrentTransformer(max_seq_len=n, block_width=512, **SIZE)
 
 
+class _ChunkedMemorizing(nn.Module):
+    """Reads the sequence as training does: chunks of 512 through kNN memories that start empty
+    and fill as it goes, a forward and a backward per chunk (as longrange's memorizing bench)."""
+
+    chunk = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        from memorizing_transformers_pytorch import MemorizingTransformer
+
+        self.directory = tempfile.mkdtemp(prefix="longrange-bench-ref-")
+        self.model = MemorizingTransformer(
+            dim_head=64, max_knn_memories=65536, knn_memories_directory=self.directory, **SIZE
+        )
+
+    def bench_step(self, tokens: Tensor) -> None:
+        with self.model.knn_memories_context(batch_size=tokens.shape[0]) as memories:
+            for start in range(0, tokens.shape[1] - 1, self.chunk):
+                piece = tokens[:, start : start + self.chunk + 1]
+                logits = self.model(piece[:, :-1], knn_memories=memories)
+                F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "directory", ""), ignore_errors=True)
+
+
+def _memorizing(n: int) -> nn.Module:
+    return _ChunkedMemorizing()
+
+
+def reference_step(model: nn.Module, tokens: Tensor) -> None:
+    """One forward+backward of a reference model over tokens [B, N + 1]."""
+    if hasattr(model, "bench_step"):
+        model.bench_step(tokens)
+        return
+    logits = _first(model(tokens[:, :-1]))
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+
 BUILDERS: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
     "performer": ("performer_pytorch", _performer),
     "routing": ("routing_transformer", _routing),
     "sinkhorn": ("sinkhorn_transformer", _sinkhorn),
     "block_recurrent": ("block_recurrent_transformer_pytorch", _block_recurrent),
+    "memorizing": ("memorizing_transformers_pytorch", _memorizing),
 }
 
 
@@ -67,8 +109,7 @@ def time_reference_point(family: str, length: int, *, repeats: int) -> dict[str,
 
     def step():
         model.zero_grad(set_to_none=True)
-        logits = _first(model(tokens[:, :-1]))
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        reference_step(model, tokens)
 
     step()
     times = []

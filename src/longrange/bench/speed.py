@@ -124,13 +124,13 @@ def memory_point(family: str, length: int, *, device: str, batch_size: int) -> f
     """
     torch.manual_seed(0)
     if family.startswith("ref:"):
-        from longrange.bench.reference import BUILDERS, _first
+        from longrange.bench.reference import BUILDERS, reference_step
 
         ref = BUILDERS[family[4:]][1](length).train()
         tokens = torch.randint(0, 256, (1, length + 1))
         before = _current_rss_kib()
         _reset_peak_rss()
-        F.cross_entropy(_first(ref(tokens[:, :-1])).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        reference_step(ref, tokens)
         return (_peak_rss_kib() - before) / 1024
     model = bench_model(family, length, device).train()
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
