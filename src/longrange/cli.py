@@ -138,6 +138,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         get_family(m)
+    try:
+        low, high = (int(x) for x in args.listops_length.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--listops-length must be MIN,MAX (two integers), got {args.listops_length!r}"
+        ) from None
+    if not 1 <= low <= high:
+        raise ValueError(f"--listops-length needs 1 <= MIN <= MAX, got {args.listops_length!r}")
     options = {
         "repeats": args.repeats,
         "batch_size": args.batch_size,
@@ -148,6 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "readme": args.readme,
+        "listops_length": (low, high),
     }
     run_suite(args.suite, models, lengths, device=_device(args.device), options=options)
     return 0
@@ -220,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
     b.add_argument(
         "suite",
-        choices=["speed", "memory", "generate", "recall", "quality", "report"],
+        choices=["speed", "memory", "generate", "recall", "quality", "listops", "report"],
         help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
         "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
-        "report (plots + README tables)",
+        "listops (Long Range Arena classification), report (plots + README tables)",
     )
     b.add_argument("--models", default="vanilla", help="comma-separated families, or 'all' (default vanilla)")
     b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")
@@ -237,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
     )
-    b.add_argument("--steps", type=int, default=None, help="recall / quality: training steps per family")
+    b.add_argument(
+        "--steps", type=int, default=None, help="recall / quality / listops: training steps per family"
+    )
+    b.add_argument(
+        "--listops-length",
+        default="500,2000",
+        help="listops: MIN,MAX characters per expression (default 500,2000, as Long Range Arena)",
+    )
     b.add_argument("--prompt-len", type=int, default=1024, help="generate: prompt length (default 1024)")
     b.add_argument("--new-tokens", type=int, default=1024, help="generate: tokens to decode (default 1024)")
     b.add_argument("--readme", default="README.md", help="report: the README whose tables are rewritten")

@@ -77,6 +77,9 @@ def test_generate_and_recall_suites_at_tiny_size(tmp_path):
         options={"out": tmp_path, "prompt_len": 16, "new_tokens": 8},
     )
     assert rows[0]["incremental_tokens_per_s"] > 0
+    readme = tmp_path / "README.md"
+    write_report(tmp_path, readme)
+    assert "8 new tokens after a 16-token prompt" in readme.read_text()
     row = train_on_task("vanilla", "copying", steps=2, batch_size=2, eval_batches=1)
     assert 0 <= row["accuracy"] <= 1 and row["length"] % 128 == 0
 

@@ -109,7 +109,9 @@ def markdown_for_device(folder: Path) -> str:
             parts.append(f"![speed](benchmarks/results/{folder.name}/speed.png)\n")
     gen = load_suite(folder, "generate")
     if gen:
-        parts.append("Decoding, 1K new tokens after a 1K prompt (tokens/s):\n")
+        first = gen["results"][0] if gen["results"] else {}
+        prompt, new = first.get("prompt_len", "?"), first.get("new_tokens", "?")
+        parts.append(f"Decoding, {new} new tokens after a {prompt}-token prompt (tokens/s):\n")
         cols = [
             ("family", "family", ""),
             ("incremental_tokens_per_s", "incremental", ".1f"),
@@ -133,6 +135,17 @@ def markdown_for_device(folder: Path) -> str:
             ("val_bpb", "val bpb", ".3f"),
         ]
         parts.append(_rows_markdown([r for r in quality["results"] if "error" not in r], cols) + "\n")
+    listops = load_suite(folder, "listops")
+    if listops:
+        parts.append("ListOps (Long Range Arena) accuracy after a fixed budget (chance 10%):\n")
+        cols = [
+            ("family", "family", ""),
+            ("min_length", "min chars", ""),
+            ("max_length", "max chars", ""),
+            ("steps", "steps", ""),
+            ("accuracy", "accuracy", ".3f"),
+        ]
+        parts.append(_rows_markdown([r for r in listops["results"] if "error" not in r], cols) + "\n")
     return "\n".join(parts)
 
 

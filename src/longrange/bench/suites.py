@@ -16,7 +16,7 @@ from longrange.bench.speed import (
     run_speed_suite,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "report")
+SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "report")
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +92,29 @@ def run_quality_suite(families, *, device, steps=200, preset="tiny", out_dir="be
     return rows
 
 
+def run_listops_suite(
+    families, *, device, steps=300, min_length=500, max_length=2000, out_dir="benchmarks/results"
+):
+    from longrange.bench.listops import train_listops
+
+    rows = []
+    for family in families:
+        try:
+            row = train_listops(
+                family, steps=steps, min_length=min_length, max_length=max_length, device=device
+            )
+        except (RuntimeError, ValueError) as err:
+            row = {"family": family, "task": "listops", "max_length": max_length, "error": str(err)[:200]}
+        rows.append(_stamp(row))
+        acc = row.get("accuracy")
+        print(f"{family:<16}listops {min_length}-{max_length}", end="", flush=True)
+        print(f"{'-' if acc is None else f'{100 * acc:.1f}%':>8}", flush=True)
+    path = results_path(out_dir, device, "listops")
+    merge_results(path, environment(device), rows, keys=("family", "max_length"))
+    print(f"written: {path}")
+    return rows
+
+
 def run_suite(suite: str, families: list[str], lengths: list[int], *, device: str, options: dict[str, Any]):
     out_dir = options.get("out", "benchmarks/results")
     if suite == "speed":
@@ -121,6 +144,16 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
         return run_recall_suite(families, device=device, steps=options.get("steps") or 300, out_dir=out_dir)
     if suite == "quality":
         return run_quality_suite(families, device=device, steps=options.get("steps") or 200, out_dir=out_dir)
+    if suite == "listops":
+        low, high = options.get("listops_length", (500, 2000))
+        return run_listops_suite(
+            families,
+            device=device,
+            steps=options.get("steps") or 300,
+            min_length=low,
+            max_length=high,
+            out_dir=out_dir,
+        )
     if suite == "report":
         from longrange.bench.report import write_report
 
