@@ -12,14 +12,16 @@ from longrange.models.registry import create_model
 
 def test_flop_count_of_a_known_case():
     # One vanilla forward at length n: per layer q/k/v/out projections 8·n·d², the feed-forward
-    # 16·n·d² (mult 4), attention 4·n²·d over the full score block; plus the head 2·n·d·V.
+    # 16·n·d² (mult 4), causal attention 4·d over the n(n+1)/2 pairs it needs; plus the head
+    # 2·n·d·V.
     model = create_model("vanilla", "tiny")
     c = model.config
     n, d = 64, c.dim
     tokens = torch.randint(0, 256, (1, n))
     with torch.no_grad():
         flops = count_flops(lambda: model(tokens))
-    expected = c.depth * (8 * n * d * d + 16 * n * d * d + 4 * n * n * d) + 2 * n * d * c.vocab_size
+    pairs = n * (n + 1) // 2
+    expected = c.depth * (8 * n * d * d + 16 * n * d * d + 4 * pairs * d) + 2 * n * d * c.vocab_size
     assert flops == expected
 
 
@@ -29,6 +31,8 @@ def test_backward_flops_are_twice_forward():
     both = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
     assert fwd == 4 * 2 * 32 * 32 * 16
     assert both == 3 * fwd
+    causal = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert causal == 4 * 2 * (32 * 33 // 2) * 16
 
 
 def test_growth_exponent():

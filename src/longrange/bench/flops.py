@@ -3,9 +3,10 @@
 FLOPs are counted by running the workload once under ``torch.utils.flop_counter``, so each
 family is counted from the operations it really runs (its matmuls, einsums and fused attention
 calls), with no per-family formula to drift. PyTorch does not count the CPU flash-attention
-kernel, so its formulas are added here: forward 4·B·H·N·M·D (QKᵀ and PV over the full N x M
-block, masked or not), backward twice that; recomputation inside the kernel is not model work
-and is not counted.
+kernel, so its formulas are added here: forward 4·B·H·P·D over the P query-key pairs the
+attention needs (N·M; with ``is_causal`` only the lower triangle, N·M - N(N-1)/2, since the
+kernel skips the blocks above it), backward twice that; recomputation inside the kernel is
+not model work and is not counted.
 """
 
 from __future__ import annotations
@@ -19,16 +20,33 @@ from torch.utils.flop_counter import FlopCounterMode
 aten = torch.ops.aten
 
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _attention_flops(query_shape, key_shape, value_shape, is_causal: bool) -> int:
     b, h, n, d = query_shape
     m, e = key_shape[-2], value_shape[-1]
-    return 2 * b * h * n * m * d + 2 * b * h * n * m * e
+    pairs = n * m - n * (n - 1) // 2 if is_causal and n <= m else n * m
+    return 2 * b * h * pairs * (d + e)
+
+
+def _sdpa_cpu_flops(
+    query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs
+) -> int:
+    return _attention_flops(query_shape, key_shape, value_shape, bool(is_causal))
 
 
 def _sdpa_cpu_backward_flops(
-    grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+    grad_shape,
+    query_shape,
+    key_shape,
+    value_shape,
+    out_shape_=None,
+    lse_shape=None,
+    dropout_p=0.0,
+    is_causal=False,
+    *args,
+    out_shape=None,
+    **kwargs,
 ) -> int:
-    return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+    return 2 * _attention_flops(query_shape, key_shape, value_shape, bool(is_causal))
 
 
 # flop_counter hands custom formulas the shapes of the tensors, not the tensors.
