@@ -50,3 +50,10 @@ def test_reference_point_runs_each_reference_package(family, length):
     row = time_reference_point(family, length, repeats=1)
     assert row["family"] == f"{family} (reference)" and row["length"] == length
     assert row["fwd_bwd_s"] > 0 and row["params"] > 0
+
+
+def test_reference_in_a_fresh_process_reports_failures():
+    from longrange.bench.speed import _reference_point_in_fresh_process
+
+    row = _reference_point_in_fresh_process("no_such_family", 64, 1)
+    assert row["family"] == "no_such_family (reference)" and "KeyError" in row["error"]

@@ -224,24 +224,15 @@ def merge_results(
 def _reference_rows(
     family: str, lengths: list[int], *, device: str, repeats: int, memory: bool
 ) -> list[dict]:
-    from longrange.bench.reference import reference_available, time_reference_point
+    from longrange.bench.reference import reference_available
 
     if torch.device(device).type != "cpu" or not reference_available(family):
         return []
     out = []
     for length in lengths:
-        try:
-            row = time_reference_point(family, length, repeats=repeats)
-        except (RuntimeError, ValueError, AssertionError, TypeError) as err:
-            row = {
-                "family": f"{family} (reference)",
-                "length": length,
-                "batch_size": 1,
-                "error": str(err)[:200],
-            }
-        else:
-            if memory:
-                row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
+        row = _reference_point_in_fresh_process(family, length, repeats)
+        if "error" not in row and memory:
+            row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
         row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         print(format_table([row]).splitlines()[-1], flush=True)
         out.append(row)
@@ -322,7 +313,31 @@ def run_speed_suite(
     return rows
 
 
+def _reference_point_in_fresh_process(family: str, length: int, repeats: int) -> dict[str, Any]:
+    """Time a reference package in a child process: some build tensors that outgrow the
+    machine (the Performer reference's causal path at 8K on 24 GiB) and are killed by the
+    kernel, which must not take the benchmark run with them."""
+    cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (
+        f"killed by signal {-proc.returncode} (out of memory?)"
+        if proc.returncode < 0
+        else (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    )
+    return {"family": f"{family} (reference)", "length": length, "batch_size": 1, "error": reason[:200]}
+
+
 if __name__ == "__main__":
-    # Worker for memory_in_fresh_process: family length device batch_size
-    fam, n, dev, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    print(memory_point(fam, n, device=dev, batch_size=bs))
+    if sys.argv[1] == "--reference":
+        # Worker for _reference_point_in_fresh_process: --reference family length repeats
+        from longrange.bench.reference import time_reference_point
+
+        row = time_reference_point(sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]))
+        print(json.dumps(row))
+    else:
+        # Worker for memory_in_fresh_process: family length device batch_size
+        fam, n, dev, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+        print(memory_point(fam, n, device=dev, batch_size=bs))
