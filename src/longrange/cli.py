@@ -157,6 +157,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "readme": args.readme,
         "listops_length": (low, high),
+        "reference_lengths": (
+            [int(x) for x in args.reference_lengths.split(",") if x.strip()]
+            if args.reference_lengths
+            else None
+        ),
     }
     run_suite(args.suite, models, lengths, device=_device(args.device), options=options)
     return 0
@@ -245,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
+    )
+    b.add_argument(
+        "--reference-lengths",
+        default=None,
+        help="speed: lengths at which --compare-reference times the references (default: --lengths)",
     )
     b.add_argument(
         "--steps", type=int, default=None, help="recall / quality / listops: training steps per family"

@@ -61,6 +61,7 @@ def test_speed_json_schema_and_report(tmp_path):
             "tokens_per_s",
             "fwd_bwd_flops",
             "mfu",
+            "matmul_peak_gflops",
         } <= set(row)
         assert 0 < row["mfu"] < 1.5
     assert data["results"][1]["growth"] is not None
@@ -69,6 +70,7 @@ def test_speed_json_schema_and_report(tmp_path):
     write_report(tmp_path, readme)
     text = readme.read_text()
     assert "old" not in text and "| vanilla |" in text and text.endswith("tail\n")
+    assert "tok/s" in text and "n^" in text  # the throughput / MFU / growth table
     assert (path.parent / "speed.png").is_file()
 
 
@@ -86,6 +88,30 @@ def test_generate_and_recall_suites_at_tiny_size(tmp_path):
     assert "8 new tokens after a 16-token prompt" in readme.read_text()
     row = train_on_task("vanilla", "copying", steps=2, batch_size=2, eval_batches=1)
     assert 0 <= row["accuracy"] <= 1 and row["length"] % 128 == 0
+
+
+def test_recall_table_in_the_report(tmp_path):
+    from longrange.bench.report import markdown_for_device
+    from longrange.bench.speed import merge_results
+
+    folder = tmp_path / "dev"
+    rows = [
+        {"family": "vanilla", "task": "copying", "length": 128, "steps": 3, "accuracy": 0.5},
+        {"family": "vanilla", "task": "passkey", "length": 256, "steps": 3, "error": "boom"},
+    ]
+    merge_results(folder / "recall.json", {"device": "dev"}, rows, keys=("family", "task"))
+    text = markdown_for_device(folder)
+    assert "after 3 training steps" in text
+    assert "| family | copying (128 tokens) | passkey (256 tokens) |" in text
+    assert "| vanilla | 50.0% | - |" in text
+
+
+def test_matmul_peak_rejects_bad_repeats():
+    from longrange.bench.flops import matmul_peak
+
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        matmul_peak("cpu", size=8, repeats=0)
+    assert matmul_peak("cpu", size=64, repeats=2) > 0
 
 
 def test_unknown_suite_and_task():

@@ -57,3 +57,27 @@ def test_reference_in_a_fresh_process_reports_failures():
 
     row = _reference_point_in_fresh_process("no_such_family", 64, 1)
     assert row["family"] == "no_such_family (reference)" and "KeyError" in row["error"]
+
+
+def test_reference_lengths_restrict_the_reference_pass(tmp_path):
+    from longrange.bench.reference import reference_available
+
+    with pytest.raises(ValueError, match="reference_lengths must be integers >= 2"):
+        run_speed_suite(["vanilla"], [32], device="cpu", reference_lengths=[1], out_dir=tmp_path)
+    if not reference_available("performer"):
+        pytest.skip("the performer reference package is not installed")
+    rows = run_speed_suite(
+        ["performer"],
+        [32, 64],
+        device="cpu",
+        repeats=1,
+        out_dir=tmp_path,
+        memory=False,
+        compare_reference=True,
+        reference_lengths=[64],
+    )
+    assert [(r["family"], r["length"]) for r in rows] == [
+        ("performer", 32),
+        ("performer", 64),
+        ("performer (reference)", 64),
+    ]

@@ -161,3 +161,15 @@ def test_two_process_gloo_ddp(tmp_path, text_folder):
     assert (run / "model.safetensors").is_file()
     assert proc.stdout.count("longrange train: done") == 1  # only rank 0 reports
     assert json.loads((run / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777

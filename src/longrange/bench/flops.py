@@ -11,6 +11,7 @@ not model work and is not counted.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -64,29 +65,31 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def matmul_peak(
-    device: str | torch.device, *, size: int = 2048, repeats: int = 5, dtype=torch.float32
+    device: str | torch.device, *, size: int = 2048, repeats: int = 10, dtype=torch.float32
 ) -> float:
-    """Measured FLOP/s of a square ``size`` matmul (median of repeats) on ``device``."""
+    """Measured FLOP/s of a square ``size`` matmul on ``device``: the best of ``repeats`` after
+    two warm-ups. The best, not the median: MFU is a fraction of what the device can do, and a
+    median taken while the clock or a neighbour dips understates the peak (MFU above 100%)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = torch.device(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
+    for _ in range(2):
+        a @ b
     sync()
-    times = []
+    best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         sync()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * size**3 / times[len(times) // 2]
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def growth_exponents(lengths: list[int], values: list[float]) -> list[float | None]:
     """Exponent p of cost ~ n^p between successive lengths; None for the first point."""
-    import math
-
     out: list[float | None] = [None]
     for (n0, v0), (n1, v1) in zip(zip(lengths, values), zip(lengths[1:], values[1:])):
         if v0 and v1 and v0 > 0 and v1 > 0 and n1 != n0:

@@ -61,7 +61,9 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _speed_markdown(data: dict[str, Any]) -> str:
+def _speed_markdown(data: dict[str, Any], cell=None) -> str:
+    """One row per family, one column per length; ``cell(row)`` formats a measured point
+    (default: fwd+bwd time / peak memory)."""
     rows = data["results"]
     lengths = sorted({r["length"] for r in rows})
     families = list(dict.fromkeys(r["family"] for r in rows))
@@ -76,9 +78,36 @@ def _speed_markdown(data: dict[str, Any]) -> str:
             elif "error" in hit[0]:
                 cells.append("fails")
             else:
-                r = hit[0]
-                mem = f" / {r['peak_mb']:.0f} MB" if r.get("peak_mb") else ""
-                cells.append(f"{r['fwd_bwd_s']:.2f} s{mem}")
+                cells.append((cell or _time_memory_cell)(hit[0]))
+        out.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _time_memory_cell(r: dict[str, Any]) -> str:
+    mem = f" / {r['peak_mb']:.0f} MB" if r.get("peak_mb") else ""
+    return f"{r['fwd_bwd_s']:.2f} s{mem}"
+
+
+def _throughput_cell(r: dict[str, Any]) -> str:
+    parts = [f"{r['tokens_per_s'] / 1000:.1f}K tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"{100 * r['mfu']:.0f}%")
+    if r.get("growth") is not None:
+        parts.append(f"n^{r['growth']:.2f}")
+    return ", ".join(parts)
+
+
+def _recall_markdown(rows: list[dict[str, Any]]) -> str:
+    tasks = sorted({r["task"] for r in rows})
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    length = {r["task"]: r.get("length") for r in rows}
+    head = [f"{t} ({length[t]} tokens)" if length[t] else t for t in tasks]
+    out = ["| family | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for fam in families:
+        cells = []
+        for task in tasks:
+            hit = [r for r in rows if r["family"] == fam and r["task"] == task and "accuracy" in r]
+            cells.append(f"{100 * hit[0]['accuracy']:.1f}%" if hit else "-")
         out.append(f"| {fam} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -105,6 +134,12 @@ def markdown_for_device(folder: Path) -> str:
             f"(torch {env.get('torch', '?')}; matmul peak {env.get('matmul_peak_gflops', '?')} GFLOP/s):\n"
         )
         parts.append(_speed_markdown(speed) + "\n")
+        parts.append(
+            "Training throughput, model FLOP utilisation (of the measured matmul peak) and the "
+            "growth exponent of the time from the previous length:\n"
+        )
+        ours = {**speed, "results": [r for r in speed["results"] if "(reference)" not in r["family"]]}
+        parts.append(_speed_markdown(ours, _throughput_cell) + "\n")
         if (folder / "speed.png").is_file():
             parts.append(f"![speed](benchmarks/results/{folder.name}/speed.png)\n")
     gen = load_suite(folder, "generate")
@@ -121,10 +156,9 @@ def markdown_for_device(folder: Path) -> str:
         parts.append(_rows_markdown([r for r in gen["results"] if "error" not in r], cols) + "\n")
     recall = load_suite(folder, "recall")
     if recall:
-        from longrange.bench.tasks import format_recall_table
-
-        parts.append("Synthetic recall accuracy after a fixed training budget:\n")
-        parts.append("```\n" + format_recall_table(recall["results"]) + "\n```\n")
+        first = recall["results"][0] if recall["results"] else {}
+        parts.append(f"Synthetic recall accuracy after {first.get('steps', '?')} training steps:\n")
+        parts.append(_recall_markdown(recall["results"]) + "\n")
     quality = load_suite(folder, "quality")
     if quality:
         parts.append("Validation bits per byte on the built-in corpus after a fixed budget:\n")

@@ -115,6 +115,7 @@ def time_point(
     }
     if peak_flops:
         row["mfu"] = flops / fwd_bwd / peak_flops
+        row["matmul_peak_gflops"] = peak_flops / 1e9  # per row: merged runs may measure differently
     return row
 
 
@@ -179,6 +180,16 @@ def _peak_rss_kib() -> int:
     return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _cap_address_space() -> None:
+    """Child-process hook for the reference packages on CPU: cap the address space at 80% of
+    the machine's memory, so a reference that outgrows it (the Performer reference's causal
+    path wants 22 GB at 8K) fails with an allocation error instead of pushing the machine
+    into the kernel's out-of-memory killer."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = int(0.8 * total)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size: int) -> float | None:
     cmd = [sys.executable, "-m", "longrange.bench.speed", family, str(length), device, str(batch_size)]
     # glibc raises its mmap threshold as large blocks are freed, after which freed activations
@@ -186,7 +197,10 @@ def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size
     # initial 128 KiB returns large blocks to the system, so the peak is the live peak, the same
     # way for every family and reference.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    capped = family.startswith("ref:") and torch.device(device).type == "cpu"
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, preexec_fn=_cap_address_space if capped else None
+    )
     if proc.returncode != 0:
         return None
     return float(proc.stdout.strip().splitlines()[-1])
@@ -270,11 +284,16 @@ def run_speed_suite(
     out_dir: str | Path = "benchmarks/results",
     memory: bool = True,
     compare_reference: bool = False,
+    reference_lengths: list[int] | None = None,
 ) -> list[dict[str, Any]]:
+    """Time every (family, length); with ``compare_reference`` also the installed reference
+    packages at ``reference_lengths`` (default: all of ``lengths``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not lengths or any(n < 2 for n in lengths):
         raise ValueError(f"lengths must be integers >= 2, got {lengths}")
+    if reference_lengths is not None and any(n < 2 for n in reference_lengths):
+        raise ValueError(f"reference_lengths must be integers >= 2, got {reference_lengths}")
     env = environment(device)
     peak = matmul_peak(device)
     env["matmul_peak_gflops"] = f"{peak / 1e9:.1f}"
@@ -299,7 +318,7 @@ def run_speed_suite(
             print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
         if compare_reference:
             family_rows += _reference_rows(
-                family, sorted(lengths), device=device, repeats=repeats, memory=memory
+                family, sorted(reference_lengths or lengths), device=device, repeats=repeats, memory=memory
             )
             rows += family_rows[len(lengths) :]
         timed = [r for r in family_rows[: len(lengths)] if "fwd_bwd_s" in r]
@@ -318,7 +337,7 @@ def _reference_point_in_fresh_process(family: str, length: int, repeats: int) ->
     machine (the Performer reference's causal path at 8K on 24 GiB) and are killed by the
     kernel, which must not take the benchmark run with them."""
     cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_cap_address_space)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])

@@ -127,6 +127,7 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             out_dir=out_dir,
             memory=not options.get("no_memory", False),
             compare_reference=options.get("compare_reference", False),
+            reference_lengths=options.get("reference_lengths"),
         )
     if suite == "memory":
         return run_memory_suite(

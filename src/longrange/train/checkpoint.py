@@ -34,6 +34,10 @@ def _atomic_write(path: Path, write) -> None:
             write(handle, tmp)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file owner-only; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
