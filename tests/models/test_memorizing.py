@@ -84,8 +84,9 @@ def test_bad_config_raises(setting, message):
         {},
         {"xl_max_memories": 5},
         {"clear_memories_on_sos_token_id": SOS, "clear_memories_on_eos_token_id": EOS},
+        {"shift_tokens": True, "xl_max_memories": 5, "clear_memories_on_eos_token_id": EOS},
     ],
-    ids=["plain", "xl", "sos-eos"],
+    ids=["plain", "xl", "sos-eos", "shift-xl-eos"],
 )
 def test_causal_within_a_chunk_with_a_filled_memory(options):
     model = _model(**options)
@@ -102,8 +103,9 @@ def test_causal_within_a_chunk_with_a_filled_memory(options):
     assert_causal(chunk_logits, _tokens(2, CHUNK - 3, seed=2), VOCAB, positions=(0, 4, 7, 11))
 
 
-def test_memory_changes_outputs_only_through_past_entries():
-    model = _model()
+@pytest.mark.parametrize("options", [{}, {"shift_tokens": True}], ids=["plain", "shift"])
+def test_memory_changes_outputs_only_through_past_entries(options):
+    model = _model(**options)
     chunks = _tokens(2, 3 * CHUNK, seed=3)
     state = model.init_state(2)
     first = model.forward_lm(chunks[:, :CHUNK], state=state).logits
@@ -172,8 +174,9 @@ def test_sos_token_clears_from_its_position_on():
     assert_close(next_chunk, follow, 1e-6)
 
 
-def test_padding_is_neither_attended_nor_stored():
-    model = _model(xl_max_memories=4)
+@pytest.mark.parametrize("options", [{}, {"shift_tokens": True}], ids=["plain", "shift"])
+def test_padding_is_neither_attended_nor_stored(options):
+    model = _model(xl_max_memories=4, **options)
     tokens = _tokens(2, 2 * CHUNK, seed=8)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[0, 3:7] = False
@@ -197,8 +200,12 @@ def test_padding_is_neither_attended_nor_stored():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"xl_max_memories": 6, "shift_xl_memories_down": 1, "clear_memories_on_eos_token_id": EOS}],
-    ids=["plain", "xl-shift-eos"],
+    [
+        {},
+        {"xl_max_memories": 6, "shift_xl_memories_down": 1, "clear_memories_on_eos_token_id": EOS},
+        {"shift_tokens": True, "xl_max_memories": 6, "clear_memories_on_eos_token_id": EOS},
+    ],
+    ids=["plain", "xl-shift-eos", "token-shift"],
 )
 def test_greedy_generation_equals_recompute(options):
     model = _model(**options)
@@ -207,6 +214,47 @@ def test_greedy_generation_equals_recompute(options):
     sequence = torch.cat([prompt, new], dim=1)
     logits = model(sequence[:, :-1])
     assert torch.equal(logits.argmax(dim=-1)[:, prompt.shape[1] - 1 :], new)
+
+
+def test_an_eos_at_the_chunk_end_cuts_memory_xl_and_token_shift():
+    model = _model(shift_tokens=True, xl_max_memories=5, clear_memories_on_eos_token_id=EOS)
+    follow = _tokens(2, CHUNK, seed=20).clamp_min(EOS + 1)
+
+    def after(first):
+        first = first.clamp_min(EOS + 1)
+        first[:, -1] = EOS
+        state = model.init_state(2)
+        model.forward_lm(first, state=state)
+        out = model.forward_lm(follow, state=state).logits
+        state.close()
+        return out
+
+    a, b = after(_tokens(2, CHUNK, seed=21)), after(_tokens(2, CHUNK, seed=22))
+    assert_close(a, b, 1e-6)  # nothing of the finished document reaches the next one
+    assert_close(a, model(follow), 1e-6)
+    # Without the eos the previous chunk does reach it (through all three paths).
+    state = model.init_state(2)
+    model.forward_lm(_tokens(2, CHUNK, seed=21).clamp_min(EOS + 1), state=state)
+    assert (model.forward_lm(follow, state=state).logits - a).abs().max() > 1e-4
+    state.close()
+
+
+def test_token_shift_reaches_across_chunks_and_decoding_steps():
+    model = _model(shift_tokens=True, num_retrieved_memories=0)  # the shift is the only link
+    tokens = _tokens(1, CHUNK + 3, seed=23)
+    state = model.init_state(1)
+    whole = model.forward_lm(tokens, state=state).logits
+    state.close()
+    logits, state = model.prefill(tokens[:, : CHUNK + 1])
+    step, state = model.step(tokens[:, CHUNK + 1], state)
+    state.close()
+    assert_close(logits, whole[:, : CHUNK + 1], 1e-5)
+    assert_close(step, whole[:, CHUNK + 1], 1e-5)
+    # the first position of the second chunk depends on the last of the first
+    other = tokens.clone()
+    other[0, CHUNK - 1] = (other[0, CHUNK - 1] + 1) % VOCAB
+    changed = model(other)
+    assert (changed[:, CHUNK] - whole[:, CHUNK]).abs().max() > 1e-5
 
 
 def test_batch_size_must_match_the_memories():

@@ -7,7 +7,9 @@ The memorizing layers also retrieve, for every query and head, the top-k (key, v
 from a kNN memory of everything the layer has seen earlier in the document
 (``longrange.memory.knn``), and take one softmax over retrieved and local keys. Their
 attention is cosine attention: unit-norm queries and keys times a learned per-head
-temperature. Optionally the output passes a tanh gate (Flamingo style).
+temperature. Optionally the output passes a tanh gate (Flamingo style), and ``shift_tokens``
+feeds every attention half of its input features from the previous position (a cheap aid to
+copying: content-based lookups form much sooner).
 
 Order of a chunk: search the memory with the chunk's queries, attend, and only when the
 chunk is done add its keys and values to the memory (entries that leave the XL window, when
@@ -76,6 +78,7 @@ class MemorizingConfig(ModelConfig):
     knn_backend: Literal["auto", "exact", "faiss"] = "auto"
     knn_index: Literal["flat", "hnsw", "ivf"] = "flat"
     knn_gate_output: bool = False
+    shift_tokens: bool = False  # half the attention input features from the previous position
     attn_scale_init: float = 20.0
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
@@ -121,6 +124,8 @@ class MemorizingConfig(ModelConfig):
             raise ValueError(f"knn_index must be 'flat', 'hnsw' or 'ivf', got {self.knn_index!r}")
         if self.knn_backend == "exact" and self.knn_index != "flat":
             raise ValueError(f"knn_index={self.knn_index!r} needs knn_backend='faiss' (exact search is flat)")
+        if not isinstance(self.shift_tokens, bool):
+            raise ValueError(f"shift_tokens must be True or False, got {self.shift_tokens!r}")
         if not self.attn_scale_init > 0:
             raise ValueError(f"attn_scale_init must be positive, got {self.attn_scale_init}")
 
@@ -448,6 +453,8 @@ class MemorizingLM(LongRangeLM):
         state.knn.clear_memory(rows.nonzero().flatten().tolist())
         if state.xl is not None:
             state.xl = [(kv, valid & ~rows.to(valid.device)[:, None]) for kv, valid in state.xl]
+        if state.shift is not None:
+            state.shift = [(h, keep & ~rows.to(keep.device)[:, None]) for h, keep in state.shift]
         return state
 
     def context_limit(self) -> int | None:

@@ -16,6 +16,10 @@ entries from its latest start on are stored (in the kNN memory and in the XL win
 Memory shifts (ERNIE-Doc): memories are rotated by ``shift_*_memories_down`` before each
 chunk, as the reference does, so layer i reads the XL memory written by layer i + shift.
 
+Token shift (``shift_tokens``): half of each attention input's features come from the
+position before (:func:`longrange.modules.shift.shift_tokens`), across chunk and decoding
+boundaries through the state, and never across a document start or out of padding.
+
 Dimensions: B batch, n new tokens, P earlier keys, M = P + n keys, H heads, D head width,
 L XL length, C chunk length.
 """
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from longrange.memory.knn import KNNMemoryList
+from longrange.modules.shift import shift_tokens
 
 if TYPE_CHECKING:
     from longrange.models.memorizing import MemorizingLM
@@ -56,6 +61,9 @@ class MemorizingState:
     knn: KNNMemoryList
     xl: list[tuple[Tensor, Tensor]] | None = None
     cache: ChunkCache | None = None
+    # with shift_tokens: per layer, the last normed input and whether it may shift forward
+    # ((h [B, 1, C], keep [B, 1]); None before the first tokens)
+    shift: list[tuple[Tensor, Tensor]] | None = None
     closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -126,10 +134,25 @@ def run_chunk(
     new_valid = mask if mask is not None else torch.ones(batch, n, dtype=torch.bool, device=device)
     biases: dict[tuple[bool, int], Tensor] = {}
     new_kv = []
+    shift_keep = past_keep = None
+    if c.shift_tokens:
+        # a position may shift into the next one unless it is padding or the next one starts
+        # a document
+        shift_keep = new_valid.clone()
+        if starts is not None:
+            shift_keep[:, :-1] &= ~starts[:, 1:]
+        past_keep = None if starts is None else ~starts[:, :1]
+    new_shift = []
     x = model.embed(tokens)
     for idx, block in enumerate(model.blocks):
         layer, attn = idx + 1, block.attn
-        q, k, v = attn.project(block.attn_norm(x))
+        h = block.attn_norm(x)
+        if c.shift_tokens:
+            past = state.shift[idx] if state is not None and state.shift is not None else (None, None)
+            keep = past[1] if past_keep is None or past[1] is None else past[1] & past_keep
+            new_shift.append((h[:, -1:].detach(), shift_keep[:, -1:]))
+            h = shift_tokens(h, (1, 0), shift_keep, past=past[0], past_mask=keep)
+        q, k, v = attn.project(h)
         parts_k, parts_v, parts_valid = [], [], []
         xl = next(xl_iter, None) if layer in model.xl_layers else None
         if xl is not None:
@@ -167,6 +190,11 @@ def run_chunk(
     logits = model.head(model.norm(x))
     if state is None:
         return logits
+    if c.shift_tokens:
+        eos = c.clear_memories_on_eos_token_id
+        if eos is not None:  # the next position starts a document: nothing shifts into it
+            new_shift = [(h, keep & (tokens[:, -1:] != eos)) for h, keep in new_shift]
+        state.shift = new_shift
     for idx, kv in enumerate(new_kv):
         cache.kv[idx] = kv if cache.kv[idx] is None else torch.cat([cache.kv[idx], kv], dim=1)
     cache.valid = torch.cat([cache.valid, new_valid], dim=1)
