@@ -452,6 +452,30 @@ def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
     trainer.state.close()
 
 
+def test_evaluation_closes_each_documents_memory_when_it_ends():
+    import numpy as np
+
+    from longrange.data.corpus import Document
+    from longrange.train.evaluate import evaluate_bpb
+
+    model = _model()
+    opened = []
+    make_state = model.init_state
+
+    def recording(*args, **kwargs):
+        opened.append(make_state(*args, **kwargs))
+        assert all(state.closed for state in opened[:-1]), "an earlier document's memory is still open"
+        return opened[-1]
+
+    model.init_state = recording
+    docs = [
+        Document(f"d{i}", np.asarray(_tokens(1, n, seed=i)[0], dtype=np.uint8))
+        for i, n in enumerate((40, 9, 33))
+    ]
+    assert evaluate_bpb(model, docs, seq_len=CHUNK) > 0
+    assert len(opened) == 3 and all(state.closed for state in opened)
+
+
 @pytest.mark.parametrize("n,m", [(7, 7), (5, 19), (1, 12)], ids=["square", "xl", "decode"])
 def test_toeplitz_relative_bias_equals_the_table_lookup(n, m):
     from longrange.models.memorizing import relative_bias

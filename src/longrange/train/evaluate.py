@@ -45,20 +45,24 @@ def evaluate_bpb(
     try:
         with autocast_context(device, precision):
             if model.carries_state:
-                state = model.init_state(1, device)
-                for new_doc, inputs, targets in chunks:
-                    if new_doc:
-                        state = model.init_state(1, device)
-                    out = model.forward_lm(inputs.to(device), state=state)
-                    state = out.state
-                    total_nats += float(
-                        F.cross_entropy(
-                            out.logits.float().flatten(0, 1),
-                            targets.to(device).flatten(),
-                            reduction="sum",
+                state = None
+                try:
+                    for new_doc, inputs, targets in chunks:
+                        if new_doc or state is None:
+                            _close(state)  # a document's memory files go as soon as it ends
+                            state = model.init_state(1, device)
+                        out = model.forward_lm(inputs.to(device), state=state)
+                        state = out.state
+                        total_nats += float(
+                            F.cross_entropy(
+                                out.logits.float().flatten(0, 1),
+                                targets.to(device).flatten(),
+                                reduction="sum",
+                            )
                         )
-                    )
-                    total_tokens += targets.numel()
+                        total_tokens += targets.numel()
+                finally:
+                    _close(state)
             else:
                 pending: list[tuple[torch.Tensor, torch.Tensor]] = []
                 for _new_doc, inputs, targets in chunks:
@@ -72,6 +76,13 @@ def evaluate_bpb(
     if total_tokens == 0:
         raise ValueError("no validation tokens to evaluate")
     return total_nats / total_tokens / math.log(2)
+
+
+def _close(state) -> None:
+    """Release what a state holds outside Python (the Memorizing family's memory files)."""
+    close = getattr(state, "close", None)
+    if close is not None:
+        close()
 
 
 def _flush(model, pending, device, total_nats, total_tokens):
