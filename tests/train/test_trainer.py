@@ -173,3 +173,13 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+
+
+def test_a_saved_run_config_with_tuple_settings_builds_the_same_model(tmp_path, text_folder):
+    # --set memorizing_layers=1 gives a tuple; train_config.json hands it back as a list
+    cfg = _cfg(tmp_path, model="memorizing", set={"memorizing_layers": (1,), "max_seq_len": 32})
+    reread = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert reread.set["memorizing_layers"] == [1]
+    trainer = Trainer(reread, corpus=load_corpus(text_folder))
+    assert trainer.model.config.memorizing_layers == (1,)
+    trainer.state.close()

@@ -63,7 +63,9 @@ class ModelConfig:
         return cls(**fixed)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; lists become tuples (a run's saved ``--set`` values come
+        back from JSON as lists)."""
+        return dataclasses.replace(self, **{k: _from_json_value(Any, v) for k, v in changes.items()})
 
     @classmethod
     def parse_setting(cls, text: str) -> tuple[str, Any]:
