@@ -25,7 +25,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Regenerates the CPU results, plots and README tables (about 25 minutes on 2 quiet cores;
+# Regenerates the CPU results, plots and README tables (18 to 25 minutes on 2 quiet cores;
 # time nothing else meanwhile). The speed pass also times the reference packages beside their
 # families at 4K and 8K (the Performer reference needs 5 GB at 4K and fails at 8K).
 BENCH_LENGTHS ?= 1024,2048,4096,8192,16384

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longrange.bench.flops import count_flops, growth_exponents
-from longrange.bench.report import write_report
+from longrange.bench.report import series_styles, write_report
 from longrange.bench.suites import run_suite
 from longrange.bench.tasks import train_on_task
 from longrange.models.registry import create_model
@@ -119,3 +119,17 @@ def test_unknown_suite_and_task():
         run_suite("nope", ["vanilla"], [], device="cpu", options={})
     with pytest.raises(ValueError, match="unknown task"):
         train_on_task("vanilla", "nope", steps=1)
+
+
+def test_each_family_keeps_one_colour_on_every_panel():
+    labels = ["vanilla", "routing", "routing (reference)", "sinkhorn", "performer (reference)", "performer"]
+    styles = series_styles(labels)
+    assert set(styles) == set(labels)
+    assert styles["vanilla"]["color"] == "black"
+    assert styles["routing (reference)"]["color"] == styles["routing"]["color"]
+    assert styles["performer (reference)"]["color"] == styles["performer"]["color"]
+    assert styles["routing (reference)"]["linestyle"] == "--" and styles["routing"]["linestyle"] == "-"
+    ours = [styles[f]["color"] for f in ("vanilla", "routing", "sinkhorn", "performer")]
+    assert len(set(ours)) == len(ours)
+    # a panel that leaves the reference series out must not shift any colour
+    assert series_styles(["vanilla", "routing", "sinkhorn", "performer"])["sinkhorn"] == styles["sinkhorn"]

@@ -21,6 +21,32 @@ def load_suite(folder: Path, suite: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+REFERENCE_SUFFIX = " (reference)"
+
+
+def series_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Line style per plotted series, the same on every panel: one colour per family (vanilla
+    thick black), and a family's reference package in its colour, dashed with square marks.
+    Styles are fixed up front because panels skip series without data (the MFU panel has no
+    reference lines), and matplotlib's colour cycle would then shift between panels."""
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+    palette += ["tab:olive", "tab:cyan", "tab:gray"]
+    bases = [label.removesuffix(REFERENCE_SUFFIX) for label in labels if label != "vanilla"]
+    bases = list(dict.fromkeys(bases))
+    colours = {base: palette[i % len(palette)] for i, base in enumerate(bases)}
+    colours["vanilla"] = "black"
+    styles = {}
+    for label in labels:
+        base = label.removesuffix(REFERENCE_SUFFIX)
+        style: dict[str, Any] = {"color": colours[base], "marker": "o", "linestyle": "-"}
+        if label != base:
+            style.update(marker="s", linestyle="--")
+        if label == "vanilla":
+            style["linewidth"] = 2.5
+        styles[label] = style
+    return styles
+
+
 def plot_speed(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -29,19 +55,20 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in data["results"] if "fwd_bwd_s" in r]
     families = list(dict.fromkeys(r["family"] for r in rows))
+    styles = series_styles(families)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for fam in families:
         pts = sorted(
             (r["length"], r["fwd_bwd_s"], r.get("peak_mb"), r.get("mfu")) for r in rows if r["family"] == fam
         )
-        style = {"linewidth": 2.5, "color": "black"} if fam == "vanilla" else {}
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam, **style)
+        style = styles[fam]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=fam, **style)
         mem = [(p[0], p[2]) for p in pts if p[2]]
         if mem:
-            axes[1].plot(*zip(*mem), "o-", label=fam, **style)
+            axes[1].plot(*zip(*mem), label=fam, **style)
         mfu = [(p[0], 100 * p[3]) for p in pts if p[3] is not None]
         if mfu:
-            axes[2].plot(*zip(*mfu), "o-", label=fam, **style)
+            axes[2].plot(*zip(*mfu), label=fam, **style)
     for ax, title, ylabel in (
         (axes[0], "forward + backward time", "seconds"),
         (axes[1], "peak memory", "MB"),
@@ -54,9 +81,10 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
     fig.suptitle(data["environment"]["device"])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * -(-len(labels) // 6), 1, 1))  # room for the legend rows
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
