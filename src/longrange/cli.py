@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=None, help="training window (default: the model's max_seq_len)"
     )
     t.add_argument("--batch-size", type=int, default=None, help="sequences per step per process (default 16)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 30)")
     t.add_argument("--accum", type=int, default=None, help="gradient accumulation steps (default 1)")

@@ -15,7 +15,7 @@ class TrainConfig:
     data: str | None = None
     seq_len: int | None = None
     batch_size: int = 16
-    steps: int = 200
+    steps: int = 400
     lr: float = 2e-3
     warmup: int = 30
     min_lr_ratio: float = 0.1
