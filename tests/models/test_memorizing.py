@@ -85,8 +85,9 @@ def test_bad_config_raises(setting, message):
         {"xl_max_memories": 5},
         {"clear_memories_on_sos_token_id": SOS, "clear_memories_on_eos_token_id": EOS},
         {"shift_tokens": True, "xl_max_memories": 5, "clear_memories_on_eos_token_id": EOS},
+        {"knn_combine": "gate", "xl_max_memories": 5},
     ],
-    ids=["plain", "xl", "sos-eos", "shift-xl-eos"],
+    ids=["plain", "xl", "sos-eos", "shift-xl-eos", "gate-xl"],
 )
 def test_causal_within_a_chunk_with_a_filled_memory(options):
     model = _model(**options)
@@ -103,7 +104,9 @@ def test_causal_within_a_chunk_with_a_filled_memory(options):
     assert_causal(chunk_logits, _tokens(2, CHUNK - 3, seed=2), VOCAB, positions=(0, 4, 7, 11))
 
 
-@pytest.mark.parametrize("options", [{}, {"shift_tokens": True}], ids=["plain", "shift"])
+@pytest.mark.parametrize(
+    "options", [{}, {"shift_tokens": True}, {"knn_combine": "gate"}], ids=["plain", "shift", "gate"]
+)
 def test_memory_changes_outputs_only_through_past_entries(options):
     model = _model(**options)
     chunks = _tokens(2, 3 * CHUNK, seed=3)
@@ -204,8 +207,9 @@ def test_padding_is_neither_attended_nor_stored(options):
         {},
         {"xl_max_memories": 6, "shift_xl_memories_down": 1, "clear_memories_on_eos_token_id": EOS},
         {"shift_tokens": True, "xl_max_memories": 6, "clear_memories_on_eos_token_id": EOS},
+        {"knn_combine": "gate", "clear_memories_on_eos_token_id": EOS},
     ],
-    ids=["plain", "xl-shift-eos", "token-shift"],
+    ids=["plain", "xl-shift-eos", "token-shift", "gate-eos"],
 )
 def test_greedy_generation_equals_recompute(options):
     model = _model(**options)
@@ -516,3 +520,41 @@ def test_zero_retrieved_memories_disables_the_memory():
     alone = torch.cat([model(tokens[:, i : i + CHUNK]) for i in (0, 16, 32)], dim=1)
     assert_close(carried, alone, 1e-6)
     state.close()
+
+
+def test_gated_combine_mixes_two_softmaxes_by_a_per_head_gate():
+    from longrange.models.memorizing import KNNAttention, causal_bias
+
+    torch.manual_seed(0)
+    attn = KNNAttention(dim=32, heads=2, dim_head=16, num_retrieved_memories=3, combine="gate").eval()
+    with torch.no_grad():
+        attn.memory_gate.copy_(torch.tensor([-1.0, 2.0]).view(2, 1, 1))
+    q, k, v = attn.project(torch.randn(2, 5, 32))
+    mem_k = torch.nn.functional.normalize(torch.randn(2, 2, 5, 3, 16), dim=-1)
+    mem_v = torch.randn(2, 2, 5, 3, 16)
+    found = torch.ones(2, 2, 5, 3, dtype=torch.bool)
+    found[0, :, 1] = False  # this query found nothing: local attention only
+    found[1, :, 2, 0] = False  # a missing neighbour gets no weight
+    bias = causal_bias(None, 5, 5)
+    got = attn.attend(q, k, v, None, bias, (mem_k, mem_v, found))
+
+    scale = attn.scale.exp()
+    local = ((q @ k.transpose(-1, -2)[:, None]) * scale + bias).softmax(-1) @ v[:, None]
+    sim_mem = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k) * scale
+    remote = torch.einsum("bhnk,bhnkd->bhnd", sim_mem.masked_fill(~found, float("-inf")).softmax(-1), mem_v)
+    gate = attn.memory_gate.sigmoid().expand(2, 2, 5, 1).clone()
+    gate[0, :, 1] = 0
+    want = attn.to_out(((1 - gate) * local + gate * remote).transpose(1, 2).reshape(2, 5, 32))
+    assert_close(got, want, 1e-5)
+
+
+def test_gated_combine_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="knn_combine must be 'softmax' or 'gate'"):
+        MemorizingConfig(knn_combine="sum")
+    model = _model(knn_combine="gate")
+    assert any(name.endswith("memory_gate") for name, _ in model.named_parameters())
+    model.save_pretrained(tmp_path / "m")
+    loaded = MemorizingLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.knn_combine == "gate"
+    tokens = _tokens(2, CHUNK, seed=41)
+    assert_close(loaded.eval()(tokens), model(tokens), 1e-6)

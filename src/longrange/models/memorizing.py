@@ -5,7 +5,9 @@ causally within the chunk, with one shared key/value head and a T5 relative posi
 plus optional XL memories: the keys and values of the last ``xl_max_memories`` positions.
 The memorizing layers also retrieve, for every query and head, the top-k (key, value) pairs
 from a kNN memory of everything the layer has seen earlier in the document
-(``longrange.memory.knn``), and take one softmax over retrieved and local keys. Their
+(``longrange.memory.knn``), and take one softmax over retrieved and local keys (the
+reference's way), or with ``knn_combine="gate"`` a softmax over each, mixed per head by a learned
+sigmoid gate (the paper's way: the model can turn away from stale memories early on). Their
 attention is cosine attention: unit-norm queries and keys times a learned per-head
 temperature. Optionally the output passes a tanh gate (Flamingo style), and ``shift_tokens``
 feeds every attention half of its input features from the previous position (a cheap aid to
@@ -78,6 +80,9 @@ class MemorizingConfig(ModelConfig):
     knn_backend: Literal["auto", "exact", "faiss"] = "auto"
     knn_index: Literal["flat", "hnsw", "ivf"] = "flat"
     knn_gate_output: bool = False
+    # how retrieved memories join the local keys: "softmax" (one softmax over both, as the
+    # reference) or "gate" (the paper: a softmax each, mixed by a learned per-head sigmoid gate)
+    knn_combine: Literal["softmax", "gate"] = "softmax"
     shift_tokens: bool = False  # half the attention input features from the previous position
     attn_scale_init: float = 20.0
     rel_pos_num_buckets: int = 32
@@ -124,6 +129,8 @@ class MemorizingConfig(ModelConfig):
             raise ValueError(f"knn_index must be 'flat', 'hnsw' or 'ivf', got {self.knn_index!r}")
         if self.knn_backend == "exact" and self.knn_index != "flat":
             raise ValueError(f"knn_index={self.knn_index!r} needs knn_backend='faiss' (exact search is flat)")
+        if self.knn_combine not in ("softmax", "gate"):
+            raise ValueError(f"knn_combine must be 'softmax' or 'gate', got {self.knn_combine!r}")
         if not isinstance(self.shift_tokens, bool):
             raise ValueError(f"shift_tokens must be True or False, got {self.shift_tokens!r}")
         if not self.attn_scale_init > 0:
@@ -243,7 +250,8 @@ def _mask_keys(sim: Tensor, key_valid: Tensor | None) -> Tensor:
 
 
 class KNNAttention(Attention):
-    """Cosine attention over retrieved memories and [earlier keys ; chunk], one softmax.
+    """Cosine attention over retrieved memories and [earlier keys ; chunk]: one softmax, or
+    (``combine="gate"``) a softmax each mixed by a learned per-head gate.
 
     ``attend(q, keys, values, key_valid, bias, retrieved=(keys [B, H, N, K, D], values
     [B, H, N, K, D], found [B, H, N, K]) | None)``; ``project`` returns unit-norm queries and
@@ -265,6 +273,7 @@ class KNNAttention(Attention):
         xl_max_memories: int = 0,
         attn_scale_init: float = 20,
         gate_output: bool = False,
+        combine: str = "softmax",
     ) -> None:
         super().__init__(
             dim=dim,
@@ -277,6 +286,8 @@ class KNNAttention(Attention):
         self.num_retrieved_memories = num_retrieved_memories
         self.scale = nn.Parameter(torch.full((heads, 1, 1), math.log(attn_scale_init)))
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
+        # per-head bias of the memory gate sigmoid(b) ("gate" combine); 0 starts at an even mix
+        self.memory_gate = nn.Parameter(torch.zeros(heads, 1, 1)) if combine == "gate" else None
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = super().project(x)
@@ -301,11 +312,20 @@ class KNNAttention(Attention):
             mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
             sim_mem = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k) * scale
             sim_mem = sim_mem.masked_fill(~found, -torch.finfo(sim_mem.dtype).max)
-            k = sim_mem.shape[-1]
-            attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
-            attn = attn.to(values.dtype)
-            out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
-            out = out + torch.einsum("bhnk,bhnkd->bhnd", attn[..., :k], mem_v)
+            if self.memory_gate is None:
+                k = sim_mem.shape[-1]
+                attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
+                attn = attn.to(values.dtype)
+                out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
+                out = out + torch.einsum("bhnk,bhnkd->bhnd", attn[..., :k], mem_v)
+            else:
+                local = self.attn_drop(sim.softmax(dim=-1)).to(values.dtype)
+                local = torch.einsum("bhnm,bmd->bhnd", local, values)
+                remote = self.attn_drop(sim_mem.softmax(dim=-1)).to(values.dtype)
+                remote = torch.einsum("bhnk,bhnkd->bhnd", remote, mem_v)
+                # a query that found no memory keeps its local attention whole
+                gate = self.memory_gate.sigmoid() * found.any(dim=-1, keepdim=True)
+                out = local + gate.to(local.dtype) * (remote - local)
         out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         if self.output_gate is not None:
             out = out * self.output_gate.tanh()
@@ -356,6 +376,7 @@ class MemorizingBlock(nn.Module):
                 xl_max_memories=xl,
                 attn_scale_init=c.attn_scale_init,
                 gate_output=c.knn_gate_output,
+                combine=c.knn_combine,
             )
         else:
             self.attn = Attention(
