@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from longrange.data.corpus import load_corpus
 from longrange.train.checkpoint import atomic_write_json, load_trainer_state
 from longrange.train.config import TrainConfig
-from longrange.train.trainer import Trainer, lr_at
+from longrange.train.trainer import Trainer, lr_at, make_optimizer
 
 TINY = {"max_seq_len": 64, "dropout": 0.1}
 
@@ -183,3 +183,20 @@ def test_a_saved_run_config_with_tuple_settings_builds_the_same_model(tmp_path, 
     trainer = Trainer(reread, corpus=load_corpus(text_folder))
     assert trainer.model.config.memorizing_layers == (1,)
     trainer.state.close()
+
+
+def test_weight_decay_spares_per_head_scalars_biases_and_norms(tmp_path):
+    from longrange.models.registry import create_model
+
+    model = create_model("memorizing", "tiny", knn_combine="gate")
+    optimizer = make_optimizer(model, _cfg(tmp_path, weight_decay=0.1))
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    layer = model.config.knn_layer_numbers[0] - 1
+    assert f"blocks.{layer}.attn.scale" not in names  # a log-temperature [H, 1, 1]
+    assert f"blocks.{layer}.attn.memory_gate" not in names
+    assert not any(name.endswith("bias") or "norm" in name for name in names)
+    assert f"blocks.{layer}.attn.to_out.weight" in names
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for group in optimizer.param_groups for p in group["params"]
+    )

@@ -67,12 +67,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def decays(param: Tensor) -> bool:
+    """Weight decay goes to matrices and tables only: a tensor with two or more dimensions
+    longer than 1. Biases, norm gains and per-head scalars kept in broadcast shape (the
+    memorizing layers' temperature and memory gate, [H, 1, 1]) are left alone: decaying a
+    log-temperature towards 0 pulls the attention temperature towards 1."""
+    return sum(size > 1 for size in param.shape) >= 2
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        (decay if decays(param) else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
