@@ -8,6 +8,7 @@ the JSON, never from hand edits.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
     fig.suptitle(data["environment"]["device"])
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * -(-len(labels) // 6), 1, 1))  # room for the legend rows
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(labels) / 6), 1, 1))  # room for the legend
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

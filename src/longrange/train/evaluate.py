@@ -42,27 +42,24 @@ def evaluate_bpb(
     model.eval()
     total_nats, total_tokens = 0.0, 0
     chunks = eval_chunks(docs, seq_len, max_tokens)
+    state = None
     try:
         with autocast_context(device, precision):
             if model.carries_state:
-                state = None
-                try:
-                    for new_doc, inputs, targets in chunks:
-                        if new_doc or state is None:
-                            _close(state)  # a document's memory files go as soon as it ends
-                            state = model.init_state(1, device)
-                        out = model.forward_lm(inputs.to(device), state=state)
-                        state = out.state
-                        total_nats += float(
-                            F.cross_entropy(
-                                out.logits.float().flatten(0, 1),
-                                targets.to(device).flatten(),
-                                reduction="sum",
-                            )
+                for new_doc, inputs, targets in chunks:
+                    if new_doc:
+                        _close(state)  # a document's memory files go as soon as it ends
+                        state = model.init_state(1, device)
+                    out = model.forward_lm(inputs.to(device), state=state)
+                    state = out.state
+                    total_nats += float(
+                        F.cross_entropy(
+                            out.logits.float().flatten(0, 1),
+                            targets.to(device).flatten(),
+                            reduction="sum",
                         )
-                        total_tokens += targets.numel()
-                finally:
-                    _close(state)
+                    )
+                    total_tokens += targets.numel()
             else:
                 pending: list[tuple[torch.Tensor, torch.Tensor]] = []
                 for _new_doc, inputs, targets in chunks:
@@ -72,6 +69,7 @@ def evaluate_bpb(
                         pending = []
                 total_nats, total_tokens = _flush(model, pending, device, total_nats, total_tokens)
     finally:
+        _close(state)
         model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no validation tokens to evaluate")
