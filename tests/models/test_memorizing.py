@@ -86,8 +86,9 @@ def test_bad_config_raises(setting, message):
         {"clear_memories_on_sos_token_id": SOS, "clear_memories_on_eos_token_id": EOS},
         {"shift_tokens": True, "xl_max_memories": 5, "clear_memories_on_eos_token_id": EOS},
         {"knn_combine": "gate", "xl_max_memories": 5},
+        {"xl_reproject": True, "xl_max_memories": 5, "clear_memories_on_eos_token_id": EOS},
     ],
-    ids=["plain", "xl", "sos-eos", "shift-xl-eos", "gate-xl"],
+    ids=["plain", "xl", "sos-eos", "shift-xl-eos", "gate-xl", "reproject-eos"],
 )
 def test_causal_within_a_chunk_with_a_filled_memory(options):
     model = _model(**options)
@@ -208,8 +209,9 @@ def test_padding_is_neither_attended_nor_stored(options):
         {"xl_max_memories": 6, "shift_xl_memories_down": 1, "clear_memories_on_eos_token_id": EOS},
         {"shift_tokens": True, "xl_max_memories": 6, "clear_memories_on_eos_token_id": EOS},
         {"knn_combine": "gate", "clear_memories_on_eos_token_id": EOS},
+        {"xl_reproject": True, "xl_max_memories": 6, "shift_xl_memories_down": 1, "shift_tokens": True},
     ],
-    ids=["plain", "xl-shift-eos", "token-shift", "gate-eos"],
+    ids=["plain", "xl-shift-eos", "token-shift", "gate-eos", "reproject-shift"],
 )
 def test_greedy_generation_equals_recompute(options):
     model = _model(**options)
@@ -558,3 +560,107 @@ def test_gated_combine_is_checked_and_saved(tmp_path):
     assert loaded.config.knn_combine == "gate"
     tokens = _tokens(2, CHUNK, seed=41)
     assert_close(loaded.eval()(tokens), model(tokens), 1e-6)
+
+
+def _two_chunks(model, tokens, batch):
+    state = model.init_state(batch)
+    out = [model.forward_lm(tokens[:, i : i + CHUNK], state=state).logits for i in (0, CHUNK)]
+    return state, out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"xl_max_memories": 5},
+        {"xl_max_memories": 5, "shift_tokens": True, "clear_memories_on_eos_token_id": EOS},
+        {"xl_max_memories": 7, "xl_memory_layers": (2,), "knn_combine": "gate"},
+    ],
+    ids=["xl", "shift-eos", "one-layer-gate"],
+)
+def test_reprojected_xl_equals_stored_keys_while_the_weights_stay(options):
+    # Same weights throughout: projecting the kept inputs again gives the stored keys/values,
+    # so logits, kNN memory contents and decoding agree with the reference's form.
+    stored, inputs = _model(**options), _model(xl_reproject=True, **options)
+    inputs.load_state_dict(stored.state_dict())
+    tokens = _tokens(2, 4 * CHUNK + 3, seed=50)
+    a, b = stored.init_state(2), inputs.init_state(2)
+    for i in range(0, tokens.shape[1], CHUNK):
+        piece = tokens[:, i : i + CHUNK]
+        assert_close(inputs.forward_lm(piece, state=b).logits, stored.forward_lm(piece, state=a).logits, 1e-5)
+    assert b.xl[0][0].shape[-1] == 32  # model inputs (dim 32), not keys/values [2, D]
+    for mine, theirs in zip(b.knn, a.knn):
+        assert mine.db_offsets.tolist() == theirs.db_offsets.tolist()
+    for s in (a, b):
+        s.close()
+    prompt = tokens[:, : CHUNK + 5]
+    assert torch.equal(inputs.generate(prompt, 20, temperature=0), stored.generate(prompt, 20, temperature=0))
+
+
+def test_reprojected_xl_uses_the_current_weights():
+    # Changing the last layer's key/value projection between two chunks: with xl_reproject the
+    # second chunk sees its XL window as a model that had the new weights all along; stored
+    # keys keep the old projection. The window holds the whole first chunk, so nothing
+    # reaches the kNN memory before the second chunk.
+    options = dict(xl_max_memories=CHUNK, num_retrieved_memories=0)
+    tokens = _tokens(2, 2 * CHUNK, seed=51)
+    results = {}
+    for reproject in (False, True):
+        model = _model(xl_reproject=reproject, **options)
+        torch.manual_seed(52)
+        new_kv = torch.randn_like(model.blocks[-1].attn.to_kv.weight) * 0.2
+        state = model.init_state(2)
+        model.forward_lm(tokens[:, :CHUNK], state=state)
+        with torch.no_grad():
+            model.blocks[-1].attn.to_kv.weight.copy_(new_kv)
+        second = model.forward_lm(tokens[:, CHUNK:], state=state).logits
+        state.close()
+        _, (_, fresh) = _two_chunks(model, tokens, 2)
+        results[reproject] = (second - fresh).abs().max().item()
+    assert results[True] < 1e-5
+    assert results[False] > 1e-3
+
+
+def test_reprojected_xl_passes_gradients_to_the_projection_as_one_long_chunk_does():
+    # A chunk of C with an XL window of C over [c1 ; c2] is, for c2's queries, one chunk of 2C.
+    # With xl_reproject the window's keys also carry gradients into the key/value projection,
+    # exactly as c1's keys do inside the long chunk.
+    tokens = _tokens(2, 2 * CHUNK, seed=53)
+    chunked = _model(xl_max_memories=CHUNK, xl_reproject=True).train()
+    long = _model(max_seq_len=2 * CHUNK).train()
+    long.load_state_dict(chunked.state_dict())
+    state, (_, second) = _two_chunks(chunked, tokens, 2)
+    state.close()
+    whole = long(tokens)[:, CHUNK:]
+    assert_close(second, whole, 1e-5)
+    weights = [b.attn.to_kv.weight for b in (chunked.blocks[-1], long.blocks[-1])]
+    grads = [torch.autograd.grad(out.square().mean(), w)[0] for out, w in zip((second, whole), weights)]
+    assert_close(grads[0], grads[1], 1e-4)
+
+
+def test_reproject_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="xl_reproject must be True or False"):
+        MemorizingConfig(xl_reproject="yes")
+    model = _model(xl_max_memories=4, xl_reproject=True)
+    model.save_pretrained(tmp_path / "m")
+    assert MemorizingLM.from_pretrained(tmp_path / "m").config.xl_reproject is True
+
+
+def test_reference_interface_passes_reprojected_xl_as_inputs():
+    model = MemorizingTransformer(
+        num_tokens=VOCAB,
+        dim=32,
+        depth=2,
+        heads=2,
+        dim_head=16,
+        max_knn_memories=32,
+        xl_max_memories=5,
+        xl_reproject=True,
+        knn_backend="exact",
+    )
+    x = _tokens(2, 12, seed=54)
+    with model.knn_memories_context(batch_size=2) as memories:
+        _, xl = model(x, memories)
+        assert [t.shape for t in xl] == [(2, 5, 32)] * 2
+        model(x, memories, xl_memories=xl)
+        with pytest.raises(ValueError, match=r"shape \(2, L, 32\)"):
+            model(x, memories, xl_memories=[torch.zeros(2, 5, 2, 16)] * 2)

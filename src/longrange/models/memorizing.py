@@ -11,7 +11,9 @@ sigmoid gate (the paper's way: the model can turn away from stale memories early
 attention is cosine attention: unit-norm queries and keys times a learned per-head
 temperature. Optionally the output passes a tanh gate (Flamingo style), and ``shift_tokens``
 feeds every attention half of its input features from the previous position (a cheap aid to
-copying: content-based lookups form much sooner).
+copying: content-based lookups form much sooner). ``xl_reproject`` keeps the XL window as
+layer inputs projected with the current weights each chunk (Transformer-XL) rather than as the
+keys/values of the step that made them.
 
 Order of a chunk: search the memory with the chunk's queries, attend, and only when the
 chunk is done add its keys and values to the memory (entries that leave the XL window, when
@@ -76,6 +78,10 @@ class MemorizingConfig(ModelConfig):
     pad_id: int = 0  # ignore_index of the reference-style loss (labels=...)
     xl_max_memories: int = 0
     xl_memory_layers: tuple[int, ...] | None = None  # 1-based; default all layers
+    # XL memories keep each layer's attention input and project it with the current weights
+    # every chunk (Transformer-XL), instead of keys/values projected when they were made (the
+    # reference); the kNN memory then gets keys/values projected as entries leave the window
+    xl_reproject: bool = False
     knn_memory_multiprocessing: bool = False
     knn_backend: Literal["auto", "exact", "faiss"] = "auto"
     knn_index: Literal["flat", "hnsw", "ivf"] = "flat"
@@ -131,8 +137,9 @@ class MemorizingConfig(ModelConfig):
             raise ValueError(f"knn_index={self.knn_index!r} needs knn_backend='faiss' (exact search is flat)")
         if self.knn_combine not in ("softmax", "gate"):
             raise ValueError(f"knn_combine must be 'softmax' or 'gate', got {self.knn_combine!r}")
-        if not isinstance(self.shift_tokens, bool):
-            raise ValueError(f"shift_tokens must be True or False, got {self.shift_tokens!r}")
+        for name in ("shift_tokens", "xl_reproject"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.attn_scale_init > 0:
             raise ValueError(f"attn_scale_init must be positive, got {self.attn_scale_init}")
 
@@ -227,9 +234,12 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        return rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads), *self.project_kv(x)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, N, D] of inputs x [B, N, C] (also re-projected XL inputs)."""
         k, v = self.to_kv(x).chunk(2, dim=-1)
-        return q, k, v
+        return k, v
 
     def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Tensor) -> Tensor:
         sim = torch.einsum("bhnd,bmd->bhnm", q * self.dim_head**-0.5, keys) + bias
@@ -291,7 +301,11 @@ class KNNAttention(Attention):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = super().project(x)
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+        return F.normalize(q, dim=-1), k, v
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = super().project_kv(x)
+        return F.normalize(k, dim=-1), v
 
     def attend(
         self,

@@ -147,7 +147,8 @@ class MemorizingTransformer(MemorizingLM):
         add_knn_memory: bool = True,
     ):
         """One chunk x [B, N]: logits [B, N, V] (or the loss with ``labels``), plus the new
-        XL memories (a list of [B, L, 2, D]) when the model has XL layers."""
+        XL memories (a list of [B, L, 2, D]; [B, L, dim] with ``xl_reproject``) when the model
+        has XL layers."""
         self.check_tokens(x)
         batch = x.shape[0]
         if not isinstance(knn_memories, (list, tuple)):
@@ -170,10 +171,12 @@ class MemorizingTransformer(MemorizingLM):
                     f"xl_memories must hold {len(self.xl_layers)} tensors, got {len(xl_memories)}"
                 )
             xl = []
+            # keys/values [B, L, 2, D], or with xl_reproject the layer inputs [B, L, dim]
+            entry = (self.config.dim,) if self.config.xl_reproject else (2, self.config.head_width)
             for t in xl_memories:
-                if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != (2, self.config.head_width):
+                if t.dim() != 2 + len(entry) or t.shape[0] != batch or tuple(t.shape[2:]) != entry:
                     raise ValueError(
-                        f"each XL memory must have shape ({batch}, L, 2, {self.config.head_width}), "
+                        f"each XL memory must have shape ({batch}, L, {', '.join(map(str, entry))}), "
                         f"got {tuple(t.shape)}"
                     )
                 xl.append((t, torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)))

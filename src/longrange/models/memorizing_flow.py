@@ -13,6 +13,12 @@ position; with ``..._eos_...`` the position after the eos. Queries at or after a
 the same row) retrieve nothing; at the commit the row's kNN memory is cleared and only
 entries from its latest start on are stored (in the kNN memory and in the XL window).
 
+XL inputs (``xl_reproject``): the XL window keeps each layer's attention inputs instead of
+its keys and values, and every chunk projects them with the current weights (Transformer-XL):
+in training, stored keys/values were made with the weights of an earlier step. Entries
+leaving the window are projected (current weights, no gradient) as they go to the kNN memory.
+With unchanged weights both forms give the same outputs.
+
 Memory shifts (ERNIE-Doc): memories are rotated by ``shift_*_memories_down`` before each
 chunk, as the reference does, so layer i reads the XL memory written by layer i + shift.
 
@@ -44,6 +50,10 @@ class ChunkCache:
     """Keys and values of the current chunk so far, and where documents start in it."""
 
     kv: list[Tensor | None]  # per layer [B, c, 2, D]
+    # with xl_reproject, per XL layer: the attention inputs [B, c, C] (they become the XL
+    # window) and the window's keys/values projected at the chunk's first call [B, L, 2, D]
+    hidden: list[Tensor | None]
+    xl_kv: list[Tensor | None]
     valid: Tensor  # [B, c] entries that are not padding
     started: Tensor  # [B] a document started in this chunk (queries after it retrieve nothing)
     last_start: Tensor  # [B] position of the latest start in this chunk (-1: none)
@@ -54,8 +64,9 @@ class ChunkCache:
 @dataclass
 class MemorizingState:
     """What outlives a chunk: one kNN memory per memorizing layer (B rows each), XL memories
-    (one (kv [B, L, 2, D], valid [B, L]) per XL layer; None before the first chunk) and,
-    while decoding, the current chunk's cache."""
+    (one (kv [B, L, 2, D], valid [B, L]) per XL layer, or with ``xl_reproject`` (inputs
+    [B, L, C], valid); None before the first chunk) and, while decoding, the current chunk's
+    cache."""
 
     batch_size: int
     knn: KNNMemoryList
@@ -83,7 +94,13 @@ def rotate(items: list, shift: int) -> list:
 def _new_cache(depth: int, batch: int, device: torch.device) -> ChunkCache:
     no = torch.zeros(batch, dtype=torch.bool, device=device)
     return ChunkCache(
-        [None] * depth, torch.ones(batch, 0, dtype=torch.bool, device=device), no, no.long() - 1, no
+        [None] * depth,
+        [None] * depth,
+        [None] * depth,
+        torch.ones(batch, 0, dtype=torch.bool, device=device),
+        no,
+        no.long() - 1,
+        no,
     )
 
 
@@ -143,6 +160,7 @@ def run_chunk(
             shift_keep[:, :-1] &= ~starts[:, 1:]
         past_keep = None if starts is None else ~starts[:, :1]
     new_shift = []
+    hidden: list[tuple[int, Tensor]] = []  # (layer index, attention input) to keep for XL
     x = model.embed(tokens)
     for idx, block in enumerate(model.blocks):
         layer, attn = idx + 1, block.attn
@@ -155,9 +173,17 @@ def run_chunk(
         q, k, v = attn.project(h)
         parts_k, parts_v, parts_valid = [], [], []
         xl = next(xl_iter, None) if layer in model.xl_layers else None
+        if c.xl_reproject and state is not None and layer in model.xl_layers:
+            hidden.append((idx, h))
         if xl is not None:
-            parts_k.append(xl[0][..., 0, :].to(k.dtype))
-            parts_v.append(xl[0][..., 1, :].to(v.dtype))
+            xl_kv = xl[0]
+            if c.xl_reproject:
+                xl_kv = cache.xl_kv[idx]
+                if xl_kv is None:  # the chunk's first call: project with the current weights
+                    xl_kv = torch.stack(attn.project_kv(xl[0].to(h.dtype)), dim=-2)
+                    cache.xl_kv[idx] = xl_kv.detach()  # later calls of the chunk reuse it
+            parts_k.append(xl_kv[..., 0, :].to(k.dtype))
+            parts_v.append(xl_kv[..., 1, :].to(v.dtype))
             parts_valid.append(xl[1])
         if cache is not None and cache.kv[idx] is not None:
             parts_k.append(cache.kv[idx][..., 0, :].to(k.dtype))
@@ -197,6 +223,9 @@ def run_chunk(
         state.shift = new_shift
     for idx, kv in enumerate(new_kv):
         cache.kv[idx] = kv if cache.kv[idx] is None else torch.cat([cache.kv[idx], kv], dim=1)
+    for idx, h in hidden:
+        h = h.detach()
+        cache.hidden[idx] = h if cache.hidden[idx] is None else torch.cat([cache.hidden[idx], h], dim=1)
     cache.valid = torch.cat([cache.valid, new_valid], dim=1)
     if starts is not None:
         positions = torch.arange(cache.length, cache.length + n, device=device)
@@ -235,7 +264,10 @@ def commit_chunk(model: MemorizingLM, state: MemorizingState, *, add_knn_memory:
     new_xl = []
     for idx, block in enumerate(model.blocks):
         layer, attn = idx + 1, block.attn
-        entries, valid = cache.kv[idx], cache.valid
+        # with xl_reproject an XL layer's entries are its attention inputs, projected below
+        # (with the current weights) only as they go to the kNN memory
+        inputs = c.xl_reproject and layer in model.xl_layers
+        entries, valid = cache.hidden[idx] if inputs else cache.kv[idx], cache.valid
         xl = next(xl_in, None) if layer in model.xl_layers else None
         if xl is not None:
             entries = torch.cat([xl[0].to(entries.dtype), entries], dim=1)
@@ -251,6 +283,9 @@ def commit_chunk(model: MemorizingLM, state: MemorizingState, *, add_knn_memory:
             if clear_rows:
                 memory.clear(clear_rows)
             if add_knn_memory and entries.shape[1] and bool(valid.any()):
+                if inputs:
+                    with torch.no_grad():
+                        entries = torch.stack(attn.project_kv(entries), dim=-2)
                 memory.add(entries, None if bool(valid.all()) else valid)
     state.xl = new_xl if model.xl_layers else None
     state.cache = None
