@@ -106,3 +106,26 @@ def test_help_documents_every_train_option(capsys):
         "--set",
     ):
         assert option in text
+
+
+def test_eval_and_generate_change_settings_that_keep_the_weights(tmp_path, text_folder, capsys):
+    settings = ["--set", "num_retrieved_memories=2", "--set", "max_knn_memories=64"]
+    assert _train(tmp_path, text_folder, "--model", "memorizing", *settings) == 0
+    run = tmp_path / "runs" / "cli"
+    capsys.readouterr()
+
+    def bpb(*extra):
+        assert main(["eval", str(run), "--data", str(text_folder), "--device", "cpu", *extra]) == 0
+        return float(capsys.readouterr().out.split("validation bits per byte:")[1].split()[0])
+
+    carried, off = bpb(), bpb("--set", "num_retrieved_memories=0")
+    assert carried != off  # retrieval switched off at evaluation changes the result
+    assert (
+        main(["generate", str(run), "--max-new-tokens", "5", "--device", "cpu", "--set", "xl_max_memories=4"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run), "--device", "cpu", "--set", "depth=3"]) == 2
+    assert "change the saved weights' layout" in capsys.readouterr().err
+    assert main(["eval", str(run), "--device", "cpu", "--set", "nonsense=1"]) == 2
+    assert "unknown model key 'nonsense'" in capsys.readouterr().err

@@ -22,14 +22,29 @@ def _model_settings(family: str, settings: list[str]) -> dict[str, Any]:
     return out
 
 
-def _load_model(path: str, device: str) -> LongRangeLM:
-    """A run folder (its latest weights) or any model directory written by save_pretrained."""
+KEEP_WEIGHTS_SET_HELP = (
+    "change a model setting that keeps the weights, e.g. --set num_retrieved_memories=0 "
+    "(memorizing with retrieval off)"
+)
+
+
+def _load_model(path: str, device: str, settings: list[str] | None = None) -> LongRangeLM:
+    """A run folder (its latest weights) or any model directory written by save_pretrained,
+    with ``--set`` changes that keep the weights (e.g. num_retrieved_memories=0)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such run folder or checkpoint")
     if not (p / CONFIG_NAME).is_file() and (p / "best" / CONFIG_NAME).is_file():
         p = p / "best"
-    return LongRangeLM.from_pretrained(p, map_location=device)
+    overrides = None
+    if settings:
+        from longrange.train.checkpoint import read_json
+
+        data = read_json(p / CONFIG_NAME, "model config")
+        if not isinstance(data, dict) or "family" not in data:
+            raise ValueError(f"{p / CONFIG_NAME} is not a longrange config (no 'family' key)")
+        overrides = _model_settings(data["family"], settings)
+    return LongRangeLM.from_pretrained(p, map_location=device, overrides=overrides)
 
 
 def _device(name: str) -> str:
@@ -80,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from longrange.data.tokenizer import ByteTokenizer
 
     device = _device(args.device)
-    model = _load_model(args.run, device).eval()
+    model = _load_model(args.run, device, args.set).eval()
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -103,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from longrange.train.evaluate import evaluate_bpb
 
     device = _device(args.device)
-    model = _load_model(args.run, device)
+    model = _load_model(args.run, device, args.set)
     corpus = load_corpus(args.data)
     seq_len = args.seq_len or model.config.max_seq_len
     bpb = evaluate_bpb(model, corpus.val, seq_len=seq_len, max_tokens=args.max_tokens, device=device)
@@ -216,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (default 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help=KEEP_WEIGHTS_SET_HELP)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="validation bits per byte of a run folder or checkpoint")
@@ -226,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=None, help="chunk length (default: max_seq_len)")
     e.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted bytes")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help=KEEP_WEIGHTS_SET_HELP)
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list families, presets and parameter counts")

@@ -153,12 +153,18 @@ class LongRangeLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+        cls,
+        directory: str | os.PathLike,
+        *,
+        map_location: str | torch.device = "cpu",
+        overrides: dict[str, Any] | None = None,
     ) -> LongRangeLM:
         """Load a directory written by :meth:`save_pretrained`.
 
         Called on the base class it builds whichever family the config names; called on a
-        family class it refuses a directory of another family.
+        family class it refuses a directory of another family. ``overrides`` change config
+        fields that keep the weights' layout (e.g. ``num_retrieved_memories=0`` to evaluate a
+        Memorizing model with retrieval off); one that changes the layout is refused.
         """
         from longrange.models.registry import get_family
 
@@ -181,9 +187,22 @@ class LongRangeLM(nn.Module):
         if cls is not LongRangeLM and not issubclass(model_class, cls) and not issubclass(cls, model_class):
             raise ValueError(f"{path} holds a {data['family']!r} model, not a {cls.__name__}")
         config = family.config_class.from_dict(data)
+        if overrides:
+            unknown = sorted(set(overrides) - set(config.field_names()))
+            if unknown:
+                raise ValueError(
+                    f"unknown model key(s) {unknown} for family {config.family!r}; "
+                    f"accepted: {', '.join(config.field_names())}"
+                )
+            config = config.replace(**overrides)
         model = model_class(config) if cls is LongRangeLM else cls(config)
         state = load_weights(weights_file, map_location)
-        model.load_saved_weights(state)
+        try:
+            model.load_saved_weights(state)
+        except ValueError as err:
+            if not overrides:
+                raise
+            raise ValueError(f"the settings {overrides} change the saved weights' layout: {err}") from None
         return model
 
     def load_saved_weights(self, state: dict[str, Tensor]) -> None:
