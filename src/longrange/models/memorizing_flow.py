@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from longrange.memory.knn import KNNMemoryList
+from longrange.models.memorizing_layers import causal_bias, relative_bias
 from longrange.modules.shift import shift_tokens
 
 if TYPE_CHECKING:
@@ -133,8 +134,6 @@ def run_chunk(
     Without a state there is no memory and nothing is kept. With one, the chunk is committed
     when ``commit`` is set or the chunk reaches ``max_seq_len`` tokens.
     """
-    from longrange.models.memorizing import causal_bias, relative_bias
-
     c = model.config
     batch, n = tokens.shape
     device = tokens.device

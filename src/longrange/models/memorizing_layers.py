@@ -1,0 +1,209 @@
+"""Attention layers of the Memorizing Transformer: local attention with one shared key/value
+head and a T5 relative bias, and KNNAttention (cosine attention over retrieved memories and
+local keys). Dimensions: B batch, N queries, M keys, H heads, D head width, K retrieved pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from longrange.memory.knn import KNNMemory
+from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
+
+
+def relative_bias(module: T5RelativePositionBias, n: int, m: int) -> Tensor:
+    """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
+    distinct distances: one small table lookup, then a Toeplitz view, so the backward pass
+    sums diagonals instead of scattering n * m gradients into the table."""
+    weight = module.relative_attention_bias.weight
+    relative = torch.arange(n + m - 1, device=weight.device) - (m - 1)  # key minus query position
+    ids = t5_relative_position_bucket(
+        relative, causal=module.causal, num_buckets=module.num_buckets, max_distance=module.max_distance
+    )
+    per_distance = (module.relative_attention_bias(ids) * module.scale).t()  # [H, n + m - 1]
+    # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table: a sliding window.
+    return per_distance.unfold(1, m, 1).flip(1)
+
+
+def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """Fold the causal mask (queries are the last n of m positions) into an additive bias
+    [H or 1, n, m]: the most negative finite value above the diagonal, as the reference uses."""
+    future = torch.ones(n, m, dtype=torch.bool, device=device).triu(m - n + 1)
+    if bias is None:
+        bias = torch.zeros(1, n, m, device=device, dtype=dtype)
+    return bias.masked_fill(future, -torch.finfo(bias.dtype).max)
+
+
+class Attention(nn.Module):
+    """Causal attention over [earlier keys ; chunk] with one shared key/value head.
+
+    ``project(x [B, N, C])`` -> q [B, H, N, D], k [B, N, D], v [B, N, D];
+    ``attend(q, keys [B, M, D], values [B, M, D], key_valid [B, M] | None, bias)`` -> [B, N, C]
+    with ``bias`` [H, N, M] the relative bias with the causal mask folded in
+    (:func:`causal_bias`). The shared head makes each product one GEMM over all heads.
+    """
+
+    knn = False
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        xl_max_memories: int = 0,
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.xl_max_memories = int(xl_max_memories)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=out_bias)
+        self.attn_drop = nn.Dropout(dropout)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads), *self.project_kv(x)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, N, D] of inputs x [B, N, C] (also re-projected XL inputs)."""
+        k, v = self.to_kv(x).chunk(2, dim=-1)
+        return k, v
+
+    def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Tensor) -> Tensor:
+        sim = torch.einsum("bhnd,bmd->bhnm", q * self.dim_head**-0.5, keys) + bias
+        return _mask_keys(sim, key_valid)
+
+    def attend(
+        self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Tensor
+    ) -> Tensor:
+        attn = self.attn_drop(self.logits(q, keys, key_valid, bias).softmax(dim=-1))
+        out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _mask_keys(sim: Tensor, key_valid: Tensor | None) -> Tensor:
+    if key_valid is None:
+        return sim
+    return sim.masked_fill(~key_valid[:, None, None, :], -torch.finfo(sim.dtype).max)
+
+
+class KNNAttention(Attention):
+    """Cosine attention over retrieved memories and [earlier keys ; chunk]: one softmax, or
+    (``combine="gate"``) a softmax each mixed by a learned per-head gate.
+
+    ``attend(q, keys, values, key_valid, bias, retrieved=(keys [B, H, N, K, D], values
+    [B, H, N, K, D], found [B, H, N, K]) | None)``; ``project`` returns unit-norm queries and
+    keys, and the logits are scaled by a learned per-head temperature (initially
+    ``attn_scale_init``). The reference's ``forward(x, knn_memory=..., xl_memory=...,
+    add_knn_memory=..., rel_pos_bias=...)`` is kept for stand-alone use.
+    """
+
+    knn = True
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        num_retrieved_memories: int = 32,
+        xl_max_memories: int = 0,
+        attn_scale_init: float = 20,
+        gate_output: bool = False,
+        combine: str = "softmax",
+    ) -> None:
+        super().__init__(
+            dim=dim,
+            heads=heads,
+            dim_head=dim_head,
+            dropout=dropout,
+            xl_max_memories=xl_max_memories,
+            out_bias=False,
+        )
+        self.num_retrieved_memories = num_retrieved_memories
+        self.scale = nn.Parameter(torch.full((heads, 1, 1), math.log(attn_scale_init)))
+        self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
+        # per-head bias of the memory gate sigmoid(b) ("gate" combine); 0 starts at an even mix
+        self.memory_gate = nn.Parameter(torch.zeros(heads, 1, 1)) if combine == "gate" else None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = super().project(x)
+        return F.normalize(q, dim=-1), k, v
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = super().project_kv(x)
+        return F.normalize(k, dim=-1), v
+
+    def attend(
+        self,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        key_valid: Tensor | None,
+        bias: Tensor,
+        retrieved: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        scale = self.scale.exp()
+        sim = _mask_keys(torch.einsum("bhnd,bmd->bhnm", q, keys) * scale + bias, key_valid)
+        if retrieved is None:
+            attn = self.attn_drop(sim.softmax(dim=-1))
+            out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+        else:
+            mem_k, mem_v, found = retrieved
+            mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+            sim_mem = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k) * scale
+            sim_mem = sim_mem.masked_fill(~found, -torch.finfo(sim_mem.dtype).max)
+            if self.memory_gate is None:
+                k = sim_mem.shape[-1]
+                attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
+                attn = attn.to(values.dtype)
+                out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
+                out = out + torch.einsum("bhnk,bhnkd->bhnd", attn[..., :k], mem_v)
+            else:
+                local = self.attn_drop(sim.softmax(dim=-1)).to(values.dtype)
+                local = torch.einsum("bhnm,bmd->bhnd", local, values)
+                remote = self.attn_drop(sim_mem.softmax(dim=-1)).to(values.dtype)
+                remote = torch.einsum("bhnk,bhnkd->bhnd", remote, mem_v)
+                # a query that found no memory keeps its local attention whole
+                gate = self.memory_gate.sigmoid() * found.any(dim=-1, keepdim=True)
+                out = local + gate.to(local.dtype) * (remote - local)
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        if self.output_gate is not None:
+            out = out * self.output_gate.tanh()
+        return out
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        knn_memory: KNNMemory,
+        xl_memory: Tensor | None = None,
+        add_knn_memory: bool = True,
+        rel_pos_bias: Tensor | None = None,
+    ):
+        """Reference convention: x [B, N, C] -> (out [B, N, C], new XL memory [B, L, 2, D] | None)."""
+        q, k, v = self.project(x)
+        if xl_memory is not None:
+            k = torch.cat([xl_memory[..., 0, :], k], dim=1)
+            v = torch.cat([xl_memory[..., 1, :], v], dim=1)
+        n, m = q.shape[2], k.shape[1]
+        bias = None
+        if rel_pos_bias is not None:
+            bias = rel_pos_bias.reshape(-1, *rel_pos_bias.shape[-2:])[:, -n:, -m:]
+        bias = causal_bias(bias, n, m, device=q.device)
+        retrieved = knn_memory.retrieve(q, self.num_retrieved_memories)
+        out = self.attend(q, k, v, None, bias, retrieved)
+        entries = torch.stack([k, v], dim=-2).detach()
+        keep = self.xl_max_memories
+        leaving, xl = (entries[:, :-keep], entries[:, -keep:]) if keep else (entries, None)
+        if add_knn_memory and leaving.shape[1]:
+            knn_memory.add(leaving)
+        return out, xl
