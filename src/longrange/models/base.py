@@ -188,12 +188,7 @@ class LongRangeLM(nn.Module):
             raise ValueError(f"{path} holds a {data['family']!r} model, not a {cls.__name__}")
         config = family.config_class.from_dict(data)
         if overrides:
-            unknown = sorted(set(overrides) - set(config.field_names()))
-            if unknown:
-                raise ValueError(
-                    f"unknown model key(s) {unknown} for family {config.family!r}; "
-                    f"accepted: {', '.join(config.field_names())}"
-                )
+            config.check_keys(overrides)
             config = config.replace(**overrides)
         model = model_class(config) if cls is LongRangeLM else cls(config)
         state = load_weights(weights_file, map_location)

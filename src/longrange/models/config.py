@@ -68,17 +68,24 @@ class ModelConfig:
         return dataclasses.replace(self, **{k: _from_json_value(Any, v) for k, v in changes.items()})
 
     @classmethod
+    def check_keys(cls, keys) -> None:
+        """Refuse names that are not fields of this config, listing the accepted ones."""
+        unknown = sorted(set(keys) - set(cls.field_names()))
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(
+                f"unknown model key {names} for family {cls.family!r}; "
+                f"accepted: {', '.join(cls.field_names())}"
+            )
+
+    @classmethod
     def parse_setting(cls, text: str) -> tuple[str, Any]:
         """Parse ``key=value`` against the field's type (the CLI's ``--set``)."""
         if "=" not in text:
             raise ValueError(f"--set expects key=value, got {text!r}")
         key, raw = text.split("=", 1)
         key = key.strip().replace("-", "_")
-        if key not in cls.field_names():
-            raise ValueError(
-                f"unknown model key {key!r} for family {cls.family!r}; "
-                f"accepted: {', '.join(cls.field_names())}"
-            )
+        cls.check_keys([key])
         hint = typing.get_type_hints(cls)[key]
         try:
             return key, parse_typed(hint, raw.strip())
