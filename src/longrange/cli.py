@@ -38,7 +38,7 @@ def _load_model(path: str, device: str, settings: list[str] | None = None) -> Lo
         p = p / "best"
     overrides = None
     if settings:
-        from longrange.train.checkpoint import read_json
+        from longrange.atomic import read_json
 
         data = read_json(p / CONFIG_NAME, "model config")
         if not isinstance(data, dict) or "family" not in data:

@@ -217,7 +217,7 @@ def merge_results(
     keys: tuple[str, ...] = ("family", "length", "batch_size"),
 ) -> None:
     """Replace earlier rows with the same key fields and keep the rest."""
-    from longrange.train.checkpoint import atomic_write_json
+    from longrange.atomic import atomic_write_json
 
     existing: list[dict[str, Any]] = []
     if path.is_file():

@@ -132,7 +132,7 @@ class LongRangeLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
-        from longrange.train.checkpoint import atomic_write_json, atomic_write_safetensors
+        from longrange.atomic import atomic_write_json, atomic_write_safetensors
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)

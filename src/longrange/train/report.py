@@ -29,7 +29,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop records logged after the checkpoint we resume from."""
-    from longrange.train.checkpoint import atomic_write_bytes
+    from longrange.atomic import atomic_write_bytes
 
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
