@@ -12,7 +12,7 @@ from longrange.ops.dense import (
     dense_attention_sdpa,
     merge_masks,
 )
-from longrange.ops.dense.sdpa import causal_mask
+from longrange.ops.dense.masks import causal_mask
 from longrange.testing import assert_close, assert_same_forward_backward
 
 LOW_PRECISION = {torch.bfloat16: 3e-2, torch.float16: 1e-2}

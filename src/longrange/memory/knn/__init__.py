@@ -8,7 +8,8 @@
 """
 
 from longrange.memory.knn.exact import ExactIndex
-from longrange.memory.knn.interface import BACKENDS, INDEX_KINDS, KNNIndex, resolve_backend
+from longrange.memory.knn.factory import resolve_backend
+from longrange.memory.knn.interface import BACKENDS, INDEX_KINDS, KNNIndex
 from longrange.memory.knn.memory import DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY, KNNMemory, KNNMemoryList
 from longrange.memory.knn.store import MemmapStore
 

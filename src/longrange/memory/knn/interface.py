@@ -1,4 +1,4 @@
-"""The index interface of the kNN memory and the one function that picks a backend.
+"""The index interface of the kNN memory (``factory.py`` picks and builds a backend).
 
 An index finds, for each query, the stored keys with the largest inner product. It never
 holds values: it returns *slots* of the :class:`~longrange.memory.knn.store.MemmapStore`, and
@@ -76,50 +76,3 @@ def pad_slots(slots: Tensor, k: int) -> Tensor:
     if missing <= 0:
         return slots
     return torch.cat([slots, slots.new_full((*slots.shape[:-1], missing), -1)], dim=-1)
-
-
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``exact`` on a GPU (or without faiss), else ``faiss``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "exact" if device.type != "cpu" or not faiss_available() else "faiss"
-    if backend == "faiss" and not faiss_available():
-        raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu); use 'exact'")
-    return backend
-
-
-def make_index(
-    backend: str,
-    store: MemmapStore,
-    *,
-    kv: Tensor,
-    kind: str = "flat",
-    device: torch.device,
-    options: dict | None = None,
-    threads: int = 1,
-) -> KNNIndex:
-    """Build the index for ``store``; ``kv`` is the [R, M, 2, D] tensor the exact index reads."""
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {kind!r}")
-    options = dict(options or {})
-    if backend == "exact":
-        if kind != "flat" or options:
-            raise ValueError(
-                f"the exact backend is a flat search; index={kind!r} / index options {sorted(options)} "
-                "need backend='faiss'"
-            )
-        from longrange.memory.knn.exact import ExactIndex
-
-        return ExactIndex(store, kv)
-    from longrange.memory.knn.faiss_index import FaissIndex
-
-    return FaissIndex(store, kind=kind, device=device, threads=threads, **options)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from longrange.memory.knn.interface import make_index, resolve_backend
+from longrange.memory.knn.factory import make_index, resolve_backend
 from longrange.memory.knn.store import (
     MemmapStore,
     claim_file,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longrange.ops.dense.sdpa import merge_masks
+from longrange.ops.dense.masks import merge_masks
 
 
 def dense_attention_naive(

@@ -12,27 +12,10 @@ Two details the kernel does not handle for us:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def causal_mask(n: int, m: int, device: torch.device | None = None) -> Tensor:
-    """[N, M] boolean mask: query i (at absolute position m - n + i) sees keys j <= m - n + i."""
-    offset = m - n
-    rows = torch.arange(n, device=device)[:, None]
-    cols = torch.arange(m, device=device)[None, :]
-    return cols <= rows + offset
-
-
-def merge_masks(mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device) -> Tensor | None:
-    """Combine a padding/attention mask with the causal band; None when nothing is masked."""
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
-    if not causal:
-        return mask
-    band = causal_mask(n, m, device)
-    return band if mask is None else mask & band
+from longrange.ops.dense.masks import merge_masks
 
 
 def dense_attention_sdpa(
@@ -73,29 +56,3 @@ def dense_attention_sdpa(
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
-
-
-def dense_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    mask: Tensor | None = None,
-    causal: bool = False,
-    bias: Tensor | None = None,
-    scale: float | None = None,
-    dropout: float = 0.0,
-    backend: str = "sdpa",
-) -> Tensor:
-    """Exact attention; ``backend`` is "sdpa" (fused, the default) or "naive" (reference)."""
-    if backend == "sdpa":
-        return dense_attention_sdpa(
-            q, k, v, mask=mask, causal=causal, bias=bias, scale=scale, dropout=dropout
-        )
-    if backend == "naive":
-        if dropout:
-            raise ValueError("dropout is only supported by backend='sdpa'")
-        from longrange.ops.dense.naive import dense_attention_naive
-
-        return dense_attention_naive(q, k, v, mask=mask, causal=causal, bias=bias, scale=scale)
-    raise ValueError(f"backend must be 'sdpa' or 'naive', got {backend!r}")
