@@ -8,6 +8,7 @@ shape does not match.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -49,3 +50,13 @@ def copy_weights(model: nn.Module, reference: dict[str, Tensor], mapping: dict[s
             )
         ours[dst] = reference[src]
     model.load_state_dict(ours)
+
+
+def rename_blocks(key: str) -> str:
+    """A reference stack's weight name -> ours. The references keep the blocks of a plain
+    stack as ``<stack>.layers.N.0`` / ``.1`` and of a reversible one as
+    ``<stack>.blocks.N.f.net`` / ``.g.net`` (``<stack>`` is ``layers`` or ``net``); ours are
+    ``layers.blocks.N.f`` / ``.g`` in both."""
+    key = re.sub(r"(^|\.)(?:net|layers)\.layers\.(\d+)\.0\.", r"\1layers.blocks.\2.f.", key)
+    key = re.sub(r"(^|\.)(?:net|layers)\.layers\.(\d+)\.1\.", r"\1layers.blocks.\2.g.", key)
+    return re.sub(r"(^|\.)(?:net|layers)\.blocks\.(\d+)\.([fg])\.net\.", r"\1layers.blocks.\2.\3.", key)

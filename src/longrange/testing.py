@@ -6,7 +6,10 @@ models they build from longrange's layers.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,3 +128,26 @@ def assert_padding_ignored(
         diff = (out - base).abs()[mask].max().item() if mask.any() else 0.0
         if diff > atol:
             raise AssertionError(f"padding leaks: kept outputs changed by {diff:.3g}")
+
+
+def _dev_extra_installed() -> bool:
+    """True when longrange's dev extra was installed (its test-only tools are present)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("hypothesis", "pytest_timeout"))
+
+
+def import_reference(module: str) -> Any:
+    """Import a reference package (a test oracle) for a parity test.
+
+    Skips the test when the package is missing and the dev extra is not installed, but fails
+    it when the dev extra is installed: a parity test must not pass by silently skipping.
+    """
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if _dev_extra_installed():
+            pytest.fail(
+                f"the reference package {module!r} is missing although the dev extra is installed: {err}"
+            )
+        pytest.skip(f"the reference package {module!r} is not installed")

@@ -1,14 +1,18 @@
-"""The model base class every family shares: one forward protocol, decoding, persistence.
+"""The model base class every family shares: one protocol, decoding, persistence.
 
-Protocol (DESIGN.md sections 1-2):
-- ``forward_lm(tokens, mask=None, state=None) -> LMOutput`` is the entry the trainer,
-  evaluator and benchmarks use: logits [B, N, V], an auxiliary loss (or None) and, for
-  families that carry state across segments, the state after this segment.
+The protocol (docs/ARCHITECTURE.md, "Protocol"):
+- ``forward_lm(tokens, *, mask=None, state=None) -> LMOutput``: logits [B, N, V], an
+  auxiliary loss (or None) and the :class:`~longrange.models.state.State` after the call
+  (families that carry state across training segments; None otherwise). Given a state, the
+  call continues it and updates it in place.
 - ``forward(tokens, mask=None)`` returns the logits; the reference-compatible classes
   override it with their own return conventions.
-- ``prefill(tokens, state=None) -> (logits, state)`` and ``step(token, state) -> (logits,
-  state)`` drive incremental decoding. The default implementation here re-runs the window
-  (correct for any family, but O(N) per token); families override it with real state.
+- ``prefill(tokens, state=None, **conditioning) -> (logits, state)`` and ``step(token, state)
+  -> (logits, state)``, written once here: run positions after those the state has seen (a
+  fresh state when None), without gradients, updating the state in place and returning it.
+  Conditioning (a decoder's ``context`` / ``context_mask``) is fixed by the call that makes
+  the state. A family provides ``init_state`` and ``decode``; the default ``decode`` re-runs
+  every position seen so far (correct for any family, O(N) per token).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from longrange.atomic import atomic_write_json, atomic_write_safetensors
+from longrange.generation import generate
 from longrange.models.config import ModelConfig
+from longrange.models.registry import get_family
+from longrange.models.state import State
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,14 +43,7 @@ FORMAT_TAG = "longrange"
 class LMOutput:
     logits: Tensor
     aux_loss: Tensor | None = None
-    state: Any = None
-
-
-@dataclass
-class RecomputeState:
-    """Decoding state of the fallback protocol: the tokens so far (re-run every step)."""
-
-    tokens: Tensor
+    state: State | None = None
 
 
 class LongRangeLM(nn.Module):
@@ -52,6 +53,8 @@ class LongRangeLM(nn.Module):
     # True when training and evaluation should carry state across the chunks of a document
     # (block-recurrent states, kNN memories); such families read documents in order.
     carries_state: ClassVar[bool] = False
+    # Keywords ``prefill`` accepts as conditioning (a cross-attending decoder's context).
+    conditioning_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -69,61 +72,113 @@ class LongRangeLM(nn.Module):
         return self.forward_lm(tokens, mask=mask).logits
 
     def check_tokens(self, tokens: Tensor, mask: Tensor | None = None, *, allow_longer: bool = False) -> None:
-        """Validate a token batch before any work: dtype, rank, range, length, mask shape."""
+        """Validate a token batch before any work: dtype, rank, size, range, length, mask."""
         if not isinstance(tokens, Tensor):
             raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens must hold at least one row and one position, got shape {tuple(tokens.shape)}"
+            )
         if not allow_longer and tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}"
             )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = keep), got dtype {mask.dtype}")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool tensor (True = keep)")
             if mask.shape != tokens.shape:
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} must equal tokens shape {tuple(tokens.shape)}"
                 )
 
-    # --- state carried across segments (carries_state families override) -----------------
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
-        return None
+    # --- the state ------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, **conditioning) -> State:
+        """A fresh state for ``batch_size`` rows; families with caches or memories override it."""
+        self.check_conditioning(conditioning)
+        return State.empty(batch_size, 0, **conditioning)
 
-    def detach_state(self, state: Any) -> Any:
+    def check_conditioning(self, conditioning: dict[str, Any]) -> None:
+        """Refuse conditioning keywords this model does not take."""
+        extra = sorted(set(conditioning) - set(self.conditioning_keys))
+        if extra:
+            accepted = ", ".join(self.conditioning_keys) or "none"
+            raise ValueError(f"{type(self).__name__} takes no {extra} (conditioning accepted: {accepted})")
+
+    def check_state(self, state: Any, batch: int) -> None:
+        if not isinstance(state, State):
+            raise TypeError(f"state must be a longrange State (or None), got {type(state).__name__}")
+        state.check_batch(batch)
+
+    def detach_state(self, state: State) -> State:
+        """The state cut from the autograd graph (between training steps)."""
+        return state.detach()
+
+    def reset_state_rows(self, state: State, rows: Tensor) -> State:
+        """Forget the state of the batch rows where ``rows`` [B] is True (a new document)."""
         return state
 
-    def reset_state_rows(self, state: Any, rows: Tensor) -> Any:
-        """Forget the state of the batch rows where ``rows`` [B] is True (a new document)."""
+    def save_state(self, state: State, directory: str | os.PathLike) -> None:
+        """Write a carried state into ``directory`` (exact resume of a training run)."""
+        state.save(directory)
+
+    def load_state(self, directory: str | os.PathLike, *, batch_size: int, device: Any = "cpu") -> State:
+        """Read a state written by :meth:`save_state`, refusing one of another batch size."""
+        state = State.load(directory, device)
+        state.check_batch(batch_size)
         return state
 
     # --- incremental decoding -------------------------------------------------------------
     def context_limit(self) -> int | None:
-        """Longest window ``step`` can continue; None when the state is unbounded."""
+        """Most positions a decoding state can hold; None when it is unbounded."""
         return self.config.max_seq_len
 
-    def prefill(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        """Run a prompt [B, N]; return its logits [B, N, V] and the state to continue from."""
-        if state is not None:
-            raise ValueError(f"{type(self).__name__}.prefill does not continue from a state")
-        logits = self.forward_lm(tokens).logits
-        return logits, RecomputeState(tokens)
+    def decode(self, tokens: Tensor, state: State) -> Tensor:
+        """Logits [B, n, V] of ``tokens`` [B, n] following the ``state.position`` positions the
+        state has seen; update the state's entries (``prefill`` advances the position). This
+        default keeps the tokens and re-runs all of them."""
+        if set(state.shared) - {"seen"}:
+            raise ValueError(f"{type(self).__name__} re-runs its window to decode and takes no conditioning")
+        seen = state.shared.get("seen")
+        state.shared["seen"] = tokens if seen is None else torch.cat([seen, tokens], dim=1)
+        return self.forward_lm(state.shared["seen"]).logits[:, -tokens.shape[1] :]
 
-    def step(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """Feed one token per row [B]; return next-token logits [B, V] and the new state."""
-        tokens = torch.cat([state.tokens, token[:, None]], dim=1)
-        logits = self.forward_lm(tokens).logits[:, -1]
-        return logits, RecomputeState(tokens)
+    def prefill(
+        self, tokens: Tensor, state: State | None = None, **conditioning: Any
+    ) -> tuple[Tensor, State]:
+        """Run tokens [B, N] after the positions ``state`` has seen (a fresh state when None);
+        return their logits [B, N, V] and the state, updated in place."""
+        self.check_tokens(tokens, allow_longer=True)
+        if state is None:
+            state = self.init_state(tokens.shape[0], tokens.device, **conditioning)
+        else:
+            if conditioning:
+                raise ValueError("conditioning is fixed when the state is made: pass it to the first prefill")
+            self.check_state(state, tokens.shape[0])
+        limit = self.context_limit()
+        if limit is not None and state.position + tokens.shape[1] > limit:
+            raise ValueError(
+                f"positions up to {state.position + tokens.shape[1]} exceed the decoding window of {limit}"
+            )
+        with torch.no_grad():
+            logits = self.decode(tokens, state)
+        state.position += tokens.shape[1]
+        return logits, state
 
-    @torch.no_grad()
+    def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
+        """Feed one token per row [B]; return next-token logits [B, V] and the state."""
+        if not isinstance(token, Tensor) or token.dim() != 1:
+            raise ValueError(f"step takes one token per row, shape [B], got {getattr(token, 'shape', token)}")
+        logits, state = self.prefill(token[:, None], state)
+        return logits[:, -1], state
+
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt``; see :func:`longrange.generation.generate`."""
-        from longrange.generation import generate
-
         return generate(self, prompt, max_new_tokens, **sampling)
 
     # --- persistence ----------------------------------------------------------------------
@@ -132,7 +187,6 @@ class LongRangeLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
-        from longrange.atomic import atomic_write_json, atomic_write_safetensors
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -166,8 +220,6 @@ class LongRangeLM(nn.Module):
         fields that keep the weights' layout (e.g. ``num_retrieved_memories=0`` to evaluate a
         Memorizing model with retrieval off); one that changes the layout is refused.
         """
-        from longrange.models.registry import get_family
-
         path = Path(directory)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not path.is_dir():

@@ -1,13 +1,63 @@
-"""Config dataclasses: one per family, keyword-only, JSON round-trip, typed ``--set`` parsing."""
+"""Config dataclasses: one per family, keyword-only, checked from their annotations, JSON
+round-trip and typed ``--set`` parsing.
+
+A field's annotation is its check (docs/ARCHITECTURE.md, "Configs"): ``int``, ``float``,
+``bool``, ``str``, ``Literal[...]`` and ``tuple[int, ...]`` are checked by type and choice,
+``X | None`` also accepts None, and ``typing.Annotated`` adds a :class:`Rule` for ranges
+(:data:`PositiveInt`, :data:`NonNegativeInt`, :data:`Probability`, :data:`PositiveFloat`,
+:data:`LayerNumbers`). A family's :meth:`ModelConfig.check` holds only what relates two
+fields. Every failure is a ValueError that names the field and what it accepts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A range check attached to a field with ``Annotated``: ``test(value, config)`` and the
+    text of what the value must be (a string, or a function of the config)."""
+
+    what: str | Callable[[Any], str]
+    test: Callable[[Any, Any], bool]
+
+    def describe(self, config: Any) -> str:
+        return self.what(config) if callable(self.what) else self.what
+
+
+PositiveInt = Annotated[int, Rule("a positive integer", lambda v, c: v > 0)]
+NonNegativeInt = Annotated[int, Rule("a non-negative integer", lambda v, c: v >= 0)]
+PositiveFloat = Annotated[float, Rule("a positive number", lambda v, c: v > 0)]
+Probability = Annotated[float, Rule("a number in [0, 1)", lambda v, c: 0 <= v < 1)]
+LayerNumbers = Annotated[
+    tuple[int, ...],
+    Rule(
+        lambda c: f"a tuple of layer numbers from 1 to the depth {c.depth}",
+        lambda v, c: all(1 <= i <= c.depth for i in v),
+    ),
+]
+# The benchmark size every family's ``bench`` preset shares.
+BENCH_SIZE: dict[str, int] = {"dim": 256, "depth": 4, "heads": 4}
+
+
+def check_known(
+    names: Iterable[str], accepted: Iterable[str], what: str, error: type[Exception] = ValueError
+):
+    """Refuse names outside ``accepted``, listing the accepted ones (the one unknown-key check
+    of the library: configs, ``--set``, overrides and the reference-compatible keywords)."""
+    accepted = list(accepted)
+    unknown = sorted(set(names) - set(accepted))
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        raise error(f"unknown {what} {listed}; accepted: {', '.join(accepted)}")
 
 
 @dataclass(kw_only=True)
@@ -16,21 +66,28 @@ class ModelConfig:
 
     family: ClassVar[str] = ""
 
-    vocab_size: int = 256
-    max_seq_len: int = 1024
-    dim: int = 256
-    depth: int = 4
-    heads: int = 4
+    vocab_size: PositiveInt = 256
+    max_seq_len: PositiveInt = 1024
+    dim: PositiveInt = 256
+    depth: PositiveInt = 4
+    heads: PositiveInt = 4
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field. Families extend it."""
-        for name in ("vocab_size", "max_seq_len", "dim", "depth", "heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        """Check every field against its annotation, then :meth:`check`; raise ValueError
+        naming the first bad field."""
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fixed = _check_field(f.name, hints[f.name], value, self)
+            if fixed is not value:
+                setattr(self, f.name, fixed)
+        self.check()
+
+    def check(self) -> None:
+        """Constraints that relate two or more fields (families extend it)."""
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
@@ -52,31 +109,18 @@ class ModelConfig:
         family = data.pop("family", cls.family)
         if family != cls.family:
             raise ValueError(f"config is for family {family!r}, not {cls.family!r}")
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {unknown} for family {cls.family!r}; "
-                f"accepted: {', '.join(cls.field_names())}"
-            )
-        hints = typing.get_type_hints(cls)
-        fixed = {k: _from_json_value(hints[k], v) for k, v in data.items()}
-        return cls(**fixed)
+        check_known(data, cls.field_names(), f"config key(s) for family {cls.family!r}:")
+        return cls(**{k: _from_json_value(v) for k, v in data.items()})
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes``; lists become tuples (a run's saved ``--set`` values come
         back from JSON as lists)."""
-        return dataclasses.replace(self, **{k: _from_json_value(Any, v) for k, v in changes.items()})
+        return dataclasses.replace(self, **{k: _from_json_value(v) for k, v in changes.items()})
 
     @classmethod
-    def check_keys(cls, keys) -> None:
+    def check_keys(cls, keys: Iterable[str]) -> None:
         """Refuse names that are not fields of this config, listing the accepted ones."""
-        unknown = sorted(set(keys) - set(cls.field_names()))
-        if unknown:
-            names = ", ".join(map(repr, unknown))
-            raise ValueError(
-                f"unknown model key {names} for family {cls.family!r}; "
-                f"accepted: {', '.join(cls.field_names())}"
-            )
+        check_known(keys, cls.field_names(), f"model key for family {cls.family!r}:")
 
     @classmethod
     def parse_setting(cls, text: str) -> tuple[str, Any]:
@@ -93,6 +137,78 @@ class ModelConfig:
             raise ValueError(f"bad value for {key!r}: {err}") from None
 
 
+# --- checking a field against its annotation ----------------------------------------------
+def _split_annotation(hint: Any) -> tuple[Any, list[Rule], bool]:
+    """hint -> (the plain type, its rules, whether None is accepted)."""
+    rules: list[Rule] = []
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
+    if typing.get_origin(hint) is Annotated:
+        hint, *extras = typing.get_args(hint)
+        rules = [r for r in extras if isinstance(r, Rule)]
+    return hint, rules, optional
+
+
+def _describe(kind: Any) -> str:
+    if kind is bool:
+        return "True or False"
+    if kind is int:
+        return "an integer"
+    if kind is float:
+        return "a number"
+    if kind is str:
+        return "a string"
+    if typing.get_origin(kind) is Literal:
+        choices = [repr(c) for c in typing.get_args(kind)]
+        return " or ".join(choices) if len(choices) <= 2 else f"one of {', '.join(choices)}"
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a tuple of {plural.get(item, _describe(item))}"
+    return str(kind)
+
+
+def _matches(kind: Any, value: Any) -> bool:
+    if kind is Any:
+        return True
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in typing.get_args(kind))
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, tuple) and all(_matches(item, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(option, value) for option in typing.get_args(kind))
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _check_field(name: str, hint: Any, value: Any, config: Any) -> Any:
+    """Check one field; return the value (a list or a lone int given for a tuple field
+    becomes a tuple)."""
+    kind, rules, optional = _split_annotation(hint)
+    if value is None and optional:
+        return value
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, int)) and not isinstance(value, bool):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if not _matches(kind, value) or not all(r.test(value, config) for r in rules):
+        text = rules[-1].describe(config) if rules else _describe(kind)
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}{text}, got {value!r}")
+    return value
+
+
+# --- command-line values --------------------------------------------------------------------
 def _is_optional(hint: Any) -> tuple[bool, Any]:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -128,7 +244,7 @@ def parse_typed(hint: Any, raw: str) -> Any:
             raise ValueError(f"expected a number, got {raw!r}") from None
     if inner is str:
         return raw
-    if origin is typing.Literal:
+    if origin is Literal:
         choices = typing.get_args(inner)
         if raw not in choices:
             raise ValueError(f"expected one of {list(choices)}, got {raw!r}")
@@ -151,8 +267,8 @@ def parse_typed(hint: Any, raw: str) -> Any:
     raise ValueError(f"cannot parse a value of type {inner} from the command line")
 
 
-def _from_json_value(hint: Any, value: Any) -> Any:
+def _from_json_value(value: Any) -> Any:
     """JSON has lists where the config has tuples; convert back."""
     if isinstance(value, list):
-        return tuple(_from_json_value(Any, v) for v in value)
+        return tuple(_from_json_value(v) for v in value)
     return value

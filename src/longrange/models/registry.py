@@ -1,8 +1,10 @@
-"""The family registry: ``create_model``, presets, and lookup by name.
+"""The family registry: the list of families, ``create_model``, presets, lookup by name.
 
-A family registers its config class, its model class and its preset functions; the CLI, the
-trainer and the benchmarks find everything through here, so a new family appears everywhere
-by registering itself.
+:data:`FAMILIES` is the one place the families are listed; each is the package
+``longrange.models.<name>``, imported on first use (so ``import longrange`` stays light and a
+family that fails to import cannot break the others). Importing a family package registers its
+config class, model class and presets with :func:`register_family`; the CLI, the trainer and
+the benchmarks find everything through here (docs/ARCHITECTURE.md, "Adding a family").
 """
 
 from __future__ import annotations
@@ -10,49 +12,43 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from longrange.models.base import LongRangeLM
-    from longrange.models.config import ModelConfig
+FAMILIES: tuple[str, ...] = ("vanilla", "performer", "routing", "sinkhorn", "block_recurrent", "memorizing")
 
 
 @dataclass
 class Family:
     name: str
-    config_class: type[ModelConfig]
-    model_class: type[LongRangeLM]
-    presets: dict[str, Callable[[], ModelConfig]] = field(default_factory=dict)
+    config_class: Any
+    model_class: Any
+    presets: dict[str, Callable[[], Any]] = field(default_factory=dict)
     description: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}
-# Modules that register a family when imported; imported lazily so that `import longrange`
-# stays cheap and a broken family cannot break the others.
-FAMILY_MODULES = {
-    "vanilla": "longrange.models.vanilla",
-    "performer": "longrange.models.performer",
-    "routing": "longrange.models.routing",
-    "sinkhorn": "longrange.models.sinkhorn",
-    "block_recurrent": "longrange.models.block_recurrent",
-    "memorizing": "longrange.models.memorizing",
-}
+
+
+def family_module(name: str) -> str:
+    return f"longrange.models.{name}"
 
 
 def register_family(
     name: str,
-    config_class: type[ModelConfig],
-    model_class: type[LongRangeLM],
-    presets: dict[str, Callable[[], ModelConfig]],
+    config_class: Any,
+    model_class: Any,
+    presets: dict[str, Callable[[], Any]],
     description: str = "",
 ) -> None:
+    if name not in FAMILIES:
+        raise ValueError(f"family {name!r} is not listed in longrange.models.registry.FAMILIES")
     _FAMILIES[name] = Family(name, config_class, model_class, dict(presets), description)
 
 
 def available_families() -> list[str]:
-    """Families whose module imports (in the order of FAMILY_MODULES)."""
+    """Families whose package imports, in the order of :data:`FAMILIES`."""
     names = []
-    for name in FAMILY_MODULES:
+    for name in FAMILIES:
         try:
             get_family(name)
         except ValueError:
@@ -63,9 +59,9 @@ def available_families() -> list[str]:
 
 def get_family(name: str) -> Family:
     if name not in _FAMILIES:
-        module = FAMILY_MODULES.get(name)
-        if module is None:
-            raise ValueError(f"unknown model family {name!r}; accepted: {', '.join(FAMILY_MODULES)}")
+        if name not in FAMILIES:
+            raise ValueError(f"unknown model family {name!r}; accepted: {', '.join(FAMILIES)}")
+        module = family_module(name)
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -75,8 +71,8 @@ def get_family(name: str) -> Family:
     return _FAMILIES[name]
 
 
-def make_config(family: str, preset: str | None = None, **overrides: Any) -> ModelConfig:
-    """A family's config from a preset (default: the family's first preset) plus overrides."""
+def make_config(family: str, preset: str | None = None, **overrides: Any) -> Any:
+    """A family's config from a preset (default: the config's defaults) plus overrides."""
     fam = get_family(family)
     if preset is None:
         base = fam.config_class()
@@ -88,16 +84,11 @@ def make_config(family: str, preset: str | None = None, **overrides: Any) -> Mod
         base = fam.presets[preset]()
     if not overrides:
         return base
-    unknown = sorted(set(overrides) - set(fam.config_class.field_names()))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {unknown} for family {family!r}; "
-            f"accepted: {', '.join(fam.config_class.field_names())}"
-        )
+    base.check_keys(overrides)
     return base.replace(**overrides)
 
 
-def create_model(family: str, preset: str | None = None, **config: Any) -> LongRangeLM:
+def create_model(family: str, preset: str | None = None, **config: Any) -> Any:
     """Build a model of ``family`` from a preset and/or config keywords.
 
     >>> model = create_model("vanilla", preset="tiny", depth=2)

@@ -1,7 +1,6 @@
 """Shared layers every family is assembled from (weights live here; the maths lives in ops/)."""
 
 from longrange.modules.autopad import Autopadder
-from longrange.modules.autoregressive import AutoregressiveWrapper
 from longrange.modules.feedforward import Chunk, FeedForward, GEGLUFeedForward
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.moe import MoE
@@ -22,7 +21,6 @@ __all__ = [
     "PKM",
     "AbsolutePositionalEmbedding",
     "Autopadder",
-    "AutoregressiveWrapper",
     "AxialPositionalEmbedding",
     "Chunk",
     "FeedForward",

@@ -151,6 +151,23 @@ class _Stack(nn.Module):
             routed.append((f_kw, g_kw))
         return routed
 
+    def forward_cached(self, x: Tensor, layers: Sequence[dict], **kwargs) -> Tensor:
+        """Decoding: the stack's maths on new positions x [B, n, D], block by block, each
+        branch continuing from its cache (``layers[i]["attn"]`` for f, ``layers[i]["ff"]`` for
+        g: dicts the branches fill), keywords routed as in ``forward``. No layer dropout;
+        auxiliary losses are dropped. Returns what ``forward`` returns as its first value."""
+        if len(layers) != len(self.blocks):
+            raise ValueError(f"{len(layers)} layer caches for {len(self.blocks)} blocks")
+        routed = self._route(kwargs)
+        caches = [(layer.setdefault("attn", {}), layer.setdefault("ff", {})) for layer in layers]
+        return self._walk_cached(x, caches, routed)
+
+    def _walk_cached(self, x: Tensor, caches: list[tuple[dict, dict]], routed) -> Tensor:
+        for block, (cf, cg), (f_kw, g_kw) in zip(self.blocks, caches, routed):
+            x = x + _split_output(block.f(x, cache=cf, **f_kw), "f")[0]
+            x = x + _split_output(block.g(x, cache=cg, **g_kw), "g")[0]
+        return x
+
     def _kept(self) -> list[int]:
         depth = len(self.blocks)
         if not self.training or self.layer_dropout == 0.0:
@@ -327,3 +344,10 @@ class ReversibleSequence(_Stack):
             return (y1 + y2) / 2, aux
         tensors = [kwargs[k] for k in grad_keys] + params
         return _ReversibleFunction.apply(x, plan, *tensors)
+
+    def _walk_cached(self, x: Tensor, caches: list[tuple[dict, dict]], routed) -> Tensor:
+        x1 = x2 = x
+        for block, (cf, cg), (f_kw, g_kw) in zip(self.blocks, caches, routed):
+            x1 = x1 + _split_output(block.f(x2, cache=cf, **f_kw), "f")[0]
+            x2 = x2 + _split_output(block.g(x1, cache=cg, **g_kw), "g")[0]
+        return (x1 + x2) / 2

@@ -2,62 +2,20 @@
 
 A pre-norm causal decoder: token embedding -> depth x (attention with rotary positions on the
 fused SDPA kernel, then a feed-forward block) -> final norm -> logits. Decoding keeps a KV
-cache per layer, so each new token costs one attention row.
+cache per layer (``state.layers[i]["kv"]``), so each new token costs one attention row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
+import torch
 from torch import Tensor, nn
 
 from longrange.models.base import LMOutput, LongRangeLM
-from longrange.models.config import ModelConfig
-from longrange.models.registry import register_family
+from longrange.models.state import State
+from longrange.models.vanilla.config import VanillaConfig
 from longrange.modules.attention import KVCache, MultiheadAttention
 from longrange.modules.feedforward import FeedForward
 from longrange.modules.rotary import RotaryEmbedding
-
-
-@dataclass(kw_only=True)
-class VanillaConfig(ModelConfig):
-    family = "vanilla"
-
-    dim_head: int | None = None
-    ff_mult: int = 4
-    ff_glu: bool = False
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    rotary_theta: float = 10000.0
-    tie_embedding: bool = True
-    attn_backend: Literal["sdpa", "naive"] = "sdpa"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        if self.attn_backend not in ("sdpa", "naive"):
-            raise ValueError(f"attn_backend must be 'sdpa' or 'naive', got {self.attn_backend!r}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if (self.dim_head or self.dim // self.heads) % 2:
-            raise ValueError("the head width (dim_head or dim // heads) must be even for rotary")
-
-
-def vanilla_tiny() -> VanillaConfig:
-    return VanillaConfig(dim=64, depth=2, heads=2, max_seq_len=256)
-
-
-def vanilla_small() -> VanillaConfig:
-    return VanillaConfig(dim=256, depth=4, heads=4, max_seq_len=256)
-
-
-def vanilla_bench() -> VanillaConfig:
-    """The benchmark configuration shared by every family: dim 256, depth 4, heads 4."""
-    return VanillaConfig(dim=256, depth=4, heads=4, max_seq_len=65536)
 
 
 def _norm(kind: str, dim: int) -> nn.Module:
@@ -115,10 +73,10 @@ class VanillaLM(LongRangeLM):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(self, tokens: Tensor, mask: Tensor | None, caches: list[KVCache] | None) -> Tensor:
+    def _run(self, tokens: Tensor, mask: Tensor | None, layers: list[dict] | None) -> Tensor:
         x = self.drop(self.embed(tokens))
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=None if caches is None else caches[i])
+            x = block(x, mask=mask, cache=None if layers is None else layers[i]["kv"])
         return self.head(self.norm(x))
 
     def forward_lm(self, tokens: Tensor, *, mask: Tensor | None = None, state=None) -> LMOutput:
@@ -127,27 +85,16 @@ class VanillaLM(LongRangeLM):
             raise ValueError("vanilla carries no state across segments; pass state=None")
         return LMOutput(self._run(tokens, mask, None))
 
-    def new_caches(self, batch: int, capacity: int, like: Tensor) -> list[KVCache]:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, **conditioning) -> State:
+        """One KV cache of ``max_seq_len`` positions per layer."""
+        self.check_conditioning(conditioning)
         c = self.config
+        like = self.embed.weight if device is None else self.embed.weight.new_empty(0, device=device)
+        state = State.empty(batch_size, c.depth)
         dim_head = c.dim_head or c.dim // c.heads
-        return [KVCache.empty(batch, c.heads, capacity, dim_head, like) for _ in self.blocks]
+        for layer in state.layers:
+            layer["kv"] = KVCache.empty(batch_size, c.heads, c.max_seq_len, dim_head, like)
+        return state
 
-    def prefill(self, tokens: Tensor, state: list[KVCache] | None = None) -> tuple[Tensor, list[KVCache]]:
-        self.check_tokens(tokens)
-        if state is None:
-            state = self.new_caches(tokens.shape[0], self.config.max_seq_len, self.embed.weight)
-        return self._run(tokens, None, state), state
-
-    def step(self, token: Tensor, state: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
-        if state[0].length >= self.config.max_seq_len:
-            raise ValueError(f"the KV cache is full (max_seq_len={self.config.max_seq_len})")
-        return self._run(token[:, None], None, state)[:, -1], state
-
-
-register_family(
-    "vanilla",
-    VanillaConfig,
-    VanillaLM,
-    {"tiny": vanilla_tiny, "small": vanilla_small, "bench": vanilla_bench},
-    description="exact causal attention (SDPA), rotary positions; the baseline",
-)
+    def decode(self, tokens: Tensor, state: State) -> Tensor:
+        return self._run(tokens, None, state.layers)

@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from longrange.convert import copy_weights, load_reference, register_converter
+from longrange.generation import RecomputeDecoder, decode_loop, top_k
+from longrange.models.autoregressive import AutoregressiveWrapper
 from longrange.models.registry import create_model
 from longrange.modules.autopad import Autopadder, pad_to_multiple
-from longrange.modules.autoregressive import AutoregressiveWrapper, top_k
 
 
 class _Echo(nn.Module):
@@ -40,7 +41,12 @@ def test_generate_with_incremental_state_matches_recompute():
     torch.manual_seed(3)
     fast = wrapper.generate(prompt, 12, filter_thres=0.99)
     torch.manual_seed(3)
-    slow = wrapper._generate_recompute(prompt, 12, None, 1.0, top_k, 0.99, {})
+
+    def pick(logits, history):
+        probs = torch.softmax(top_k(logits.float(), 0.99), dim=-1)
+        return torch.multinomial(probs, 1).squeeze(-1)
+
+    slow = decode_loop(RecomputeDecoder(model, model.config.max_seq_len), prompt, 12, pick)
     assert torch.equal(fast, slow)
 
 

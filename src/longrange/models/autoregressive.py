@@ -1,0 +1,119 @@
+"""The references' autoregressive wrapper, written once for every family.
+
+``AutoregressiveWrapper(net)`` turns a network mapping tokens [B, N] to logits (or to
+``(logits, aux_loss)``) into a next-token trainer and sampler with the references' keywords.
+Sampling runs on the one loop of :mod:`longrange.generation`: on the net's incremental
+``prefill`` / ``step`` state when the net is a :class:`~longrange.models.base.LongRangeLM`
+(its conditioning keywords, e.g. an encoder's ``context``, go to ``prefill``), otherwise by
+re-running the last ``max_seq_len`` tokens for every new one (as the references do).
+Families subclass it only to change defaults or add the reference's extra keywords.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longrange.generation import RecomputeDecoder, decode_loop, top_k
+from longrange.models.base import LongRangeLM
+
+
+def split_output(out: Any) -> tuple[Tensor, Tensor | None]:
+    """A net's output -> (logits, auxiliary loss or None)."""
+    if isinstance(out, tuple):
+        return out[0], (out[1] if len(out) > 1 else None)
+    return out, None
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Next-token loss and sampling around ``net`` (the references' wrapper)."""
+
+    # the keyword a padding mask travels under when the net is re-run
+    mask_key = "mask"
+
+    def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.ignore_index = ignore_index
+        self.pad_value = pad_value
+        self.max_seq_len = getattr(net, "max_seq_len", None) or getattr(
+            getattr(net, "config", None), "max_seq_len", None
+        )
+
+    def forward(self, x: Tensor, return_loss: bool = True, **kwargs: Any) -> Any:
+        """Without ``return_loss`` this is the net's forward; with it, the mean next-token
+        cross-entropy of x[:, 1:] given x[:, :-1] (plus the net's auxiliary loss, if any).
+        A ``mask`` / ``input_mask`` keyword is trimmed to the inputs."""
+        if not return_loss:
+            return self.net(x, **kwargs)
+        inputs, targets = x[:, :-1], x[:, 1:]
+        for key in ("mask", "input_mask"):
+            if kwargs.get(key) is not None and kwargs[key].shape[1] == x.shape[1]:
+                kwargs[key] = kwargs[key][:, :-1]
+        logits, aux = split_output(self.net(inputs, **kwargs))
+        loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.ignore_index)
+        return loss if aux is None else loss + aux
+
+    @torch.no_grad()
+    def generate(
+        self,
+        start_tokens: Tensor,
+        seq_len: int,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_logits_fn: Callable[[Tensor, float], Tensor] = top_k,
+        filter_thres: float = 0.9,
+        window: str = "restart",
+        **kwargs: Any,
+    ) -> Tensor:
+        """Sample ``seq_len`` new tokens after ``start_tokens`` ([B, N] or [N]); returns only
+        the new tokens. A row that emitted ``eos_token`` is padded with ``pad_value``, and
+        sampling stops once every row has. ``window`` chooses what an incremental net does
+        when its context fills: "restart" from the last half window (fast, the default) or
+        "slide" a full window one token at a time (the references' conditioning)."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be a non-negative integer, got {seq_len!r}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not 0 <= filter_thres <= 1:
+            raise ValueError(f"filter_thres must lie in [0, 1], got {filter_thres!r}")
+        squeeze = start_tokens.dim() == 1
+        tokens = (start_tokens[None] if squeeze else start_tokens).long()
+        decoder, conditioning = self._decoder(kwargs)
+
+        def pick(logits: Tensor, history: Tensor) -> Tensor:
+            probs = F.softmax(filter_logits_fn(logits.float(), filter_thres) / temperature, dim=-1)
+            return torch.multinomial(probs, 1).squeeze(-1)
+
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out = decode_loop(
+                decoder,
+                tokens,
+                seq_len,
+                pick,
+                eos_token=eos_token,
+                fill=self.pad_value,
+                pad_to_length=False,
+                window=window,
+                conditioning=conditioning,
+            )
+        finally:
+            self.net.train(was_training)
+        return out[0] if squeeze else out
+
+    def _decoder(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The net itself when it decodes incrementally with these keywords, else a decoder
+        that re-runs it."""
+        net = self.net
+        if isinstance(net, LongRangeLM):
+            conditioning = {k: v for k, v in kwargs.items() if k in net.conditioning_keys}
+            if len(conditioning) == len(kwargs):
+                return net, {k: v for k, v in conditioning.items() if v is not None}
+        mask_key = "input_mask" if "input_mask" in kwargs else self.mask_key
+        return RecomputeDecoder(net, self.max_seq_len, kwargs, mask_key=mask_key), {}

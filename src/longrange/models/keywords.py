@@ -1,0 +1,54 @@
+"""Reference keyword tables: how a reference-compatible class turns its keywords into a config.
+
+Every compat class (``PerformerLM``, ``RoutingTransformerLM``, ...) declares one
+:class:`KeywordTable`: the reference's keywords with their defaults, the ones it requires,
+the reference names that differ from longrange's config fields, and the longrange-only
+keywords it accepts beside them. :meth:`KeywordTable.parse` is the whole constructor logic:
+refuse unknown keywords (TypeError, as Python does, listing the accepted ones), insist on the
+required ones, fill the defaults, rename. Encoder-decoders split ``enc_`` / ``dec_`` keywords
+with :func:`split_prefixed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from longrange.models.config import check_known
+
+
+@dataclass(frozen=True)
+class KeywordTable:
+    """One reference class's keywords (see the module docstring)."""
+
+    owner: str
+    defaults: Mapping[str, Any]
+    required: tuple[str, ...] = ()
+    renames: Mapping[str, str] = field(default_factory=dict)
+    extras: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> list[str]:
+        return [*self.required, *self.defaults, *self.extras]
+
+    def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The config fields for ``given`` keywords: defaults filled, reference names renamed;
+        longrange-only extras appear only when given."""
+        check_known(given, self.accepted, f"keyword(s) for {self.owner}:", TypeError)
+        missing = [name for name in self.required if given.get(name) is None]
+        if missing:
+            raise TypeError(f"{self.owner} needs the keyword(s) {missing}")
+        merged = {**self.defaults, **given}
+        return {self.renames.get(k, k): v for k, v in merged.items()}
+
+
+def split_prefixed(
+    kwargs: Mapping[str, Any], prefixes: tuple[str, str] = ("enc_", "dec_")
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """{enc_x: 1, dec_y: 2, z: 3} -> ({x: 1}, {y: 2}, {z: 3})."""
+    first, second = prefixes
+    a = {k[len(first) :]: v for k, v in kwargs.items() if k.startswith(first)}
+    b = {k[len(second) :]: v for k, v in kwargs.items() if k.startswith(second)}
+    rest = {k: v for k, v in kwargs.items() if not k.startswith(prefixes)}
+    return a, b, rest
