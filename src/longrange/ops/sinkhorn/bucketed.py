@@ -76,6 +76,23 @@ def _bucket_keep(mask: Tensor, heads: int, bucket_size: int) -> Tensor:
     return m.expand(m.shape[0], heads, m.shape[-1]).reshape(m.shape[0], heads, -1, bucket_size)
 
 
+def _masked_buckets(
+    k: Tensor, v: Tensor, mask: Tensor | None, bucket_size: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """k [B, H, N, D], v [B, H, N, E] -> key and value buckets [B*H, N / T, T * D] (and * E) with
+    masked positions zeroed, and the keep mask [B*H, N / T, T] (None without a mask)."""
+    b, h, n, d = k.shape
+    e, t = v.shape[-1], bucket_size
+    r, count = b * h, n // bucket_size
+    kb, vb = k.reshape(r, count, t * d), v.reshape(r, count, t * e)
+    if mask is None:
+        return kb, vb, None
+    keep = _bucket_keep(mask, h, t).expand(b, h, count, t).reshape(r, count, t)
+    kb = (kb.reshape(r, count, t, d) * keep[..., None].to(kb.dtype)).reshape(r, count, t * d)
+    vb = (vb.reshape(r, count, t, e) * keep[..., None].to(vb.dtype)).reshape(r, count, t * e)
+    return kb, vb, keep
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, bucket_size: int, kv_bucket_size: int) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or not t.is_floating_point():
@@ -116,13 +133,7 @@ def sinkhorn_attention(
     if include_own and u != v_count:
         raise ValueError(f"include_own needs as many query as key buckets, got {u} and {v_count}")
     r = b * h
-    kb = k.reshape(r, v_count, t * d)
-    vb = v.reshape(r, v_count, t * e)
-    keep = None
-    if kv_mask is not None:
-        keep = _bucket_keep(kv_mask, h, t).expand(b, h, v_count, t).reshape(r, v_count, t)
-        kb = (kb.reshape(r, v_count, t, d) * keep[..., None].to(kb.dtype)).reshape(r, v_count, t * d)
-        vb = (vb.reshape(r, v_count, t, e) * keep[..., None].to(vb.dtype)).reshape(r, v_count, t * e)
+    kb, vb, keep = _masked_buckets(k, v, kv_mask, t)
     shared = not include_own and bool((row_index == row_index[:1]).all())
     rows = row_index[:1] if shared else row_index  # [U', K]
     if indices is not None:
@@ -213,13 +224,7 @@ def causal_sinkhorn_attention(
     s, e = bucket_size, v.shape[-1]
     u, p = n // s, indices.shape[-1]
     r = b * h
-    kb = k.reshape(r, u, s * d)
-    vb = v.reshape(r, u, s * e)
-    keep = None
-    if mask is not None:
-        keep = _bucket_keep(mask, h, s).expand(b, h, u, s).reshape(r, u, s)
-        kb = (kb.reshape(r, u, s, d) * keep[..., None].to(kb.dtype)).reshape(r, u, s * d)
-        vb = (vb.reshape(r, u, s, e) * keep[..., None].to(vb.dtype)).reshape(r, u, s * e)
+    kb, vb, keep = _masked_buckets(k, v, mask, s)
     picks = torch.where(indices < p, -1, indices - p).reshape(r, u, p)  # -1: a null bucket
     w = weights.reshape(r, u, p)
     null_kb = null_k.to(kb.dtype)[None, :, None, :].expand(b, h, s, d).reshape(r, s * d)
