@@ -34,11 +34,22 @@ _ENTRY_TYPES: dict[str, type] = {}
 _FILE_TYPES: dict[str, Callable[[Path, torch.device], Any]] = {}
 
 
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _register(table: dict, cls: type, value: Any) -> None:
+    name = _type_name(cls)
+    if table.get(name, value) is not value:
+        raise ValueError(f"{name} is registered twice as a state entry")
+    table[name] = value
+
+
 def state_entry(cls: type) -> type:
     """Register a dataclass as a state entry (so :meth:`State.load` may rebuild it)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} must be a dataclass to be a state entry")
-    _ENTRY_TYPES[cls.__qualname__] = cls
+    _register(_ENTRY_TYPES, cls, cls)
     return cls
 
 
@@ -47,7 +58,7 @@ def state_files(loader: Callable[[Path, torch.device], Any]):
     and ``loader(directory, device)`` reads them back."""
 
     def register(cls: type) -> type:
-        _FILE_TYPES[cls.__qualname__] = loader
+        _register(_FILE_TYPES, cls, loader)
         return cls
 
     return register
@@ -151,7 +162,7 @@ def _encode(tree: Any, path: str, tensors: dict[str, Tensor], directory: Path, c
     if isinstance(tree, (list, tuple)):
         kind = "list" if isinstance(tree, list) else "tuple"
         return {kind: [_encode(v, f"{path}.{i}", tensors, directory, counter) for i, v in enumerate(tree)]}
-    name = type(tree).__qualname__
+    name = _type_name(type(tree))
     if name in _ENTRY_TYPES and dataclasses.is_dataclass(tree):
         fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
         return {"entry": name, "fields": _encode(fields, path, tensors, directory, counter)}
