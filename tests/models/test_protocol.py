@@ -14,7 +14,7 @@ from longrange.testing import assert_close
 OPTIONS = {
     "vanilla": {},
     "performer": {"chunk_size": 8, "local_attn_heads": (1,), "local_window_size": 8, "shift_tokens": True},
-    "routing": {"window_size": 8, "max_seq_len": 64},
+    "routing": {"window_size": 8, "max_seq_len": 64, "shift_tokens": True},
     "sinkhorn": {"bucket_size": 8, "max_seq_len": 64},
     "block_recurrent": {"block_width": 8, "max_seq_len": 64},
     "memorizing": {"max_seq_len": 8, "xl_max_memories": 4, "num_retrieved_memories": 4},

@@ -9,7 +9,7 @@ A commitment loss ``mean((x - centroid(x))**2)`` pulls the points toward their c
 The functions are stateless; :class:`Kmeans` holds the centroids (a buffer, never a
 parameter) and the Lloyd steps accumulated until :meth:`Kmeans.update` applies them. When an
 update may happen (training, not during reversible recomputation) is the attention layer's
-decision (``longrange.models.routing_layers``).
+decision (``longrange.models.routing.routed``).
 
 Points may carry a weight (``weights`` [B, N] or [B, H, N], 0 or 1, e.g. a padding mask): a
 point of weight 0 neither moves a centroid nor enters the commitment loss.

@@ -1,21 +1,19 @@
-"""The Routing Transformer's attention layers: k-means routed heads beside local heads.
+"""The routed heads of the Routing Transformer and when their centroids move.
 
 - :class:`~longrange.ops.routing.kmeans.Kmeans` holds the centroids; this module decides
   when they may move: only in training, never while a reversible stack recomputes.
-- :class:`KmeansAttention` (the reference's name and keywords): picks the routing for its
+- :class:`KmeansAttention` (the reference's name and keywords) picks the routing for its
   use: strictly causal routing for causal self attention, the reference's balanced routing
   for non-causal attention, and assigned routing (each query to its own nearest cluster) for
   cross attention in a causal model. Memory key/values per cluster (at least one when causal).
-- :class:`SelfAttention` (the reference's name and keywords): local heads on
-  :class:`~longrange.modules.local_attention.LocalAttention` plus routed heads with rotary
-  positions (on queries, keys and values, as the reference rotates them), or cross attention
-  to a context.
-- :class:`KmeansUpdateHandle`: updates the k-means once at the end of every backward pass that
+- :class:`KmeansUpdateHandle` updates the k-means once at the end of every backward pass that
   reaches a module's parameters (post-accumulate-grad hooks plus one queued engine callback);
-  ``remove()`` really removes it.
+  ``remove()`` really removes it. :class:`KmeansUpdates` gives a module the reference's
+  ``update_kmeans`` / ``cancel_kmeans_update`` on top of it.
 
-Causal decoding: every layer keeps a cache (local keys/values of the last window, per-cluster
-ring buffers of the last W routed keys/values); a new token's cluster depends on itself only.
+Causal decoding: a routed layer keeps per-cluster ring buffers of the last W routed keys and
+values (:class:`RoutedCache`); a new token's cluster depends on itself only. Routed cross
+attention caches the context's routed keys at the first call (:class:`ContextCache`).
 
 Dimensions: B batch, H heads, N positions, M context positions, D head width, C clusters.
 """
@@ -30,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from longrange.modules.local_attention import LocalAttention
+from longrange.models.state import state_entry
 from longrange.modules.reversible import in_recomputation
-from longrange.modules.rotary import RotaryEmbedding
 from longrange.ops.routing import (
     assigned_routed_attention,
     assigned_routed_step,
@@ -47,7 +44,7 @@ from longrange.ops.routing import (
 from longrange.ops.routing.kmeans import Kmeans, similarities
 
 
-def _positive_int(name: str, value: object) -> None:
+def check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -97,6 +94,28 @@ class KmeansUpdateHandle:
         return bool(self._hooks)
 
 
+class KmeansUpdates:
+    """The reference's k-means controls for an ``nn.Module`` holding routed attention."""
+
+    _handle: KmeansUpdateHandle | None = None
+
+    def register_kmeans_update(self) -> KmeansUpdateHandle:
+        """Update the k-means after every backward pass (replacing an earlier handle)."""
+        self.cancel_kmeans_update()
+        self._handle = KmeansUpdateHandle(self)
+        return self._handle
+
+    def cancel_kmeans_update(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def update_kmeans(self) -> int:
+        """Apply the pending k-means updates now (what the backward handle does)."""
+        return update_kmeans(self)
+
+
+@state_entry
 @dataclass
 class RoutedCache:
     """Decoding state of one routed attention: ring buffers of the W most recent keys and
@@ -107,6 +126,7 @@ class RoutedCache:
     counts: Tensor | None = None
 
 
+@state_entry
 @dataclass
 class ContextCache:
     """Decoding state of one routed cross attention: every cluster's memory keys and the
@@ -140,9 +160,9 @@ class KmeansAttention(nn.Module):
         shared_qk: bool = False,
     ) -> None:
         super().__init__()
-        _positive_int("window_size", window_size)
+        check_positive("window_size", window_size)
         if context_window_size is not None:
-            _positive_int("context_window_size", context_window_size)
+            check_positive("context_window_size", context_window_size)
         if isinstance(num_mem_kv, bool) or not isinstance(num_mem_kv, int) or num_mem_kv < 0:
             raise ValueError(f"num_mem_kv must be a non-negative integer, got {num_mem_kv!r}")
         if not 0.0 <= dropout < 1.0:
@@ -317,193 +337,3 @@ class KmeansAttention(nn.Module):
         q_index = cluster_topk(q_dists, min(self.window_size, n))
         out = balanced_routed_attention(q, k, v, q_index, k_index, dropout=self._dropout(), **common)
         return out, loss
-
-
-@dataclass
-class AttentionCache:
-    """Decoding state of one :class:`SelfAttention`: the local heads' recent (unrotated) keys
-    and values and the routed heads' :class:`RoutedCache`."""
-
-    position: int = 0
-    local_k: Tensor | None = None
-    local_v: Tensor | None = None
-    routed: RoutedCache | ContextCache | None = None
-
-
-class SelfAttention(nn.Module):
-    """Local heads plus k-means routed heads (or cross attention to a context): x [B, N, dim]
-    -> (out [B, N, dim], aux_loss).
-
-    ``pos_emb``: absolute positions [N] (long) or the reference's sinusoid table [1, N,
-    dim_head] (sines then cosines); the routed heads' queries, keys and values are rotated by
-    it (interleaved pairs, as the reference does). ``conv_query_kernel`` is accepted for
-    signature compatibility; the reference never used it, so only its default is allowed.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        max_seq_len: int,
-        heads: int,
-        local_attn_heads: int,
-        window_size: int,
-        dim_head: int | None = None,
-        local_attn_window_size: int | None = None,
-        local_attn_radius_blocks: int = 1,
-        causal: bool = False,
-        attn_dropout: float = 0.0,
-        dropout: float = 0.0,
-        kmeans_ema_decay: float = 0.999,
-        commitment_factor: float = 1e-4,
-        receives_context: bool = False,
-        context_window_size: int | None = None,
-        rel_pos_emb: bool = True,
-        num_mem_kv: int = 0,
-        shared_qk: bool = False,
-        conv_query_kernel: int = 9,
-    ) -> None:
-        super().__init__()
-        for name, value in (("dim", dim), ("heads", heads), ("max_seq_len", max_seq_len)):
-            _positive_int(name, value)
-        _positive_int("window_size", window_size)
-        if dim_head is None and dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is None")
-        if max_seq_len % window_size:
-            raise ValueError(
-                f"max_seq_len ({max_seq_len}) must be divisible by window_size ({window_size}): "
-                "it sets the number of clusters"
-            )
-        if not 0 <= local_attn_heads <= heads:
-            raise ValueError(f"n_local_attn_heads must lie in [0, heads={heads}], got {local_attn_heads}")
-        if receives_context and local_attn_heads:
-            raise ValueError("local attention heads cannot attend to a context (receives_context=True)")
-        if conv_query_kernel != 9:
-            raise ValueError("conv_query_kernel is not used by the Routing Transformer; leave it at 9")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"attn_layer_dropout must lie in [0, 1), got {dropout!r}")
-        dim_head = dim // heads if dim_head is None else dim_head
-        _positive_int("dim_head", dim_head)
-        self.heads, self.dim_head = heads, dim_head
-        self.local_attn_heads = local_attn_heads
-        self.global_attn_heads = heads - local_attn_heads
-        self.causal, self.receives_context, self.shared_qk = causal, receives_context, shared_qk
-        num_clusters = max_seq_len // window_size
-
-        if self.local_attn_heads:
-            local_window = window_size if local_attn_window_size is None else local_attn_window_size
-            _positive_int("local_attn_window_size", local_window)
-            self.local_attn = LocalAttention(
-                window_size=local_window,
-                causal=causal,
-                look_backward=local_attn_radius_blocks,
-                look_forward=0 if causal else local_attn_radius_blocks,
-                dropout=attn_dropout,
-                rel_pos_emb_config=(dim_head, local_attn_heads) if rel_pos_emb else None,
-                autopad=True,
-            )
-            self.local_to_qkv = nn.Linear(dim, 3 * dim_head * local_attn_heads)
-        global_width = dim_head * self.global_attn_heads
-        if self.global_attn_heads:
-            self.global_attn = KmeansAttention(
-                num_clusters,
-                window_size,
-                self.global_attn_heads,
-                dim_head,
-                causal=causal,
-                dropout=attn_dropout,
-                ema_decay=kmeans_ema_decay,
-                commitment=commitment_factor,
-                context_window_size=context_window_size,
-                receives_context=receives_context,
-                num_mem_kv=num_mem_kv,
-                shared_qk=shared_qk,
-            )
-            self.rotary = RotaryEmbedding(dim_head, interleaved=True)
-        self.to_q = nn.Linear(dim, global_width, bias=False)
-        self.to_v = nn.Linear(dim, global_width, bias=False)
-        if not shared_qk:
-            self.to_k = nn.Linear(dim, global_width, bias=False)
-        self.to_out = nn.Linear(dim_head * heads, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def _split(self, t: Tensor) -> Tensor:
-        return t.view(*t.shape[:2], -1, self.dim_head).transpose(1, 2)
-
-    def _phases(self, pos_emb: Tensor) -> Tensor:
-        """Unit complex numbers [N, D / 2] rotating each interleaved feature pair."""
-        if pos_emb.is_floating_point():
-            # the reference's table: [1, N, D] holding sin(angles) then cos(angles)
-            sin, cos = pos_emb[0].float().chunk(2, dim=-1)
-        else:
-            angles = pos_emb.float()[:, None] * self.rotary.inv_freq[None, :]
-            sin, cos = angles.sin(), angles.cos()
-        return torch.complex(cos, sin)
-
-    @staticmethod
-    def _rotate(t: Tensor, phases: Tensor) -> Tensor:
-        # (x1 + i x2) * (cos + i sin): the pair (x1, x2) turned by the angle, one complex product
-        turned = torch.view_as_complex(t.float().unflatten(-1, (-1, 2))) * phases
-        return torch.view_as_real(turned).flatten(-2).to(t.dtype)
-
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        input_mask: Tensor | None = None,
-        context_mask: Tensor | None = None,
-        pos_emb: Tensor | None = None,
-        *,
-        cache: AttentionCache | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, Tensor]:
-        if self.receives_context and context is None and not (cache is not None and cache.position > 0):
-            raise ValueError("this attention layer has receives_context=True: pass context")
-        b, n, _ = x.shape
-        outs = []
-        loss = x.new_zeros((), dtype=torch.float32)
-        step = cache is not None and cache.position > 0
-        if self.local_attn_heads:
-            lq, lk, lv = (self._split(t) for t in self.local_to_qkv(x).chunk(3, dim=-1))
-            outs.append(self._local(lq, lk, lv, input_mask, cache, step))
-        if self.global_attn_heads and self.receives_context and step:
-            # the context's keys and values were routed and cached at the first call
-            out, _ = self.global_attn(self._split(self.to_q(x)), None, None, cache=cache.routed)
-            outs.append(out)
-        elif self.global_attn_heads:
-            kv_input = context if self.receives_context else x
-            q, v = self._split(self.to_q(x)), self._split(self.to_v(kv_input))
-            if not self.shared_qk:
-                k = self._split(self.to_k(kv_input))
-            else:
-                k = self._split(self.to_q(kv_input)) if self.receives_context else q
-            if not self.receives_context and pos_emb is not None:
-                phases = self._phases(pos_emb)
-                rotated_q = self._rotate(q, phases)
-                k = rotated_q if k is q else self._rotate(k, phases)
-                q, v = rotated_q, self._rotate(v, phases)
-            routed_cache = None
-            if cache is not None:
-                cache.routed = cache.routed or (ContextCache() if self.receives_context else RoutedCache())
-                routed_cache = cache.routed
-            out, aux = self.global_attn(
-                q, k, v, query_mask=input_mask, key_mask=context_mask, cache=routed_cache
-            )
-            loss = loss + aux
-            outs.append(out)
-        if cache is not None:
-            cache.position += n
-        out = torch.cat(outs, dim=1).transpose(1, 2).reshape(b, n, -1)
-        return self.dropout(self.to_out(out)), loss
-
-    def _local(self, q, k, v, mask, cache: AttentionCache | None, step: bool) -> Tensor:
-        if cache is None:
-            return self.local_attn(q, k, v, input_mask=mask)
-        keep = self.local_attn.cache_length
-        if not step:
-            out = self.local_attn(q, k, v, input_mask=mask)
-            cache.local_k, cache.local_v = k[:, :, -keep:], v[:, :, -keep:]
-            return out
-        cache.local_k = torch.cat((cache.local_k, k), dim=2)[:, :, -keep:]
-        cache.local_v = torch.cat((cache.local_v, v), dim=2)[:, :, -keep:]
-        return self.local_attn.step(q, cache.local_k, cache.local_v, position=cache.position)

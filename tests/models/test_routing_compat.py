@@ -1,0 +1,298 @@
+"""The routing_transformer names: keyword tables, the encoder-decoder, the wrappers, and
+parity with the reference package after converting its weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longrange.convert import load_reference
+from longrange.models.routing import (
+    Autopadder,
+    AutoregressiveWrapper,
+    RoutingTransformer,
+    RoutingTransformerEncDec,
+    RoutingTransformerLM,
+)
+from longrange.ops.routing.kmeans import Kmeans
+from longrange.testing import assert_close, import_reference, relative_error
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = dict(num_tokens=64, dim=32, depth=2, max_seq_len=64, heads=4, dim_head=8, window_size=8, causal=True)
+
+
+def _tiny_lm(**kw) -> RoutingTransformerLM:
+    return RoutingTransformerLM(**{**TINY, **kw})
+
+
+def _means(model):
+    return [m.means.clone() for m in model.modules() if isinstance(m, Kmeans)]
+
+
+def _enc_dec(**kw) -> RoutingTransformerEncDec:
+    base = dict(
+        dim=32, enc_num_tokens=16, enc_depth=1, enc_heads=2, enc_max_seq_len=16, enc_window_size=8,
+        dec_num_tokens=16, dec_depth=1, dec_heads=2, dec_max_seq_len=16, dec_window_size=8,
+    )  # fmt: skip
+    return RoutingTransformerEncDec(**{**base, **kw})
+
+
+def test_keywords_bind_by_position_in_the_reference_order():
+    by_name = RoutingTransformerLM(64, 32, 2, 64, heads=4, dim_head=8, window_size=8, causal=True).config
+    by_position = RoutingTransformerLM(64, 32, 2, 64, 4, 8, 8, None, 1, True).config
+    assert by_position == by_name and by_name.vocab_size == 64 and by_name.causal
+    body = RoutingTransformer(32, 2, 64, 4).config
+    assert (body.heads, body.local_attn_window_size, body.kmeans_update_on_backward) == (4, 256, False)
+    with pytest.raises(TypeError, match="multiple values for \\['dim'\\]"):
+        RoutingTransformerLM(64, 32, 2, 64, dim=32)
+    with pytest.raises(TypeError, match="unknown keyword"):
+        _tiny_lm(window=8)
+    with pytest.raises(TypeError, match="needs the keyword"):
+        RoutingTransformerLM(num_tokens=64, dim=32, depth=2)
+    with pytest.raises(TypeError, match="ff_activation"):
+        _tiny_lm(ff_activation=3)
+
+
+def test_reference_keywords_are_live():
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (1, 32))
+    aux = []
+    for factor in (1e-4, 1e-2):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            aux.append(float(_tiny_lm(commitment_factor=factor).eval()(x)[1]))
+    assert abs(aux[1] / aux[0] - 100) < 1e-3
+    wide = _tiny_lm(ff_mult=2).body.layers.blocks[0].g.fn.fn.w1
+    assert wide.out_features == 64
+    torch.manual_seed(0)
+    plain = _tiny_lm().eval()
+    torch.manual_seed(0)
+    absolute = _tiny_lm(use_absolute_pos_emb=True).eval()
+    assert absolute.num_params() == plain.num_params() + 64 * 32
+    assert not torch.allclose(plain(x)[0], absolute(x)[0])
+    # rel_pos_emb switches the local heads' rotary positions (routing_transformer 1.6.1 always
+    # turned them on, whatever the keyword said)
+    assert (
+        _tiny_lm(n_local_attn_heads=2, rel_pos_emb=False).body.layers.blocks[0].f.fn.local_attn.rel_pos
+        is None
+    )
+    assert _tiny_lm(n_local_attn_heads=2).body.layers.blocks[0].f.fn.local_attn.rel_pos is not None
+    moe = _tiny_lm(moe_layers=(1,), moe_loss_coef=1.0).train()
+    assert moe(x)[1].item() > 0.5  # the balancing loss (about 1) is in the aux loss
+    relu = _tiny_lm(ff_activation=torch.nn.ReLU)
+    assert relu.config.ff_activation == "relu"
+    assert isinstance(
+        _tiny_lm(ff_activation=torch.nn.Hardswish).body.layers.blocks[0].g.fn.fn.act, torch.nn.Hardswish
+    )
+
+
+def test_enc_dec_learns_copy_and_keeps_encoder_aux_loss():
+    torch.manual_seed(0)
+    model = RoutingTransformerEncDec(
+        dim=64,
+        enc_num_tokens=16,
+        enc_depth=1,
+        enc_heads=4,
+        enc_dim_head=16,
+        enc_max_seq_len=16,
+        enc_window_size=8,
+        enc_use_absolute_pos_emb=True,
+        dec_num_tokens=16,
+        dec_depth=1,
+        dec_heads=4,
+        dec_dim_head=16,
+        dec_max_seq_len=16,
+        dec_window_size=8,
+        dec_use_absolute_pos_emb=True,
+        dec_reversible=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        src = torch.randint(2, 16, (16, 8), generator=gen)
+        tgt = torch.cat((torch.ones(16, 1, dtype=torch.long), src), dim=1)
+        loss, aux = model(src, tgt, return_loss=True)
+        opt.zero_grad()
+        (loss + aux).backward()
+        opt.step()
+    assert model._handle.updates == 120
+    model.eval()
+    src = torch.randint(2, 16, (8, 8), generator=gen)
+    out = model.generate(src, torch.ones(8, 1, dtype=torch.long), 8, temperature=0.01, filter_thres=0.99)
+    assert (out == src).float().mean() > 0.9
+    # incremental decoding picks what a full re-run of the decoder picks (greedy: top-1)
+    context, _ = model.enc(src)
+    seq = torch.ones(8, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model.dec.net(seq, context=context)
+            seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(seq[:, 1:], out)
+    # the encoder's commitment loss is part of the loss even with a reversible decoder
+    tgt = torch.cat((torch.ones(8, 1, dtype=torch.long), src), dim=1)
+    with torch.no_grad():
+        loss, aux = model(src, tgt, return_loss=True)
+        context, enc_aux = model.enc(src)
+        dec_loss = model.dec(tgt, return_loss=True, context=context)
+    assert float(aux) == 0.0 and float(enc_aux) > 0
+    assert abs(float(loss) - float(dec_loss + enc_aux)) < 1e-6
+
+
+def test_enc_dec_generate_masks_the_context_and_pads_after_eos():
+    torch.manual_seed(0)
+    model = _enc_dec().eval()
+    src = torch.randint(0, 16, (2, 16))
+    src_mask = torch.ones(2, 16, dtype=torch.bool)
+    src_mask[0, 9:] = False
+    start = torch.ones(2, 1, dtype=torch.long)
+    out = model.generate(src, start, filter_thres=0.99, enc_input_mask=src_mask)
+    assert out.shape == (2, 16)  # default length: the decoder's max_seq_len
+    context, _ = model.enc(src, input_mask=src_mask)
+    seq = start
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model.dec.net(seq, context=context, context_mask=src_mask)
+            seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out[:, :8], seq[:, 1:9])
+    eos = int(out[0, 2])
+    ended = model.generate(src, start, 6, eos_token=eos, filter_thres=0.99, enc_input_mask=src_mask)
+    first = int((ended[0] == eos).nonzero()[0])
+    assert (ended[0, first + 1 :] == 0).all()  # pad_value after the row's eos
+    with pytest.raises(TypeError, match="enc_ or dec_"):
+        model.generate(src, start, 4, window="slide")
+    with pytest.raises(TypeError, match="not used by generate"):
+        model.generate(src, start, 4, dec_input_mask=src_mask)
+
+
+def test_enc_dec_keywords_are_checked():
+    with pytest.raises(TypeError, match="enc_ or dec_"):
+        RoutingTransformerEncDec(dim=32, depth=2)
+    with pytest.raises(ValueError, match="dim once"):
+        _enc_dec(enc_dim=16)
+    with pytest.raises(ValueError, match="enc_return_embeddings"):
+        _enc_dec(enc_return_embeddings=True)
+    with pytest.raises(ValueError, match="dec_causal=False"):
+        _enc_dec(dec_causal=False)
+    model = _enc_dec(dec_causal=True)
+    assert model.enc.config.window_size == model.dec.net.config.window_size == 8
+    sides = dict(num_tokens=8, depth=1, heads=2, max_seq_len=256)
+    wide = RoutingTransformerEncDec(
+        dim=32, **{f"{p}{k}": v for p in ("enc_", "dec_") for k, v in sides.items()}
+    )
+    assert wide.enc.config.window_size == wide.dec.net.config.window_size == 256
+    assert model.dec.ignore_index == model.dec.pad_value == 0
+
+
+def test_enc_dec_reference_weights_give_the_reference_encoder():
+    rt = import_reference("routing_transformer")
+    torch.manual_seed(0)
+    kw = dict(dim=32, enc_num_tokens=16, enc_depth=1, enc_heads=2, enc_max_seq_len=32, enc_window_size=8)
+    kw.update(dec_num_tokens=16, dec_depth=1, dec_heads=2, dec_max_seq_len=32, dec_window_size=8)
+    reference = rt.RoutingTransformerEncDec(**kw)
+    src = torch.randint(0, 16, (2, 32))
+    reference.enc(src)  # k-means initialised from data
+    reference.eval()
+    ours = RoutingTransformerEncDec(**kw).eval()
+    load_reference(ours, reference.state_dict())
+    with torch.no_grad():
+        assert relative_error(ours.enc(src)[0], reference.enc(src)[0]) < 1e-4
+
+
+def test_enc_dec_cancel_kmeans_update_removes_the_handle():
+    torch.manual_seed(0)
+    model = _enc_dec()
+    src, tgt = torch.randint(0, 16, (2, 16)), torch.randint(0, 16, (2, 16))
+    model(src, tgt, return_loss=True)[0].backward()
+    assert model._handle.updates == 1
+    before = _means(model)
+    model.cancel_kmeans_update()
+    model(src, tgt, return_loss=True)[0].backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
+    assert model.update_kmeans() == len(before)  # the pending step is applied on request
+
+
+def test_wrappers_and_autopadder():
+    torch.manual_seed(0)
+    lm = _tiny_lm(n_local_attn_heads=2, causal=True)
+    padded = Autopadder(lm)
+    assert padded.pad_multiple == 8
+    x = torch.randint(1, 64, (2, 21))
+    lm.eval()
+    with torch.no_grad():
+        assert_close(padded(x)[0], lm(x)[0], rtol=1e-5)
+    wrapper = AutoregressiveWrapper(lm)
+    assert wrapper.ignore_index == wrapper.pad_value == 0
+    seq = torch.randint(1, 64, (2, 30))
+    seq[1, 25:] = 0  # padding is ignored by the loss (ignore_index = pad_value)
+    with torch.no_grad():
+        logits, aux = lm(seq[:, :-1])
+        expected = F.cross_entropy(logits.transpose(1, 2), seq[:, 1:], ignore_index=0) + aux
+        assert_close(wrapper(seq, return_loss=True), expected, rtol=1e-6)
+        assert_close(wrapper([seq[0], seq[1, :25]], return_loss=True), expected, rtol=1e-6)
+        assert torch.equal(wrapper(x)[0], lm(x)[0])  # return_loss=False: the net's output
+    # top-1 sampling: the argmax of a full recompute, token for token
+    sample = wrapper.generate(x[:, :5], 6, filter_thres=0.99)
+    with torch.no_grad():
+        again = lm(torch.cat((x[:, :5], sample), dim=1))[0][:, 4:-1].argmax(-1)
+    assert torch.equal(again, sample)
+
+
+PARITY = [
+    pytest.param(dict(), id="routed"),
+    pytest.param(dict(n_local_attn_heads=2, num_mem_kv=2), id="local-mem"),
+    pytest.param(dict(shared_qk=True, n_local_attn_heads=1, reversible=True), id="shared-reversible"),
+    pytest.param(dict(use_scale_norm=True, ff_glu=True, weight_tie=True), id="scalenorm-glu-tied"),
+    pytest.param(dict(use_rezero=True, shift_tokens=True, n_local_attn_heads=2), id="rezero-shift"),
+    pytest.param(dict(emb_dim=48, tie_embedding=True, n_local_attn_heads=(0, 2)), id="emb-dim-per-layer"),
+    pytest.param(
+        dict(ff_chunks=2, n_local_attn_heads=2, ff_activation=torch.nn.ReLU),
+        id="chunks-relu",
+    ),
+]
+
+
+@pytest.mark.parametrize("options", PARITY)
+def test_reference_parity_non_causal(options):
+    rt = import_reference("routing_transformer")
+    torch.manual_seed(0)
+    kw = dict(num_tokens=64, dim=64, depth=2, max_seq_len=128, heads=4, dim_head=16, window_size=32)
+    kw.update(causal=False, _register_kmeans_update=False, **options)
+    reference = rt.RoutingTransformerLM(**kw)
+    x = torch.randint(0, 64, (2, 128))
+    reference.train()
+    reference(x)  # k-means initialised from data
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("residual_weight"):
+                p.uniform_(0.5, 1.0)
+    reference.eval()
+    ours = RoutingTransformerLM(**kw).eval()
+    load_reference(ours, reference.state_dict())
+    with torch.no_grad():
+        expected, expected_aux = reference(x)
+        got, got_aux = ours(x)
+    assert relative_error(got, expected) < 1e-4
+    assert abs(float(got_aux) - float(expected_aux.sum())) <= 1e-4 * abs(float(expected_aux.sum()))
+
+
+def test_reference_parity_block_stack():
+    rt = import_reference("routing_transformer")
+    torch.manual_seed(0)
+    kw = dict(dim=32, depth=2, max_seq_len=64, heads=2, window_size=16, n_local_attn_heads=1)
+    reference = rt.RoutingTransformer(local_attn_window_size=16, **kw)
+    x = torch.randn(2, 64, 32)
+    reference(x)
+    reference.eval()
+    ours = RoutingTransformer(local_attn_window_size=16, **kw).eval()
+    load_reference(ours, reference.state_dict())
+    with torch.no_grad():
+        assert relative_error(ours(x)[0], reference(x)[0]) < 1e-4
