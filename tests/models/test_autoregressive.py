@@ -52,8 +52,11 @@ def test_generate_with_incremental_state_matches_recompute():
 
 def test_generate_pads_after_eos():
     wrapper = AutoregressiveWrapper(_Echo(), pad_value=0)
-    out = wrapper.generate(torch.tensor([[5, 9]]), 4, eos_token=9, filter_thres=0.99)
-    assert out.tolist() == [[9, 0, 0, 0]] or out[0, 0] == 9
+    # the echo net repeats the last token: row 0 emits eos at once, row 1 never does
+    out = wrapper.generate(torch.tensor([[5, 9], [5, 4]]), 4, eos_token=9, filter_thres=0.99)
+    assert out.tolist() == [[9, 0, 0, 0], [4, 4, 4, 4]]
+    # every row finished: sampling stops early, as in the references
+    assert wrapper.generate(torch.tensor([[5, 9]]), 4, eos_token=9, filter_thres=0.99).tolist() == [[9]]
 
 
 def test_recompute_generation_grows_mask_on_the_right():
