@@ -19,9 +19,10 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by a signal. ``run_dir`` is set when the run can be resumed (its
-    latest checkpoint is of ``step``); ``checkpoint`` is the folder saved on the way out (None
-    when the step's checkpoint existed already, or nothing could be saved)."""
+    """Training stopped by a signal after ``step``. ``checkpoint`` is the folder saved on the
+    way out; None when none was (the step's checkpoint existed already, the step was part of
+    a run of non-finite steps, or training had not started). ``run_dir`` is set once the run
+    folder exists, ``saved_step`` is the step of its latest checkpoint (None: none yet)."""
 
     def __init__(
         self,
@@ -30,15 +31,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         step: int | None = None,
         checkpoint: Path | None = None,
         run_dir: Path | None = None,
+        saved_step: int | None = None,
     ) -> None:
-        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.run_dir, self.saved_step = run_dir, saved_step
         name = signal.Signals(signum).name
         if checkpoint is not None:
             text = f"interrupted by {name} after step {step}: saved checkpoint {checkpoint}"
         elif run_dir is not None:
-            text = f"interrupted by {name} after step {step}, whose checkpoint was saved already"
+            latest = "none yet" if saved_step is None else f"step {saved_step}"
+            text = f"interrupted by {name} after step {step}; latest checkpoint: {latest}"
         else:
-            text = f"interrupted by {name}: stopped without a checkpoint"
+            text = f"interrupted by {name} before training started; nothing was written"
         super().__init__(text)
 
     @property

@@ -49,7 +49,6 @@ from longrange.train.resume import (
     TrainingDiverged,
     check_resume,
     close_state,
-    last_checkpoint,
     load_run_config,
     restore_trainer,
     save_trainer,
@@ -233,15 +232,36 @@ class Trainer:
         return self.cfg.prompt + tok.decode(new)
 
     def _honour_stop(self) -> None:
-        """Between steps: when a signal asked to stop, checkpoint (if the run folder exists and
-        this step is not saved yet) and raise TrainingInterrupted."""
+        """Between steps: when a signal asked to stop, checkpoint (if the run folder exists
+        and this step may be saved) and raise TrainingInterrupted."""
         signum = int(dist_util.all_reduce_max(float(self.stop.signum or 0), self.dist))
         if not signum:
             return
         if not self.opened:
             raise TrainingInterrupted(signum)
-        checkpoint = save_trainer(self) if self.step != self.saved_step else None
-        raise TrainingInterrupted(signum, step=self.step, checkpoint=checkpoint, run_dir=self.run_dir)
+        checkpoint = save_trainer(self) if self._may_save() else None
+        raise TrainingInterrupted(
+            signum, step=self.step, checkpoint=checkpoint, run_dir=self.run_dir, saved_step=self.saved_step
+        )
+
+    def _diverged_text(self) -> str:
+        if self.saved_step is None:
+            advice = "there is no checkpoint yet: start again with a lower --lr or a longer --warmup"
+        else:
+            advice = (
+                f"the last checkpoint (step {self.saved_step}) is untouched: resume from it with a lower "
+                f"--lr (longrange train --resume {self.run_dir} --lr ...)"
+            )
+        return (
+            f"training stopped at step {self.step}: the loss or the gradients were not finite for "
+            f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps); those steps did not change "
+            f"the weights; {advice}"
+        )
+
+    def _may_save(self) -> bool:
+        """Not twice for one step, and not during a run of non-finite steps: weights that
+        just gave a non-finite loss are suspect, and the last checkpoint before them is kept."""
+        return self.step != self.saved_step and self.nonfinite_streak == 0
 
     def fit(self, *, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps``. ``stop_after`` ends the process's work early right after
@@ -338,15 +358,12 @@ class Trainer:
                 if record and self.dist.is_main:
                     append_metrics(metrics_path, record)
                 if self.nonfinite_streak >= cfg.max_nonfinite_steps:
-                    raise TrainingDiverged(
-                        f"training stopped at step {self.step}: the loss or the gradients were not "
-                        f"finite for {self.nonfinite_streak} steps in a row (max_nonfinite_steps); those "
-                        "steps did not change the weights, and the last checkpoint "
-                        f"({last_checkpoint(self)}) is untouched: resume from it with a lower --lr or a "
-                        "longer --warmup"
-                    )
+                    raise TrainingDiverged(self._diverged_text())
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    save_trainer(self)
+                    if self._may_save():
+                        save_trainer(self)
+                    else:
+                        self.warn(f"step {self.step}: no checkpoint during non-finite steps")
                 if stop_after is not None and self.step >= stop_after:
                     return {"run_dir": str(self.run_dir), "steps": self.step, "stopped": True}
                 self._honour_stop()
