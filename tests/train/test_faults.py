@@ -3,6 +3,7 @@ file-system errors, SIGINT / SIGTERM, stale kNN memory folders."""
 
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -105,6 +106,18 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, text_folder):
     with pytest.raises(TrainingDiverged, match=r"not writing a checkpoint at step 4: .* non-finite"):
         trainer.save()
     assert _snapshot(run / "checkpoints") == before
+
+
+def test_loss_scale_overflows_are_skipped_but_are_not_faults(tmp_path, text_folder):
+    # fp16 needs CUDA; a CPU GradScaler takes the same path through train_step.
+    trainer = Trainer(_cfg(tmp_path, steps=3), corpus=load_corpus(text_folder))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # scaled gradients overflow
+    loss, skipped, fault = trainer.train_step()
+    assert math.isfinite(loss) and skipped and not fault
+    assert trainer.scaler.get_scale() == 2.0**126  # the scaler backs off by itself
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert trainer.train_step()[1:] == (False, False)
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {1}
 
 
 def test_a_huge_learning_rate_stops_with_a_clear_error(tmp_path, text_folder, capsys):
@@ -274,6 +287,24 @@ def test_a_signal_saves_between_steps_and_the_run_resumes_exactly(
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 4
     Trainer(_cfg(tmp_path, name="cut"), resume=str(run), corpus=corpus).fit()
     assert_same_run(tmp_path / "runs" / "full", run)
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, text_folder, monkeypatch):
+    real = Trainer.train_step
+
+    def train_step(self):
+        out = real(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # impatient
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(TrainingInterrupted, match="a second time: stopped at once") as info:
+        Trainer(_cfg(tmp_path), corpus=load_corpus(text_folder)).fit()
+    assert info.value.exit_code == 130 and info.value.checkpoint is None
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_on_the_command_line_saves_cleans_up_and_exits_143(tmp_path, text_folder):

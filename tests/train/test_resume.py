@@ -69,10 +69,25 @@ def _cut_and_resume(tmp_path, corpus, stop_after, **overrides):
     return tmp_path / "runs" / "full", run
 
 
-@pytest.mark.parametrize("family", STATELESS)
+def _carried(family):
+    """The stateful families: exact once their models can save the carried state; until then
+    a resume starts it empty and must differ (strict xfail), so the case turns itself on."""
+    from longrange.models.registry import get_family
+
+    cls = get_family(family).model_class
+    missing = not (hasattr(cls, "save_state") and hasattr(cls, "load_state"))
+    mark = pytest.mark.xfail(missing, reason="no model.save_state / load_state yet", strict=True)
+    return pytest.param(family, marks=mark)
+
+
+SETTINGS = {"memorizing": {"max_seq_len": 32, "max_knn_memories": 64}, "block_recurrent": {"max_seq_len": 32}}
+
+
+@pytest.mark.parametrize("family", [*STATELESS, _carried("block_recurrent"), _carried("memorizing")])
 def test_resume_is_exact(tmp_path, text_folder, family):
     # Killed at step 4, one step after the checkpoint of step 3: the resumed run redoes step 4.
-    full, cut = _cut_and_resume(tmp_path, load_corpus(text_folder), 4, model=family)
+    settings = SETTINGS.get(family, {"max_seq_len": 64})
+    full, cut = _cut_and_resume(tmp_path, load_corpus(text_folder), 4, model=family, set=settings)
     assert_same_run(full, cut)
     steps = [r["step"] for r in _metrics(cut)]
     assert steps == sorted(set(steps))

@@ -32,11 +32,14 @@ class TrainingInterrupted(KeyboardInterrupt):
         checkpoint: Path | None = None,
         run_dir: Path | None = None,
         saved_step: int | None = None,
+        again: bool = False,
     ) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.run_dir, self.saved_step = run_dir, saved_step
         name = signal.Signals(signum).name
-        if checkpoint is not None:
+        if again:
+            text = f"interrupted by {name} a second time: stopped at once, without a checkpoint"
+        elif checkpoint is not None:
             text = f"interrupted by {name} after step {step}: saved checkpoint {checkpoint}"
         elif run_dir is not None:
             latest = "none yet" if saved_step is None else f"step {saved_step}"
@@ -71,5 +74,5 @@ class StopRequests:
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None:
-            raise TrainingInterrupted(signum)
+            raise TrainingInterrupted(signum, again=True)
         self.signum = signum
