@@ -31,6 +31,7 @@ from longrange.train.checkpoint import (
     write_shared_files,
 )
 from longrange.train.config import TrainConfig, resume_changes
+from longrange.train.evaluate import close_state
 from longrange.train.optim import lr_at, non_finite_tensors
 from longrange.train.run_folder import failure
 
@@ -40,13 +41,6 @@ Trainer = Any
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradients stayed non-finite, or the weights became non-finite."""
-
-
-def close_state(state) -> None:
-    """Release what a carried state holds outside Python (the Memorizing family's files)."""
-    close = getattr(state, "close", None)
-    if close is not None:
-        close()
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

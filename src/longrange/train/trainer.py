@@ -40,7 +40,7 @@ from longrange.models.registry import create_model, get_family
 from longrange.train import distributed as dist_util
 from longrange.train.checkpoint import CHECKPOINTS, POINTER, Checkpoint, remove_unpublished
 from longrange.train.config import TrainConfig
-from longrange.train.evaluate import autocast_context, evaluate_bpb
+from longrange.train.evaluate import autocast_context, close_state, evaluate_bpb
 from longrange.train.interrupts import StopRequests, TrainingInterrupted
 from longrange.train.leftovers import knn_parents, remove_stale_knn_folders
 from longrange.train.optim import lr_at, make_optimizer, resolve_precision
@@ -48,7 +48,6 @@ from longrange.train.report import append_metrics, plot_loss, read_metrics, summ
 from longrange.train.resume import (
     TrainingDiverged,
     check_resume,
-    close_state,
     load_run_config,
     restore_trainer,
     save_trainer,
