@@ -123,7 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(TrainConfig(**{**saved.to_dict(), **changed}), resume=args.resume)
         if changed:  # said once the checks have passed
-            listed = ", ".join(f"{TRAIN_FLAGS[k]} {v} (was {getattr(saved, k)})" for k, v in changed.items())
+            listed = ", ".join(
+                TRAIN_FLAGS[k] if isinstance(v, bool) else f"{TRAIN_FLAGS[k]} {v} (was {getattr(saved, k)})"
+                for k, v in changed.items()
+            )
             print(f"longrange train: resuming {args.resume} with {listed}", file=sys.stderr)
         trainer.fit()
         return 0

@@ -122,10 +122,6 @@ class Trainer:
             print(text, file=sys.stderr)
 
     # --- checks before any work -----------------------------------------------------------
-    def save(self) -> Path | None:
-        """Write the checkpoint of the current step (one atomic unit); rank 0 gets its folder."""
-        return save_trainer(self)
-
     def _check_data(self) -> None:
         vocab = self.model.config.vocab_size
         if vocab < ByteTokenizer.vocab_size:
@@ -136,7 +132,11 @@ class Trainer:
         if problem is not None:
             raise ValueError(f"no validation tokens: {problem}")
 
-    # --- the run folder -------------------------------------------------------------------
+    # --- the run folder and its checkpoints -----------------------------------------------
+    def save(self) -> Path | None:
+        """Write the checkpoint of the current step (one atomic unit); rank 0 gets its folder."""
+        return save_trainer(self)
+
     def _open_run_folder(self) -> None:
         cfg, metrics = self.cfg, self.run_dir / "metrics.jsonl"
         if self.dist.is_main:
