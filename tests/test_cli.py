@@ -129,3 +129,115 @@ def test_eval_and_generate_change_settings_that_keep_the_weights(tmp_path, text_
     assert "change the saved weights' layout" in capsys.readouterr().err
     assert main(["eval", str(run), "--device", "cpu", "--set", "nonsense=1"]) == 2
     assert "unknown model key 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step run and its data, shared by the refusal cases (none of which may change it)."""
+    root = tmp_path_factory.mktemp("cli-errors")
+    data = root / "corpus"
+    data.mkdir()
+    for i in range(6):
+        (data / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 60)
+    (root / "one.jsonl").write_text(json.dumps({"text": "only one document " * 20}) + "\n")
+    (root / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    (root / "a-file").write_text("not a folder")
+    args = ["train", "--preset", "tiny", "--set", "max_seq_len=32", "--data", str(data), "--steps", "3"]
+    args += ["--batch-size", "2", "--eval-tokens", "128", "--save-every", "3", "--out", str(root / "runs")]
+    assert main([*args, "--name", "run", "--no-progress", "--device", "cpu"]) == 0
+    return root
+
+
+TRAIN = ["train", "--preset", "tiny", "--set", "max_seq_len=32", "--steps", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "{run}", "--temperature", "nan"],
+            "--temperature must be a finite number in [0.0, inf), got nan",
+        ),
+        (
+            ["generate", "{run}", "--repetition-penalty", "nan"],
+            "--repetition-penalty must be a finite number",
+        ),
+        (["generate", "{run}", "--top-p", "1.5"], "--top-p must be a finite number in (0.0, 1.0], got 1.5"),
+        (["generate", "{run}", "--eos-token", "300"], "--eos-token must be a token id in [0, 256), got 300"),
+        (["generate", "{run}", "--device", "tpu"], "--device tpu: not a device longrange runs on"),
+        (["eval", "{run}", "--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+        (["eval", "{run}", "--seq-len", "-5"], "--seq-len must be a positive integer, got -5"),
+        (["eval", "{run}", "--seq-len", "64"], "--seq-len 64 exceeds the model's max_seq_len 32"),
+        (
+            ["eval", "{run}", "--data", "{root}/one.jsonl"],
+            "no validation tokens: {root}/one.jsonl holds 1 document",
+        ),
+        ([*TRAIN, "--data", "{python}", "--device", "cpu"], "looks binary (it holds NUL bytes)"),
+        (
+            [*TRAIN, "--data", "{root}/bad.jsonl"],
+            "{root}/bad.jsonl:2: not valid UTF-8 (byte 0xe9 at column 14)",
+        ),
+        ([*TRAIN, "--data", "{root}/corpus", "--device", "tpu"], "--device tpu: not a device"),
+        (
+            [*TRAIN, "--data", "{root}/corpus", "--out", "{root}/a-file"],
+            "{root}/a-file is a file, not a folder",
+        ),
+        ([*TRAIN, "--data", "{root}/corpus", "--eval-tokens", "0"], "eval_tokens must be a positive integer"),
+        ([*TRAIN, "--data", "{root}/corpus", "--set", "vocab_size=10"], "vocab_size 10 is too small"),
+        ([*TRAIN, "--data", "{root}/one.jsonl"], "no validation tokens: {root}/one.jsonl holds 1 document"),
+        (
+            ["train", "--resume", "{run}", "--batch-size", "8", "--set", "depth=1"],
+            "its own --set, --batch-size",
+        ),
+        (["train", "--resume", "{run}", "--steps", "1"], "steps 1 is below the run's current step 3"),
+        (["train", "--resume", "{root}/nope"], "--resume {root}/nope: no such run folder"),
+    ],
+    ids=[
+        "temperature-nan",
+        "repetition-penalty-nan",
+        "top-p",
+        "eos-token-out-of-vocab",
+        "device-tpu",
+        "eval-seq-len-0",
+        "eval-seq-len-negative",
+        "eval-seq-len-too-long",
+        "eval-one-document",
+        "binary-data-file",
+        "jsonl-invalid-utf8",
+        "train-device-tpu",
+        "out-is-a-file",
+        "eval-tokens-0",
+        "vocab-too-small",
+        "one-document",
+        "resume-changes-the-run",
+        "resume-steps-below",
+        "resume-no-folder",
+    ],
+)
+def test_refusals_are_one_line_before_any_work(trained, capsys, argv, message):
+    import sys
+    from pathlib import Path
+
+    fill = {"root": trained, "run": trained / "runs" / "run", "python": Path(sys.executable).resolve()}
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    argv = [a.format(**fill) for a in argv]
+    if argv[0] == "train" and "--resume" not in argv and "--out" not in argv:
+        argv += ["--out", str(trained / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"longrange {argv[0]}: error: ")
+    assert message.format(**fill) in err
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_resume_applies_the_options_it_may_change_and_says_so(tmp_path, text_folder, capsys):
+    assert _train(tmp_path, text_folder, "--save-every", "3") == 0
+    run = tmp_path / "runs" / "cli"
+    capsys.readouterr()
+    assert (
+        main(["train", "--resume", str(run), "--steps", "5", "--lr", "0.001", "--set", "max_seq_len=32"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert f"resuming {run} with --steps 5 (was 3), --lr 0.001 (was 0.002)" in err
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 5

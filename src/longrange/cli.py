@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,48 +55,117 @@ def _device(name: str) -> str:
 
 
 # --- subcommands ------------------------------------------------------------------------------
+# ``longrange train`` flag -> TrainConfig field. Every flag defaults to None (or False), so a
+# resumed run can tell the flags given from the ones left out.
+TRAIN_FLAGS = {
+    "model": "--model",
+    "preset": "--preset",
+    "set": "--set",
+    "data": "--data",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "steps": "--steps",
+    "lr": "--lr",
+    "warmup": "--warmup",
+    "accum": "--accum",
+    "eval_every": "--eval-every",
+    "eval_tokens": "--eval-tokens",
+    "save_every": "--save-every",
+    "max_nonfinite_steps": "--max-nonfinite-steps",
+    "seed": "--seed",
+    "device": "--device",
+    "precision": "--precision",
+    "out": "--out",
+    "name": "--name",
+    "fsdp": "--fsdp",
+    "progress": "--no-progress",
+}
+
+
+def _train_fields(args: argparse.Namespace, family: str) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (``--set`` parsed for ``family``)."""
+    fields: dict[str, Any] = {}
+    for name in TRAIN_FLAGS:
+        if name == "set":
+            if args.set:
+                fields["set"] = _model_settings(family, args.set)
+        elif name == "progress":
+            if args.no_progress:
+                fields["progress"] = False
+        elif name == "fsdp":
+            if args.fsdp:
+                fields["fsdp"] = True
+        elif getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    return fields
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from longrange.train.config import TrainConfig
+    from longrange.train.config import RESUME_SAFE, TrainConfig, same_option
     from longrange.train.trainer import Trainer, load_run_config
 
     if args.resume:
-        cfg = load_run_config(Path(args.resume))
-        if args.steps is not None:
-            cfg.steps = args.steps
-        Trainer(cfg, resume=args.resume).fit()
+        run = Path(args.resume)
+        if not run.is_dir():
+            raise FileNotFoundError(f"--resume {args.resume}: no such run folder")
+        saved = load_run_config(run)
+        given = _train_fields(args, saved.model)
+        if "set" in given:
+            given["set"] = {**saved.set, **given["set"]}
+        changed = {k: v for k, v in given.items() if not same_option(k, getattr(saved, k), v)}
+        fixed = [TRAIN_FLAGS[k] for k in changed if k not in RESUME_SAFE]
+        if fixed:
+            allowed = ", ".join(TRAIN_FLAGS[k] for k in TRAIN_FLAGS if k in RESUME_SAFE)
+            raise ValueError(
+                f"--resume continues {args.resume} with its own {', '.join(fixed)}: "
+                f"they decide the model, the data order or the run folder (start a new run to change "
+                f"them); a resume may change {allowed}"
+            )
+        trainer = Trainer(TrainConfig(**{**saved.to_dict(), **changed}), resume=args.resume)
+        if changed:  # said once the checks have passed
+            listed = ", ".join(
+                TRAIN_FLAGS[k] if isinstance(v, bool) else f"{TRAIN_FLAGS[k]} {v} (was {getattr(saved, k)})"
+                for k, v in changed.items()
+            )
+            print(f"longrange train: resuming {args.resume} with {listed}", file=sys.stderr)
+        trainer.fit()
         return 0
-    preset = args.preset
-    family = get_family(args.model)
-    if preset is None:
-        preset = "small" if "small" in family.presets else next(iter(family.presets), None)
-    settings = _model_settings(args.model, args.set or [])
-    fields = {
-        "model": args.model,
-        "preset": preset,
-        "set": settings,
-        "data": args.data,
-        "seq_len": args.seq_len,
-        "seed": args.seed,
-        "device": args.device,
-        "precision": args.precision,
-        "out": args.out,
-        "name": args.name,
-        "fsdp": args.fsdp,
-        "progress": not args.no_progress,
-    }
-    for key in ("batch_size", "steps", "lr", "warmup", "accum", "eval_every", "eval_tokens", "save_every"):
-        value = getattr(args, key)
-        if value is not None:
-            fields[key] = value
+    family_name = args.model or "vanilla"
+    family = get_family(family_name)
+    fields = _train_fields(args, family_name)
+    fields["model"] = family_name
+    if args.preset is None:
+        fields["preset"] = "small" if "small" in family.presets else next(iter(family.presets), None)
     Trainer(TrainConfig(**fields)).fit()
     return 0
+
+
+def _check_number(flag: str, value: float | None, *, low: float, high: float | None = None, open_low=False):
+    """Refuse NaN, inf and values outside [low, high] (or (low, high]) before any work."""
+    if value is None:
+        return
+    inside = value > low if open_low else value >= low
+    if not math.isfinite(value) or not inside or (high is not None and value > high):
+        bound = f"({low}" if open_low else f"[{low}"
+        upper = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"{flag} must be a finite number in {bound}, {upper}, got {value}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from longrange.data.tokenizer import ByteTokenizer
 
+    _check_number("--temperature", args.temperature, low=0.0)
+    _check_number("--top-p", args.top_p, low=0.0, high=1.0, open_low=True)
+    _check_number("--repetition-penalty", args.repetition_penalty, low=0.0, open_low=True)
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = _device(args.device)
     model = _load_model(args.run, device, args.set).eval()
+    vocab = model.config.vocab_size
+    if args.eos_token is not None and not 0 <= args.eos_token < vocab:
+        raise ValueError(f"--eos-token must be a token id in [0, {vocab}), got {args.eos_token}")
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -117,10 +187,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from longrange.data.corpus import load_corpus
     from longrange.train.evaluate import evaluate_bpb
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be a positive integer, got {args.seq_len}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be a positive integer, got {args.max_tokens}")
     device = _device(args.device)
     model = _load_model(args.run, device, args.set)
-    corpus = load_corpus(args.data)
     seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len and not model.carries_state:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    corpus = load_corpus(args.data)
+    problem = corpus.validation_problem()
+    if problem is not None:
+        raise ValueError(f"no validation tokens: {problem}")
     bpb = evaluate_bpb(model, corpus.val, seq_len=seq_len, max_tokens=args.max_tokens, device=device)
     print(f"validation bits per byte: {bpb:.4f}  ({corpus.summary()})")
     return 0
@@ -189,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     families = ", ".join(FAMILY_MODULES)
 
     t = sub.add_parser("train", help="train a model and write a run folder")
-    t.add_argument("--model", default="vanilla", help=f"model family ({families}); default vanilla")
+    t.add_argument("--model", default=None, help=f"model family ({families}); default vanilla")
     t.add_argument(
         "--preset", default=None, help="preset of the family (see `longrange models`); default small"
     )
@@ -207,12 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=None, help="steps between validations (default 100)")
     t.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
     t.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default 100)")
-    t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    t.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    t.add_argument("--out", default="runs", help="parent folder of run folders (default runs)")
+    t.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps in a row with a non-finite loss or gradient, each skipped "
+        "without an update (default 5)",
+    )
+    t.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
+    t.add_argument(
+        "--precision", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"
+    )
+    t.add_argument("--out", default=None, help="parent folder of run folders (default runs)")
     t.add_argument("--name", default=None, help="run folder name (default <model>-<preset>)")
-    t.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN",
+        help="continue the run in folder RUN from its latest checkpoint; --steps, --lr, --warmup, "
+        "--eval-every, --eval-tokens, --save-every, --max-nonfinite-steps, --device, --precision and "
+        "--no-progress may change, the other options may not",
+    )
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP under torchrun")
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="set any model config field, e.g. --set depth=6"
@@ -288,14 +383,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(err: BaseException) -> str:
+    """One line for an expected error: an OSError names its path and the cause."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err).replace("\n", " ")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from longrange.train.interrupts import TrainingInterrupted
+    from longrange.train.resume import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"longrange {args.command}: error: {err}", file=sys.stderr)
+        print(f"longrange {args.command}: error: {_error_line(err)}", file=sys.stderr)
         return 2
+    except (OSError, TrainingDiverged) as err:
+        # The run failed while working (a full disk, a read-only folder, non-finite training).
+        print(f"longrange {args.command}: error: {_error_line(err)}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        resume = f"; continue with: longrange train --resume {err.run_dir}" if err.run_dir else ""
+        print(f"longrange {args.command}: {err}{resume}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

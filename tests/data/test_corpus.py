@@ -82,3 +82,27 @@ def test_eval_chunks_predict_every_token_once(text_folder):
     assert total == sum(len(d) - 1 for d in docs)
     capped = sum(t.numel() for _, _, t in eval_chunks(docs, 50, max_tokens=123))
     assert capped == 123
+
+
+def test_a_binary_file_is_refused_like_a_binary_file_in_a_folder(tmp_path):
+    blob = tmp_path / "program"
+    blob.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"program looks binary \(it holds NUL bytes\)"):
+        load_corpus(blob)
+
+
+def test_jsonl_encoding_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+        load_corpus(bad)
+    bad.write_text('{"text": "ok"}\n\n{"text": "\\ud800"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: the text holds an unpaired surrogate"):
+        load_corpus(bad)
+
+
+def test_validation_problem_says_why_there_is_nothing_to_validate(tmp_path, text_folder):
+    assert load_corpus(text_folder).validation_problem() is None
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a single document " * 10}) + "\n")
+    assert "holds 1 document and none is held out" in load_corpus(one).validation_problem()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,19 @@ class Corpus:
             return np.zeros(0, dtype=np.uint8)
         return np.concatenate([d.tokens for d in self.train])
 
+    def validation_problem(self) -> str | None:
+        """Why validation would have no tokens to predict, or None when it has some."""
+        if not self.val:
+            total = len(self.train)
+            return (
+                f"{self.name} holds {total} document{'s' if total != 1 else ''} and none is held out for "
+                "validation (a folder or .jsonl needs at least 2 documents; a text file keeps its last 5%)"
+            )
+        if all(len(d) < 2 for d in self.val):
+            names = ", ".join(d.name for d in self.val[:3])
+            return f"the validation documents of {self.name} ({names}) hold fewer than 2 bytes each"
+        return None
+
     def summary(self) -> str:
         ntr, nva = sum(map(len, self.train)), sum(map(len, self.val))
         return (
@@ -69,7 +83,10 @@ def _split(name: str, docs: list[Document], val_fraction: float) -> Corpus:
 
 
 def _read(path: Path) -> np.ndarray:
-    return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    try:
+        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read --data file: {err.strerror or err}", str(path)) from None
 
 
 def stdlib_root() -> Path:
@@ -92,10 +109,16 @@ def builtin_corpus(val_fraction: float = 0.05) -> Corpus:
 
 
 def _looks_binary(data: np.ndarray) -> bool:
+    """Text never holds a NUL byte; executables, images and archives do, early on."""
     return bool((data[:8192] == 0).any())
 
 
 def folder_corpus(root: Path, val_fraction: float) -> Corpus:
+    try:
+        with os.scandir(root):
+            pass  # rglob skips folders it cannot read; say so for the top one
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read --data folder: {err.strerror or err}", str(root)) from None
     docs = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
@@ -113,17 +136,32 @@ def folder_corpus(root: Path, val_fraction: float) -> Corpus:
 
 def jsonl_corpus(path: Path, val_fraction: float) -> Corpus:
     docs = []
-    with path.open("rb") as handle:
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read --data file: {err.strerror or err}", str(path)) from None
+    with handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 "
+                    f"(byte 0x{line[err.start]:02x} at column {err.start + 1})"
+                ) from None
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: each line must be an object with a string 'text' field")
-            data = np.frombuffer(record["text"].encode("utf-8"), dtype=np.uint8)
+            try:
+                encoded = record["text"].encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: the text holds an unpaired surrogate escape at character {err.start}"
+                ) from None
+            data = np.frombuffer(encoded, dtype=np.uint8)
             docs.append(Document(f"{lineno:09d}", data))
     if not docs:
         raise ValueError(f"--data file {path} holds no documents")
@@ -133,6 +171,11 @@ def jsonl_corpus(path: Path, val_fraction: float) -> Corpus:
 def text_file_corpus(path: Path, val_fraction: float) -> Corpus:
     """One text file: the last ``val_fraction`` of its bytes is the validation document."""
     data = _read(path)
+    if _looks_binary(data):
+        raise ValueError(
+            f"--data file {path} looks binary (it holds NUL bytes), not text; give a text file, "
+            "a folder of text files or a .jsonl file"
+        )
     if len(data) < 16:
         raise ValueError(f"--data file {path} is too small to split into train and validation")
     cut = int(len(data) * (1 - val_fraction))

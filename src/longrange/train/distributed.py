@@ -37,21 +37,39 @@ def init_distributed(device: torch.device) -> DistInfo:
         int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     )
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # The loop's scalars (loss, stop and skip flags) are CPU tensors: give CUDA runs gloo
+        # for those beside NCCL for the gradients.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return info
 
 
 def pick_device(requested: str, info: DistInfo | None = None) -> torch.device:
-    """ "auto": CUDA when available (one device per local rank), else CPU."""
+    """ "auto": CUDA when available (one device per local rank), else CPU; otherwise cpu,
+    cuda, cuda:N or mps, refused with a clear error when this machine lacks it."""
     if requested == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", 0))
             return torch.device("cuda", local % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"--device {requested}: not a device longrange runs on; use auto, cpu, cuda, cuda:N or mps"
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {requested}: MPS is not available on this machine")
     return device
 
 
@@ -79,6 +97,24 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest ``value`` over the processes (every rank must call it)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (small values: a run folder's path)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown(info: DistInfo) -> None:

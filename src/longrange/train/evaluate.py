@@ -48,7 +48,7 @@ def evaluate_bpb(
             if model.carries_state:
                 for new_doc, inputs, targets in chunks:
                     if new_doc:
-                        _close(state)  # a document's memory files go as soon as it ends
+                        close_state(state)  # a document's memory files go as soon as it ends
                         state = model.init_state(1, device)
                     out = model.forward_lm(inputs.to(device), state=state)
                     state = out.state
@@ -69,14 +69,14 @@ def evaluate_bpb(
                         pending = []
                 total_nats, total_tokens = _flush(model, pending, device, total_nats, total_tokens)
     finally:
-        _close(state)
+        close_state(state)
         model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no validation tokens to evaluate")
     return total_nats / total_tokens / math.log(2)
 
 
-def _close(state) -> None:
+def close_state(state) -> None:
     """Release what a state holds outside Python (the Memorizing family's memory files)."""
     close = getattr(state, "close", None)
     if close is not None:

@@ -7,10 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longrange.atomic import atomic_write_bytes, named
+
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as err:
+        raise named(err, path) from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -29,8 +34,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop records logged after the checkpoint we resume from."""
-    from longrange.atomic import atomic_write_bytes
-
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
@@ -41,7 +44,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train_loss"] / math.log(2)) for r in metrics if "train_loss" in r]
+    train = [(r["step"], r["train_loss"] / math.log(2)) for r in metrics if r.get("train_loss") is not None]
     val = [(r["step"], r["val_bpb"]) for r in metrics if r.get("val_bpb") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
