@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from longrange.models.base import CONFIG_NAME, LongRangeLM
-from longrange.models.registry import FAMILY_MODULES, get_family
+from longrange.models.registry import FAMILIES, get_family
 
 
 def _model_settings(family: str, settings: list[str]) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrange", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    families = ", ".join(FAMILY_MODULES)
+    families = ", ".join(FAMILIES)
 
     t = sub.add_parser("train", help="train a model and write a run folder")
     t.add_argument("--model", default=None, help=f"model family ({families}); default vanilla")

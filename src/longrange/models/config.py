@@ -49,15 +49,19 @@ BENCH_SIZE: dict[str, int] = {"dim": 256, "depth": 4, "heads": 4}
 
 
 def check_known(
-    names: Iterable[str], accepted: Iterable[str], what: str, error: type[Exception] = ValueError
-):
+    names: Iterable[str],
+    accepted: Iterable[str],
+    noun: str,
+    where: str = "",
+    error: type[Exception] = ValueError,
+) -> None:
     """Refuse names outside ``accepted``, listing the accepted ones (the one unknown-key check
     of the library: configs, ``--set``, overrides and the reference-compatible keywords)."""
     accepted = list(accepted)
     unknown = sorted(set(names) - set(accepted))
     if unknown:
         listed = ", ".join(map(repr, unknown))
-        raise error(f"unknown {what} {listed}; accepted: {', '.join(accepted)}")
+        raise error(f"unknown {noun} {listed}{where}; accepted: {', '.join(accepted)}")
 
 
 @dataclass(kw_only=True)
@@ -109,7 +113,7 @@ class ModelConfig:
         family = data.pop("family", cls.family)
         if family != cls.family:
             raise ValueError(f"config is for family {family!r}, not {cls.family!r}")
-        check_known(data, cls.field_names(), f"config key(s) for family {cls.family!r}:")
+        check_known(data, cls.field_names(), "config key(s)", f" for family {cls.family!r}")
         return cls(**{k: _from_json_value(v) for k, v in data.items()})
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -120,7 +124,7 @@ class ModelConfig:
     @classmethod
     def check_keys(cls, keys: Iterable[str]) -> None:
         """Refuse names that are not fields of this config, listing the accepted ones."""
-        check_known(keys, cls.field_names(), f"model key for family {cls.family!r}:")
+        check_known(keys, cls.field_names(), "model key", f" for family {cls.family!r}")
 
     @classmethod
     def parse_setting(cls, text: str) -> tuple[str, Any]:

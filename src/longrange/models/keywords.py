@@ -35,7 +35,7 @@ class KeywordTable:
     def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The config fields for ``given`` keywords: defaults filled, reference names renamed;
         longrange-only extras appear only when given."""
-        check_known(given, self.accepted, f"keyword(s) for {self.owner}:", TypeError)
+        check_known(given, self.accepted, "keyword(s)", f" for {self.owner}", TypeError)
         missing = [name for name in self.required if given.get(name) is None]
         if missing:
             raise TypeError(f"{self.owner} needs the keyword(s) {missing}")
