@@ -23,10 +23,16 @@ from longrange.models.performer import (
     PerformerModel,
     SelfAttention,
 )
-from longrange.models.performer_layers import FeedForwardChunks
+from longrange.models.performer.layers import FeedForwardChunks
 from longrange.models.registry import create_model, make_config
 from longrange.modules.feedforward import Chunk, FeedForward
-from longrange.testing import assert_causal, assert_close, assert_padding_ignored, relative_error
+from longrange.testing import (
+    assert_causal,
+    assert_close,
+    assert_padding_ignored,
+    import_reference,
+    relative_error,
+)
 
 VOCAB = 40
 SMALL = dict(num_tokens=VOCAB, max_seq_len=64, dim=32, depth=2, heads=2, dim_head=16)
@@ -72,7 +78,7 @@ def test_strictly_causal(kw):
 
 def test_reference_leaks_the_future_and_we_do_not():
     """performer_pytorch's sequence-wide key max lets later tokens change earlier logits."""
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     kw = {**SMALL, "causal": True, "nb_features": 24}
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -97,7 +103,7 @@ def test_padding_is_ignored(causal):
 
 def test_reference_padding_leaks_and_ours_does_not():
     """performer_pytorch zeroes masked values but keeps masked keys in the normaliser."""
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     torch.manual_seed(0)
     theirs = ref.PerformerLM(**SMALL).eval()
     ours = PerformerLM(**SMALL).eval()
@@ -362,7 +368,7 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("kw", [c[1] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
 def test_non_causal_parity_with_reference(kw):
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     torch.manual_seed(0)
     theirs = ref.PerformerLM(**SMALL, **kw).eval()
     ours = PerformerLM(**SMALL, **kw).eval()
@@ -377,7 +383,7 @@ def test_causal_difference_from_reference_is_the_stabiliser_defect():
     """Same weights and projections: the causal outputs differ only by the reference's global
     key max and feature epsilon (about 3e-4 relative here); with the future fixed, swapping in
     the reference's stabiliser on our side would be exact."""
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
         theirs = ref.PerformerLM(**SMALL, causal=True).eval()
@@ -390,7 +396,7 @@ def test_causal_difference_from_reference_is_the_stabiliser_defect():
 
 
 def test_stack_parity_with_reference():
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     kw = dict(dim=32, depth=2, heads=2, dim_head=16, shift_tokens=True, nb_features=20)
     torch.manual_seed(0)
     theirs = ref.Performer(**kw).eval()
@@ -402,7 +408,7 @@ def test_stack_parity_with_reference():
 
 
 def test_converter_refuses_mismatched_models():
-    ref = pytest.importorskip("performer_pytorch")
+    ref = import_reference("performer_pytorch")
     theirs = ref.PerformerLM(**SMALL)
     with pytest.raises(ValueError, match="do not match"):
         load_reference(PerformerLM(**{**SMALL, "depth": 1}), theirs.state_dict())

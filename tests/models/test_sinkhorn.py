@@ -24,7 +24,13 @@ from longrange.models.sinkhorn import (
 )
 from longrange.ops.sinkhorn import dense_selection, sinkhorn_attention_naive
 from longrange.ops.sinkhorn.layout import split_heads
-from longrange.testing import assert_causal, assert_close, assert_padding_ignored, relative_error
+from longrange.testing import (
+    assert_causal,
+    assert_close,
+    assert_padding_ignored,
+    import_reference,
+    relative_error,
+)
 
 V = 40
 
@@ -146,7 +152,7 @@ def test_eval_is_deterministic_training_draws_gumbel_noise():
 
 # --- the reference's defects, fixed ------------------------------------------------------------
 def test_values_are_reordered_with_the_keys():
-    ref = pytest.importorskip("sinkhorn_transformer.sinkhorn_transformer")
+    ref = import_reference("sinkhorn_transformer.sinkhorn_transformer")
     torch.manual_seed(0)
     ours = SinkhornSelfAttention(32, 4, 32, heads=2, n_top_buckets=2).eval()
     theirs = ref.SinkhornSelfAttention(32, 4, 32, heads=2, n_top_buckets=2).eval()
@@ -212,7 +218,7 @@ PARITY = [
 
 @pytest.mark.parametrize("kw", [c[1] for c in PARITY], ids=[c[0] for c in PARITY])
 def test_reference_parity(kw):
-    ref = pytest.importorskip("sinkhorn_transformer")
+    ref = import_reference("sinkhorn_transformer")
     base = dict(num_tokens=V, dim=32, depth=2, max_seq_len=64, heads=4, bucket_size=8)
     torch.manual_seed(0)
     theirs = ref.SinkhornTransformerLM(**base, **kw).eval()
@@ -226,7 +232,7 @@ def test_reference_parity(kw):
 
 
 def test_reference_parity_with_context():
-    ref = pytest.importorskip("sinkhorn_transformer")
+    ref = import_reference("sinkhorn_transformer")
     base = dict(
         dim=32, depth=1, heads=4, bucket_size=8, n_sortcut=2, context_n_sortcut=2, receives_context=True
     )
@@ -240,7 +246,7 @@ def test_reference_parity_with_context():
 
 
 def test_converter_refuses_a_mismatch():
-    ref = pytest.importorskip("sinkhorn_transformer")
+    ref = import_reference("sinkhorn_transformer")
     theirs = ref.SinkhornTransformerLM(num_tokens=V, dim=32, depth=2, max_seq_len=64, heads=4, bucket_size=8)
     ours = SinkhornTransformerLM(num_tokens=V, dim=32, depth=1, max_seq_len=64, heads=4, bucket_size=8)
     with pytest.raises(ValueError, match="no counterpart"):
