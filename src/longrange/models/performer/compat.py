@@ -33,42 +33,22 @@ EXTRA_KEYWORDS = (
 )
 # the keywords the LM and the stack share, with the LM's defaults
 _COMMON: dict[str, Any] = dict(
-    local_attn_heads=0,
-    local_window_size=256,
-    causal=False,
-    ff_mult=4,
-    nb_features=None,
-    feature_redraw_interval=1000,
-    reversible=False,
-    ff_chunks=1,
-    ff_glu=False,
-    ff_dropout=0.0,
-    attn_dropout=0.0,
-    generalized_attention=False,
-    use_scalenorm=False,
-    use_rezero=False,
-    cross_attend=False,
-    no_projection=False,
-    auto_check_redraw=True,
-    qkv_bias=False,
-    attn_out_bias=False,
-    shift_tokens=False,
-)
+    local_attn_heads=0, local_window_size=256, causal=False, ff_mult=4, nb_features=None,
+    feature_redraw_interval=1000, reversible=False, ff_chunks=1, ff_glu=False, ff_dropout=0.0,
+    attn_dropout=0.0, generalized_attention=False, use_scalenorm=False, use_rezero=False,
+    cross_attend=False, no_projection=False, auto_check_redraw=True, qkv_bias=False,
+    attn_out_bias=False, shift_tokens=False,
+)  # fmt: skip
 LM_KEYWORDS = KeywordTable(
     "PerformerLM",
     defaults=dict(
-        dim_head=64,
-        **_COMMON,
-        emb_dropout=0.0,
-        tie_embed=False,
-        rotary_position_emb=True,
-        axial_position_emb=False,
-        axial_position_shape=None,
+        dim_head=64, **_COMMON, emb_dropout=0.0, tie_embed=False, rotary_position_emb=True,
+        axial_position_emb=False, axial_position_shape=None,
     ),
     required=("num_tokens", "max_seq_len", "dim", "depth", "heads"),
     renames={"num_tokens": "vocab_size"},
     extras=EXTRA_KEYWORDS,
-)
+)  # fmt: skip
 # the reference's stack defaults its projections' biases to True (the LM's are False)
 STACK_KEYWORDS = KeywordTable(
     "Performer",
