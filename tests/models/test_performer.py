@@ -11,6 +11,7 @@ import torch
 from longrange.models.performer import PerformerConfig, PerformerLM, PerformerModel, SelfAttention
 from longrange.models.performer.layers import FeedForwardChunks
 from longrange.models.registry import create_model, make_config
+from longrange.models.state import State
 from longrange.modules.feedforward import Chunk, FeedForward
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored
 
@@ -201,3 +202,15 @@ def test_save_and_load_keep_projection_matrices(tmp_path):
     loaded = PerformerModel.from_pretrained(tmp_path)
     x = tokens(1, 17, vocab=256)
     assert_close(loaded(x), model(x), 1e-6)
+
+
+def test_decoding_state_saves_and_loads(tmp_path):
+    model = lm(chunk_size=8, local_attn_heads=(1, 0), local_window_size=8, shift_tokens=True)
+    seq = tokens(2, 30, seed=8)
+    _, state = model.prefill(seq[:, :17])
+    state.save(tmp_path)
+    again = State.load(tmp_path)
+    assert again.position == 17
+    want, _ = model.prefill(seq[:, 17:], state)
+    got, _ = model.prefill(seq[:, 17:], again)
+    assert torch.equal(got, want)

@@ -12,6 +12,7 @@ import torch
 
 from longrange.models.registry import create_model
 from longrange.models.sinkhorn import SinkhornConfig, SinkhornLM, SinkhornTransformerLM
+from longrange.models.state import State
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored
 
 V = 40
@@ -227,3 +228,15 @@ def test_half_precision_runs_without_nan(dtype):
         out.float().square().mean().backward()
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_decoding_state_saves_and_loads(tmp_path):
+    model = lm(n_top_buckets=2, n_local_attn_heads=1)
+    seq = tokens(2, 30, seed=8)
+    _, state = model.prefill(seq[:, :17])
+    state.save(tmp_path)
+    again = State.load(tmp_path)
+    assert again.position == 17
+    want, _ = model.prefill(seq[:, 17:], state)
+    got, _ = model.prefill(seq[:, 17:], again)
+    assert torch.equal(got, want)

@@ -21,7 +21,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from longrange.models.state import state_entry
 from longrange.ops import favor
+
+# the running sums a causal layer keeps in a decoding State (ops/ sits below models/, so the
+# entry type is registered here)
+state_entry(favor.FavorState)
 
 KERNEL_FNS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
