@@ -5,141 +5,39 @@ heads, then a feed-forward or product-key-memory branch; with ``receives_context
 context attention and feed-forward pair) in a plain or reversible residual stack -> final
 norm -> logits. Each query bucket attends to its own bucket and to the key buckets a sort net
 chose for it (``n_top_buckets``), or to the first ``n_sortcut`` sorted buckets (SortCut);
-see :mod:`longrange.ops.sinkhorn` for the maths and :mod:`longrange.models.sinkhorn_layers`
-for where this differs from the reference on purpose.
+see :mod:`longrange.ops.sinkhorn` for the maths and the layer modules of this package for
+where this differs from the reference on purpose.
 
 Any length runs: the model pads on the right to the bucket multiple (masked for non-causal
-models; a causal model never looks right) and cuts the logits back. Causal decoding keeps
-per layer all past keys / values plus the sort state of the current bucket, so a new token
-costs one bucket-sized attention (plus, once per bucket, scoring the finished buckets).
-The reference-named classes (``SinkhornTransformerLM``, ...) are in
-:mod:`longrange.models.sinkhorn_compat` and re-exported here.
+models; a causal model never looks right) and cuts the logits back. A reversible stack
+returns the sum of its two streams, as the reference does (twice the shared stack's mean).
+Causal decoding keeps per layer all past keys / values plus the sort state of the current
+bucket in ``state.layers[i]["attn"]`` (docs/ARCHITECTURE.md, "State"), so a new token costs
+one bucket-sized attention (plus, once per bucket, scoring the finished buckets); a
+decoder's padded ``context`` sits in ``state.shared``. The reference-named classes
+(``SinkhornTransformerLM``, ...) are in :mod:`longrange.models.sinkhorn.compat`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longrange.models.base import LMOutput, LongRangeLM, RecomputeState
-from longrange.models.config import ModelConfig
-from longrange.models.registry import register_family
-from longrange.models.sinkhorn_layers import LayerCache, SinkhornSelfAttention
+from longrange.models.base import LMOutput, LongRangeLM
+from longrange.models.sinkhorn.config import SinkhornConfig
+from longrange.models.sinkhorn.layers import SinkhornSelfAttention
+from longrange.models.state import State
+from longrange.modules.branch import Branch
 from longrange.modules.feedforward import Chunk, FeedForward
-from longrange.modules.norms import PreNorm, ReZero
 from longrange.modules.pkm import PKM
 from longrange.modules.positional import AxialPositionalEmbedding
 from longrange.modules.project import ProjectInOut
 from longrange.modules.reversible import ReversibleSequence, SequentialSequence
 
-
-@dataclass(kw_only=True)
-class SinkhornConfig(ModelConfig):
-    family = "sinkhorn"
-
-    dim_head: int | None = None
-    bucket_size: int = 64
-    kv_bucket_size: int | None = None
-    context_bucket_size: int | None = None
-    causal: bool = True
-    non_permutative: bool = True
-    sinkhorn_iter: int = 5
-    n_sortcut: int = 0
-    temperature: float = 0.75
-    n_top_buckets: int = 2
-    use_simple_sort_net: bool = False
-    n_local_attn_heads: int = 0
-    reversible: bool = False
-    ff_chunks: int = 1
-    ff_glu: bool = False
-    ff_dropout: float = 0.0
-    attn_dropout: float = 0.0
-    attn_layer_dropout: float = 0.0
-    layer_dropout: float = 0.0
-    emb_dropout: float = 0.0
-    weight_tie: bool = False
-    emb_dim: int | None = None
-    use_rezero: bool = False
-    pkm_layers: tuple[int, ...] = ()
-    pkm_num_keys: int = 128
-    receives_context: bool = False
-    context_n_sortcut: int = 0
-    return_embeddings: bool = False
-    axial_shape: tuple[int, ...] | None = None
-    attn_backend: Literal["auto", "naive"] = "auto"
-
-    def validate(self) -> None:
-        if self.dim_head is None:
-            super().validate()
-        for name in ("vocab_size", "max_seq_len", "dim", "depth", "heads", "bucket_size", "sinkhorn_iter"):
-            _positive(name, getattr(self, name))
-        for name in ("dim_head", "kv_bucket_size", "context_bucket_size", "emb_dim"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
-        for name in ("n_top_buckets", "ff_chunks", "pkm_num_keys"):
-            _positive(name, getattr(self, name))
-        for name in ("n_sortcut", "context_n_sortcut", "n_local_attn_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("ff_dropout", "attn_dropout", "attn_layer_dropout", "layer_dropout", "emb_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.n_local_attn_heads > self.heads:
-            raise ValueError(
-                f"n_local_attn_heads ({self.n_local_attn_heads}) cannot exceed heads ({self.heads})"
-            )
-        if self.causal and self.n_sortcut > 0:
-            raise ValueError("n_sortcut (SortCut) can only be used with causal=False")
-        if self.causal and self.kv_bucket_size not in (None, self.bucket_size):
-            raise ValueError("kv_bucket_size must equal bucket_size (or be None) when causal")
-        if (
-            self.use_simple_sort_net
-            and not self.causal
-            and self.kv_bucket_size not in (None, self.bucket_size)
-        ):
-            raise ValueError("use_simple_sort_net needs kv_bucket_size == bucket_size")
-        bad = [layer for layer in self.pkm_layers if not 1 <= layer <= self.depth]
-        if bad:
-            raise ValueError(f"pkm_layers must be layer numbers in 1..depth={self.depth}, got {bad}")
-        if self.attn_backend not in ("auto", "naive"):
-            raise ValueError(f"attn_backend must be 'auto' or 'naive', got {self.attn_backend!r}")
-        if self.axial_shape is not None and math.prod(self.axial_shape) < self.max_seq_len:
-            raise ValueError(f"axial_shape {self.axial_shape} must cover max_seq_len={self.max_seq_len}")
-
-    @property
-    def pad_multiple(self) -> int:
-        return math.lcm(self.bucket_size, self.kv_bucket_size or self.bucket_size)
-
-    def positions_shape(self) -> tuple[int, ...]:
-        if self.axial_shape is not None:
-            return tuple(self.axial_shape)
-        return (-(-self.max_seq_len // self.bucket_size), self.bucket_size)
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def sinkhorn_tiny() -> SinkhornConfig:
-    return SinkhornConfig(dim=64, depth=2, heads=4, bucket_size=32, max_seq_len=256, n_local_attn_heads=2)
-
-
-def sinkhorn_small() -> SinkhornConfig:
-    return SinkhornConfig(dim=256, depth=4, heads=4, bucket_size=64, max_seq_len=512, n_local_attn_heads=2)
-
-
-def sinkhorn_bench() -> SinkhornConfig:
-    """The shared benchmark size: dim 256, depth 4, heads 4; bucket 128, causal."""
-    return SinkhornConfig(dim=256, depth=4, heads=4, bucket_size=128, max_seq_len=65536)
+CONTEXT_KEYS = ("context", "context_mask")
 
 
 def axial_rows(emb: AxialPositionalEmbedding, offset: int, n: int) -> Tensor:
@@ -209,7 +107,7 @@ class SinkhornBody(nn.Module):
             attn, context_attn, ff, context_ff = map(_cached, (attn, context_attn, ff, context_ff))
 
         def wrap(fn: nn.Module) -> nn.Module:
-            return ReZero(fn) if c.use_rezero else PreNorm(c.dim, fn, norm=nn.LayerNorm)
+            return Branch(c.dim, fn, norm="rezero" if c.use_rezero else "layer", mask_key="input_mask")
 
         blocks, self.context_blocks = [], []
         for layer in range(1, c.depth + 1):
@@ -221,7 +119,8 @@ class SinkhornBody(nn.Module):
                 self.context_blocks.append(True)
         to_attn = [(True, False)] * len(blocks)
         to_context = [(ctx, False) for ctx in self.context_blocks]
-        routes: dict[str, Any] = {"input_mask": to_attn}
+        # ``length``: how many positions of a padded first decoding call are real
+        routes: dict[str, Any] = {"input_mask": to_attn, "length": to_attn}
         if c.receives_context:
             routes.update(context=to_context, context_mask=to_context)
         stack = ReversibleSequence if c.reversible else SequentialSequence
@@ -241,40 +140,21 @@ class SinkhornBody(nn.Module):
         out, _ = self.layers(x, **kwargs)
         return out * 2 if self.config.reversible else out
 
-    def run_cached(self, x: Tensor, caches: list[LayerCache], *, length: int | None = None, **ctx) -> Tensor:
-        """The same stack, block by block, filling (prefill) or extending (step) ``caches``."""
-        reversible = self.config.reversible
-        x1 = x2 = x
-        for block, cache, is_ctx in zip(self.layers.blocks, caches, self.context_blocks):
-            kw: dict[str, Any] = {"cache": cache}
-            if cache.length == 0:
-                kw["length"] = length
-                if is_ctx:
-                    kw.update(ctx)
-            if reversible:
-                x1 = x1 + block.f(x2, **kw)
-                x2 = x2 + block.g(x1)
-            else:
-                x1 = x1 + block.f(x1, **kw)
-                x1 = x1 + block.g(x1)
-        return x1 + x2 if reversible else x1
+    def forward_cached(self, x: Tensor, layers: list[dict], **kwargs) -> Tensor:
+        """Decoding: :meth:`forward` on new positions, continuing from ``layers`` (the
+        stack's cached walk; the same sum of streams when reversible)."""
+        out = self.layers.forward_cached(x, layers, **kwargs)
+        return out * 2 if self.config.reversible else out
 
-    def new_caches(self, batch: int, capacity: int, like: Tensor) -> list[LayerCache]:
+    def new_caches(self, batch: int, capacity: int, like: Tensor) -> list[dict]:
+        """One empty attention cache per block for up to ``capacity`` positions."""
         return [block.f.fn.new_cache(batch, capacity, like) for block in self.layers.blocks]
-
-
-@dataclass
-class SinkhornState:
-    """Decoding state: one cache per block and the number of positions seen."""
-
-    caches: list[LayerCache]
-    length: int
 
 
 class SinkhornLM(LongRangeLM):
     """Sinkhorn language model: tokens [B, N] -> logits [B, N, V] (embeddings [B, N, dim] with
-    ``return_embeddings``). ``forward_lm`` takes a padding mask; ``prefill``/``step`` decode
-    causally with bucket caches."""
+    ``return_embeddings``). ``forward_lm`` takes a padding mask; a causal model decodes
+    incrementally with bucket caches, a bidirectional one re-runs its window."""
 
     config_class = SinkhornConfig
 
@@ -298,6 +178,12 @@ class SinkhornLM(LongRangeLM):
         self.pad_multiple = c.pad_multiple
         self.context_pad_multiple = c.context_bucket_size or c.bucket_size
         self.max_seq_len = c.max_seq_len
+
+    @property
+    def conditioning_keys(self) -> tuple[str, ...]:
+        """A causal decoder with ``receives_context`` takes the context when a state is made;
+        otherwise no conditioning (a bidirectional model re-runs its window to decode)."""
+        return CONTEXT_KEYS if self.config.receives_context and self.config.causal else ()
 
     @property
     def body(self) -> SinkhornBody:
@@ -358,84 +244,44 @@ class SinkhornLM(LongRangeLM):
         return LMOutput(self.run(tokens, input_mask=mask))
 
     # --- incremental decoding ---------------------------------------------------------------
-    def _run_cached(self, x: Tensor, caches: list[LayerCache], **kw) -> Tensor:
-        t = self.sinkhorn_transformer
-        if isinstance(t, ProjectInOut):
-            return t.project_out(self.body.run_cached(t.project_in(x), caches, **kw))
-        return self.body.run_cached(x, caches, **kw)
-
-    def prefill(
-        self,
-        tokens: Tensor,
-        state: SinkhornState | None = None,
-        *,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> tuple[Tensor, SinkhornState]:
-        """Run a prompt [B, N] (and the decoder's ``context``); return logits [B, N, V] and
-        the caches to continue with :meth:`step`."""
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, **conditioning) -> State:
+        """Empty bucket caches for ``max_seq_len`` positions per block; a decoder's context
+        (padded to its bucket multiple) and mask in ``state.shared``."""
         if not self.config.causal:
-            if context is not None:
+            if conditioning.get("context") is not None:
                 raise ValueError("decoding with context needs causal=True")
-            return super().prefill(tokens, state)  # a non-causal model re-runs the window
-        if state is not None:
-            raise ValueError("SinkhornLM.prefill starts a new state; pass state=None")
-        self.check_tokens(tokens)
+            return super().init_state(batch_size, device, **conditioning)
+        self.check_conditioning(conditioning)
+        context, context_mask = conditioning.get("context"), conditioning.get("context_mask")
         if (context is not None) != self.config.receives_context:
             raise ValueError("context must be given exactly when the model has receives_context=True")
-        n = tokens.shape[1]
-        padded = F.pad(tokens, (0, self._padded_length(n) - n))
+        weight = self.to_token_emb.weight
+        like = weight if device is None else weight.new_empty(0, device=device)
         capacity = self._padded_length(self.config.max_seq_len)
-        caches = self.body.new_caches(tokens.shape[0], capacity, self.to_token_emb.weight)
-        ctx = {}
+        caches = self.body.new_caches(batch_size, capacity, like)
+        shared = {}
         if context is not None:
             context, context_mask = self._pad_context(context, context_mask)
-            ctx = {"context": context, "context_mask": context_mask}
-        x = self._run_cached(self._embed(padded), caches, length=n, **ctx)
-        return self._head(x)[:, :n], SinkhornState(caches, n)
+            shared = {k: v for k, v in zip(CONTEXT_KEYS, (context, context_mask)) if v is not None}
+        return State(batch_size, [{"attn": cache} for cache in caches], 0, shared)
 
-    def step(self, token: Tensor, state: SinkhornState) -> tuple[Tensor, SinkhornState]:
-        """One token per row [B] -> next-token logits [B, V]."""
-        if isinstance(state, RecomputeState):
-            return super().step(token, state)
-        if state.length >= self.config.max_seq_len:
-            raise ValueError(f"the decoding cache is full (max_seq_len={self.config.max_seq_len})")
-        x = self._run_cached(self._embed(token[:, None], offset=state.length), state.caches)
-        state.length += 1
-        return self._head(x)[:, -1], state
+    def decode(self, tokens: Tensor, state: State) -> Tensor:
+        if not self.config.causal:
+            return super().decode(tokens, state)
+        n = tokens.shape[1]
+        if state.position == 0:
+            # one pass over the prompt padded to the bucket multiple fills every cache
+            padded = F.pad(tokens, (0, self._padded_length(n) - n))
+            x = self._run_cached(self._embed(padded), state.layers, length=n, **state.shared)
+            return self._head(x)[:, :n]
+        rows = []
+        for t in range(n):
+            x = self._run_cached(self._embed(tokens[:, t : t + 1], state.position + t), state.layers)
+            rows.append(self._head(x))
+        return torch.cat(rows, dim=1)
 
-    def context_limit(self) -> int | None:
-        return self.config.max_seq_len
-
-
-register_family(
-    "sinkhorn",
-    SinkhornConfig,
-    SinkhornLM,
-    {"tiny": sinkhorn_tiny, "small": sinkhorn_small, "bench": sinkhorn_bench},
-    description="Sparse Sinkhorn attention: learned bucket sorting, SortCut, causal sorting",
-)
-
-from longrange.models.sinkhorn_compat import (  # noqa: E402
-    Autopadder,
-    AutoregressiveWrapper,
-    SinkhornTransformer,
-    SinkhornTransformerEncDec,
-    SinkhornTransformerLM,
-)
-
-__all__ = [
-    "Autopadder",
-    "AutoregressiveWrapper",
-    "SinkhornBody",
-    "SinkhornConfig",
-    "SinkhornLM",
-    "SinkhornSelfAttention",
-    "SinkhornState",
-    "SinkhornTransformer",
-    "SinkhornTransformerEncDec",
-    "SinkhornTransformerLM",
-    "sinkhorn_bench",
-    "sinkhorn_small",
-    "sinkhorn_tiny",
-]
+    def _run_cached(self, x: Tensor, layers: list[dict], **kwargs) -> Tensor:
+        t = self.sinkhorn_transformer
+        if isinstance(t, ProjectInOut):
+            return t.project_out(self.body.forward_cached(t.project_in(x), layers, **kwargs))
+        return self.body.forward_cached(x, layers, **kwargs)
