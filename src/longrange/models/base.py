@@ -53,8 +53,9 @@ class LongRangeLM(nn.Module):
     # True when training and evaluation should carry state across the chunks of a document
     # (block-recurrent states, kNN memories); such families read documents in order.
     carries_state: ClassVar[bool] = False
-    # Keywords ``prefill`` accepts as conditioning (a cross-attending decoder's context).
-    conditioning_keys: ClassVar[tuple[str, ...]] = ()
+    # Keywords ``prefill`` accepts as conditioning (a cross-attending decoder's context); a
+    # family whose config decides it makes this a property.
+    conditioning_keys: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -154,6 +155,21 @@ class LongRangeLM(nn.Module):
         """Run tokens [B, N] after the positions ``state`` has seen (a fresh state when None);
         return their logits [B, N, V] and the state, updated in place."""
         self.check_tokens(tokens, allow_longer=True)
+        return self._extend(tokens, state, conditioning)
+
+    def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
+        """Feed one token per row [B]; return next-token logits [B, V] and the state. The ids
+        are range-checked on the CPU only (on a GPU the check would stall every token)."""
+        if not isinstance(token, Tensor) or token.dim() != 1:
+            raise ValueError(f"step takes one token per row, shape [B], got {getattr(token, 'shape', token)}")
+        if token.device.type == "cpu":
+            self.check_tokens(token[:, None], allow_longer=True)
+        elif token.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"tokens must be an integer tensor, got dtype {token.dtype}")
+        logits, state = self._extend(token[:, None], state, {})
+        return logits[:, -1], state
+
+    def _extend(self, tokens: Tensor, state: State | None, conditioning: dict) -> tuple[Tensor, State]:
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device, **conditioning)
         else:
@@ -169,13 +185,6 @@ class LongRangeLM(nn.Module):
             logits = self.decode(tokens, state)
         state.position += tokens.shape[1]
         return logits, state
-
-    def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
-        """Feed one token per row [B]; return next-token logits [B, V] and the state."""
-        if not isinstance(token, Tensor) or token.dim() != 1:
-            raise ValueError(f"step takes one token per row, shape [B], got {getattr(token, 'shape', token)}")
-        logits, state = self.prefill(token[:, None], state)
-        return logits[:, -1], state
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt``; see :func:`longrange.generation.generate`."""
