@@ -56,6 +56,25 @@ def test_decoding_feeds_one_token_per_step(family, tiny, monkeypatch):
     out.cache.close()
 
 
+def test_cache_by_hand_continues_a_forward(family, tiny):
+    # What a user's own decoding loop does: use_cache=True, then past_key_values (or cache).
+    model = tiny(family)
+    hf = lh.wrap(model)
+    n = min(12, model.config.max_seq_len)
+    seq = prompt(2, n, seed=4)
+    a, b = n // 2, n - 2
+    with torch.no_grad():
+        whole = hf(input_ids=seq).logits
+        first = hf(input_ids=seq[:, :a], use_cache=True)
+        cache = first.cache
+        second = hf(input_ids=seq[:, a:b], past_key_values=cache)
+        third = hf(input_ids=seq[:, b:], cache=second.cache)
+    assert second.cache is cache and third.cache is cache and cache.get_seq_length() == n
+    got = torch.cat([first.logits, second.logits, third.logits], dim=1)
+    assert torch.allclose(got, whole, atol=1e-4)
+    cache.close()
+
+
 def test_sampling_runs_on_the_state(tiny):
     hf = lh.wrap(tiny("vanilla"))
     torch.manual_seed(0)
