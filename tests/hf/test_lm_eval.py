@@ -72,6 +72,12 @@ def test_lm_eval_command_line_runs_with_the_families_registered(monkeypatch):
     assert seen == {"argv": ["lm-eval", "run", "--model", "hf", "--tasks", "x"], "registered": "vanilla"}
 
 
+def test_compare_refuses_a_missing_model_before_lm_eval_runs(tmp_path, capsys):
+    assert harness.main(["compare", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longrange.hf.harness: error: no config.json") and len(err.splitlines()) == 1
+
+
 def test_write_task_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="non-empty"):
         harness.write_task(tmp_path, [])

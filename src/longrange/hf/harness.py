@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from longrange.data.corpus import Document, load_corpus
-from longrange.hf.auto import from_pretrained
+from longrange.hf.auto import directory_family, from_pretrained
 from longrange.models.base import LongRangeLM
 from longrange.train.evaluate import evaluate_bpb
 
@@ -166,6 +166,7 @@ def compare(
     batch_size: int = 1,
 ) -> tuple[float, float]:
     """(lm-eval's bits per byte, longrange's) of ``texts`` for the model in ``model_dir``."""
+    directory_family(model_dir)  # a clear error before lm-eval takes a missing path for a Hub name
     write_task(task_dir, texts)
     scores = lm_eval_scores(model_dir, task_dir, texts, device=device, batch_size=batch_size)
     model = from_pretrained(model_dir).longrange
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 def _compare_command(args: Any) -> int:
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs must be a positive integer, got {args.max_docs}")
+    directory_family(args.model)
     corpus = load_corpus(args.data)
     texts = text_documents(corpus.val[: args.max_docs])
     if not texts:
