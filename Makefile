@@ -14,7 +14,7 @@ REFERENCE_NODEPS := memorizing-transformers-pytorch==0.4.1 block-recurrent-trans
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,hf]"
 	$(BIN)/pip install -q -c constraints.txt --no-deps $(REFERENCE_NODEPS)
 	$(BIN)/pip install -q -c constraints.txt beartype joblib einops-exts
 	touch $(STAMP)

@@ -1,0 +1,201 @@
+"""The transformers classes of every family: Auto classes, shared weights, forward, loss,
+save / load in both directory formats, and what is refused."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'longrange[hf]')")
+
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import longrange.hf as lh
+from longrange.models.base import LongRangeLM
+
+
+def fits(model, length: int) -> int:
+    """``length``, or the model's max_seq_len when that is shorter (memorizing's chunks of 8)."""
+    return min(length, model.config.max_seq_len)
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def native_logits(model, seq):
+    with torch.no_grad():
+        out = model.forward_lm(seq)
+        if out.state is not None:
+            out.state.close()
+        return out.logits
+
+
+def test_auto_classes_load_an_exported_model(family, saved_lr, tmp_path):
+    model, lr_dir = saved_lr(family)
+    out = tmp_path / "hf"
+    lh.export_hf(lr_dir, out)
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == f"longrange_{family}" and config.family == family
+    assert config.longrange_config() == model.config
+    seq = tokens(2, model.config.max_seq_len)
+    expected = native_logits(model, seq)
+    for auto in (AutoModelForCausalLM, AutoModel):
+        loaded = auto.from_pretrained(out).eval()
+        assert type(loaded).__name__ == f"{type(config).__name__.removesuffix('Config')}ForCausalLM"
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=seq).logits, expected)
+
+
+def test_wrap_shares_the_weights(family, tiny):
+    model = tiny(family)
+    hf = lh.wrap(model)
+    assert hf.longrange is model
+    assert {p.data_ptr() for p in hf.parameters()} == {p.data_ptr() for p in model.parameters()}
+    seq = tokens(1, 8)
+    before = hf(input_ids=seq).logits
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not torch.equal(hf(input_ids=seq).logits, before)
+
+
+def test_save_pretrained_round_trip_in_both_formats(family, tiny, tmp_path):
+    model = tiny(family)
+    hf = lh.wrap(model)
+    hf.save_pretrained(tmp_path / "hf")
+    seq = tokens(2, fits(model, 16))
+    expected = native_logits(model, seq)
+    with torch.no_grad():
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(input_ids=seq).logits, expected
+        )
+    # The weights file is longrange's: the same tensor names as LongRangeLM.save_pretrained writes.
+    model.save_pretrained(tmp_path / "lr")
+    with (
+        safe_open(tmp_path / "hf" / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "lr" / "model.safetensors", "pt") as b,
+    ):
+        names = sorted(a.keys())
+        assert names == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
+    # transformers' side reads a longrange directory too.
+    with torch.no_grad():
+        assert torch.equal(lh.from_pretrained(tmp_path / "lr").eval()(input_ids=seq).logits, expected)
+    # import-hf gives longrange back its own directory.
+    lh.import_hf(tmp_path / "hf", tmp_path / "back")
+    assert torch.equal(native_logits(LongRangeLM.from_pretrained(tmp_path / "back").eval(), seq), expected)
+
+
+def test_tied_weights_stay_tied_after_loading(tmp_path, tiny):
+    model = tiny("vanilla")
+    assert model.head.weight is model.embed.weight
+    lh.wrap(model).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).longrange
+    assert loaded.head.weight is loaded.embed.weight
+
+
+def test_config_json_holds_both_halves(tmp_path, tiny):
+    model = tiny("vanilla")
+    lh.wrap(model).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["family"] == "vanilla" and data["model_type"] == "longrange_vanilla"
+    assert {k: data[k] for k in model.config.to_dict()} == json.loads(json.dumps(model.config.to_dict()))
+    config = lh.config_class_for("vanilla")(dim=64, heads=2, depth=3)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 3, 2)
+    assert config.max_position_embeddings == config.max_seq_len
+    with pytest.raises(ValueError, match="dim"):
+        lh.config_class_for("vanilla")(dim=-1)
+    with pytest.raises(ValueError, match="family 'performer'"):
+        lh.config_class_for("vanilla")(family="performer")
+    with pytest.raises(ValueError, match="not a longrange family"):
+        lh.directory_family(_write_config(tmp_path / "other", {"model_type": "gpt2"}))
+
+
+def _write_config(directory, data):
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(data))
+    return directory
+
+
+def test_loss_shifts_labels_and_ignores_minus_100(family, tiny):
+    model = tiny(family)
+    hf = lh.wrap(model)
+    seq = tokens(2, fits(model, 12))
+    labels = seq.clone()
+    labels[0, :5] = -100
+    out = hf(input_ids=seq, labels=labels)
+    logits = native_logits(model, seq)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    out.loss.backward()  # a plain call trains
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() >= 2)
+
+
+def test_attention_mask(family, tiny):
+    model = tiny(family)
+    hf = lh.wrap(model)
+    seq = tokens(2, fits(model, 12))
+    with torch.no_grad():
+        plain = hf(input_ids=seq).logits
+        assert torch.equal(hf(input_ids=seq, attention_mask=torch.ones_like(seq)).logits, plain)
+        # Right padding: the kept positions are those of the unpadded rows (causality).
+        mask = torch.ones_like(seq)
+        mask[1, 7:] = 0
+        padded = hf(input_ids=seq, attention_mask=mask).logits
+    assert torch.allclose(padded[1, :7], plain[1, :7], atol=1e-5)
+    assert torch.allclose(padded[0], plain[0], atol=1e-5)
+    with pytest.raises(ValueError, match="padded batch"):
+        hf(input_ids=seq, attention_mask=mask, use_cache=True)
+
+
+def test_left_padding_keeps_vanilla_logits(tiny):
+    hf = lh.wrap(tiny("vanilla"))
+    seq = tokens(1, 10)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(seq)], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(
+            hf(input_ids=padded, attention_mask=mask).logits[:, 3:], hf(input_ids=seq).logits, atol=1e-5
+        )
+
+
+def test_long_inputs_are_refused_or_read_in_segments(family, tiny):
+    model = tiny(family)
+    limit = model.config.max_seq_len
+    seq = tokens(2, 2 * limit + 3)
+    with pytest.raises(ValueError, match="segment_long_inputs=True"):
+        lh.wrap(model)(input_ids=seq)
+    hf = lh.wrap(model, segment_long_inputs=True)
+    with torch.no_grad():
+        got = hf(input_ids=seq).logits
+    # What longrange's evaluation does with a long document: chunks of max_seq_len, the state
+    # carried for a family that carries one.
+    state = model.init_state(2) if model.carries_state else None
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, seq.shape[1], limit):
+            out = model.forward_lm(seq[:, start : start + limit], state=state)
+            state = out.state
+            pieces.append(out.logits)
+    if state is not None:
+        state.close()
+    assert torch.equal(got, torch.cat(pieces, dim=1))
+
+
+def test_bad_calls_are_refused(tiny):
+    hf = lh.wrap(tiny("vanilla"))
+    seq = tokens(1, 6)
+    with pytest.raises(ValueError, match="input_ids"):
+        hf(inputs_embeds=torch.zeros(1, 6, 64))
+    with pytest.raises(ValueError, match="logits only"):
+        hf(input_ids=seq, output_hidden_states=True)
+    with pytest.raises(TypeError, match="LongRangeCache"):
+        hf(input_ids=seq, cache=object())
+    with pytest.raises(ValueError, match="labels shape"):
+        hf(input_ids=seq, labels=seq[:, :3])
+    with pytest.raises(ValueError, match="activation"):
+        hf.gradient_checkpointing_enable()
+    with pytest.raises(TypeError, match="LongRangeLM"):
+        lh.wrap(torch.nn.Linear(2, 2))

@@ -1,0 +1,71 @@
+"""transformers' Trainer trains a longrange model; activation (gradient) checkpointing is
+refused clearly and bf16 runs."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'longrange[hf]')")
+pytest.importorskip(
+    "accelerate", reason="accelerate is not installed (the Trainer needs it: pip install 'longrange[hf]')"
+)
+
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+import longrange.hf as lh
+from longrange.data.tokenizer import ByteTokenizer
+from longrange.models.registry import create_model
+
+
+def rows(length: int) -> list[dict]:
+    """A tiny in-memory dataset: rows of a repetitive text, labels = inputs (shifted inside)."""
+    text = "".join(f"def f{i % 7}(x):\n    return x * {i % 7}\n" for i in range(60))
+    ids = ByteTokenizer().encode(text)
+    ids = ids[: len(ids) // length * length].view(-1, length)
+    return [{"input_ids": r, "labels": r.clone()} for r in ids]
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    settings = {
+        "output_dir": str(tmp_path),
+        "max_steps": 25,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def mean_loss(model, data) -> float:
+    batch = default_data_collator(data[:8])
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_trainer_lowers_the_loss(family, fresh, tmp_path):
+    lr = fresh(family)
+    model = lh.wrap(lr)
+    data = rows(min(32, lr.config.max_seq_len))
+    before = mean_loss(model, data)
+    Trainer(
+        model=model, args=arguments(tmp_path), train_dataset=data, data_collator=default_data_collator
+    ).train()
+    after = mean_loss(model, data)
+    assert after < before - 0.5, (before, after)
+
+
+def test_gradient_checkpointing_is_refused_and_bf16_runs(tmp_path):
+    model = lh.wrap(create_model("vanilla", "tiny"))
+    data = rows(32)
+    args = arguments(tmp_path, max_steps=2, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="does not support activation \\(gradient\\) checkpointing"):
+        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+    args = arguments(tmp_path, max_steps=3, bf16=True)
+    result = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
