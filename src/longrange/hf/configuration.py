@@ -95,6 +95,12 @@ class LongRangeConfig(PretrainedConfig):
             raise ValueError(f"{cls.__name__} is for family {cls.family!r}, not {config.family!r}")
         return target(**config.to_dict(), **kwargs)
 
+    def _get_generation_parameters(self) -> dict[str, Any]:
+        # A family field may share a sampling option's name (sinkhorn's sort ``temperature``):
+        # it is the model's setting, not a generation parameter.
+        ours = set(get_family(self.family).config_class.field_names())
+        return {k: v for k, v in super()._get_generation_parameters().items() if k not in ours}
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out[FAMILY_KEY] = self.family
