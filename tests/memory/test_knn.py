@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -167,6 +168,35 @@ def test_save_load_round_trip(tmp_path, backend, index, options):
     copy.close()
 
 
+@pytest.mark.parametrize("backend,index,options", [BACKENDS[0], BACKENDS[2]])
+def test_a_saved_list_reopens_as_a_new_list_beside_the_old_one(tmp_path, backend, index, options):
+    home = tmp_path / "home"
+    original = KNNMemoryList(
+        KNNMemoryList.create_memories(batch_size=2, num_memory_layers=2, memories_directory=home / "own")(
+            DIM, max_memories=16, backend=backend, index=index, index_options=options, remove_directory=True
+        )
+    )
+    for i, memory in enumerate(original):
+        memory.add(_pairs(_keys(20, seed=i)))
+    original[1].clear(0)
+    original.save(tmp_path / "saved")
+    copy = KNNMemoryList.open_saved(tmp_path / "saved")
+    assert copy[0].directory.parent == home.resolve() and copy[0].directory != original[0].directory
+    assert (copy[0].directory / "OWNER").read_text() == str(os.getpid())
+    assert [m.backend for m in copy] == [backend] * 2 and copy[0].index_kind == index
+    queries = _keys(5, seed=7)
+    for mine, theirs in zip(copy, original, strict=True):
+        assert mine.db_offsets.tolist() == theirs.db_offsets.tolist()
+        for got, want in zip(mine.search(queries, 4), theirs.search(queries, 4), strict=True):
+            assert torch.equal(got, want)
+    folder = copy[0].directory
+    copy.close()
+    original.close()
+    assert not folder.exists() and list(home.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="kNN memory list"):
+        KNNMemoryList.open_saved(tmp_path / "nothing")
+
+
 def test_load_refuses_corrupt_or_foreign_directories(tmp_path):
     memory = _memory(tmp_path, "faiss", "flat", None, max_memories=16, name="a")
     memory.add(_pairs(_keys(5)))
@@ -248,7 +278,9 @@ def test_cleanup_removes_every_file(tmp_path):
     memories = KNNMemoryList.create_memories(batch_size=2, num_memory_layers=2)(dim=DIM, max_memories=8)
     directory = memories[0].directory
     memories[0].add(_pairs(_keys(4)))
-    assert len(list(directory.iterdir())) == 3  # two memmaps and the lock
+    # two memmaps, the lock and the owner marker (the creating process's id)
+    assert len(list(directory.iterdir())) == 4
+    assert (directory / "OWNER").read_text() == str(os.getpid())
     memories.cleanup()
     assert not directory.exists()
     given = KNNMemoryList.create_memories(

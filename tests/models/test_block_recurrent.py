@@ -1,21 +1,15 @@
 """block_recurrent: strictly causal; one call equals any split into segments with the state
 passed along; the recurrent state changes across blocks and carries information beyond the
-XL memory's reach; padding is ignored; incremental decoding equals recompute; the
-reference-named classes equal block-recurrent-transformer-pytorch after weight conversion."""
+XL memory's reach; padding is ignored; incremental decoding (compressed memory) equals
+recompute and runs one position per step; the state's reset, detach and carry switches."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 
-from longrange.convert import load_reference
-from longrange.models.block_recurrent import (
-    BlockRecurrentLM,
-    BlockRecurrentTransformer,
-    RecurrentTrainerWrapper,
-)
+from longrange.models.block_recurrent import BlockRecurrentLM
+from longrange.models.block_recurrent.layers import GatedFeedForward
 from longrange.models.registry import create_model
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored
 
@@ -39,6 +33,14 @@ def model_for(variant: str, **extra) -> BlockRecurrentLM:
 
 def tokens(batch, n, seed=0):
     return torch.randint(0, V, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def windows(state):
+    return [layer["xl"] for layer in state.layers]
+
+
+def states(state):
+    return [layer["states"] for layer in state.layers if "states" in layer]
 
 
 def run_in_segments(model, x, cuts, mask=None):
@@ -65,11 +67,10 @@ def test_segments_equal_one_call(variant):
     with torch.no_grad():
         pieces, state = run_in_segments(model, x, cuts=[5, 8, 19, 20, 37])
     assert_close(pieces, whole.logits, rtol=1e-5)
-    for a, b in zip(state.memory.kv, whole.state.memory.kv):
+    for a, b in zip(windows(state) + states(state), windows(whole.state) + states(whole.state), strict=True):
         assert_close(a, b, rtol=1e-5)
-    for a, b in zip(state.states, whole.state.states):
-        assert_close(a, b, rtol=1e-5)
-    assert len(state.pending) == 45 % 8
+    assert state.shared["open_length"] == 45 % 8 and state.layers[0]["open"].shape[-2] == 45 % 8
+    assert state.position == whole.state.position == 45
 
 
 @pytest.mark.parametrize("variant", ["default", "compressed-mem"])
@@ -92,8 +93,8 @@ def test_recurrent_state_changes_and_reaches_past_the_memory():
     with torch.no_grad():
         base, _ = run_in_segments(model, x, cuts=[8, 16])
         other = model.forward_lm(changed).logits
-        after_one = model.forward_lm(x[:, :8]).state.states[0]
-        after_two = model.forward_lm(x[:, :16]).state.states[0]
+        after_one = model.forward_lm(x[:, :8]).state.layers[0]["states"]
+        after_two = model.forward_lm(x[:, :16]).state.layers[0]["states"]
     assert (after_one - after_two).abs().max() > 1e-3
     assert (other[:, 16:] - base[:, 16:]).abs().max() > 1e-4
     # Control: with the state read switched off, block 2 no longer sees block 0.
@@ -168,117 +169,55 @@ def test_evaluation_with_carried_state_equals_whole_documents():
 
 def test_state_protocol_reset_detach_and_carry_switch():
     model = model_for("default")
-    x = tokens(2, 16, seed=6)
-    state = model.forward_lm(x).state
-    state = model.reset_state_rows(state, torch.tensor([True, False]))
-    y = tokens(2, 16, seed=7)
-    carried = model.forward_lm(y, state=state).logits
-    fresh = model.forward_lm(y[:1]).logits
-    assert_close(carried[:1], fresh, rtol=1e-5)  # a reset row starts over
-    assert (carried[1] - model.forward_lm(y[1:]).logits[0]).abs().max() > 1e-4  # the other carries
+    x, y = tokens(2, 20, seed=6), tokens(2, 16, seed=7)
+
+    def after_x(rows=(True, False)):
+        state = model.forward_lm(x).state  # ends inside a block: the open block is reset too
+        returned = model.reset_state_rows(state, torch.tensor(rows))
+        assert returned is state
+        return state
+
+    state = after_x()
+    out = model.forward_lm(y, state=state)
+    assert out.state is state and state.position == 36  # continued in place
+    # a reset row starts over: as a fresh row whose first 4 positions (the open block's) are padding
+    padded = torch.cat([x[:1, 16:], y[:1]], dim=1)
+    pad = torch.arange(20)[None] >= 4
+    fresh = model.forward_lm(padded, mask=pad).logits[:, 4:]
+    assert_close(out.logits[:1], fresh, rtol=1e-5)
+    assert (out.logits[1] - model.forward_lm(y[1:]).logits[0]).abs().max() > 1e-4  # the other carries
+    with pytest.raises(ValueError, match=r"rows must have shape \(2,\)"):
+        model.reset_state_rows(state, torch.tensor([True]))
 
     model.train()
     out = model.forward_lm(x, state=model.init_state(2))
+    assert "read" in out.state.layers[0]  # the open block's prepared states...
     detached = model.detach_state(out.state)
-    assert all(not t.requires_grad for t in detached.memory.kv + detached.states)
+    assert "read" not in detached.layers[0]  # ...are rebuilt (with gradients) after a detach
+    assert all(not t.requires_grad for t in windows(detached) + states(detached))
+    model.eval()
 
+    carried = model.forward_lm(y, state=after_x((False, False))).logits
     for carry in ("none", "xl_memory"):
         switched = model_for("default", segment_carry=carry)
-        logits = switched.forward_lm(y, state=state).logits
+        logits = switched.forward_lm(y, state=after_x((False, False))).logits
         if carry == "none":
             assert_close(logits, switched.forward_lm(y).logits, rtol=1e-6)
         else:
             assert (logits - carried).abs().max() > 1e-5
 
 
-def test_reference_named_class_matches_reference():
-    ref_pkg = pytest.importorskip("block_recurrent_transformer_pytorch")
-    torch.manual_seed(0)
-    span = dict(depth=3, recurrent_layers=(2, 3), read_recurrent_layers=(1, 3))
-    for extra in ({}, dict(use_compressed_mem=True), span):
-        args = dict(num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4)
-        args.update(max_seq_len=24, **extra)
-        ref = ref_pkg.BlockRecurrentTransformer(**args)
-        ours = load_reference(BlockRecurrentTransformer(**args), ref.state_dict())
-        mems_a = mems_b = states_a = states_b = []
-        for seg in range(3):
-            x = tokens(2, 25, seed=seg)
-            loss_a, mems_a, states_a = ref(x, return_loss=True, xl_memories=mems_a, states=states_a)
-            loss_b, mems_b, states_b = ours(x, return_loss=True, xl_memories=mems_b, states=states_b)
-            assert_close(loss_b, loss_a, rtol=1e-5, name=f"loss {extra} segment {seg}")
-            for a, b in zip(mems_a + states_a, mems_b + states_b):
-                assert_close(b, a, rtol=1e-4)
-        logits_a = ref(tokens(2, 24, seed=9), xl_memories=mems_a, states=states_a)[0]
-        logits_b = ours(tokens(2, 24, seed=9), xl_memories=mems_b, states=states_b)[0]
-        assert_close(logits_b, logits_a, rtol=1e-4)
-    # A partial final block: like the reference, it updates the states; unlike it, the memory too.
-    x = tokens(2, 13, seed=10)
-    _, ref_mems, ref_states = ref(x, return_memories_and_states=True)
-    _, our_mems, our_states = ours(x, return_memories_and_states=True)
-    for a, b in zip(ref_states, our_states):
-        assert_close(b, a, rtol=1e-4)
-    native = BlockRecurrentLM.forward_lm(ours, x)
-    assert_close(our_mems[0], ours.flush(native.state).memory.kv[0])
-    assert our_mems[0].shape[-2] == 8 and ref_mems[0].shape[-2] == 8
-
-
-def test_reference_named_segments_equal_one_call_and_generate():
-    torch.manual_seed(0)
-    args = dict(num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4)
-    short = BlockRecurrentTransformer(max_seq_len=16, **args).eval()
-    long = BlockRecurrentTransformer(max_seq_len=48, **args).eval()
-    long.load_state_dict(short.state_dict())
-    x = tokens(2, 49, seed=11)
-    wrapper = RecurrentTrainerWrapper(short)
-    loss, mems, states = wrapper(x, return_memories_and_states=True)
-    whole, mems_w, states_w = long(x, return_loss=True, return_memories_and_states=True)
-    assert_close(loss, whole, rtol=1e-5)
-    for a, b in zip(mems + states, mems_w + states_w):
-        assert_close(a, b, rtol=1e-5)
-
-    prime = x[:, :5]
-    out = wrapper.generate(prime, 40, temperature=0)
-    assert out.shape == (2, 35)
-    seq = torch.cat([prime, out], dim=1)
-    assert torch.equal(long(seq[:, :-1])[0].argmax(-1)[:, 4:], out)
-    new, mems_g, states_g = short.generate(prime, 17, temperature=0, return_memories_and_states=True)
-    assert torch.equal(new, out[:, :12])
-    _, mems_f, states_f = short(seq[:, :16], return_memories_and_states=True)
-    for a, b in zip(mems_g + states_g, mems_f + states_f):
-        assert_close(a, b, rtol=1e-5)
-
-
-def test_trainer_wrapper_dropout_and_mask():
-    torch.manual_seed(0)
-    model = BlockRecurrentTransformer(
-        num_tokens=V, dim=32, depth=2, dim_head=8, heads=2, block_width=8, num_state_vectors=4, max_seq_len=8
-    )
-    x = tokens(2, 25, seed=12)
-    dropped = RecurrentTrainerWrapper(model, xl_memories_dropout=1.0, state_dropout=1.0).train()
-    random.seed(0)
-    fresh = sum(model(x[:, i * 8 : i * 8 + 9], return_loss=True)[0] for i in range(3)) / 3
-    assert_close(dropped(x), fresh, rtol=1e-6)
-    mask = torch.ones_like(x, dtype=torch.bool)
-    mask[0, 3:5] = False
-    keep = RecurrentTrainerWrapper(model)
-    changed = torch.where(mask, x, (x + 7) % V)
-    assert_close(keep(changed, mask=mask), keep(x, mask=mask), rtol=1e-6)
-    with pytest.raises(ValueError, match="multiple of 8 plus 1"):
-        keep(x[:, :20])
-
-
 def test_memory_lean_functions_have_exact_gradients():
     from longrange.memory.recurrent import _ScaledL2Norm
-    from longrange.models.block_recurrent import _GatedFeedForward
 
     def f64(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     x, w1, w2, gain = f64(2, 3, 6), f64(8, 6), f64(5, 4), f64(6)
-    assert torch.autograd.gradcheck(_GatedFeedForward.apply, (x, w1, w2))
+    assert torch.autograd.gradcheck(GatedFeedForward.apply, (x, w1, w2))
     assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (x, gain))
     a, b = (x @ w1.T).chunk(2, dim=-1)
-    assert_close(_GatedFeedForward.apply(x, w1, w2), (torch.nn.functional.gelu(a) * b) @ w2.T)
+    assert_close(GatedFeedForward.apply(x, w1, w2), (torch.nn.functional.gelu(a) * b) @ w2.T)
     assert_close(_ScaledL2Norm.apply(x, gain), torch.nn.functional.normalize(x, dim=-1) * gain)
 
 
@@ -300,7 +239,7 @@ def test_save_load_and_half_precision(tmp_path):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(recurrent_layers=(3,)), "recurrent_layers must range"),
+        (dict(recurrent_layers=(3,)), "recurrent_layers must be None or a tuple of layer numbers from 1"),
         (dict(recurrent_layers=(1, 1)), "unique"),
         (dict(recurrent_layers=(1,), read_recurrent_layers=(2,)), "read layer must be <="),
         (dict(recurrent_layers=(1,), read_recurrent_layers=(1, 2)), "one entry per recurrent layer"),
@@ -321,31 +260,8 @@ def test_bad_calls():
     state = model.forward_lm(tokens(2, 5)).state
     with pytest.raises(ValueError, match="batch rows"):
         model.forward_lm(tokens(3, 5), state=state)
-    with pytest.raises(TypeError, match="BlockRecurrentState"):
+    with pytest.raises(TypeError, match="State"):
         model.forward_lm(tokens(2, 5), state=[])
-    compat = BlockRecurrentTransformer(
-        **{
-            "num_tokens": V,
-            "dim": 32,
-            "depth": 2,
-            "dim_head": 8,
-            "heads": 2,
-            "block_width": 8,
-            "num_state_vectors": 4,
-            "max_seq_len": 16,
-        }
-    )
-    with pytest.raises(ValueError, match="unknown keyword"):
-        BlockRecurrentTransformer(num_tokens=V, dim=32, depth=2, flash=True)
-    with pytest.raises(TypeError, match="num_tokens"):
-        BlockRecurrentTransformer(dim=32, depth=2)
-    with pytest.raises(ValueError, match="one memory per layer"):
-        compat(tokens(2, 8), xl_memories=[torch.zeros(2, 2, 8, 8)])
-    with pytest.raises(ValueError, match="exceeds max_seq_len"):
-        compat(tokens(2, 17))
-    with pytest.raises(ValueError, match="filter_thres"):
-        compat.generate(tokens(2, 3), 6, filter_thres=1.0)
-    with pytest.raises(ValueError, match="qk_rmsnorm_scale"):
-        load_reference(model, compat.state_dict())
-    with pytest.raises(ValueError, match="fixed gate"):
-        load_reference(model_for("lstm-gate", qk_rmsnorm_scale=8**-0.5), {})
+    vanilla = create_model("vanilla", vocab_size=V, dim=32, depth=2, heads=2).init_state(2)
+    with pytest.raises(ValueError, match="not made by BlockRecurrentLM"):
+        model.forward_lm(tokens(2, 5), state=vanilla)

@@ -1,3 +1,9 @@
+"""memorizing: causal within a chunk with a filled memory; the memory changes outputs only
+through past entries, per batch row; document starts (sos / eos) cut memory, XL window and
+token shift; padding is neither attended nor stored; greedy decoding equals recompute with
+XL, shifts, token shift and the gated combine; the memory files are owned and removed."""
+
+import gc
 import glob
 import os
 import tempfile
@@ -5,7 +11,7 @@ import tempfile
 import pytest
 import torch
 
-from longrange.models.memorizing import KNNMemoryList, MemorizingConfig, MemorizingLM, MemorizingTransformer
+from longrange.models.memorizing import MemorizingConfig, MemorizingLM
 from longrange.models.registry import create_model, make_config
 from longrange.testing import assert_causal, assert_close, assert_padding_ignored
 
@@ -33,10 +39,6 @@ def _tokens(batch, n, seed=0):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _temp_dirs():
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "longrange-knn-*")))
-
-
 @pytest.fixture(autouse=True)
 def _no_files_left_behind(tmp_path, monkeypatch):
     # A temporary root of the test's own, so memories made by other processes on the machine
@@ -44,12 +46,9 @@ def _no_files_left_behind(tmp_path, monkeypatch):
     root = tmp_path / "tmp"
     root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(root))
-    before = _temp_dirs()
     yield
-    import gc
-
     gc.collect()
-    assert _temp_dirs() <= before, "kNN memory files were left behind"
+    assert not glob.glob(os.path.join(root, "longrange-knn-*")), "kNN memory files were left behind"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "bench"])
@@ -57,9 +56,20 @@ def test_presets_and_config_round_trip(preset):
     config = make_config("memorizing", preset)
     assert type(config).from_dict(config.to_dict()) == config
     if preset == "tiny":
-        model = create_model("memorizing", preset)
+        model = create_model("memorizing", preset).eval()
         assert model.carries_state and model.context_limit() is None
-        assert model(_tokens(1, 20)).shape == (1, 20, 256)
+        state = model.init_state(1)  # a call without a state equals a fresh state's first chunk
+        assert torch.equal(model(_tokens(1, 20)), model.forward_lm(_tokens(1, 20), state=state).logits)
+        state.close()
+
+
+def test_memory_folders_name_their_owner(tmp_path):
+    model = _model(knn_memories_directory=str(tmp_path / "mem"))
+    with model.knn_memories_context(batch_size=2) as memories:
+        folder = memories[0].directory
+        assert folder.parent == (tmp_path / "mem").resolve() and memories[1].directory == folder
+        assert (folder / "OWNER").read_text() == str(os.getpid())
+    assert list((tmp_path / "mem").iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -115,7 +125,7 @@ def test_memory_changes_outputs_only_through_past_entries(options):
     first = model.forward_lm(chunks[:, :CHUNK], state=state).logits
     # Within the first chunk the memory is empty: searching before adding means no self-retrieval.
     assert_close(first, model(chunks[:, :CHUNK]), 1e-6)
-    assert state.knn[0].db_offsets.tolist() == [CHUNK, CHUNK]
+    assert state.shared["knn"][0].db_offsets.tolist() == [CHUNK, CHUNK]
     second = model.forward_lm(chunks[:, CHUNK : 2 * CHUNK], state=state).logits
     assert (second - model(chunks[:, CHUNK : 2 * CHUNK])).abs().max() > 1e-4, "memory had no effect"
     # Changing row 1's past changes row 1 only: one memory per batch row.
@@ -195,7 +205,7 @@ def test_padding_is_neither_attended_nor_stored(options):
             ],
             dim=1,
         )
-        assert state.knn[0].db_offsets.tolist() == [2 * CHUNK - 4 - 4, 2 * CHUNK - 3 - 4]
+        assert state.shared["knn"][0].db_offsets.tolist() == [2 * CHUNK - 4 - 4, 2 * CHUNK - 3 - 4]
         state.close()
         return out
 
@@ -266,129 +276,9 @@ def test_token_shift_reaches_across_chunks_and_decoding_steps():
 def test_batch_size_must_match_the_memories():
     model = _model()
     state = model.init_state(2)
-    with pytest.raises(ValueError, match="batch size 3 does not match the kNN memories"):
+    with pytest.raises(ValueError, match="the state holds 2 batch rows"):
         model.forward_lm(_tokens(3, 8), state=state)
     state.close()
-    compat = MemorizingTransformer(
-        num_tokens=VOCAB, dim=32, depth=2, heads=2, dim_head=16, max_knn_memories=32
-    )
-    with (
-        compat.knn_memories_context(batch_size=2) as memories,
-        pytest.raises(ValueError, match="batch size 1"),
-    ):
-        compat(_tokens(1, 8), memories)
-
-
-def test_reference_interface_and_memory_directory(tmp_path):
-    model = MemorizingTransformer(
-        num_tokens=VOCAB,
-        dim=32,
-        depth=3,
-        heads=2,
-        dim_head=16,
-        max_knn_memories=32,
-        num_retrieved_memories=4,
-        xl_max_memories=5,
-        xl_memory_layers=(2, 3),
-        knn_memories_directory=str(tmp_path / "mem"),
-        knn_backend="faiss",
-    )
-    assert model.memorizing_layers == (1,) and model.num_xl_memory_layers == 2
-    x = _tokens(2, 12, seed=10)
-    with model.knn_memories_context(batch_size=2) as memories:
-        assert isinstance(memories, KNNMemoryList) and len(memories) == 1
-        assert memories[0].path.parent.parent == (tmp_path / "mem").resolve()
-        logits, xl = model(x, memories)
-        assert logits.shape == (2, 12, VOCAB) and [t.shape for t in xl] == [(2, 5, 2, 16)] * 2
-        loss, xl = model(x, memories, xl_memories=xl, labels=x)
-        assert loss.ndim == 0 and memories[0].db_offsets.tolist() == [24, 24]
-        model(x, memories, xl_memories=xl, add_knn_memory=False)
-        assert memories[0].db_offsets.tolist() == [24, 24]
-    assert list((tmp_path / "mem").iterdir()) == []
-
-
-def test_reference_parity():
-    """Copied weights + an exact index in the reference: equal outputs over several chunks
-    (no wrap-around, no XL: the reference misaligns its relative bias once XL memories exist)."""
-    ref_module = pytest.importorskip("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
-    knn_module = pytest.importorskip("memorizing_transformers_pytorch.knn_memory")
-    from longrange.convert import load_reference
-
-    faiss = knn_module.faiss
-
-    class ExactFaiss:  # the reference's HNSW index, swapped for an exact one
-        def __getattr__(self, name):
-            return getattr(faiss, name)
-
-        @staticmethod
-        def IndexHNSWFlat(dim, m, metric):
-            return faiss.IndexFlatIP(dim)
-
-    kwargs = dict(
-        num_tokens=VOCAB,
-        dim=32,
-        depth=3,
-        heads=2,
-        dim_head=16,
-        max_knn_memories=256,
-        num_retrieved_memories=5,
-        memorizing_layers=(2, 3),
-        ff_mult=2,
-    )
-    torch.manual_seed(0)
-    reference = ref_module.MemorizingTransformer(**kwargs, knn_memories_directory=tempfile.mkdtemp()).eval()
-    ours = MemorizingTransformer(**kwargs).eval()
-    load_reference(ours, reference.state_dict())
-    x = _tokens(2, 4 * CHUNK, seed=11)
-    knn_module.faiss = ExactFaiss()
-    try:
-        with (
-            reference.knn_memories_context(batch_size=2) as ref_mem,
-            ours.knn_memories_context(batch_size=2) as mem,
-        ):
-            for i in range(0, 4 * CHUNK, CHUNK):
-                chunk = x[:, i : i + CHUNK]
-                assert_close(ours(chunk, mem), reference(chunk, ref_mem), 1e-4, name=f"chunk {i // CHUNK}")
-            assert_close(ours(chunk, mem, labels=chunk), reference(chunk, ref_mem, labels=chunk), 1e-4)
-    finally:
-        knn_module.faiss = faiss
-        import shutil
-
-        shutil.rmtree(reference.knn_memories_directory, ignore_errors=True)
-
-
-def test_reference_parity_with_xl_on_the_first_chunk():
-    ref_module = pytest.importorskip("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
-    from longrange.convert import load_reference
-
-    kwargs = dict(
-        num_tokens=VOCAB,
-        dim=32,
-        depth=2,
-        heads=2,
-        dim_head=16,
-        max_knn_memories=64,
-        num_retrieved_memories=4,
-        xl_max_memories=6,
-        memorizing_layers=(1,),
-    )
-    reference = ref_module.MemorizingTransformer(**kwargs, knn_memories_directory=tempfile.mkdtemp()).eval()
-    ours = MemorizingTransformer(**kwargs).eval()
-    load_reference(ours, reference.state_dict())
-    x = _tokens(2, CHUNK, seed=12)
-    with (
-        reference.knn_memories_context(batch_size=2) as ref_mem,
-        ours.knn_memories_context(batch_size=2) as mem,
-    ):
-        ref_logits, ref_xl = reference(x, ref_mem)
-        logits, xl = ours(x, mem)
-        assert_close(logits, ref_logits, 1e-4)
-        for got, want in zip(xl, ref_xl):
-            assert_close(got, want, 1e-5)
-        assert mem[0].db_offsets.tolist() == [CHUNK - 6, CHUNK - 6]  # entries that left the XL window
-    import shutil
-
-    shutil.rmtree(reference.knn_memories_directory, ignore_errors=True)
 
 
 def test_options_run_and_train():
@@ -413,19 +303,8 @@ def test_options_run_and_train():
         out.logits.sum().backward()
         state = model.detach_state(out.state)
     assert gate.grad is not None and gate.grad.abs() > 0
-    assert state.knn[1].backend == "faiss" and state.knn[1].index_kind == "hnsw"
+    assert state.shared["knn"][1].backend == "faiss" and state.shared["knn"][1].index_kind == "hnsw"
     state.close()
-    compat = MemorizingTransformer(
-        num_tokens=VOCAB, dim=32, depth=1, dim_head=16, heads=2, pad_id=7, max_knn_memories=16
-    )
-    assert compat.memorizing_layers == ()  # the reference's default (depth // 2,) for depth 1
-    labels = _tokens(1, 8)
-    labels[0, :4] = 7
-    with compat.knn_memories_context(batch_size=1) as memories:
-        loss = compat(_tokens(1, 8), memories, labels=labels)
-        logits = compat(_tokens(1, 8), memories)
-    kept = labels[0] != 7
-    assert_close(loss, torch.nn.functional.cross_entropy(logits[0, kept], labels[0, kept]), 1e-6)
 
 
 def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
@@ -452,7 +331,7 @@ def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
     trainer = Trainer(cfg, corpus=load_corpus(text_folder))
     result = trainer.fit()
     assert result["val_bpb_after"] < result["val_bpb_before"]
-    assert trainer.state.knn[0].db_offsets.max() > 0
+    assert trainer.state.shared["knn"][0].db_offsets.max() > 0
     loaded = MemorizingLM.from_pretrained(tmp_path / "runs" / "m")
     assert loaded.config == trainer.model.config
     trainer.state.close()
@@ -468,9 +347,12 @@ def test_evaluation_closes_each_documents_memory_when_it_ends():
     opened = []
     make_state = model.init_state
 
+    def closed(state):
+        return all(memory.closed for memory in state.shared["knn"])
+
     def recording(*args, **kwargs):
         opened.append(make_state(*args, **kwargs))
-        assert all(state.closed for state in opened[:-1]), "an earlier document's memory is still open"
+        assert all(closed(state) for state in opened[:-1]), "an earlier document's memory is still open"
         return opened[-1]
 
     model.init_state = recording
@@ -479,7 +361,7 @@ def test_evaluation_closes_each_documents_memory_when_it_ends():
         for i, n in enumerate((40, 9, 33))
     ]
     assert evaluate_bpb(model, docs, seq_len=CHUNK) > 0
-    assert len(opened) == 3 and all(state.closed for state in opened)
+    assert len(opened) == 3 and all(closed(state) for state in opened)
 
 
 @pytest.mark.parametrize("n,m", [(7, 7), (5, 19), (1, 12)], ids=["square", "xl", "decode"])
@@ -560,107 +442,3 @@ def test_gated_combine_is_checked_and_saved(tmp_path):
     assert loaded.config.knn_combine == "gate"
     tokens = _tokens(2, CHUNK, seed=41)
     assert_close(loaded.eval()(tokens), model(tokens), 1e-6)
-
-
-def _two_chunks(model, tokens, batch):
-    state = model.init_state(batch)
-    out = [model.forward_lm(tokens[:, i : i + CHUNK], state=state).logits for i in (0, CHUNK)]
-    return state, out
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"xl_max_memories": 5},
-        {"xl_max_memories": 5, "shift_tokens": True, "clear_memories_on_eos_token_id": EOS},
-        {"xl_max_memories": 7, "xl_memory_layers": (2,), "knn_combine": "gate"},
-    ],
-    ids=["xl", "shift-eos", "one-layer-gate"],
-)
-def test_reprojected_xl_equals_stored_keys_while_the_weights_stay(options):
-    # Same weights throughout: projecting the kept inputs again gives the stored keys/values,
-    # so logits, kNN memory contents and decoding agree with the reference's form.
-    stored, inputs = _model(**options), _model(xl_reproject=True, **options)
-    inputs.load_state_dict(stored.state_dict())
-    tokens = _tokens(2, 4 * CHUNK + 3, seed=50)
-    a, b = stored.init_state(2), inputs.init_state(2)
-    for i in range(0, tokens.shape[1], CHUNK):
-        piece = tokens[:, i : i + CHUNK]
-        assert_close(inputs.forward_lm(piece, state=b).logits, stored.forward_lm(piece, state=a).logits, 1e-5)
-    assert b.xl[0][0].shape[-1] == 32  # model inputs (dim 32), not keys/values [2, D]
-    for mine, theirs in zip(b.knn, a.knn):
-        assert mine.db_offsets.tolist() == theirs.db_offsets.tolist()
-    for s in (a, b):
-        s.close()
-    prompt = tokens[:, : CHUNK + 5]
-    assert torch.equal(inputs.generate(prompt, 20, temperature=0), stored.generate(prompt, 20, temperature=0))
-
-
-def test_reprojected_xl_uses_the_current_weights():
-    # Changing the last layer's key/value projection between two chunks: with xl_reproject the
-    # second chunk sees its XL window as a model that had the new weights all along; stored
-    # keys keep the old projection. The window holds the whole first chunk, so nothing
-    # reaches the kNN memory before the second chunk.
-    options = dict(xl_max_memories=CHUNK, num_retrieved_memories=0)
-    tokens = _tokens(2, 2 * CHUNK, seed=51)
-    results = {}
-    for reproject in (False, True):
-        model = _model(xl_reproject=reproject, **options)
-        torch.manual_seed(52)
-        new_kv = torch.randn_like(model.blocks[-1].attn.to_kv.weight) * 0.2
-        state = model.init_state(2)
-        model.forward_lm(tokens[:, :CHUNK], state=state)
-        with torch.no_grad():
-            model.blocks[-1].attn.to_kv.weight.copy_(new_kv)
-        second = model.forward_lm(tokens[:, CHUNK:], state=state).logits
-        state.close()
-        _, (_, fresh) = _two_chunks(model, tokens, 2)
-        results[reproject] = (second - fresh).abs().max().item()
-    assert results[True] < 1e-5
-    assert results[False] > 1e-3
-
-
-def test_reprojected_xl_passes_gradients_to_the_projection_as_one_long_chunk_does():
-    # A chunk of C with an XL window of C over [c1 ; c2] is, for c2's queries, one chunk of 2C.
-    # With xl_reproject the window's keys also carry gradients into the key/value projection,
-    # exactly as c1's keys do inside the long chunk.
-    tokens = _tokens(2, 2 * CHUNK, seed=53)
-    chunked = _model(xl_max_memories=CHUNK, xl_reproject=True).train()
-    long = _model(max_seq_len=2 * CHUNK).train()
-    long.load_state_dict(chunked.state_dict())
-    state, (_, second) = _two_chunks(chunked, tokens, 2)
-    state.close()
-    whole = long(tokens)[:, CHUNK:]
-    assert_close(second, whole, 1e-5)
-    weights = [b.attn.to_kv.weight for b in (chunked.blocks[-1], long.blocks[-1])]
-    grads = [torch.autograd.grad(out.square().mean(), w)[0] for out, w in zip((second, whole), weights)]
-    assert_close(grads[0], grads[1], 1e-4)
-
-
-def test_reproject_is_checked_and_saved(tmp_path):
-    with pytest.raises(ValueError, match="xl_reproject must be True or False"):
-        MemorizingConfig(xl_reproject="yes")
-    model = _model(xl_max_memories=4, xl_reproject=True)
-    model.save_pretrained(tmp_path / "m")
-    assert MemorizingLM.from_pretrained(tmp_path / "m").config.xl_reproject is True
-
-
-def test_reference_interface_passes_reprojected_xl_as_inputs():
-    model = MemorizingTransformer(
-        num_tokens=VOCAB,
-        dim=32,
-        depth=2,
-        heads=2,
-        dim_head=16,
-        max_knn_memories=32,
-        xl_max_memories=5,
-        xl_reproject=True,
-        knn_backend="exact",
-    )
-    x = _tokens(2, 12, seed=54)
-    with model.knn_memories_context(batch_size=2) as memories:
-        _, xl = model(x, memories)
-        assert [t.shape for t in xl] == [(2, 5, 32)] * 2
-        model(x, memories, xl_memories=xl)
-        with pytest.raises(ValueError, match=r"shape \(2, L, 32\)"):
-            model(x, memories, xl_memories=[torch.zeros(2, 5, 2, 16)] * 2)

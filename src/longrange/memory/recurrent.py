@@ -78,6 +78,9 @@ class ReadCache:
     k: Tensor
     v: Tensor
 
+    def detach(self) -> ReadCache:
+        return ReadCache(self.states.detach(), self.normed.detach(), self.k.detach(), self.v.detach())
+
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """[B, N, H*D] -> [B, H, N, D]"""
@@ -175,10 +178,10 @@ class StateContainer(nn.Module):
 
 
 class StateTrack:
-    """One container's states as a call moves through its chunks (runs of positions inside
-    one block, numbered 0, 1, ...): ``states[j]`` holds the states at the start of chunk j
-    (None = the initial states) and :meth:`cache` their prepared form. Chunks are advanced in
-    order; a chunk that completes its block writes new states."""
+    """One container's states as a call moves through its pieces (runs of positions inside
+    one block, numbered 0, 1, ...): ``states[j]`` holds the states at the start of piece j
+    (None = the initial states) and :meth:`cache` their prepared form. Pieces are advanced in
+    order; a piece that completes its block writes new states."""
 
     def __init__(self, box: StateContainer, states: Tensor | None, cache: ReadCache | None, batch: int):
         self.box, self.batch = box, batch
@@ -191,9 +194,9 @@ class StateTrack:
         return self.caches[j]
 
     def advance(self, j: int, finish: bool, block_kv: Tensor, block_mask: Tensor | None) -> None:
-        """Move past chunk j, writing from the block's keys/values [2, B, N, D] if it is complete."""
+        """Move past piece j, writing from the block's keys/values [2, B, N, D] if it is complete."""
         if len(self.states) != j + 1:
-            raise RuntimeError(f"chunks must be advanced in order (at {len(self.states) - 1}, got {j})")
+            raise RuntimeError(f"pieces must be advanced in order (at {len(self.states) - 1}, got {j})")
         cache = self.cache(j)
         if finish:
             self.states.append(self.box.write(cache, block_kv[0], block_kv[1], block_mask))

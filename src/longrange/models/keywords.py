@@ -28,6 +28,23 @@ class KeywordTable:
     renames: Mapping[str, str] = field(default_factory=dict)
     extras: tuple[str, ...] = ()
 
+    @classmethod
+    def for_config(
+        cls,
+        owner: str,
+        defaults: Mapping[str, Any],
+        config_class: Any,
+        *,
+        required: tuple[str, ...] = (),
+        renames: Mapping[str, str] | None = None,
+    ) -> KeywordTable:
+        """A table whose extras are the fields of ``config_class`` that the reference's
+        keywords (and the fields they rename to) leave out."""
+        renames = dict(renames or {})
+        named = {*defaults, *required, *renames.values()}
+        extras = tuple(name for name in config_class.field_names() if name not in named)
+        return cls(owner, defaults, required, renames, extras)
+
     @property
     def accepted(self) -> list[str]:
         return [*self.required, *self.defaults, *self.extras]

@@ -128,7 +128,14 @@ def _detach(leaf: Any) -> Any:
     return detach() if callable(detach) else leaf
 
 
+def _is_files(tree: Any) -> bool:
+    """A file-backed entry: one leaf, even when it is a list (a list of kNN memories)."""
+    return type(tree).__qualname__ in _FILE_TYPES
+
+
 def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    if _is_files(tree):
+        return fn(tree)
     if isinstance(tree, dict):
         return {k: _map(v, fn) for k, v in tree.items()}
     if isinstance(tree, list):
@@ -139,7 +146,9 @@ def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 def _leaves(tree: Any):
-    if isinstance(tree, dict):
+    if _is_files(tree):
+        yield tree
+    elif isinstance(tree, dict):
         for v in tree.values():
             yield from _leaves(v)
     elif isinstance(tree, (list, tuple)):
@@ -151,10 +160,16 @@ def _leaves(tree: Any):
 
 def _encode(tree: Any, path: str, tensors: dict[str, Tensor], directory: Path, counter: list[int]) -> Any:
     if isinstance(tree, Tensor):
-        tensors[path] = tree.detach().contiguous().cpu()
+        # a copy of its own: entries may share storage (safetensors refuses shared tensors)
+        tensors[path] = tree.detach().cpu().contiguous().clone()
         return {"tensor": path}
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return {"value": tree}
+    if _is_files(tree):
+        counter[0] += 1
+        folder = f"files-{counter[0]}"
+        tree.save(directory / folder)
+        return {"files": type(tree).__qualname__, "folder": folder}
     if isinstance(tree, dict):
         if not all(isinstance(k, str) for k in tree):
             raise TypeError(f"state dict keys must be strings at {path}")
@@ -166,11 +181,6 @@ def _encode(tree: Any, path: str, tensors: dict[str, Tensor], directory: Path, c
     if name in _ENTRY_TYPES and dataclasses.is_dataclass(tree):
         fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
         return {"entry": name, "fields": _encode(fields, path, tensors, directory, counter)}
-    if name in _FILE_TYPES:
-        counter[0] += 1
-        folder = f"files-{counter[0]}"
-        tree.save(directory / folder)
-        return {"files": name, "folder": folder}
     raise TypeError(f"cannot save a state entry of type {name} at {path}; register it with state_entry")
 
 

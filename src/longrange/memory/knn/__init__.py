@@ -1,4 +1,4 @@
-"""kNN memory of past (key, value) pairs for the Memorizing Transformer (DESIGN.md section 5).
+"""kNN memory of past (key, value) pairs for the Memorizing Transformer.
 
 - :class:`KNNMemory` / :class:`KNNMemoryList`: the reference package's names, on a
   memory-mapped store with FIFO wrap-around, per-row clearing, save / load, a directory lock
@@ -10,7 +10,8 @@
 from longrange.memory.knn.exact import ExactIndex
 from longrange.memory.knn.factory import resolve_backend
 from longrange.memory.knn.interface import BACKENDS, INDEX_KINDS, KNNIndex
-from longrange.memory.knn.memory import DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY, KNNMemory, KNNMemoryList
+from longrange.memory.knn.memory import DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY, KNNMemory
+from longrange.memory.knn.memory_list import KNNMemoryList
 from longrange.memory.knn.store import MemmapStore
 
 __all__ = [

@@ -10,8 +10,10 @@ rows, ``save`` / ``load`` persist it, ``close`` (alias ``cleanup``) removes its 
 Differences from the reference, on purpose: wrap-around keeps keys and values matched (the
 reference re-numbered its faiss ids after wiping the whole index); ``clear`` touches only the
 rows it is given; closing deletes the files; with no ``memmap_filename`` the file goes into a
-fresh temporary directory rather than the working directory; a directory is locked against
-other processes. The reference's search-statistics arguments (``increment_hits``,
+fresh temporary directory (marked with its owner, see ``store.py``) rather than the working
+directory; a directory is locked against other processes. A saved list re-opens as a new
+list in a fresh folder (:meth:`KNNMemoryList.open_saved`), which is how a model state that
+holds memories loads. The reference's search-statistics arguments (``increment_hits``,
 ``increment_age``) are accepted: it keeps no statistics by default, and neither do we.
 
 Dimensions: B rows in scope, N entries per row, Q queries per row, K neighbours, D width.
@@ -23,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -38,8 +39,10 @@ from longrange.memory.knn.store import (
     MemmapStore,
     claim_file,
     lock_directory,
+    make_memory_directory,
     prepare_directory,
     release_file,
+    remove_memory_directory,
     unlock_directory,
 )
 
@@ -49,7 +52,7 @@ SAVE_FORMAT = "longrange-knn-memory-1"
 DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = None  # None: a fresh temporary directory per memory list
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -62,8 +65,7 @@ def _release(store: MemmapStore, path: Path, directory: Path, remove_directory: 
     release_file(path)
     unlock_directory(directory)
     if remove_directory:
-        with contextlib.suppress(OSError):
-            directory.rmdir()  # fails while other memories still use it; the last one removes it
+        remove_memory_directory(directory)  # stays while other memories use it; the last one removes it
 
 
 class KNNMemory:
@@ -89,16 +91,18 @@ class KNNMemory:
         device: torch.device | str | None = None,
         remove_directory: bool = False,
     ) -> None:
-        self.dim = _positive_int("dim", dim)
-        self.max_memories = _positive_int("max_memories", max_memories)
-        self.num_indices = _positive_int("num_indices", num_indices)
+        self.dim = positive_int("dim", dim)
+        self.max_memories = positive_int("max_memories", max_memories)
+        self.num_indices = positive_int("num_indices", num_indices)
         if not isinstance(multiprocessing, bool):
             raise TypeError(f"multiprocessing must be a bool, got {multiprocessing!r}")
         self.device = torch.device(device if device is not None else "cpu")
         self.backend = resolve_backend(backend, self.device)
         self.shape = (num_indices, max_memories, 2, dim)
+        # what a saved copy needs to be re-opened alike (open_saved)
+        self.options = {"multiprocessing": multiprocessing, "index_options": dict(index_options or {})}
         if memmap_filename is None:
-            directory = Path(tempfile.mkdtemp(prefix="longrange-knn-")).resolve()
+            directory = make_memory_directory()
             path, remove_directory = directory / SAVE_DATA, True
         else:
             path = Path(memmap_filename)
@@ -117,6 +121,7 @@ class KNNMemory:
             unlock_directory(directory)
             raise ValueError(f"cannot create the kNN memory file {str(path)!r}: {err}") from None
         self.store, self.path, self.directory = store, path, directory
+        self.owns_directory = remove_directory
         self._finalizer = weakref.finalize(self, _release, store, path, directory, remove_directory)
         # Where pairs are gathered from: the file itself on CPU, a device copy elsewhere.
         self._kv = (
@@ -245,7 +250,7 @@ class KNNMemory:
         if self.backend == "exact":
             flat = flat.to(self.device)
         if nprobe is not None and self.index_kind == "ivf":
-            self.index.nprobe = _positive_int("nprobe", nprobe)
+            self.index.nprobe = positive_int("nprobe", nprobe)
             for index in self.index.indexes:
                 if hasattr(index, "nprobe"):
                     index.nprobe = nprobe
@@ -284,6 +289,7 @@ class KNNMemory:
             "counts": [int(c) for c in self.store.counts],
             "backend": self.backend,
             "index": self.index_kind,
+            **self.options,
         }
         tmp_meta = target / (SAVE_META + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=2))
@@ -358,86 +364,3 @@ class KNNMemory:
             f"KNNMemory(dim={self.dim}, max_memories={self.max_memories}, num_indices={self.num_indices}, "
             f"backend={self.backend!r}, index={self.index_kind!r}, {state})"
         )
-
-
-class KNNMemoryList(list):
-    """One :class:`KNNMemory` per memorizing layer, with the reference's helpers."""
-
-    @classmethod
-    def create_memories(
-        cls,
-        *,
-        batch_size: int,
-        num_memory_layers: int,
-        memories_directory: str | os.PathLike | None = DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY,
-    ):
-        """Return ``fn(*args, **kwargs)`` building ``num_memory_layers`` memories of
-        ``batch_size`` rows (``KNNMemory`` arguments) in ``memories_directory`` (None: a fresh
-        temporary directory, removed by :meth:`cleanup`)."""
-        _positive_int("batch_size", batch_size)
-        if not isinstance(num_memory_layers, int) or num_memory_layers < 0:
-            raise ValueError(f"num_memory_layers must be a non-negative integer, got {num_memory_layers!r}")
-        if memories_directory is None:
-            directory, owned = Path(tempfile.mkdtemp(prefix="longrange-knn-")), True
-        else:
-            directory, owned = prepare_directory(memories_directory), False
-
-        def inner(*args, **kwargs) -> KNNMemoryList:
-            kwargs.setdefault("remove_directory", owned)
-            memories = cls()
-            try:
-                for layer in range(num_memory_layers):
-                    memories.append(
-                        KNNMemory(
-                            *args,
-                            num_indices=batch_size,
-                            memmap_filename=directory / f"knn.memory.layer.{layer + 1}.memmap",
-                            **kwargs,
-                        )
-                    )
-            except BaseException:
-                memories.cleanup()
-                if kwargs["remove_directory"]:
-                    shutil.rmtree(directory, ignore_errors=True)
-                raise
-            if kwargs["remove_directory"] and not memories:
-                directory.rmdir()
-            return memories
-
-        return inner
-
-    @property
-    def num_indices(self) -> int | None:
-        return self[0].num_indices if self else None
-
-    @contextmanager
-    def at_batch_indices(self, indices: Iterable[int]):
-        indices = list(indices)
-        with contextlib.ExitStack() as stack:
-            for memory in self:
-                stack.enter_context(memory.at_batch_indices(indices))
-            yield self
-
-    def clear_memory(
-        self, batch_indices: int | Sequence[int] | None = None, memory_indices: Sequence[int] | None = None
-    ) -> None:
-        """Clear the given rows (all when None) of the given memories (all when None)."""
-        chosen = range(len(self)) if memory_indices is None else memory_indices
-        for i in chosen:
-            if not 0 <= int(i) < len(self):
-                raise ValueError(f"memory_indices must lie in [0, {len(self)}), got {i}")
-            self[int(i)].clear(batch_indices)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        target = prepare_directory(directory)
-        for i, memory in enumerate(self):
-            memory.save(target / f"layer{i + 1}")
-
-    def load(self, directory: str | os.PathLike) -> None:
-        for i, memory in enumerate(self):
-            memory.load(Path(directory) / f"layer{i + 1}")
-
-    def cleanup(self) -> None:
-        """Close every memory: their files (and a temporary directory) are removed."""
-        for memory in self:
-            memory.close()

@@ -1,6 +1,6 @@
 """The memory-mapped key/value store behind a kNN memory, and the directory lock.
 
-Layout (DESIGN.md section 5): one float32 array ``kv`` of shape [R, M, 2, D] in a file,
+Layout: one float32 array ``kv`` of shape [R, M, 2, D] in a file,
 R batch rows, M slots per row, ``kv[r, s, 0]`` a key and ``kv[r, s, 1]`` its value.
 
 Entry ids. The n-th entry written to a row since the row was last cleared has id n and lives
@@ -14,12 +14,18 @@ One process holds a memory directory at a time: :func:`lock_directory` takes a f
 it (reference-counted inside the process, so a list of memories can share one directory) and
 refuses a directory that another process holds. Within the process, one file backs one
 memory: opening a file that is in use raises.
+
+A folder made for a list of memories (:func:`make_memory_directory`) holds an ``OWNER`` file
+with the creating process's id (decimal text), so that a later process can tell the folders
+of processes that died without cleaning up; the last memory to close removes it with the
+folder (:func:`remove_memory_directory`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -28,7 +34,11 @@ import torch
 from filelock import FileLock, Timeout
 from torch import Tensor
 
+from longrange.atomic import atomic_write_bytes
+
 LOCK_NAME = ".knn.lock"
+OWNER_NAME = "OWNER"
+DIRECTORY_PREFIX = "longrange-knn-"
 
 _registry_lock = threading.Lock()
 _dir_locks: dict[Path, list] = {}  # resolved directory -> [FileLock, holders]
@@ -45,6 +55,24 @@ def prepare_directory(directory: str | os.PathLike) -> Path:
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"the kNN memory directory {str(path)!r} is not a writable directory")
     return path.resolve()
+
+
+def make_memory_directory(parent: str | os.PathLike | None = None) -> Path:
+    """A fresh folder for memory files under ``parent`` (None: the system temp directory),
+    marked with this process's id in ``OWNER``."""
+    root = None if parent is None else prepare_directory(parent)
+    directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=root)).resolve()
+    atomic_write_bytes(directory / OWNER_NAME, str(os.getpid()).encode())
+    return directory
+
+
+def remove_memory_directory(directory: Path) -> None:
+    """Remove a folder made by :func:`make_memory_directory` (or any folder) once nothing but
+    its owner marker is left in it; a folder still in use stays."""
+    with contextlib.suppress(OSError):
+        if all(entry.name == OWNER_NAME for entry in directory.iterdir()):
+            (directory / OWNER_NAME).unlink(missing_ok=True)
+            directory.rmdir()
 
 
 def lock_directory(directory: Path) -> None:

@@ -1,11 +1,13 @@
-"""Attention layers of the Memorizing Transformer: local attention with one shared key/value
-head and a T5 relative bias, and KNNAttention (cosine attention over retrieved memories and
-local keys). Dimensions: B batch, N queries, M keys, H heads, D head width, K retrieved pairs.
+"""Layers of the Memorizing Transformer: local attention with one shared key/value head and a
+T5 relative bias, KNNAttention (cosine attention over retrieved memories and local keys), and
+the block that holds either. Dimensions: B batch, N queries, M keys, H heads, D head width,
+K retrieved pairs.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.memory.knn import KNNMemory
+from longrange.models.memorizing.config import MemorizingConfig
+from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
 
 
@@ -110,24 +114,16 @@ class KNNAttention(Attention):
     def __init__(
         self,
         *,
-        dim: int,
-        heads: int = 8,
-        dim_head: int = 64,
-        dropout: float = 0.0,
         num_retrieved_memories: int = 32,
-        xl_max_memories: int = 0,
         attn_scale_init: float = 20,
         gate_output: bool = False,
         combine: str = "softmax",
+        **attention: Any,
     ) -> None:
-        super().__init__(
-            dim=dim,
-            heads=heads,
-            dim_head=dim_head,
-            dropout=dropout,
-            xl_max_memories=xl_max_memories,
-            out_bias=False,
-        )
+        """``attention``: the keywords of :class:`Attention` (``dim``, ``heads``, ``dim_head``,
+        ``dropout``, ``xl_max_memories``); the output projection has no bias."""
+        super().__init__(**attention, out_bias=False)
+        heads = self.heads
         self.num_retrieved_memories = num_retrieved_memories
         self.scale = nn.Parameter(torch.full((heads, 1, 1), math.log(attn_scale_init)))
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
@@ -207,3 +203,31 @@ class KNNAttention(Attention):
         if add_knn_memory and leaving.shape[1]:
             knn_memory.add(leaving)
         return out, xl
+
+
+class MemorizingBlock(nn.Module):
+    """Pre-norm attention (KNNAttention in a memorizing layer) and feed-forward."""
+
+    def __init__(self, config: MemorizingConfig, layer: int) -> None:
+        super().__init__()
+        c = config
+        xl = c.xl_max_memories if layer in c.xl_layer_numbers else 0
+        self.attn_norm = nn.LayerNorm(c.dim)
+        if layer in c.knn_layer_numbers:
+            self.attn: Attention = KNNAttention(
+                dim=c.dim,
+                heads=c.knn_attn_heads or c.heads,
+                dim_head=c.head_width,
+                dropout=c.attn_dropout,
+                num_retrieved_memories=c.num_retrieved_memories,
+                xl_max_memories=xl,
+                attn_scale_init=c.attn_scale_init,
+                gate_output=c.knn_gate_output,
+                combine=c.knn_combine,
+            )
+        else:
+            self.attn = Attention(
+                dim=c.dim, heads=c.heads, dim_head=c.head_width, dropout=c.attn_dropout, xl_max_memories=xl
+            )
+        self.ff_norm = nn.LayerNorm(c.dim)
+        self.ff = FeedForward(c.dim, mult=c.ff_mult, dropout=c.ff_dropout)
