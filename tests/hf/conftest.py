@@ -7,7 +7,6 @@ error that names it (a test that tries fails, it does not hang).
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from pathlib import Path
@@ -19,7 +18,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_name] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from longrange.models.registry import FAMILIES, create_model, family_module, get_family  # noqa: E402
+from longrange.models.registry import FAMILIES, create_model  # noqa: E402
 
 # Small windows, so that short sequences cross block / chunk / bucket boundaries (the same
 # settings as tests/models/test_protocol.py).
@@ -33,31 +32,10 @@ OPTIONS = {
 }
 
 
-def family_converted(family: str) -> bool:
-    """Whether ``family`` imports as a converted family package (docs/ARCHITECTURE.md, "A
-    family package"). The models redesign converts the families one by one; this (and the
-    skips it drives) goes once all six are converted."""
-    try:
-        get_family(family)
-    except (ImportError, ValueError):
-        return False
-    return hasattr(importlib.import_module(family_module(family)), "__path__")
-
-
 def pytest_generate_tests(metafunc):
     """A test that takes ``family`` runs once per family."""
     if "family" in metafunc.fixturenames:
-        params = [
-            pytest.param(
-                family,
-                id=family,
-                marks=pytest.mark.skipif(
-                    not family_converted(family), reason="family not converted in this branch"
-                ),
-            )
-            for family in FAMILIES
-        ]
-        metafunc.parametrize("family", params)
+        metafunc.parametrize("family", FAMILIES)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):

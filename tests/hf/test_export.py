@@ -1,6 +1,5 @@
 """``longrange export-hf`` / ``import-hf``: the directory conversions and their commands."""
 
-import importlib
 import json
 
 import pytest
@@ -11,16 +10,8 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import longrange.hf as lh
+from longrange.cli import main
 from longrange.models.base import LongRangeLM
-
-
-def cli_main():
-    """longrange.cli.main, or a skip while the CLI does not import in this branch (the models
-    redesign is replacing registry names it imports; this goes once it imports again)."""
-    try:
-        return importlib.import_module("longrange.cli").main
-    except ImportError as err:
-        pytest.skip(f"longrange.cli does not import in this branch ({err})")
 
 
 def test_export_writes_a_directory_transformers_loads(saved_lr, tmp_path):
@@ -53,7 +44,6 @@ def test_import_refuses_a_foreign_directory(tmp_path):
 
 
 def test_export_and_import_commands(saved_lr, tmp_path, capsys):
-    main = cli_main()
     model, lr_dir = saved_lr("vanilla")
     assert main(["export-hf", str(lr_dir), str(tmp_path / "hf")]) == 0
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0

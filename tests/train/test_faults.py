@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -312,7 +311,7 @@ def test_sigterm_on_the_command_line_saves_cleans_up_and_exits_143(tmp_path, tex
     tmp.mkdir()
     stale = tmp / "longrange-knn-stale"  # left by a killed process
     stale.mkdir()
-    (stale / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    (stale / "OWNER").write_text(str(_dead_pid()))
     run = tmp_path / "runs" / "m"
     cmd = [sys.executable, "-m", "longrange.cli", "train", "--model", "memorizing", "--preset", "tiny"]
     cmd += ["--set", "max_seq_len=32", "--set", "max_knn_memories=64", "--data", str(text_folder)]
@@ -347,7 +346,7 @@ def test_stale_knn_folders_of_dead_processes_are_removed(tmp_path):
         path.mkdir()
         (path / "knn.memory.layer.1.memmap").write_bytes(b"\0" * 64)
         if owner is not None:
-            (path / "owner.json").write_text(json.dumps({"pid": owner, "host": socket.gethostname()}))
+            (path / "OWNER").write_text(str(owner))
         os.utime(path, (time.time() - age, time.time() - age))
         return path
 

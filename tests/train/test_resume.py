@@ -69,21 +69,10 @@ def _cut_and_resume(tmp_path, corpus, stop_after, **overrides):
     return tmp_path / "runs" / "full", run
 
 
-def _carried(family):
-    """The stateful families: exact once their models can save the carried state; until then
-    a resume starts it empty and must differ (strict xfail), so the case turns itself on."""
-    from longrange.models.registry import get_family
-
-    cls = get_family(family).model_class
-    missing = not (hasattr(cls, "save_state") and hasattr(cls, "load_state"))
-    mark = pytest.mark.xfail(missing, reason="no model.save_state / load_state yet", strict=True)
-    return pytest.param(family, marks=mark)
-
-
 SETTINGS = {"memorizing": {"max_seq_len": 32, "max_knn_memories": 64}, "block_recurrent": {"max_seq_len": 32}}
 
 
-@pytest.mark.parametrize("family", [*STATELESS, _carried("block_recurrent"), _carried("memorizing")])
+@pytest.mark.parametrize("family", [*STATELESS, "block_recurrent", "memorizing"])
 def test_resume_is_exact(tmp_path, text_folder, family):
     # Killed at step 4, one step after the checkpoint of step 3: the resumed run redoes step 4.
     settings = SETTINGS.get(family, {"max_seq_len": 64})
@@ -128,15 +117,6 @@ def test_carried_state_lives_in_the_checkpoint_and_comes_back(tmp_path, text_fol
     loads = [c for c in calls if c[0] == "load"]
     assert len(loads) == 1 and loads[0][1].name == "state-0" and loads[0][2] == 4
     assert loads[0][1].parent.name == "step-000003"  # read from the published folder
-
-
-def test_a_family_that_cannot_save_its_state_resumes_with_a_warning(tmp_path, text_folder, capsys):
-    corpus = load_corpus(text_folder)
-    cfg = _cfg(tmp_path, model="block_recurrent", set={"max_seq_len": 32}, steps=4)
-    Trainer(cfg, corpus=corpus).fit(stop_after=3)
-    capsys.readouterr()
-    Trainer(cfg, resume=str(tmp_path / "runs" / "t"), corpus=corpus).fit()
-    assert "will not match an uninterrupted run exactly" in capsys.readouterr().err
 
 
 def test_a_checkpoint_saved_before_the_first_validation_resumes(tmp_path, text_folder):

@@ -130,7 +130,7 @@ def _detach(leaf: Any) -> Any:
 
 def _is_files(tree: Any) -> bool:
     """A file-backed entry: one leaf, even when it is a list (a list of kNN memories)."""
-    return type(tree).__qualname__ in _FILE_TYPES
+    return _type_name(type(tree)) in _FILE_TYPES
 
 
 def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
@@ -169,7 +169,7 @@ def _encode(tree: Any, path: str, tensors: dict[str, Tensor], directory: Path, c
         counter[0] += 1
         folder = f"files-{counter[0]}"
         tree.save(directory / folder)
-        return {"files": type(tree).__qualname__, "folder": folder}
+        return {"files": _type_name(type(tree)), "folder": folder}
     if isinstance(tree, dict):
         if not all(isinstance(k, str) for k in tree):
             raise TypeError(f"state dict keys must be strings at {path}")

@@ -8,7 +8,7 @@ Under ``<run>/checkpoints/``::
       trainer_state.json/.safetensors optimizer moments, step, counters, best bpb, loss scale
       rank-0.json/.safetensors        process 0's sampler position and RNG states (one pair per process)
       state-0/                        process 0's carried state, for families that carry state
-                                      across segments and can save it (model.save_state)
+                                      across segments (model.save_state)
     latest.json                       the pointer: step, folder, world size, and the size and
                                       SHA-256 of every file of the folder
 
@@ -124,7 +124,7 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 def write_rank_files(staging: Path, *, rank: int, step: int, sampler: dict, model, state: Any) -> None:
     """One process's part: sampler position, RNG states and the carried state."""
     rng_tensors, rng_plain = capture_rng()
-    saves_state = bool(model.carries_state) and hasattr(model, "save_state")
+    saves_state = bool(model.carries_state)
     if saves_state:
         folder = staging / f"state-{rank}"
         folder.mkdir()

@@ -9,29 +9,27 @@ gone.
 
 A folder is in use while its owner holds the folder's lock (``.knn.lock``, taken by the kNN
 store for the memory's whole life), so a folder whose lock can be taken has no live owner,
-with one gap: between creating the folder and locking it. An ``owner.json`` marker
-({"pid", "host"}) closes the gap: a folder is removed at once when the process it names is
-gone, and kept while that process lives. Without a marker a folder is removed only once it
-has not changed for ``grace_s`` seconds. Folders of other users are never touched.
+with one gap: between creating the folder and locking it. The ``OWNER`` marker the kNN store
+writes into each folder (the creating process's id) closes the gap: a folder is removed at
+once when the process it names is gone, and kept while that process lives. Without a marker
+a folder is removed only once it has not changed for ``grace_s`` seconds. Folders of other
+users are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from longrange.memory.knn.store import LOCK_NAME
+from longrange.memory.knn.store import LOCK_NAME, OWNER_NAME
 
 KNN_PREFIX = "longrange-knn-"
-OWNER_MARKER = "owner.json"
 GRACE_S = 600.0
 
 
@@ -47,15 +45,12 @@ def process_alive(pid: int) -> bool:
 
 def _owner_gone(folder: Path, grace_s: float, now: float) -> bool:
     """Whether nothing says the folder is in use: its marker names a process that is gone,
-    or (no marker, or one from another host) it has not changed for ``grace_s`` seconds."""
+    or (no readable marker) it has not changed for ``grace_s`` seconds."""
     try:
-        marker = json.loads((folder / OWNER_MARKER).read_text())
-        pid, host = int(marker["pid"]), str(marker["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        marker = None
-    if marker is not None and host == socket.gethostname():
-        return pid != os.getpid() and not process_alive(pid)
-    return now - folder.stat().st_mtime > grace_s
+        pid = int((folder / OWNER_NAME).read_text().strip())
+    except (OSError, ValueError):
+        return now - folder.stat().st_mtime > grace_s
+    return pid != os.getpid() and not process_alive(pid)
 
 
 def remove_stale_knn_folders(parents: list[Path], *, grace_s: float = GRACE_S) -> list[Path]:

@@ -137,17 +137,8 @@ def restore_trainer(trainer: Trainer, ck: Checkpoint) -> None:
     trainer.sampler.load_state(plain.get("sampler", {}))
     model = trainer.model
     if model.carries_state:
-        if state_dir is not None:
-            if not hasattr(model, "load_state"):
-                raise ValueError(f"{ck.folder} holds a carried state that this model cannot load")
-            close_state(trainer.state)
-            trainer.state = model.load_state(
-                state_dir, batch_size=trainer.cfg.batch_size, device=trainer.device
-            )
-        else:
-            trainer.warn(
-                f"warning: {ck.folder} has no carried state ({trainer.cfg.model} cannot save it yet); the "
-                "resumed run starts it empty in mid-document, so it will not match an uninterrupted run "
-                "exactly"
-            )
+        if state_dir is None:
+            raise ValueError(f"{ck.folder} holds no carried state for the {trainer.cfg.model!r} model")
+        close_state(trainer.state)
+        trainer.state = model.load_state(state_dir, batch_size=trainer.cfg.batch_size, device=trainer.device)
     restore_rng(rng_tensors, plain["rng"])  # last: nothing after it may draw random numbers
