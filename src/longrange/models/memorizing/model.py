@@ -45,6 +45,7 @@ from longrange.models.memorizing.chunk import commit_chunk, empty_chunk, run_pie
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.models.memorizing.layers import MemorizingBlock
 from longrange.models.state import State, state_files
+from longrange.modules.init import init_residual_stack
 from longrange.modules.positional import T5RelativePositionBias
 
 state_files(KNNMemoryList.open_saved)(KNNMemoryList)
@@ -96,17 +97,8 @@ class MemorizingLM(SegmentedLM):
             self.xl_memory = XLMemoryManager(
                 c.head_width, layers=len(self.xl_layers), mem_length=c.xl_max_memories
             )
-        self.apply(self._init_weights)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.to_out.weight, std=0.02 / (2 * c.depth) ** 0.5)
-            nn.init.normal_(block.ff.w2.weight, std=0.02 / (2 * c.depth) ** 0.5)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        outputs = [linear for block in self.blocks for linear in (block.attn.to_out, block.ff.w2)]
+        init_residual_stack(self, outputs, c.depth)
 
     # --- memories -------------------------------------------------------------------------
     def create_knn_memories(

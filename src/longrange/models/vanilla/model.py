@@ -15,6 +15,7 @@ from longrange.models.state import State
 from longrange.models.vanilla.config import VanillaConfig
 from longrange.modules.attention import KVCache, MultiheadAttention
 from longrange.modules.feedforward import FeedForward
+from longrange.modules.init import init_residual_stack
 from longrange.modules.rotary import RotaryEmbedding
 
 
@@ -58,20 +59,10 @@ class VanillaLM(LongRangeLM):
         self.blocks = nn.ModuleList(VanillaBlock(config, self.rotary) for _ in range(config.depth))
         self.norm = _norm(config.norm, config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for block in self.blocks:
-            # Residual projections shrink with depth so the residual stream starts near unit scale.
-            nn.init.normal_(block.attn.to_out.weight, std=0.02 / (2 * config.depth) ** 0.5)
-            nn.init.normal_(block.ff.w2.weight, std=0.02 / (2 * config.depth) ** 0.5)
+        outputs = [linear for block in self.blocks for linear in (block.attn.to_out, block.ff.w2)]
+        init_residual_stack(self, outputs, config.depth)
         if config.tie_embedding:
             self.head.weight = self.embed.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def _run(self, tokens: Tensor, mask: Tensor | None, layers: list[dict] | None) -> Tensor:
         x = self.drop(self.embed(tokens))
