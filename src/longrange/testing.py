@@ -151,3 +151,20 @@ def import_reference(module: str) -> Any:
                 f"the reference package {module!r} is missing although the dev extra is installed: {err}"
             )
         pytest.skip(f"the reference package {module!r} is not installed")
+
+
+def assert_compiles_whole(loss_fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``torch.compile(loss_fn, fullgraph=True)`` must trace the whole call, forward and
+    backward (the ``aot_eager`` backend: tracing without code generation, so it is quick),
+    without a graph break; the scalar it returns is back-propagated. Fails with the break's
+    reason. Returns the loss."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    try:
+        loss = compiled(*args)
+    except torch._dynamo.exc.TorchDynamoException as err:
+        raise AssertionError(f"torch.compile(fullgraph=True) failed: {str(err).splitlines()[0]}") from err
+    loss.backward()
+    return loss

@@ -9,7 +9,7 @@ import torch
 
 from longrange.models.registry import FAMILIES, create_model
 from longrange.models.state import State
-from longrange.testing import assert_close
+from longrange.testing import assert_close, assert_compiles_whole
 
 OPTIONS = {
     "vanilla": {},
@@ -91,3 +91,21 @@ def test_empty_inputs_are_refused_the_same_way(family, shape):
         model.forward_lm(torch.zeros(shape, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one row and one position"):
         model.prefill(torch.zeros(shape, dtype=torch.long))
+
+
+# Families whose training forward still breaks the graph (issue 20 removes them one by one).
+COMPILE_PENDING = {"performer", "routing", "sinkhorn", "block_recurrent", "memorizing"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_forward_and_backward_compile_without_graph_breaks(family):
+    if family in COMPILE_PENDING:
+        pytest.skip("graph breaks still to remove")
+    model = tiny(family).train()
+    seq = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def loss(tokens):
+        return model.forward_lm(tokens).logits.float().logsumexp(-1).mean()
+
+    assert_compiles_whole(loss, seq)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

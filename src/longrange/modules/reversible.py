@@ -37,26 +37,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 
-_RECOMPUTING: ContextVar[bool] = ContextVar("longrange_reversible_recomputing", default=False)
+# How many reversible recomputations are running. A plain module global (not a ContextVar)
+# because torch.compile traces reads of it (a guard) and cannot trace ContextVar.get; backward
+# runs one recomputation at a time per process, which is all the flag needs to tell.
+_RECOMPUTING = [0]
 
 
 def in_recomputation() -> bool:
     """True while a reversible stack re-runs a branch to compute gradients."""
-    return _RECOMPUTING.get()
+    return _RECOMPUTING[0] > 0
 
 
 @contextmanager
 def _recomputing() -> Iterator[None]:
-    token = _RECOMPUTING.set(True)
+    _RECOMPUTING[0] += 1
     try:
         yield
     finally:
-        _RECOMPUTING.reset(token)
+        _RECOMPUTING[0] -= 1
 
 
 def _split_output(out, where: str) -> tuple[Tensor, Tensor | None]:
