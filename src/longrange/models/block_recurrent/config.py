@@ -28,8 +28,8 @@ class BlockRecurrentConfig(ModelConfig):
     qk_rmsnorm_scale: float = 8.0
     use_compressed_mem: bool = False
     compressed_mem_factor: PositiveInt = 4
-    xpos_scale_base: float = 512.0
-    rotary_theta: float = 10000.0
+    xpos_scale_base: PositiveFloat = 512.0
+    rotary_theta: PositiveFloat = 10000.0
     gate_type: Literal["fixed", "lstm"] = "fixed"
     # what forward_lm keeps of a state it is given: everything, the XL memory only (recurrent
     # states start over each segment) or nothing; the last two are baselines
