@@ -137,14 +137,14 @@ def test_enc_dec_learns_copy_and_keeps_encoder_aux_loss():
             logits, _ = model.dec.net(seq, context=context)
             seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(seq[:, 1:], out)
-    # the encoder's commitment loss is part of the loss even with a reversible decoder
+    # with a reversible decoder the values are the reference's: (decoder loss, encoder aux)
     tgt = torch.cat((torch.ones(8, 1, dtype=torch.long), src), dim=1)
     with torch.no_grad():
         loss, aux = model(src, tgt, return_loss=True)
         context, enc_aux = model.enc(src)
         dec_loss = model.dec(tgt, return_loss=True, context=context)
-    assert float(aux) == 0.0 and float(enc_aux) > 0
-    assert abs(float(loss) - float(dec_loss + enc_aux)) < 1e-6
+    assert float(enc_aux) > 0 and torch.equal(aux, enc_aux)
+    assert abs(float(loss) - float(dec_loss)) < 1e-6
 
 
 def test_enc_dec_generate_masks_the_context_and_pads_after_eos():
@@ -168,7 +168,11 @@ def test_enc_dec_generate_masks_the_context_and_pads_after_eos():
     first = int((ended[0] == eos).nonzero()[0])
     assert (ended[0, first + 1 :] == 0).all()  # pad_value after the row's eos
     with pytest.raises(TypeError, match="enc_ or dec_"):
-        model.generate(src, start, 4, window="slide")
+        model.generate(src, start, 4, beams=2)
+    with pytest.raises(TypeError, match="both max_seq_len and seq_len"):
+        model.generate(src, start, 4, seq_len=4)
+    # the README's spelling of the length
+    assert model.generate(src, start, seq_len=3, filter_thres=0.99, enc_input_mask=src_mask).shape == (2, 3)
     with pytest.raises(TypeError, match="not used by generate"):
         model.generate(src, start, 4, dec_input_mask=src_mask)
 
@@ -217,7 +221,8 @@ def test_enc_dec_cancel_kmeans_update_removes_the_handle():
     model.cancel_kmeans_update()
     model(src, tgt, return_loss=True)[0].backward()
     assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
-    assert model.update_kmeans() == len(before)  # the pending step is applied on request
+    assert model.update_kmeans() is None  # the pending step is applied on request
+    assert not any(torch.equal(a, b) for a, b in zip(before, _means(model)))
 
 
 def test_wrappers_and_autopadder():
