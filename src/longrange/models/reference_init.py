@@ -25,10 +25,13 @@ reference-named classes need nothing from here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from longrange.convert import load_reference
 
 # the layers whose own ``reset_parameters`` is PyTorch's default initialisation
 TORCH_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
@@ -100,11 +103,30 @@ def compare_init(
     return problems
 
 
+def init_mismatches(
+    build: Callable[[], nn.Module],
+    build_reference: Callable[[], nn.Module],
+    *,
+    seed: int = 0,
+    rtol: float = 0.1,
+) -> list[str]:
+    """:func:`compare_init` of a model from ``build()`` against a reference from
+    ``build_reference()`` (both drawn after ``torch.manual_seed(seed)``), the reference's
+    weights converted into a second ``build()`` so that the groups have the same names."""
+    torch.manual_seed(seed)
+    reference = build_reference()
+    torch.manual_seed(seed)
+    ours = build()
+    converted = load_reference(build(), reference.state_dict())
+    return compare_init(init_statistics(ours), init_statistics(converted), rtol)
+
+
 __all__ = [
     "TORCH_LAYERS",
     "GroupStatistics",
     "compare_init",
     "group_name",
+    "init_mismatches",
     "init_statistics",
     "reset_torch_defaults",
 ]

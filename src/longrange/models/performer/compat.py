@@ -12,6 +12,7 @@ decoder samples incrementally on its context like any conditioning.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -171,7 +172,9 @@ class PerformerEncDec(EncoderDecoder):
     An unprefixed keyword that names an option both sides take (``heads=8``,
     ``nb_features=256``, ...) sets it on both, as the reference does for ``no_projection``
     (it silently dropped the others); a prefixed one wins for its side. ``tie_token_embed``,
-    the spelling of the reference's README, is taken as ``tie_token_embeds`` with a warning.
+    the spelling of the reference's README, is taken as ``tie_token_embeds`` with a warning;
+    ``amp_enabled`` (passed by the reference's copy-task script, dropped by the reference)
+    is accepted with a warning that it has no effect.
 
     forward(seq_in, seq_out, enc_mask=None, **kwargs) -> the decoder's next-token loss;
     generate(seq_in, seq_out_start, seq_len, **kwargs) -> new tokens (``window`` as in the
@@ -202,6 +205,16 @@ class PerformerEncDec(EncoderDecoder):
                 spelled, {"tie_token_embed": "tie_token_embeds"}, type(self).__name__, stacklevel=3
             )
             tie_token_embeds = renamed["tie_token_embeds"]
+        if "amp_enabled" in kwargs:
+            # an option of older performer_pytorch releases (1.1.4 drops it unread); the
+            # reference's copy-task script still passes it and runs under torch.autocast
+            kwargs.pop("amp_enabled")
+            warnings.warn(
+                "PerformerEncDec: amp_enabled has no effect; mixed precision comes from the caller's "
+                "torch.autocast",
+                UserWarning,
+                stacklevel=2,
+            )
         # read by make_encoder / make_decoder, which the base constructor calls
         self.no_projection = no_projection
         super().__init__(dim, ignore_index, pad_value, **kwargs)
