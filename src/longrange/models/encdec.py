@@ -58,7 +58,8 @@ class EncoderDecoder(nn.Module):
         owner = type(self).__name__
         fixed = sorted(set(rest) & set(self.fixed_decoder_keys))
         if fixed and self.shared_keys:
-            raise TypeError(f"{owner}: {fixed} are fixed on the decoder; give the encoder's with enc_")
+            names = ", ".join(f"enc_{name}" for name in fixed)
+            raise TypeError(f"{owner}: {fixed} are fixed on the decoder; pass {names} for the encoder")
         unknown = sorted(set(rest) - self.shared_keys)
         if unknown:
             both = " or name an option of both sides" if self.shared_keys else ""
@@ -69,8 +70,8 @@ class EncoderDecoder(nn.Module):
         return enc_kwargs, dec_kwargs
 
     def split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """enc_/dec_ keywords -> (encoder's, decoder's, the unprefixed rest); the rest must be
-        empty unless the family accepts shared keywords (it overrides this)."""
+        """Call-time enc_/dec_ keywords -> (encoder's, decoder's, the unprefixed rest); the
+        rest must be empty (a family whose call takes unprefixed keywords overrides this)."""
         enc_kwargs, dec_kwargs, rest = split_prefixed(kwargs)
         if rest:
             raise TypeError(f"{type(self).__name__} keywords need an enc_ or dec_ prefix, got {sorted(rest)}")
