@@ -110,3 +110,133 @@ def test_convert_registry():
         load_reference(A(), {"lin.weight": src.lin.weight})
     with pytest.raises(ValueError, match="no reference converter"):
         load_reference(nn.Linear(1, 1), {})
+
+
+def _draw(logits: torch.Tensor) -> torch.Tensor:
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(-1)
+
+
+def _windowed_rerun(run, prompt, count, limit, keep, seed):
+    """Tokens drawn (seeded, like the wrappers' draws) from full re-runs of ``run(tokens) ->
+    logits [B, n, V]`` over the tokens since a window start that moves on to the last
+    ``keep`` tokens whenever the window would pass ``limit`` (keep = limit: a sliding window;
+    keep = limit // 2: a restart)."""
+    torch.manual_seed(seed)
+    history, start, new = prompt, 0, []
+    with torch.no_grad():
+        for _ in range(count):
+            if history.shape[1] - start > limit:
+                start = history.shape[1] - keep
+            token = _draw(run(history[:, start:])[:, -1])
+            new.append(token)
+            history = torch.cat((history, token[:, None]), dim=1)
+    return torch.stack(new, dim=1)
+
+
+def _seeded(seed, fn, *args, **kwargs):
+    torch.manual_seed(seed)
+    return fn(*args, **kwargs)
+
+
+def test_window_slide_reruns_the_last_window_and_the_default_restarts():
+    torch.manual_seed(0)
+    model = create_model("vanilla", "tiny", max_seq_len=16).eval()
+    wrapper = AutoregressiveWrapper(model)
+    prompt = torch.randint(0, 256, (2, 10))
+    # filter_thres=0 keeps every logit: plain draws from the softmax
+    slide = _seeded(5, wrapper.generate, prompt, 20, filter_thres=0.0, window="slide")
+    restart = _seeded(5, wrapper.generate, prompt, 20, filter_thres=0.0)
+    assert torch.equal(slide, _windowed_rerun(model, prompt, 20, 16, 16, seed=5))
+    assert torch.equal(restart, _windowed_rerun(model, prompt, 20, 16, 8, seed=5))
+    assert torch.equal(slide[:, :7], restart[:, :7])  # the same until the window fills
+    assert not torch.equal(slide, restart)
+    with pytest.raises(ValueError, match="window"):
+        wrapper.generate(prompt, 2, window="shift")
+
+
+def test_sample_takes_the_token_choice():
+    wrapper = AutoregressiveWrapper(_Echo())
+    always_three = lambda logits, history: torch.full(logits.shape[:1], 3)  # noqa: E731
+    assert wrapper.sample(torch.tensor([[5, 9]]), 3, always_three).tolist() == [[3, 3, 3]]
+    for bad in (dict(seq_len=-1), dict(temperature=0.0), dict(filter_thres=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            wrapper.generate(torch.tensor([[5]]), **{"seq_len": 2, **bad})
+
+
+def _lm_wrappers():
+    from longrange.models import performer, routing, sinkhorn
+
+    torch.manual_seed(0)
+    small = dict(num_tokens=32, dim=32, depth=1, max_seq_len=16)
+    yield (
+        "routing",
+        routing.AutoregressiveWrapper(
+            routing.RoutingTransformerLM(**small, heads=2, dim_head=16, window_size=8, causal=True)
+        ),
+    )
+    yield (
+        "sinkhorn",
+        sinkhorn.AutoregressiveWrapper(
+            sinkhorn.SinkhornTransformerLM(**small, heads=2, bucket_size=4, causal=True)
+        ),
+    )
+    yield (
+        "performer",
+        performer.AutoregressiveWrapper(
+            performer.PerformerLM(**small, heads=2, dim_head=16, causal=True, nb_features=16)
+        ),
+    )
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", ["routing", "sinkhorn", "performer"])
+def test_every_reference_wrapper_takes_window(family):
+    wrapper = dict(_lm_wrappers())[family].eval()
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    run = lambda t: _first(wrapper.net(t))  # noqa: E731
+    run(prompt)  # routing's k-means start from the first input they see (a draw of their own)
+    slide = _seeded(3, wrapper.generate, prompt, 20, filter_thres=0.0, window="slide")
+    assert torch.equal(slide, _windowed_rerun(run, prompt, 20, 16, 16, seed=3))
+    restart = _seeded(3, wrapper.generate, prompt, 20, filter_thres=0.0)
+    assert torch.equal(restart, _windowed_rerun(run, prompt, 20, 16, 8, seed=3))
+    assert not torch.equal(slide, restart)
+
+
+def _enc_decs():
+    from longrange.models import performer, routing, sinkhorn
+
+    torch.manual_seed(0)
+    sides = dict(num_tokens=32, depth=1, max_seq_len=16)
+    both = {f"{p}{k}": v for p in ("enc_", "dec_") for k, v in sides.items()}
+    yield (
+        "routing",
+        routing.RoutingTransformerEncDec(
+            dim=32, **both, enc_heads=2, dec_heads=2, enc_window_size=8, dec_window_size=8
+        ),
+    )
+    yield (
+        "sinkhorn",
+        sinkhorn.SinkhornTransformerEncDec(
+            dim=32, **both, enc_heads=2, dec_heads=2, enc_bucket_size=4, dec_bucket_size=4
+        ),
+    )
+    yield "performer", performer.PerformerEncDec(dim=32, **both, heads=2, nb_features=16)
+
+
+@pytest.mark.parametrize("family", ["routing", "sinkhorn", "performer"])
+def test_every_encoder_decoder_takes_window(family):
+    model = dict(_enc_decs())[family].eval()
+    src = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(2))
+    start = torch.ones(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        context = _first(model.run_encoder(src, {}))
+    run = lambda t: _first(model.dec.net(t, context=context))  # noqa: E731
+    run(start)
+    slide = _seeded(4, model.generate, src, start, 24, filter_thres=0.0, window="slide")
+    assert torch.equal(slide, _windowed_rerun(run, start, 24, 16, 16, seed=4))
+    restart = _seeded(4, model.generate, src, start, 24, filter_thres=0.0)
+    assert torch.equal(restart, _windowed_rerun(run, start, 24, 16, 8, seed=4))
+    assert not torch.equal(slide, restart)

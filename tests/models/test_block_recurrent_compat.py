@@ -16,6 +16,7 @@ from longrange.models.block_recurrent import (
     BlockRecurrentTransformer,
     RecurrentTrainerWrapper,
 )
+from longrange.models.reference_init import init_mismatches
 from longrange.models.registry import create_model
 from longrange.testing import assert_close, import_reference
 
@@ -140,3 +141,28 @@ def test_bad_calls():
     lstm = BlockRecurrentTransformer(max_seq_len=16, gate_type="lstm", **ARGS)
     with pytest.raises(ValueError, match="fixed gate"):
         load_reference(lstm, {})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(depth=3, recurrent_layers=(2, 3), use_compressed_mem=True)],
+    ids=["one-recurrent-layer", "two-recurrent-layers-compressed"],
+)
+def test_initialises_like_the_reference(options):
+    """PyTorch's defaults and the reference's own draws for the states; the family's
+    ``BlockRecurrentLM`` keeps its GPT-2-style initialisation."""
+    ref_pkg = import_reference("block_recurrent_transformer_pytorch")
+    kw = dict(num_tokens=256, dim=256, depth=2, dim_head=64, heads=4, max_seq_len=128, block_width=64)
+    kw.update(num_state_vectors=32, **options)
+    assert (
+        init_mismatches(
+            lambda: BlockRecurrentTransformer(**kw), lambda: ref_pkg.BlockRecurrentTransformer(**kw)
+        )
+        == []
+    )
+    torch.manual_seed(0)
+    native = create_model(
+        "block_recurrent", vocab_size=256, dim=256, depth=2, heads=4, dim_head=64, block_width=64
+    )
+    assert abs(float(native.embed.weight.detach().std()) - 0.02) < 1e-3
+    assert abs(float(BlockRecurrentTransformer(**kw).embed.weight.detach().std()) - 1.0) < 0.02

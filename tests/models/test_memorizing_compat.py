@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from longrange.models.memorizing import KNNMemoryList, MemorizingConfig, MemorizingLM, MemorizingTransformer
+from longrange.models.reference_init import init_mismatches
 from longrange.testing import assert_close, import_reference
 
 VOCAB, CHUNK = 32, 16
@@ -205,3 +206,24 @@ def test_reference_interface_passes_reprojected_xl_as_inputs():
         model(x, memories, xl_memories=xl)
         with pytest.raises(ValueError, match=r"shape \(2, L, 32\)"):
             model(x, memories, xl_memories=[torch.zeros(2, 5, 2, 16)] * 2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(memorizing_layers=(1,), xl_memory_layers=(2,), xl_max_memories=16), dict(memorizing_layers=(1, 2))],
+    ids=["knn-and-xl", "two-knn-layers"],
+)
+def test_initialises_like_the_reference(options, tmp_path):
+    """PyTorch's defaults, as the reference: the token embedding from N(0, 1) (the family's
+    ``MemorizingLM`` keeps N(0, 0.02); under the reference's enwik8 script that made the loss
+    jump above a uniform guess)."""
+    ref_module = import_reference("memorizing_transformers_pytorch")
+    kw = dict(num_tokens=256, dim=256, depth=2, dim_head=64, heads=4, max_knn_memories=64)
+    kw.update(knn_memories_directory=str(tmp_path), **options)
+    assert (
+        init_mismatches(lambda: MemorizingTransformer(**kw), lambda: ref_module.MemorizingTransformer(**kw))
+        == []
+    )
+    torch.manual_seed(0)
+    native = MemorizingLM(MemorizingConfig(vocab_size=256, dim=256, depth=2, heads=4, memorizing_layers=(1,)))
+    assert abs(float(native.embed.weight.detach().std()) - 0.02) < 1e-3

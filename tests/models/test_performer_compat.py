@@ -21,6 +21,7 @@ from longrange.models.performer import (
     PerformerLM,
     SelfAttention,
 )
+from longrange.models.reference_init import init_mismatches
 from longrange.testing import (
     assert_causal,
     assert_close,
@@ -264,3 +265,94 @@ def test_converter_refuses_mismatched_models():
     theirs = ref.PerformerLM(**SMALL)
     with pytest.raises(ValueError, match="do not match"):
         load_reference(PerformerLM(**{**SMALL, "depth": 1}), theirs.state_dict())
+
+
+def _enc_dec(**kw) -> PerformerEncDec:
+    sides = dict(num_tokens=VOCAB, depth=1, max_seq_len=32)
+    prefixed = {f"{p}{k}": v for p in ("enc_", "dec_") for k, v in sides.items()}
+    return PerformerEncDec(dim=32, **prefixed, **{"heads": 2, **kw})
+
+
+def test_enc_dec_unprefixed_keywords_set_both_sides_and_readme_spellings_run():
+    model = _enc_dec(heads=4, nb_features=16, dim_head=8, enc_heads=2)
+    enc, dec = model.enc.config, model.dec.net.config
+    assert (enc.heads, dec.heads) == (2, 4)  # a prefixed keyword wins for its side
+    assert enc.nb_features == dec.nb_features == 16 and enc.dim_head == dec.dim_head == 8
+    with pytest.warns(UserWarning, match="'tie_token_embed' is taken as 'tie_token_embeds'"):
+        tied = _enc_dec(tie_token_embed=True)
+    assert tied.enc.token_emb is tied.dec.net.token_emb
+    with pytest.raises(TypeError, match="both tie_token_embed and tie_token_embeds"):
+        _enc_dec(tie_token_embed=True, tie_token_embeds=True)
+    with pytest.raises(
+        TypeError, match=r"enc_ or dec_ prefix or name an option of both sides, got \['beams'\]"
+    ):
+        _enc_dec(beams=4)
+    with pytest.raises(TypeError, match="fixed on the decoder"):
+        _enc_dec(causal=True)
+    with pytest.raises(TypeError, match="enc_ or dec_"):  # call-time keywords keep their prefix
+        model(tokens(1, 8), tokens(1, 8), mask=torch.ones(1, 8, dtype=torch.bool))
+    with pytest.warns(UserWarning, match="'tie_embedding' is taken as 'tie_embed'"):
+        assert PerformerLM(**SMALL, tie_embedding=True).config.tie_embed
+    with pytest.raises(TypeError, match="both tie_embedding and tie_embed"):
+        PerformerLM(**SMALL, tie_embedding=True, tie_embed=True)
+
+
+class _Ramp(nn.Module):
+    """Logits 0, 1, ..., V - 1 at every position: the greedy choice is always V - 1."""
+
+    max_seq_len = 64
+
+    def forward(self, x, mask=None):
+        return torch.arange(VOCAB, dtype=torch.float).expand(*x.shape, VOCAB)
+
+
+def test_wrapper_repetition_penalty_reads_each_row_s_recent_tokens():
+    wrapper = AutoregressiveWrapper(_Ramp())
+    greedy = dict(filter_thres=1.0, repetition_penalty=100.0, repetition_penalty_ctx=2)
+    prompt = torch.tensor([[0, 0], [39, 38]])
+    out = wrapper.generate(prompt, 6, **greedy)
+    # the two most recent tokens of the row are held down, so the top three take turns
+    assert out.tolist() == [[39, 38, 37, 39, 38, 37], [37, 39, 38, 37, 39, 38]]
+    assert wrapper.generate(prompt, 3, filter_thres=1.0).tolist() == [[39] * 3] * 2
+    with pytest.raises(ValueError, match="repetition_penalty_ctx"):
+        wrapper.generate(prompt, 2, repetition_penalty=1.2, repetition_penalty_ctx=0)
+
+
+def test_sliding_generation_samples_the_reference_s_tokens():
+    """With ``window="slide"`` the wrapper samples what performer_pytorch's wrapper samples
+    for the same seed and weights, also past max_seq_len; the default restarts there."""
+    ref = import_reference("performer_pytorch")
+    ref_wrapper = import_reference("performer_pytorch.autoregressive_wrapper").AutoregressiveWrapper
+    # local heads only: logits equal to float rounding (FAVOR's stabiliser differs, see above)
+    kw = dict(num_tokens=VOCAB, max_seq_len=16, dim=32, depth=2, heads=2, dim_head=16, causal=True)
+    kw.update(local_attn_heads=2, local_window_size=8)
+    torch.manual_seed(0)
+    theirs = ref.PerformerLM(**kw)
+    ours = load_reference(PerformerLM(**kw), theirs.state_dict())
+    prompt = tokens(2, 5, seed=1)
+    samples = {}
+    for name, wrapper, extra in (
+        ("reference", ref_wrapper(theirs), {}),
+        ("slide", AutoregressiveWrapper(ours), dict(window="slide")),
+        ("restart", AutoregressiveWrapper(ours), {}),
+    ):
+        torch.manual_seed(5)
+        samples[name] = wrapper.generate(prompt, 30, filter_thres=0.5, **extra)
+    assert torch.equal(samples["slide"], samples["reference"])
+    assert torch.equal(samples["restart"][:, :11], samples["reference"][:, :11])  # window not full
+    assert not torch.equal(samples["restart"], samples["reference"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True, local_attn_heads=1), dict(rotary_position_emb=False, ff_glu=True, use_rezero=True)],
+    ids=["causal-local", "absolute-glu-rezero"],
+)
+def test_initialises_like_the_reference(options):
+    """performer_pytorch leaves every layer at PyTorch's defaults; so do we."""
+    ref = import_reference("performer_pytorch")
+    kw = dict(num_tokens=256, max_seq_len=256, dim=256, depth=2, heads=4, **options)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert init_mismatches(lambda: PerformerLM(**kw), lambda: ref.PerformerLM(**kw)) == []
+    stack = dict(dim=256, depth=2, heads=4, dim_head=64)
+    assert init_mismatches(lambda: Performer(**stack), lambda: ref.Performer(**stack)) == []

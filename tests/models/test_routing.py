@@ -173,7 +173,7 @@ def test_exactly_one_kmeans_update_per_backward_and_none_in_eval(monkeypatch):
     _train_step(model, x)
     assert handle.updates == 2 and not handle.active
     assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
-    assert model.update_kmeans() == n_kmeans  # the pending step is applied on request
+    assert model.body.update_kmeans() == n_kmeans  # the pending step is applied on request
 
 
 def test_checkpointed_routed_attention_gives_the_same_gradients():

@@ -3,11 +3,15 @@ parity with the reference package after converting its weights."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from longrange.convert import load_reference
+from longrange.models.reference_init import init_mismatches
 from longrange.models.routing import (
     Autopadder,
     AutoregressiveWrapper,
@@ -137,14 +141,14 @@ def test_enc_dec_learns_copy_and_keeps_encoder_aux_loss():
             logits, _ = model.dec.net(seq, context=context)
             seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(seq[:, 1:], out)
-    # the encoder's commitment loss is part of the loss even with a reversible decoder
+    # with a reversible decoder the values are the reference's: (decoder loss, encoder aux)
     tgt = torch.cat((torch.ones(8, 1, dtype=torch.long), src), dim=1)
     with torch.no_grad():
         loss, aux = model(src, tgt, return_loss=True)
         context, enc_aux = model.enc(src)
         dec_loss = model.dec(tgt, return_loss=True, context=context)
-    assert float(aux) == 0.0 and float(enc_aux) > 0
-    assert abs(float(loss) - float(dec_loss + enc_aux)) < 1e-6
+    assert float(enc_aux) > 0 and torch.equal(aux, enc_aux)
+    assert abs(float(loss) - float(dec_loss)) < 1e-6
 
 
 def test_enc_dec_generate_masks_the_context_and_pads_after_eos():
@@ -168,7 +172,11 @@ def test_enc_dec_generate_masks_the_context_and_pads_after_eos():
     first = int((ended[0] == eos).nonzero()[0])
     assert (ended[0, first + 1 :] == 0).all()  # pad_value after the row's eos
     with pytest.raises(TypeError, match="enc_ or dec_"):
-        model.generate(src, start, 4, window="slide")
+        model.generate(src, start, 4, beams=2)
+    with pytest.raises(TypeError, match="both max_seq_len and seq_len"):
+        model.generate(src, start, 4, seq_len=4)
+    # the README's spelling of the length
+    assert model.generate(src, start, seq_len=3, filter_thres=0.99, enc_input_mask=src_mask).shape == (2, 3)
     with pytest.raises(TypeError, match="not used by generate"):
         model.generate(src, start, 4, dec_input_mask=src_mask)
 
@@ -217,7 +225,8 @@ def test_enc_dec_cancel_kmeans_update_removes_the_handle():
     model.cancel_kmeans_update()
     model(src, tgt, return_loss=True)[0].backward()
     assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
-    assert model.update_kmeans() == len(before)  # the pending step is applied on request
+    assert model.update_kmeans() is None  # the pending step is applied on request
+    assert not any(torch.equal(a, b) for a, b in zip(before, _means(model)))
 
 
 def test_wrappers_and_autopadder():
@@ -296,3 +305,89 @@ def test_reference_parity_block_stack():
     load_reference(ours, reference.state_dict())
     with torch.no_grad():
         assert relative_error(ours(x)[0], reference(x)[0]) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # all-local decoder layers
+@pytest.mark.parametrize("reversible", [False, True], ids=["plain-decoder", "reversible-decoder"])
+def test_enc_dec_loss_pair_gives_the_reference_total_gradient(reversible):
+    """``loss.backward(); aux_loss.backward()`` as the reference's README does: the same
+    values and the same total gradient as the reference (encoder aux loss counted once).
+    The decoder's self attention is local and its routing has one cluster, where our strictly
+    causal routing and the reference's balanced routing agree; a large commitment factor (set
+    on the reference's k-means: its LM drops the keyword) makes the aux losses count."""
+    rt = import_reference("routing_transformer")
+    torch.manual_seed(0)
+    kw = dict(dim=32, enc_num_tokens=16, enc_depth=1, enc_heads=2, enc_max_seq_len=16, enc_window_size=8)
+    kw.update(dec_num_tokens=16, dec_depth=2, dec_heads=2, dec_max_seq_len=16, dec_window_size=16)
+    kw.update(dec_n_local_attn_heads=2, dec_reversible=reversible)
+    kw.update(enc_commitment_factor=1e3, dec_commitment_factor=1e3)
+    with contextlib.redirect_stdout(io.StringIO()):  # the reference prints a warning
+        reference = rt.RoutingTransformerEncDec(**kw)
+    for module in reference.modules():
+        if type(module).__name__ == "Kmeans":
+            module.commitment = 1e3
+    src, tgt = torch.randint(0, 16, (2, 16)), torch.randint(0, 16, (2, 17))
+    reference(src, tgt, return_loss=True)  # k-means initialised from data
+    reference.cancel_kmeans_update()
+    ours = RoutingTransformerEncDec(**kw)
+    ours.cancel_kmeans_update()
+    load_reference(ours, reference.state_dict())
+    expected = reference(src, tgt, return_loss=True)
+    got = ours(src, tgt, return_loss=True)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape and a.requires_grad
+        assert_close(a.detach(), b.detach(), rtol=1e-5)
+    # the second value: the encoder's aux loss (reversible decoder) or a zero
+    assert (float(got[1].detach().sum()) > 0) == reversible
+    for loss in (*expected, *got):
+        loss.backward()
+    # the reference's gradients under our names: converted like weights
+    grads = dict(reference.state_dict())
+    grads.update(
+        (n, torch.zeros_like(p) if p.grad is None else p.grad) for n, p in reference.named_parameters()
+    )
+    expected_grads = dict(load_reference(RoutingTransformerEncDec(**kw), grads).named_parameters())
+    for name, p in ours.named_parameters():
+        got_grad = torch.zeros_like(p) if p.grad is None else p.grad
+        assert_close(got_grad, expected_grads[name].detach(), rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["plain", "reversible"])
+def test_return_conventions_are_the_reference_s(reversible):
+    """Shapes, dtypes and values returned, call by call, against routing_transformer."""
+    rt = import_reference("routing_transformer")
+    kw = dict(TINY, reversible=reversible)
+    torch.manual_seed(0)
+    reference = rt.RoutingTransformerLM(**kw)
+    ours = RoutingTransformerLM(**kw)
+    x = torch.randint(0, 64, (2, 64))
+
+    def described(out):
+        if isinstance(out, tuple):
+            return tuple(described(t) for t in out)
+        return None if out is None else (tuple(out.shape), out.dtype, out.requires_grad)
+
+    for model, wrapper_class in ((reference, rt.AutoregressiveWrapper), (ours, AutoregressiveWrapper)):
+        model.returned = [model(x), wrapper_class(model)(x, return_loss=True), model.update_kmeans()]
+    assert described(tuple(ours.returned)) == described(tuple(reference.returned))
+    assert ours(x)[1].shape == (() if reversible else (1,))
+    body_kw = dict(dim=32, depth=1, max_seq_len=64, heads=2, window_size=16, reversible=reversible)
+    h = torch.randn(2, 64, 32, requires_grad=True)  # (the reference's reversible stack needs it)
+    assert described(RoutingTransformer(**body_kw)(h)) == described(rt.RoutingTransformer(**body_kw)(h))
+    wrapper = AutoregressiveWrapper(ours)
+    assert wrapper.update_kmeans() is None and _enc_dec().update_kmeans() is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True, n_local_attn_heads=2), dict(use_rezero=True, num_mem_kv=4, weight_tie=True)],
+    ids=["causal-local", "rezero-memory-tied"],
+)
+def test_initialises_like_the_reference(options):
+    """Every parameter group starts with the reference's statistics (routing's layers keep
+    PyTorch's defaults and the reference's N(0, 0.02) token embedding)."""
+    rt = import_reference("routing_transformer")
+    kw = dict(num_tokens=256, dim=256, depth=2, max_seq_len=256, heads=4, window_size=64, **options)
+    assert init_mismatches(lambda: RoutingTransformerLM(**kw), lambda: rt.RoutingTransformerLM(**kw)) == []
+    body = dict(dim=256, depth=2, max_seq_len=256, heads=4, window_size=64, n_local_attn_heads=2)
+    assert init_mismatches(lambda: RoutingTransformer(**body), lambda: rt.RoutingTransformer(**body)) == []

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from longrange import convert
+from longrange.models.reference_init import init_mismatches
 from longrange.models.sinkhorn import (
     Autopadder,
     AutoregressiveWrapper,
@@ -232,3 +233,20 @@ def test_non_causal_models_generate_by_recomputing():
     assert torch.equal(greedy, seq[:, 6:])
     # the reference wrapper keeping one token per step samples the same tokens
     assert torch.equal(AutoregressiveWrapper(model).generate(tokens(1, 6), 4, filter_thres=1.0), greedy)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True), dict(n_sortcut=2, non_permutative=False, use_rezero=True, ff_glu=True)],
+    ids=["causal", "sortcut-rezero-glu"],
+)
+def test_initialises_like_the_reference(options):
+    """sinkhorn_transformer leaves every layer at PyTorch's defaults (N(0, 1) token and axial
+    position embeddings, N(0, 1) null keys and sort-net weights); so do we."""
+    ref = import_reference("sinkhorn_transformer")
+    kw = dict(num_tokens=256, dim=256, depth=2, max_seq_len=256, heads=4, bucket_size=32, **options)
+    assert init_mismatches(lambda: SinkhornTransformerLM(**kw), lambda: ref.SinkhornTransformerLM(**kw)) == []
+    stack = dict(dim=256, depth=2, heads=4, bucket_size=32)
+    assert (
+        init_mismatches(lambda: SinkhornTransformer(**stack), lambda: ref.SinkhornTransformer(**stack)) == []
+    )

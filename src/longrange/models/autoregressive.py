@@ -5,8 +5,12 @@
 Sampling runs on the one loop of :mod:`longrange.generation`: on the net's incremental
 ``prefill`` / ``step`` state when the net is a :class:`~longrange.models.base.LongRangeLM`
 (its conditioning keywords, e.g. an encoder's ``context``, go to ``prefill``), otherwise by
-re-running the last ``max_seq_len`` tokens for every new one (as the references do).
-Families subclass it only to change defaults or add the reference's extra keywords.
+re-running the last ``max_seq_len`` tokens for every new one (as the references do). Past
+``max_seq_len`` the incremental path restarts from the last half window by default
+(``window="restart"``) or, with ``window="slide"``, re-runs a full window per token as the
+references do (their conditioning, and their samples for the same seed and weights).
+Families subclass it only to change defaults or add the reference's extra keywords
+(:meth:`AutoregressiveWrapper.sample` takes the token choice as a function).
 """
 
 from __future__ import annotations
@@ -18,8 +22,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longrange.generation import RecomputeDecoder, decode_loop, top_k
+from longrange.generation import Pick, RecomputeDecoder, decode_loop, top_k
 from longrange.models.base import LongRangeLM
+
+
+def check_sampling_keywords(seq_len: Any, temperature: Any, filter_thres: Any) -> None:
+    """ValueError for a bad sampling keyword of the wrappers' ``generate``."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len must be a non-negative integer, got {seq_len!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 <= filter_thres <= 1:
+        raise ValueError(f"filter_thres must lie in [0, 1], got {filter_thres!r}")
+
+
+def reference_pick(
+    filter_logits_fn: Callable[[Tensor, float], Tensor],
+    filter_thres: float,
+    temperature: float,
+    adjust: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Pick:
+    """The references' token choice: filter the logits (``adjust(logits, history)`` first,
+    when given), divide by the temperature, draw one token from the softmax."""
+
+    def pick(logits: Tensor, history: Tensor) -> Tensor:
+        logits = logits.float() if adjust is None else adjust(logits.float(), history)
+        probs = F.softmax(filter_logits_fn(logits, filter_thres) / temperature, dim=-1)
+        return torch.multinomial(probs, 1).squeeze(-1)
+
+    return pick
 
 
 def split_output(out: Any) -> tuple[Tensor, Tensor | None]:
@@ -72,23 +103,33 @@ class AutoregressiveWrapper(nn.Module):
     ) -> Tensor:
         """Sample ``seq_len`` new tokens after ``start_tokens`` ([B, N] or [N]); returns only
         the new tokens. A row that emitted ``eos_token`` is padded with ``pad_value``, and
-        sampling stops once every row has. ``window`` chooses what an incremental net does
-        when its context fills: "restart" from the last half window (fast, the default) or
-        "slide" a full window one token at a time (the references' conditioning)."""
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-            raise ValueError(f"seq_len must be a non-negative integer, got {seq_len!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not 0 <= filter_thres <= 1:
-            raise ValueError(f"filter_thres must lie in [0, 1], got {filter_thres!r}")
+        sampling stops once every row has.
+
+        Past the net's ``max_seq_len`` an incremental net either restarts from the last half
+        window and continues incrementally (``window="restart"``, the default: fast, but
+        each token then sees between half and a whole window), or re-runs the last full
+        window for every token (``window="slide"``: the reference packages' conditioning,
+        and with the same seed and weights their samples, at a full forward per token)."""
+        check_sampling_keywords(seq_len, temperature, filter_thres)
+        pick = reference_pick(filter_logits_fn, filter_thres, temperature)
+        return self.sample(start_tokens, seq_len, pick, eos_token=eos_token, window=window, **kwargs)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        start_tokens: Tensor,
+        seq_len: int,
+        pick: Pick,
+        *,
+        eos_token: int | None = None,
+        window: str = "restart",
+        **kwargs: Any,
+    ) -> Tensor:
+        """:meth:`generate` with the token choice ``pick(logits [B, V], history [B, T]) ->
+        [B]`` given (a family adds its reference's sampling keywords this way)."""
         squeeze = start_tokens.dim() == 1
         tokens = (start_tokens[None] if squeeze else start_tokens).long()
         decoder, conditioning = self._decoder(kwargs)
-
-        def pick(logits: Tensor, history: Tensor) -> Tensor:
-            probs = F.softmax(filter_logits_fn(logits.float(), filter_thres) / temperature, dim=-1)
-            return torch.multinomial(probs, 1).squeeze(-1)
-
         was_training = self.net.training
         self.net.eval()
         try:

@@ -4,8 +4,12 @@
 :class:`~longrange.models.autoregressive.AutoregressiveWrapper` around a causal decoder that
 cross-attends to it. Keywords for the two sides carry the prefixes ``enc_`` and ``dec_``, at
 construction and at call time; a mask given to the encoder (``enc_<mask_key>``) also becomes
-the decoder's ``context_mask``. ``generate`` encodes once and samples on the decoder's
-incremental state through the shared loop (the context is the decoder's conditioning).
+the decoder's ``context_mask``. A family may let an unprefixed constructor keyword that names
+an option of both sides (``shared_keys``) set it on both, a prefixed one still winning for its
+side; any other unprefixed keyword is a TypeError. ``generate`` encodes once and samples on
+the decoder's incremental state through the shared loop (the context is the decoder's
+conditioning); its ``window`` ("restart", the default, or "slide", the references'
+conditioning) says what happens past the decoder's ``max_seq_len``, as in the wrapper.
 
 A family's subclass says how to build each side (:meth:`make_encoder`, :meth:`make_decoder`),
 how its encoder is called (:meth:`run_encoder`) and what ``forward`` returns (the references
@@ -31,10 +35,12 @@ class EncoderDecoder(nn.Module):
     mask_key: ClassVar[str] = "mask"
     # decoder keywords that the encoder-decoder fixes (the decoder is causal and cross-attends)
     fixed_decoder_keys: ClassVar[tuple[str, ...]] = ("causal",)
+    # unprefixed constructor keywords that set the option on both sides (none by default)
+    shared_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, dim: int, ignore_index: int, pad_value: int, **kwargs: Any) -> None:
         super().__init__()
-        enc_kwargs, dec_kwargs, _ = self.split(kwargs)
+        enc_kwargs, dec_kwargs = self.split_options(kwargs)
         if "dim" in enc_kwargs or "dim" in dec_kwargs:
             raise ValueError(
                 f"set dim once for both sides ({type(self).__name__}(dim=...)), not enc_dim / dec_dim"
@@ -45,9 +51,27 @@ class EncoderDecoder(nn.Module):
         self.enc = self.make_encoder(dim, enc_kwargs)
         self.dec = self.wrapper_class(self.make_decoder(dim, dec_kwargs), ignore_index, pad_value)
 
+    def split_options(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Constructor keywords -> (encoder's, decoder's): prefixed ones to their side, the
+        ``shared_keys`` to both (unless that side has the prefixed one)."""
+        enc_kwargs, dec_kwargs, rest = split_prefixed(kwargs)
+        owner = type(self).__name__
+        fixed = sorted(set(rest) & set(self.fixed_decoder_keys))
+        if fixed and self.shared_keys:
+            names = ", ".join(f"enc_{name}" for name in fixed)
+            raise TypeError(f"{owner}: {fixed} are fixed on the decoder; pass {names} for the encoder")
+        unknown = sorted(set(rest) - self.shared_keys)
+        if unknown:
+            both = " or name an option of both sides" if self.shared_keys else ""
+            raise TypeError(f"{owner} keywords need an enc_ or dec_ prefix{both}, got {unknown}")
+        for name, value in rest.items():
+            enc_kwargs.setdefault(name, value)
+            dec_kwargs.setdefault(name, value)
+        return enc_kwargs, dec_kwargs
+
     def split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """enc_/dec_ keywords -> (encoder's, decoder's, the unprefixed rest); the rest must be
-        empty unless the family accepts shared keywords (it overrides this)."""
+        """Call-time enc_/dec_ keywords -> (encoder's, decoder's, the unprefixed rest); the
+        rest must be empty (a family whose call takes unprefixed keywords overrides this)."""
         enc_kwargs, dec_kwargs, rest = split_prefixed(kwargs)
         if rest:
             raise TypeError(f"{type(self).__name__} keywords need an enc_ or dec_ prefix, got {sorted(rest)}")
@@ -78,7 +102,8 @@ class EncoderDecoder(nn.Module):
     ) -> Tensor:
         """Sample ``seq_len`` decoder tokens (default: the decoder's window less the start)
         after ``seq_out_start``, conditioned on the encoding of ``seq_in``. Unprefixed
-        keywords are the sampler's (``eos_token``, ``temperature``, ``filter_thres`` ...)."""
+        keywords are the sampler's (``eos_token``, ``temperature``, ``filter_thres``,
+        ``window`` ...; see :meth:`AutoregressiveWrapper.generate`)."""
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if not k.startswith(("enc_", "dec_"))}
         enc_kwargs, dec_kwargs, _ = split_prefixed(kwargs)
         was_training = self.training

@@ -7,10 +7,15 @@ keywords it accepts beside them. :meth:`KeywordTable.parse` is the whole constru
 refuse unknown keywords (TypeError, as Python does, listing the accepted ones), insist on the
 required ones, fill the defaults, rename. Encoder-decoders split ``enc_`` / ``dec_`` keywords
 with :func:`split_prefixed`.
+
+``aliases`` are misspellings that a reference's own documentation uses (performer's README
+passes ``tie_embedding`` for ``tie_embed``): a script copied from it runs, with a warning that
+names the keyword's real spelling (:func:`resolve_aliases`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +32,7 @@ class KeywordTable:
     required: tuple[str, ...] = ()
     renames: Mapping[str, str] = field(default_factory=dict)
     extras: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def for_config(
@@ -52,12 +58,34 @@ class KeywordTable:
     def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The config fields for ``given`` keywords: defaults filled, reference names renamed;
         longrange-only extras appear only when given."""
+        given = resolve_aliases(given, self.aliases, self.owner)
         check_known(given, self.accepted, "keyword(s)", f" for {self.owner}", TypeError)
         missing = [name for name in self.required if given.get(name) is None]
         if missing:
             raise TypeError(f"{self.owner} needs the keyword(s) {missing}")
         merged = {**self.defaults, **given}
         return {self.renames.get(k, k): v for k, v in merged.items()}
+
+
+def resolve_aliases(
+    given: Mapping[str, Any], aliases: Mapping[str, str], owner: str, *, stacklevel: int = 5
+) -> dict[str, Any]:
+    """``given`` with each alias renamed to the keyword it stands for, warning once per alias
+    (a UserWarning naming the right spelling, reported ``stacklevel`` frames up: the user's
+    call through a compat constructor); TypeError when both spellings are given."""
+    out = dict(given)
+    for alias, name in aliases.items():
+        if alias not in out:
+            continue
+        if name in out:
+            raise TypeError(f"{owner} got both {alias} and {name}; pass only {name}")
+        warnings.warn(
+            f"{owner}: {alias!r} is taken as {name!r} (the keyword's name); please write {name}",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        out[name] = out.pop(alias)
+    return out
 
 
 def split_prefixed(

@@ -6,7 +6,8 @@ states=[], return_memories_and_states=None)`` returns ``(logits or loss, memorie
 memories as one [2, B, M, D] tensor per layer and states as one [B, S, dim] tensor per
 recurrent layer (layer order), both detached, returned by default only when ``x`` fills
 ``max_seq_len``; ``generate`` keeps ``ceil((1 - filter_thres) * V)`` logits and divides by
-``temperature`` (0: greedy). Where the reference is wrong we are not:
+``temperature`` (0: greedy). The weights start as the reference's do (PyTorch's defaults;
+``BlockRecurrentLM`` keeps the family's own initialisation). Where the reference is wrong we are not:
 - ``mask`` (B, N; True = real token) is accepted; the returned memory list carries the mask
   of its positions in its ``mask`` attribute (an :class:`XLMemoryList`), and passing that
   list back keeps padding hidden in the next call;
@@ -38,6 +39,7 @@ from longrange.memory.xl import XLMemory
 from longrange.models.block_recurrent.config import BlockRecurrentConfig
 from longrange.models.block_recurrent.model import BlockRecurrentLM
 from longrange.models.keywords import KeywordTable
+from longrange.models.reference_init import reset_torch_defaults
 from longrange.models.state import State
 
 _REFERENCE = dict(
@@ -91,6 +93,18 @@ class BlockRecurrentTransformer(BlockRecurrentLM):
             raise ValueError("pass either a BlockRecurrentConfig or keywords, not both")
         super().__init__(config)
         self.use_flash_attn = bool(use_flash_attn)
+        self._reference_init()
+
+    def _reference_init(self) -> None:
+        """The reference's initialisation (see ``models/reference_init.py``): PyTorch's
+        defaults for every linear, embedding and norm, the initial states and the gates' EMA
+        logits from N(0, 0.1), the states' position embeddings from N(0, 1)."""
+        reset_torch_defaults(self)
+        for box in self.containers:
+            nn.init.normal_(box.init_state, std=0.1)
+            nn.init.normal_(box.state_pos_ids, std=1.0)
+            if box.gate_type == "fixed":
+                nn.init.normal_(box.learned_ema_beta, std=0.1)
 
     @property
     def max_seq_len(self) -> int:

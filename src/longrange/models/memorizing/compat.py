@@ -13,7 +13,9 @@ eos token ids works (per batch row, at the token's position; see ``chunk.py``); 
 position bias stays aligned when XL memories make the keys longer than the queries (the
 reference shifted every layer's bias by the XL length); the memory keeps keys and values
 matched when it wraps around. ``memorizing_layers`` / ``xl_memory_layers`` outside
-[1, depth] raise instead of being dropped silently.
+[1, depth] raise instead of being dropped silently. The weights start as the reference's do
+(PyTorch's defaults: the token embedding from N(0, 1)); ``MemorizingLM`` keeps the family's
+own GPT-2-style initialisation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from longrange.memory.knn import KNNMemoryList
 from longrange.models.keywords import KeywordTable
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.models.memorizing.model import MemorizingLM
+from longrange.models.reference_init import reset_torch_defaults
 from longrange.models.state import State
 
 _REFERENCE = dict(
@@ -104,6 +107,8 @@ class MemorizingTransformer(MemorizingLM):
         elif keywords:
             raise ValueError("pass either a MemorizingConfig or keywords, not both")
         super().__init__(config)
+        # the reference leaves every layer at PyTorch's defaults (models/reference_init.py)
+        reset_torch_defaults(self)
 
     @property
     def memorizing_layers(self) -> tuple[int, ...]:

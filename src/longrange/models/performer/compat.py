@@ -12,13 +12,18 @@ decoder samples incrementally on its context like any conditioning.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from longrange.generation import apply_repetition_penalty, top_k
 from longrange.models.autoregressive import AutoregressiveWrapper as _SharedWrapper
+from longrange.models.autoregressive import check_sampling_keywords, reference_pick
 from longrange.models.encdec import EncoderDecoder
-from longrange.models.keywords import KeywordTable
+from longrange.models.keywords import KeywordTable, resolve_aliases
 from longrange.models.performer.config import PerformerConfig
 from longrange.models.performer.fast_attention import resolve_kernel_fn
 from longrange.models.performer.model import PerformerBody, PerformerModel
@@ -48,6 +53,7 @@ LM_KEYWORDS = KeywordTable(
     required=("num_tokens", "max_seq_len", "dim", "depth", "heads"),
     renames={"num_tokens": "vocab_size"},
     extras=EXTRA_KEYWORDS,
+    aliases={"tie_embedding": "tie_embed"},  # the spelling of the reference's README
 )  # fmt: skip
 # the reference's stack defaults its projections' biases to True (the LM's are False)
 STACK_KEYWORDS = KeywordTable(
@@ -112,22 +118,75 @@ class Performer(PerformerBody):
 
 
 class AutoregressiveWrapper(_SharedWrapper):
-    """The shared wrapper with ``performer_pytorch``'s defaults (``ignore_index=0``)."""
+    """The shared wrapper with ``performer_pytorch``'s defaults (``ignore_index=0``) and its
+    ``generate`` keywords ``repetition_penalty`` / ``repetition_penalty_ctx``; ``window``
+    ("restart" or "slide") as in the shared wrapper."""
 
     def __init__(self, net: nn.Module, ignore_index: int = 0, pad_value: int = 0) -> None:
         super().__init__(net, ignore_index=ignore_index, pad_value=pad_value)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        start_tokens: Tensor,
+        seq_len: int,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_logits_fn: Callable[[Tensor, float], Tensor] = top_k,
+        filter_thres: float = 0.9,
+        repetition_penalty: float = 1.0,
+        repetition_penalty_ctx: int = 32,
+        window: str = "restart",
+        **kwargs: Any,
+    ) -> Tensor:
+        """The shared ``generate``; a ``repetition_penalty`` above 1 lowers the logits of
+        the tokens among each row's last ``repetition_penalty_ctx`` tokens before filtering
+        (divided when positive, multiplied when negative; the reference divided every one,
+        which raised negative logits, and read its window across the batch)."""
+        check_sampling_keywords(seq_len, temperature, filter_thres)
+        if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+        if isinstance(repetition_penalty_ctx, bool) or not isinstance(repetition_penalty_ctx, int):
+            raise ValueError(
+                f"repetition_penalty_ctx must be a positive integer, got {repetition_penalty_ctx!r}"
+            )
+        if repetition_penalty_ctx < 1:
+            raise ValueError(
+                f"repetition_penalty_ctx must be a positive integer, got {repetition_penalty_ctx!r}"
+            )
+
+        def penalise(logits: Tensor, history: Tensor) -> Tensor:
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen.scatter_(1, history[:, -repetition_penalty_ctx:], True)
+            return apply_repetition_penalty(logits, seen, repetition_penalty)
+
+        adjust = penalise if repetition_penalty > 1.0 else None
+        pick = reference_pick(filter_logits_fn, filter_thres, temperature, adjust)
+        return self.sample(start_tokens, seq_len, pick, eos_token=eos_token, window=window, **kwargs)
 
 
 class PerformerEncDec(EncoderDecoder):
     """``performer_pytorch.PerformerEncDec``: an encoder PerformerLM and a causal,
     cross-attending decoder PerformerLM (keywords prefixed ``enc_`` / ``dec_``).
 
+    An unprefixed keyword that names an option both sides take (``heads=8``,
+    ``nb_features=256``, ...) sets it on both, as the reference does for ``no_projection``
+    (it silently dropped the others); a prefixed one wins for its side. ``tie_token_embed``,
+    the spelling of the reference's README, is taken as ``tie_token_embeds`` with a warning;
+    ``amp_enabled`` (passed by the reference's copy-task script, dropped by the reference)
+    is accepted with a warning that it has no effect.
+
     forward(seq_in, seq_out, enc_mask=None, **kwargs) -> the decoder's next-token loss;
-    generate(seq_in, seq_out_start, seq_len, **kwargs) -> new tokens.
+    generate(seq_in, seq_out_start, seq_len, **kwargs) -> new tokens (``window`` as in the
+    wrapper).
     """
 
     wrapper_class = AutoregressiveWrapper
     fixed_decoder_keys = ("causal", "cross_attend")
+    shared_keys = frozenset([*LM_KEYWORDS.accepted, *LM_KEYWORDS.aliases, "kernel_fn"]) - {
+        "dim",
+        *fixed_decoder_keys,
+    }
 
     def __init__(
         self,
@@ -138,6 +197,24 @@ class PerformerEncDec(EncoderDecoder):
         no_projection: bool = False,
         **kwargs: Any,
     ) -> None:
+        if "tie_token_embed" in kwargs:
+            if tie_token_embeds:
+                raise TypeError(f"{type(self).__name__} got both tie_token_embed and tie_token_embeds")
+            spelled = {"tie_token_embed": kwargs.pop("tie_token_embed")}
+            renamed = resolve_aliases(
+                spelled, {"tie_token_embed": "tie_token_embeds"}, type(self).__name__, stacklevel=3
+            )
+            tie_token_embeds = renamed["tie_token_embeds"]
+        if "amp_enabled" in kwargs:
+            # an option of older performer_pytorch releases (1.1.4 drops it unread); the
+            # reference's copy-task script still passes it and runs under torch.autocast
+            kwargs.pop("amp_enabled")
+            warnings.warn(
+                "PerformerEncDec: amp_enabled has no effect; mixed precision comes from the caller's "
+                "torch.autocast",
+                UserWarning,
+                stacklevel=2,
+            )
         # read by make_encoder / make_decoder, which the base constructor calls
         self.no_projection = no_projection
         super().__init__(dim, ignore_index, pad_value, **kwargs)

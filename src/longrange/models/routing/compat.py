@@ -7,11 +7,17 @@ position, in the reference's order); only the return conventions are the referen
 - :class:`RoutingTransformerLM`: ``forward(x, input_mask=None, context=None, context_mask=None)``
   -> ``(logits, aux_loss)``;
 - :class:`RoutingTransformer`: the block stack, ``forward(x, **kwargs)`` -> ``(x, aux_loss)``;
+- auxiliary losses have the reference's shape: [1], or 0-d from a reversible stack (so the
+  wrapper's loss too); ``update_kmeans()`` returns None;
 - :class:`RoutingTransformerEncDec`: encoder + causal decoder with routed cross attention;
-  ``forward(seq_in, seq_out, return_loss=False)`` -> ``(loss, aux_loss)``. Unlike the
-  reference, the encoder's auxiliary loss is always in the returned loss (also with a
-  reversible decoder; the second element is then zero) and ``cancel_kmeans_update`` removes
-  the update handle; ``generate`` routes the encoder output once and decodes incrementally;
+  ``forward(seq_in, seq_out, return_loss=True)`` -> ``(loss, aux_loss)`` with the reference's
+  values: the loss holds the encoder's auxiliary loss and the second value is a zero that
+  requires grad, except with a reversible decoder, where the second value is the encoder's
+  auxiliary loss. ``loss.backward(); aux_loss.backward()`` (the reference's recipe) gives the
+  reference's total gradient in both cases, and so does ``loss.backward()`` alone (the
+  reference loses the encoder's part there). Without ``return_loss`` it returns ``(logits,
+  aux_loss)`` (the reference fails). ``cancel_kmeans_update`` removes the update handle;
+  ``generate`` routes the encoder output once and decodes incrementally;
 - :class:`AutoregressiveWrapper` and :class:`Autopadder`: the shared ones with the reference's
   defaults (``ignore_index = pad_value``, ``return_loss=False``, ``randomly_truncate_sequence``).
 
@@ -96,13 +102,27 @@ def _config(table: KeywordTable, args: tuple, kwargs: dict[str, Any]):
     raise TypeError(f"ff_activation must be None, a name or an nn.Module class, got {activation!r}")
 
 
+def reference_aux(aux: Tensor, reversible: bool) -> Tensor:
+    """An auxiliary loss in the reference's shape: [1] from a plain stack, 0-d from a
+    reversible one (the reference sums its per-block losses there)."""
+    return aux.reshape(()) if reversible else aux.reshape(1)
+
+
 class RoutingTransformer(RoutingBody):
     """The reference's block stack (``routing_transformer.RoutingTransformer(dim, depth,
-    max_seq_len, ...)``)."""
+    max_seq_len, ...)``): ``forward(x, **kwargs)`` -> ``(x, aux_loss)``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config, activation = _config(BODY_KEYWORDS, args, kwargs)
         super().__init__(config, activation=activation)
+
+    def forward(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        x, aux = super().forward(x, **kwargs)
+        return x, reference_aux(aux, self.config.reversible)
+
+    def update_kmeans(self) -> None:
+        """Apply the pending k-means updates now (the reference returns nothing)."""
+        super().update_kmeans()
 
 
 class RoutingTransformerLM(RoutingLM):
@@ -129,7 +149,12 @@ class RoutingTransformerLM(RoutingLM):
         ``mask`` is an alias of ``input_mask`` (the shared wrappers' name)."""
         input_mask = mask if input_mask is None else input_mask
         self.check_tokens(x, input_mask)
-        return self.run(x, input_mask=input_mask, context=context, context_mask=context_mask)
+        out, aux = self.run(x, input_mask=input_mask, context=context, context_mask=context_mask)
+        return out, reference_aux(aux, self.config.reversible)
+
+    def update_kmeans(self) -> None:
+        """Apply the pending k-means updates now (the reference returns nothing)."""
+        super().update_kmeans()
 
 
 def _find_body(net: nn.Module) -> RoutingBody | None:
@@ -153,15 +178,18 @@ class Autopadder(_SharedAutopadder):
 class AutoregressiveWrapper(_SharedWrapper):
     """The shared wrapper with the reference's defaults: ``ignore_index`` = ``pad_value``,
     ``forward(x, return_loss=False, randomly_truncate_sequence=False)``; ``x`` may be a list of
-    1-d sequences (right-padded with ``pad_value``)."""
+    1-d sequences (right-padded with ``pad_value``). The loss has the reference's shape
+    ([1]; 0-d with a reversible net). ``generate`` decodes incrementally; past
+    ``max_seq_len`` it restarts from the last half window, or with ``window="slide"``
+    re-runs a full window per token as the reference does."""
 
     def __init__(self, net: nn.Module, ignore_index: int | None = None, pad_value: int = 0) -> None:
         super().__init__(
             net, ignore_index=pad_value if ignore_index is None else ignore_index, pad_value=pad_value
         )
 
-    def update_kmeans(self) -> int:
-        return update_kmeans(self.net)
+    def update_kmeans(self) -> None:
+        update_kmeans(self.net)
 
     def forward(self, x, return_loss: bool = False, randomly_truncate_sequence: bool = False, **kwargs: Any):
         if not isinstance(x, Tensor):
@@ -192,6 +220,10 @@ class RoutingTransformerEncDec(KmeansUpdates, EncoderDecoder):
         super().__init__(dim, ignore_index, pad_value, **kwargs)
         self.register_kmeans_update()
 
+    def update_kmeans(self) -> None:
+        """Apply the pending k-means updates of both sides now."""
+        super().update_kmeans()
+
     def make_encoder(self, dim: int, kwargs: dict[str, Any]) -> nn.Module:
         if "return_embeddings" in kwargs:
             raise ValueError("enc_return_embeddings cannot be set: the encoder always returns embeddings")
@@ -217,12 +249,21 @@ class RoutingTransformerEncDec(KmeansUpdates, EncoderDecoder):
         temperature: float = 1.0,
         filter_logits_fn: Callable[[Tensor, float], Tensor] = top_k,
         filter_thres: float = 0.9,
+        window: str = "restart",
+        *,
+        seq_len: int | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Sample ``max_seq_len`` (default: the decoder's) tokens after ``seq_out_start``.
+        """Sample ``max_seq_len`` (default: the decoder's) tokens after ``seq_out_start``;
+        ``seq_len``, the name the reference's README uses, is accepted for it. ``window``:
+        "restart" (default) or "slide" past the decoder's window (see the wrapper).
 
         The decoder runs incrementally: the encoder output is routed once, and each new token
         costs one step per layer (the reference re-ran the whole prefix for every token)."""
+        if seq_len is not None:
+            if max_seq_len is not None:
+                raise TypeError("generate got both max_seq_len and seq_len (the same length)")
+            max_seq_len = seq_len
         _, dec_kwargs, _ = self.split(kwargs)
         unused = sorted(set(dec_kwargs) - {"context_mask"})
         if unused:
@@ -230,7 +271,9 @@ class RoutingTransformerEncDec(KmeansUpdates, EncoderDecoder):
         length = self.dec.max_seq_len if max_seq_len is None else max_seq_len
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"max_seq_len must be a non-negative integer, got {length!r}")
-        sampling = dict(eos_token=eos_token, temperature=temperature, filter_thres=filter_thres)
+        sampling = dict(
+            eos_token=eos_token, temperature=temperature, filter_thres=filter_thres, window=window
+        )
         return super().generate(
             seq_in, seq_out_start, length, filter_logits_fn=filter_logits_fn, **sampling, **kwargs
         )
@@ -252,10 +295,18 @@ class RoutingTransformerEncDec(KmeansUpdates, EncoderDecoder):
             context=context,
             **dec_kwargs,
         )
-        if return_loss:
-            return out + enc_aux, torch.zeros((), device=enc_aux.device)
-        logits, dec_aux = out
-        return logits, dec_aux + enc_aux
+        if not return_loss:
+            logits, dec_aux = out
+            return logits, dec_aux + enc_aux
+        if self.dec.net.config.reversible:
+            # The reference returns (decoder loss, encoder aux loss) here and has the caller
+            # call backward on both. The encoder's graph can be walked only once, so its
+            # gradient rides on the first value (whose value stays the decoder's loss) and
+            # the second is the aux loss's value as a leaf: backward on both, or on their
+            # sum, gives the reference's total gradient.
+            riding = (enc_aux - enc_aux.detach()).sum()
+            return out + riding, enc_aux.detach().requires_grad_(torch.is_grad_enabled())
+        return out + enc_aux, torch.zeros((), device=out.device, requires_grad=True)
 
 
 __all__ = [

@@ -150,7 +150,9 @@ class AutoregressiveWrapper(_SharedWrapper):
     """The reference's wrapper: ``AutoregressiveWrapper(net, ignore_index=None, pad_value=0,
     pad_left=True)``; ``forward(x, return_loss=False, randomly_truncate_sequence=False, ...)``
     (x a tensor or a list of 1-D tensors); ``generate`` is the shared sampler (incremental on a
-    causal model, also with a decoder ``context``; a prompt ``input_mask`` re-runs the net).
+    causal model, also with a decoder ``context``; a prompt ``input_mask`` re-runs the net;
+    past ``max_seq_len`` it restarts from the last half window, or with ``window="slide"``
+    re-runs a full window per token as the reference does).
     Padding for the buckets happens inside the model (on the right, which is exact for causal
     models), so ``pad_left`` only sets the side of ragged-list padding."""
 
