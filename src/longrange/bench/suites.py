@@ -16,7 +16,7 @@ from longrange.bench.speed import (
     run_speed_suite,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "report")
+SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "context", "report")
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
@@ -155,11 +155,26 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             max_length=high,
             out_dir=out_dir,
         )
+    if suite == "context":
+        from longrange.bench.context_suite import DEFAULT_BUDGET_S, DEFAULT_SEEDS, PARTS, run_context_suite
+
+        return run_context_suite(
+            families,
+            device=device,
+            parts=PARTS if options.get("parts") is None else tuple(options["parts"]),
+            budget_s=DEFAULT_BUDGET_S if options.get("budget") is None else options["budget"],
+            seeds=tuple(options.get("seeds") or DEFAULT_SEEDS),
+            steps=options.get("steps"),
+            out_dir=out_dir,
+        )
     if suite == "report":
+        from longrange.bench.context_report import write_context_report
         from longrange.bench.report import write_report
 
-        body = write_report(out_dir, options.get("readme", "README.md"))
+        readme = options.get("readme", "README.md")
+        body = write_report(out_dir, readme)
         print(body)
+        print(write_context_report(out_dir, readme))
         return []
     raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
 
