@@ -184,7 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ),
         "parts": [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts is not None else None,
         "budget": args.budget,
-        "seeds": _int_list("--seeds", args.seeds) if args.seeds else None,
+        "recall_budget": args.recall_budget,
+        "seeds": _int_list("--seeds", args.seeds) if args.seeds is not None else None,
     }
     run_suite(args.suite, models, lengths, device=_device(args.device), options=options)
     return 0
@@ -303,8 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="context: training seconds per run, turned into steps per family by timing them "
-        "on this machine (default 75)",
+        help="context: training seconds per language-model run, turned into steps per family by "
+        "timing them on this machine (default 60)",
+    )
+    b.add_argument(
+        "--recall-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="context: training seconds per recall run (default 100)",
     )
     b.add_argument("--seeds", default=None, help="context: comma-separated seeds (default 0,1)")
     b.add_argument(

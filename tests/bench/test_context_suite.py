@@ -156,12 +156,13 @@ def test_suite_rerun_replaces_its_rows(tmp_path):
         ),
         (["--parts", ""], "--parts takes"),
         (["--budget", "0"], "--budget must be a positive number of seconds"),
+        (["--recall-budget", "-1"], "--recall-budget must be a positive number of seconds"),
         (["--seeds", "0,x"], "--seeds takes comma-separated integers"),
         (["--seeds", "1,1"], "--seeds must be distinct"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--models", "nope"], "unknown model family 'nope'"),
     ],
-    ids=["part", "no-part", "budget", "seed-text", "seed-twice", "steps", "family"],
+    ids=["part", "no-part", "budget", "recall-budget", "seed-text", "seed-twice", "steps", "family"],
 )
 def test_cli_refuses_bad_options_in_one_line(argv, message, capsys, tmp_path):
     assert main(["bench", "context", "--out", str(tmp_path), *argv]) == 2
@@ -180,7 +181,8 @@ def test_cli_passes_the_options_through(monkeypatch, tmp_path):
     monkeypatch.setattr(context_suite, "run_context_suite", fake)
     assert main(["bench", "context", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert seen["families"] == list(FAMILY_MODULES) and seen["parts"] == context_suite.PARTS
-    assert (seen["budget_s"], seen["seeds"], seen["steps"]) == (75.0, (0, 1), None)
+    defaults = (context_suite.DEFAULT_BUDGET_S, context_suite.DEFAULT_RECALL_BUDGET_S, (0, 1), None)
+    assert (seen["budget_s"], seen["recall_budget_s"], seen["seeds"], seen["steps"]) == defaults
     argv = [
         "--models",
         "vanilla,memorizing",
@@ -190,12 +192,31 @@ def test_cli_passes_the_options_through(monkeypatch, tmp_path):
         "12.5",
         "--seeds",
         "3,4",
+        "--recall-budget",
+        "30",
     ]
     assert main(["bench", "context", "--out", str(tmp_path), "--device", "cpu", *argv, "--steps", "7"]) == 0
     assert seen["families"] == ["vanilla", "memorizing"] and seen["parts"] == ("recall", "position")
+    assert seen["recall_budget_s"] == 30.0
     assert (seen["budget_s"], seen["seeds"], seen["steps"], seen["out_dir"]) == (
         12.5,
         (3, 4),
         7,
         str(tmp_path),
     )
+
+
+def test_performer_local_windows_of_half_the_input_are_exact_attention():
+    # the performer ablation's "exact" side: windows of N/2 looking back one window see every
+    # earlier position of an N-token input, as one window of N does
+    import torch
+
+    from longrange.models.registry import create_model
+
+    torch.manual_seed(0)
+    half = create_model("performer", "tiny", max_seq_len=64, local_attn_heads=(2,), local_window_size=32)
+    whole = create_model("performer", "tiny", max_seq_len=64, local_attn_heads=(2,), local_window_size=64)
+    whole.load_state_dict(half.state_dict())
+    tokens = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(half(tokens), whole(tokens), rtol=1e-4, atol=1e-4)

@@ -239,21 +239,27 @@ def _latest_run(data: dict[str, Any]) -> dict[str, Any] | None:
 
 def budget_line(data: dict[str, Any]) -> str:
     steps = {r["family"]: r["steps"] for r in _rows(data, "position") + _rows(data, "compute")}
+    recall = {(r["family"], r["task"]): r["steps"] for r in _rows(data, "recall")}
     run = _latest_run(data)
     text = []
     if run:
-        budget = (
-            f"{run['budget_s']:g} s of training per run"
-            if run["budget_s"]
-            else f"{run['steps']} steps per run"
-        )
+        if run["budget_s"]:
+            budget = f"{run['budget_s']:g} s of training per language-model run"
+            if run.get("recall_budget_s"):
+                budget += f" and {run['recall_budget_s']:g} s per recall run"
+        else:
+            budget = f"{run['steps']} steps per run"
         text.append(
-            f"Budget: {budget} ({run.get('threads', '?')} threads); the run of {run['measured_at'][:10]} "
-            f"({run['parts']}; seeds {', '.join(map(str, run['seeds']))}) took "
+            f"Budget: {budget} (torch threads: {run.get('threads', '?')}); the run of "
+            f"{run['measured_at'][:10]} ({run['parts']}; seeds {', '.join(map(str, run['seeds']))}) took "
             f"{run['wall_s'] / 60:.0f} minutes."
         )
     if steps:
-        text.append("Steps that budget gave: " + ", ".join(f"{f} {n}" for f, n in steps.items()) + ".")
+        text.append("Steps per language-model run: " + ", ".join(f"{f} {n}" for f, n in steps.items()) + ".")
+    if recall:
+        text.append(
+            "Steps per recall run: " + ", ".join(f"{f} {t} {n}" for (f, t), n in recall.items()) + "."
+        )
     return " ".join(text)
 
 
@@ -282,8 +288,8 @@ def family_facts(data: dict[str, Any]) -> list[str]:
         for a in (a for a in ablations if a["family"] == family):
             helped = sum(d > 0 for d in a["diffs"])
             said.append(
-                f"{a['mechanism']}: switching it off costs {a['diff']:+.3f} bpb "
-                f"(worse without it on {helped} of {len(a['diffs'])} seeds)"
+                f"{a['mechanism']}: {a['off_label']} gives {a['diff']:+.3f} bpb "
+                f"(worse than with it on {helped} of {len(a['diffs'])} seeds)"
             )
         for r in (r for r in recall if r["family"] == family):
             cells = ", ".join(

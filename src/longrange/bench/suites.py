@@ -156,14 +156,18 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             out_dir=out_dir,
         )
     if suite == "context":
-        from longrange.bench.context_suite import DEFAULT_BUDGET_S, DEFAULT_SEEDS, PARTS, run_context_suite
+        from longrange.bench import context_suite as ctx
 
-        return run_context_suite(
+        def given(key, default):
+            return default if options.get(key) is None else options[key]
+
+        return ctx.run_context_suite(
             families,
             device=device,
-            parts=PARTS if options.get("parts") is None else tuple(options["parts"]),
-            budget_s=DEFAULT_BUDGET_S if options.get("budget") is None else options["budget"],
-            seeds=tuple(options.get("seeds") or DEFAULT_SEEDS),
+            parts=tuple(given("parts", ctx.PARTS)),
+            budget_s=given("budget", ctx.DEFAULT_BUDGET_S),
+            recall_budget_s=given("recall_budget", ctx.DEFAULT_RECALL_BUDGET_S),
+            seeds=tuple(given("seeds", ctx.DEFAULT_SEEDS)),
             steps=options.get("steps"),
             out_dir=out_dir,
         )
