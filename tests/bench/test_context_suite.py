@@ -220,3 +220,22 @@ def test_performer_local_windows_of_half_the_input_are_exact_attention():
     tokens = torch.randint(0, 256, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(half(tokens), whole(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_run_becomes_an_error_row_and_the_suite_goes_on(tmp_path):
+    broken = dict(TINY_LM, vanilla=ModelSpec("vanilla", "tiny", {"max_seq_len": 32}))  # < context 64
+    setup = ContextSetup(**{**TINY.__dict__, "lm_models": broken})
+    rows = run_context_suite(
+        ["vanilla", "block_recurrent"],
+        parts=("position",),
+        seeds=(0,),
+        device="cpu",
+        steps=1,
+        out_dir=tmp_path,
+        setup=setup,
+        corpus=CORPUS,
+        log=lambda s: None,
+    )
+    by_family = {r["family"]: r for r in rows if r["part"] == "position"}
+    assert "exceeds max_seq_len" in by_family["vanilla"]["error"]
+    assert "error" not in by_family["block_recurrent"] and by_family["block_recurrent"]["bpb"] > 0

@@ -149,9 +149,20 @@ class LMRunner:
     def result(
         self, family: str, ablation: Ablation | None, seed: int, *, curve: bool = False
     ) -> dict[str, Any]:
+        """The run's summary; a run that fails (out of memory, a loss that is not finite, a
+        setting the model refuses) gives a row with its error, and the suite goes on."""
         key = (family, ablation.name if ablation else None, seed)
-        if key in self.done:
-            return self.done[key]
+        if key not in self.done:
+            try:
+                self.done[key] = self._train_and_evaluate(family, ablation, seed, curve)
+            except (RuntimeError, ValueError) as err:
+                self.log(f"  {family} seed {seed}: failed: {err}")
+                self.done[key] = {"family": family, "seed": seed, "error": str(err)[:300]}
+        return self.done[key]
+
+    def _train_and_evaluate(
+        self, family: str, ablation: Ablation | None, seed: int, curve: bool
+    ) -> dict[str, Any]:
         s = self.setup
         base = s.lm_models[family]
         spec = ablation.specs(base)[1] if ablation else base
@@ -198,7 +209,6 @@ class LMRunner:
             "curve_documents": len(self.docs[: s.curve_docs]) if curve else None,
             **evaluation,
         }
-        self.done[key] = result
         return result
 
     def evaluate(self, model, spec: ModelSpec, docs: list[Document], reach: int | None) -> dict[str, Any]:
@@ -285,19 +295,24 @@ def run_context_suite(
         for family in families:
             for task in RECALL_TASKS:
                 log(f"recall: {family} {task}")
-                row = recall_point(
-                    family,
-                    setup.recall_models[family],
-                    task,
-                    budget_s=recall_budget_s,
-                    seed=seeds[0],
-                    device=device,
-                    steps=steps,
-                    distances=setup.recall_distances,
-                    train_distance=setup.recall_train_distance,
-                    examples=setup.recall_examples,
-                    log=log,
-                )
+                try:
+                    row = recall_point(
+                        family,
+                        setup.recall_models[family],
+                        task,
+                        budget_s=recall_budget_s,
+                        seed=seeds[0],
+                        device=device,
+                        steps=steps,
+                        distances=setup.recall_distances,
+                        train_distance=setup.recall_train_distance,
+                        examples=setup.recall_examples,
+                        log=log,
+                    )
+                except (RuntimeError, ValueError) as err:
+                    log(f"  {family} {task}: failed: {err}")
+                    row = {"part": "recall", "family": family, "task": task, "seed": seeds[0]}
+                    row["error"] = str(err)[:300]
                 if steps is not None:
                     row["budget_s"] = None
                 rows.append(row)

@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,8 +153,6 @@ def lm_batches(
             return c.inputs, c.targets, c.new_doc
 
         return chunk
-    import numpy as np
-
     stream = np.concatenate([d.tokens for d in train_docs]) if train_docs else np.zeros(0, np.uint8)
     windows = RandomWindows(stream, seq_len=seq_len, batch_size=batch_size, seed=seed)
 
