@@ -221,15 +221,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from longrange.bench.suites import run_suite
     from longrange.models.registry import available_families
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    if args.models == "all":
-        models = available_families()
-    else:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    chosen = args.models or ("all" if args.suite == "context" else "vanilla")
+    models = available_families() if chosen == "all" else [m.strip() for m in chosen.split(",") if m.strip()]
     for m in models:
         get_family(m)
     try:
@@ -256,6 +261,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.reference_lengths
             else None
         ),
+        "parts": [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts is not None else None,
+        "budget": args.budget,
+        "recall_budget": args.recall_budget,
+        "seeds": _int_list("--seeds", args.seeds) if args.seeds is not None else None,
     }
     run_suite(args.suite, models, lengths, device=_device(args.device), options=options)
     return 0
@@ -366,12 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
     b.add_argument(
         "suite",
-        choices=["speed", "memory", "generate", "recall", "quality", "listops", "report"],
+        choices=["speed", "memory", "generate", "recall", "quality", "listops", "context", "report"],
         help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
         "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
-        "listops (Long Range Arena classification), report (plots + README tables)",
+        "listops (Long Range Arena classification), context (long-context evidence: loss by "
+        "position, ablations, recall at distance, equal compute), report (plots + README tables)",
     )
-    b.add_argument("--models", default="vanilla", help="comma-separated families, or 'all' (default vanilla)")
+    b.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated families, or 'all' (default vanilla; context: all)",
+    )
     b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")
     b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
@@ -389,8 +403,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed: lengths at which --compare-reference times the references (default: --lengths)",
     )
     b.add_argument(
-        "--steps", type=int, default=None, help="recall / quality / listops: training steps per family"
+        "--steps",
+        type=int,
+        default=None,
+        help="recall / quality / listops: training steps per family; context: fixed steps per run "
+        "instead of the calibrated --budget",
     )
+    b.add_argument(
+        "--parts",
+        default=None,
+        help="context: comma-separated parts, from position,ablation,recall,compute (default all)",
+    )
+    b.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="context: training seconds per language-model run, turned into steps per family by "
+        "timing them on this machine (default 60)",
+    )
+    b.add_argument(
+        "--recall-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="context: training seconds per recall run (default 100)",
+    )
+    b.add_argument("--seeds", default=None, help="context: comma-separated seeds (default 0,1)")
     b.add_argument(
         "--listops-length",
         default="500,2000",

@@ -79,3 +79,62 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="too short"):
         synthetic.passkey(1, length=20, depth=0.5)
     assert np.isfinite(1.0)
+
+
+@pytest.mark.parametrize("distance", [59, 256, 1024, 4096], ids=["shortest", "256", "1K", "4K"])
+def test_passkey_answers_lie_exactly_at_the_distance(distance):
+    inputs, targets = synthetic.passkey_at_distance(3, distance=distance, prefix=7, seed=distance)
+    assert inputs.shape == (3, 7 + len(synthetic.PASSKEY_NEEDLE) + distance + 4)
+    for b in range(3):
+        seq = [*inputs[b].tolist(), targets[b, -1].item()]
+        text = bytes(seq)
+        source = text.index(synthetic.PASSKEY_NEEDLE) + len(synthetic.PASSKEY_NEEDLE)
+        scored = (targets[b] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert len(scored) == synthetic.PASSKEY_DIGITS
+        for j, t in enumerate(scored):
+            answer = t + 1  # target t is the token at sequence position t + 1
+            assert seq[answer] == targets[b, t].item() == seq[source + j]
+            assert chr(seq[answer]).isdigit()
+            assert answer - (source + j) == distance
+        assert text.count(synthetic.PASSKEY_NEEDLE) == 2  # the needle and the question only
+
+
+@pytest.mark.parametrize("distance", [50, 256, 1024, 16384], ids=["shortest", "256", "1K", "16K"])
+def test_recall_answers_lie_exactly_at_the_distance(distance):
+    inputs, targets = synthetic.recall_at_distance(
+        2, distance=distance, num_pairs=16, num_queries=8, prefix=5, seed=distance
+    )
+    assert inputs.shape == (2, 5 + distance - 1 + 3 * 16)
+    lo, hi = synthetic.KEY_RANGE
+    for b in range(2):
+        seq = [*inputs[b].tolist(), targets[b, -1].item()]
+        scored = (targets[b] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert len(scored) == 8
+        keys_seen = [i for i, tok in enumerate(seq) if lo <= tok < hi]
+        assert len(keys_seen) == 16 + 8  # each pair's key once, each query's key once
+        for t in scored:
+            key, value, answer = seq[t], targets[b, t].item(), t + 1
+            assert seq[t - 1] == synthetic.QUERY_MARK and seq[answer] == value
+            earlier = [i for i in keys_seen if i < t and seq[i] == key]
+            assert len(earlier) == 1  # the key's pair, found by content
+            source = earlier[0] + 1
+            assert seq[source] == value
+            assert answer - source == distance and t - earlier[0] == distance
+        # the pairs that are not asked lie at other distances from the queries
+        assert len({seq[i] for i in keys_seen}) == 16
+
+
+def test_distance_tasks_are_seeded_and_refuse_bad_arguments():
+    a = synthetic.recall_at_distance(2, distance=100, seed=3)
+    assert torch.equal(a[0], synthetic.recall_at_distance(2, distance=100, seed=3)[0])
+    assert not torch.equal(a[0], synthetic.recall_at_distance(2, distance=100, seed=4)[0])
+    p = synthetic.passkey_at_distance(2, distance=100, seed=3)
+    assert torch.equal(p[0], synthetic.passkey_at_distance(2, distance=100, seed=3)[0])
+    with pytest.raises(ValueError, match="distance must be an integer >= 59"):
+        synthetic.passkey_at_distance(1, distance=58)
+    with pytest.raises(ValueError, match="prefix"):
+        synthetic.passkey_at_distance(1, distance=100, prefix=-1)
+    with pytest.raises(ValueError, match=r"distance must be an integer >= 3 \* num_pairs \+ 2 = 50"):
+        synthetic.recall_at_distance(1, distance=49, num_pairs=16)
+    with pytest.raises(ValueError, match="num_queries"):
+        synthetic.recall_at_distance(1, distance=100, num_pairs=4, num_queries=5)

@@ -16,7 +16,7 @@ from longrange.bench.speed import (
     run_speed_suite,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "report")
+SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "context", "report")
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
@@ -155,11 +155,30 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             max_length=high,
             out_dir=out_dir,
         )
+    if suite == "context":
+        from longrange.bench import context_suite as ctx
+
+        def given(key, default):
+            return default if options.get(key) is None else options[key]
+
+        return ctx.run_context_suite(
+            families,
+            device=device,
+            parts=tuple(given("parts", ctx.PARTS)),
+            budget_s=given("budget", ctx.DEFAULT_BUDGET_S),
+            recall_budget_s=given("recall_budget", ctx.DEFAULT_RECALL_BUDGET_S),
+            seeds=tuple(given("seeds", ctx.DEFAULT_SEEDS)),
+            steps=options.get("steps"),
+            out_dir=out_dir,
+        )
     if suite == "report":
+        from longrange.bench.context_report import write_context_report
         from longrange.bench.report import write_report
 
-        body = write_report(out_dir, options.get("readme", "README.md"))
+        readme = options.get("readme", "README.md")
+        body = write_report(out_dir, readme)
         print(body)
+        print(write_context_report(out_dir, readme))
         return []
     raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
 

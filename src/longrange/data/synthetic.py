@@ -9,6 +9,9 @@ answer: a model is scored on exactly those positions (:func:`answer_accuracy`).
 - :func:`passkey`: a five-digit pass key hidden at a chosen depth in filler text, asked for at
   the end (Mohtashami & Jaggi, 2023).
 - :func:`copying`: a random string, a separator, then the string again.
+- :func:`passkey_at_distance` and :func:`recall_at_distance`: the pass key, and associative
+  recall of key-value pairs, with every answer exactly ``distance`` tokens after the token it
+  copies (``longrange bench context`` tests reach at 256 to 16K tokens).
 - :func:`listops`: Long Range Arena's ListOps (Tay et al., 2021): nested MIN / MAX / MED / SM
   (sum modulo 10) over digits, classified into 10 classes; see :class:`ListOpsExample`.
 """
@@ -102,6 +105,98 @@ def copying(batch: int, *, length: int, seed: int = 0, alphabet: int = 26) -> tu
     tgt = np.full((batch, 2 * length), IGNORE_INDEX, dtype=np.int64)
     tgt[:, length:] = src  # from the separator on, the next token is the copy
     return torch.from_numpy(full[:, :-1].astype(np.int64)), torch.from_numpy(tgt)
+
+
+PASSKEY_NEEDLE = b" The pass key is "
+PASSKEY_AFTER = b". Remember it. "
+PASSKEY_QUESTION = b" What is the pass key? The pass key is "
+PASSKEY_DIGITS = 5
+RECALL_FILLER = (32, 63)  # recall_at_distance's filler: space to '>' (no key, value or '?')
+
+
+def passkey_min_distance() -> int:
+    """The shortest distance :func:`passkey_at_distance` can build (no filler between)."""
+    return PASSKEY_DIGITS + len(PASSKEY_AFTER) + len(PASSKEY_QUESTION)
+
+
+def passkey_at_distance(
+    batch: int, *, distance: int, prefix: int = 16, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The pass key task with each answer digit exactly ``distance`` tokens after the key digit
+    it copies: ``prefix`` bytes of filler, the needle, filler, the question, the key.
+
+    Sequence position (inputs and targets share them): target ``t`` is the byte at position
+    ``t + 1``; the first answer digit sits at ``prefix + len(needle) + distance`` and the key's
+    first digit at ``prefix + len(needle)``. The filler starts at a random phase per row, so
+    no two rows share their text around the needle. All rows have one length,
+    ``prefix + len(needle) + distance + 4`` inputs.
+    """
+    shortest = passkey_min_distance()
+    if not isinstance(distance, int) or distance < shortest:
+        raise ValueError(f"distance must be an integer >= {shortest} for the passkey task, got {distance!r}")
+    if not isinstance(prefix, int) or prefix < 0:
+        raise ValueError(f"prefix must be a non-negative integer, got {prefix!r}")
+    rng = _rng(seed)
+    gap = distance - shortest
+    seqs, tgts = [], []
+    for _ in range(batch):
+        key = b"%05d" % rng.integers(0, 100000)
+        phase = int(rng.integers(len(FILLER)))
+        stream = FILLER * ((prefix + gap + phase) // len(FILLER) + 2)
+        head, middle = stream[phase : phase + prefix], stream[phase + prefix : phase + prefix + gap]
+        text = head + PASSKEY_NEEDLE + key + PASSKEY_AFTER + middle + PASSKEY_QUESTION + key
+        ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+        tgt = np.full(len(ids) - 1, IGNORE_INDEX, dtype=np.int64)
+        tgt[-PASSKEY_DIGITS:] = ids[-PASSKEY_DIGITS:]
+        seqs.append(ids[:-1])
+        tgts.append(tgt)
+    return torch.from_numpy(np.stack(seqs)), torch.from_numpy(np.stack(tgts))
+
+
+def recall_at_distance(
+    batch: int,
+    *,
+    distance: int,
+    num_pairs: int = 16,
+    num_queries: int = 8,
+    prefix: int = 16,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Associative recall with every answer exactly ``distance`` tokens after the value it
+    copies. ``num_pairs`` key-value pairs "k v f" (f a filler byte; keys distinct in a row),
+    filler, then queries "? k v" for ``num_queries`` of the pairs: the query of pair i starts
+    ``distance - 1`` positions after the pair, so its key lies ``distance`` after the pair's
+    key and its value (the scored answer) ``distance`` after the pair's value. The queries keep
+    the pairs' order; which pairs are asked is random, and neighbouring pairs lie at other
+    distances, so a model must match the key, not count positions. Filler bytes are random in
+    RECALL_FILLER. All rows have one length, ``prefix + distance - 1 + 3 * num_pairs`` inputs.
+    """
+    lo, hi = KEY_RANGE
+    if not 1 <= num_pairs <= hi - lo:
+        raise ValueError(f"num_pairs must lie in [1, {hi - lo}], got {num_pairs}")
+    if not 1 <= num_queries <= num_pairs:
+        raise ValueError(f"num_queries must lie in [1, num_pairs], got {num_queries}")
+    if not isinstance(distance, int) or distance < 3 * num_pairs + 2:
+        raise ValueError(
+            f"distance must be an integer >= 3 * num_pairs + 2 = {3 * num_pairs + 2} "
+            f"(the pairs come before their queries), got {distance!r}"
+        )
+    if not isinstance(prefix, int) or prefix < 0:
+        raise ValueError(f"prefix must be a non-negative integer, got {prefix!r}")
+    rng = _rng(seed)
+    length = prefix + distance - 1 + 3 * num_pairs  # inputs; the sequence has one more token
+    seq = rng.integers(*RECALL_FILLER, size=(batch, length + 1))
+    tgt = np.full((batch, length), IGNORE_INDEX, dtype=np.int64)
+    pairs = prefix + 3 * np.arange(num_pairs)  # position of each pair's key
+    for b in range(batch):
+        keys = rng.choice(np.arange(lo, hi), size=num_pairs, replace=False)
+        values = rng.integers(VALUE_RANGE[0], VALUE_RANGE[1], size=num_pairs)
+        seq[b, pairs], seq[b, pairs + 1] = keys, values
+        for i in np.sort(rng.choice(num_pairs, size=num_queries, replace=False)):
+            query = pairs[i] + distance - 1
+            seq[b, query], seq[b, query + 1], seq[b, query + 2] = QUERY_MARK, keys[i], values[i]
+            tgt[b, query + 1] = values[i]  # after reading the key, predict its value
+    return torch.from_numpy(seq[:, :length].astype(np.int64)), torch.from_numpy(tgt)
 
 
 def answer_accuracy(logits: Tensor, targets: Tensor) -> float:
