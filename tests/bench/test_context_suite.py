@@ -9,7 +9,7 @@ from longrange.bench.context_suite import ContextSetup, run_context_suite
 from longrange.bench.context_variants import ABLATIONS, LM_MODELS, RECALL_MODELS, ModelSpec
 from longrange.cli import main
 from longrange.data.corpus import Corpus, Document
-from longrange.models.registry import FAMILY_MODULES, make_config
+from longrange.models.registry import FAMILIES, make_config
 
 
 def _doc(name: str, n: int, seed: int) -> Document:
@@ -40,7 +40,7 @@ def test_the_settings_mean_what_the_labels_say():
     assert exact["local_attn_heads"] == (heads["performer"],)
     # a local window looks back one window: two windows cover the trained context
     assert 2 * exact["local_window_size"] >= LM_MODELS["performer"].config_dict()["max_seq_len"]
-    assert set(LM_MODELS) == set(RECALL_MODELS) == set(FAMILY_MODULES)
+    assert set(LM_MODELS) == set(RECALL_MODELS) == set(FAMILIES)
 
 
 TINY_LM = {
@@ -180,7 +180,7 @@ def test_cli_passes_the_options_through(monkeypatch, tmp_path):
 
     monkeypatch.setattr(context_suite, "run_context_suite", fake)
     assert main(["bench", "context", "--out", str(tmp_path), "--device", "cpu"]) == 0
-    assert seen["families"] == list(FAMILY_MODULES) and seen["parts"] == context_suite.PARTS
+    assert seen["families"] == list(FAMILIES) and seen["parts"] == context_suite.PARTS
     defaults = (context_suite.DEFAULT_BUDGET_S, context_suite.DEFAULT_RECALL_BUDGET_S, (0, 1), None)
     assert (seen["budget_s"], seen["recall_budget_s"], seen["seeds"], seen["steps"]) == defaults
     argv = [

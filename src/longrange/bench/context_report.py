@@ -17,7 +17,7 @@ from typing import Any
 
 from longrange.atomic import atomic_write_bytes, read_json
 from longrange.bench.report import series_styles
-from longrange.models.registry import FAMILY_MODULES
+from longrange.models.registry import FAMILIES
 
 START, END = "<!-- bench-context:start -->", "<!-- bench-context:end -->"
 AFTER = "<!-- bench:end -->"
@@ -30,7 +30,7 @@ def load_context(folder: Path) -> dict[str, Any] | None:
 
 def _rows(data: dict[str, Any], part: str) -> list[dict[str, Any]]:
     """The rows of one part, vanilla first and the families in the registry's order."""
-    order = {name: i for i, name in enumerate(FAMILY_MODULES)}
+    order = {name: i for i, name in enumerate(FAMILIES)}
     rows = [r for r in data.get("results", []) if r.get("part") == part and "error" not in r]
     return sorted(rows, key=lambda r: order.get(r.get("family"), len(order)))
 
