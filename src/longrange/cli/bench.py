@@ -1,0 +1,121 @@
+"""``longrange bench``: the benchmark suites."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from longrange.cli.loading import int_list, pick_device
+from longrange.models.registry import get_family
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longrange.bench.suites import run_suite
+    from longrange.models.registry import available_families
+
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    chosen = args.models or ("all" if args.suite == "context" else "vanilla")
+    models = available_families() if chosen == "all" else [m.strip() for m in chosen.split(",") if m.strip()]
+    for m in models:
+        get_family(m)
+    try:
+        low, high = (int(x) for x in args.listops_length.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--listops-length must be MIN,MAX (two integers), got {args.listops_length!r}"
+        ) from None
+    if not 1 <= low <= high:
+        raise ValueError(f"--listops-length needs 1 <= MIN <= MAX, got {args.listops_length!r}")
+    options = {
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "out": args.out,
+        "no_memory": args.no_memory,
+        "compare_reference": args.compare_reference,
+        "steps": args.steps,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "readme": args.readme,
+        "listops_length": (low, high),
+        "reference_lengths": (
+            [int(x) for x in args.reference_lengths.split(",") if x.strip()]
+            if args.reference_lengths
+            else None
+        ),
+        "parts": [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts is not None else None,
+        "budget": args.budget,
+        "recall_budget": args.recall_budget,
+        "seeds": int_list("--seeds", args.seeds) if args.seeds is not None else None,
+    }
+    run_suite(args.suite, models, lengths, device=pick_device(args.device), options=options)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
+    b.add_argument(
+        "suite",
+        choices=["speed", "memory", "generate", "recall", "quality", "listops", "context", "report"],
+        help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
+        "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
+        "listops (Long Range Arena classification), context (long-context evidence: loss by "
+        "position, ablations, recall at distance, equal compute), report (plots + README tables)",
+    )
+    b.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated families, or 'all' (default vanilla; context: all)",
+    )
+    b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")
+    b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    b.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    b.add_argument(
+        "--no-memory", action="store_true", help="speed: skip the fresh-process memory measurement"
+    )
+    b.add_argument(
+        "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
+    )
+    b.add_argument(
+        "--reference-lengths",
+        default=None,
+        help="speed: lengths at which --compare-reference times the references (default: --lengths)",
+    )
+    b.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="recall / quality / listops: training steps per family; context: fixed steps per run "
+        "instead of the calibrated --budget",
+    )
+    b.add_argument(
+        "--parts",
+        default=None,
+        help="context: comma-separated parts, from position,ablation,recall,compute (default all)",
+    )
+    b.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="context: training seconds per language-model run, turned into steps per family by "
+        "timing them on this machine (default 60)",
+    )
+    b.add_argument(
+        "--recall-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="context: training seconds per recall run (default 100)",
+    )
+    b.add_argument("--seeds", default=None, help="context: comma-separated seeds (default 0,1)")
+    b.add_argument(
+        "--listops-length",
+        default="500,2000",
+        help="listops: MIN,MAX characters per expression (default 500,2000, as Long Range Arena)",
+    )
+    b.add_argument("--prompt-len", type=int, default=1024, help="generate: prompt length (default 1024)")
+    b.add_argument("--new-tokens", type=int, default=1024, help="generate: tokens to decode (default 1024)")
+    b.add_argument("--readme", default="README.md", help="report: the README whose tables are rewritten")
+    b.set_defaults(func=cmd_bench)
