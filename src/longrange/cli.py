@@ -246,6 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "out": args.out,
         "no_memory": args.no_memory,
         "compare_reference": args.compare_reference,
+        "compile": args.compile,
         "steps": args.steps,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
+    )
+    b.add_argument(
+        "--compile", action="store_true", help="speed: also time torch.compile(model) beside eager, same run"
     )
     b.add_argument(
         "--reference-lengths",

@@ -8,11 +8,12 @@
 - :class:`Chunk` runs any position-wise layer over slices of the sequence, trading a little
   speed for a peak activation memory divided by ``chunks``.
 - :func:`lean_feed_forward` is a GELU :class:`FeedForward` (optionally behind its pre-norm
-  ``nn.LayerNorm``) in one autograd function that keeps little for backward: the input and
-  the pre-activation (``recompute=False``: backward forms the GELU and the norm again, both
-  elementwise), or the input only (``recompute=True``: backward forms the hidden activations
-  again, ``chunks`` slices at a time). The plain layer keeps the normalised input, the
-  pre-activation and the hidden activations; outputs and gradients are the same.
+  ``nn.LayerNorm``) in one autograd function that keeps less for backward than the plain
+  layers: the input, the pre-activation and the hidden activations (``recompute=False``;
+  backward forms the normalised input again, an elementwise pass), or the input only
+  (``recompute=True``: backward forms the hidden activations again, ``chunks`` slices at a
+  time, so that they never exist for the whole sequence). Outputs and gradients are the
+  plain layers'.
 
 The parameter names (``w1``, ``w2``) follow the references' feed-forward so that weight
 conversion is a rename-free copy. Where a reference gates the other way round
@@ -218,14 +219,16 @@ class _LeanFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, glu, approximate, chunks, recompute):
         chunks = max(1, min(chunks, x.shape[1])) if x.dim() > 2 else 1
-        outs, pres = [], []
+        outs, pres, hiddens = [], [], []
         for xs in x.chunk(chunks, dim=1) if chunks > 1 else (x,):
             pre = F.linear(_LeanFeedForward._normed(xs, ln_w, ln_b, eps), w1, b1)
-            outs.append(F.linear(_act(pre, glu, approximate), w2, b2))
+            hidden = _act(pre, glu, approximate)
+            outs.append(F.linear(hidden, w2, b2))
             if not recompute:
                 pres.append(pre)
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        kept = () if recompute else (torch.cat(pres, dim=1) if len(pres) > 1 else pres[0],)
+                hiddens.append(hidden)
+        joined = [torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (outs, pres, hiddens) if t]
+        out, kept = joined[0], joined[1:]
         ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
         ctx.eps, ctx.glu, ctx.approximate, ctx.chunks = eps, glu, approximate, chunks
         return out
@@ -235,20 +238,20 @@ class _LeanFeedForward(torch.autograd.Function):
     def backward(ctx, d_out):
         x, ln_w, ln_b, w1, b1, w2, b2, *kept = ctx.saved_tensors
         chunks = ctx.chunks
-        pieces = zip(
-            x.chunk(chunks, dim=1) if chunks > 1 else (x,),
-            d_out.chunk(chunks, dim=1) if chunks > 1 else (d_out,),
-            kept[0].chunk(chunks, dim=1) if kept and chunks > 1 else kept or [None] * chunks,
-        )
+        def split(t: Tensor | None):
+            return [None] * chunks if t is None else t.chunk(chunks, dim=1) if chunks > 1 else (t,)
+
+        pre_all, hidden_all = kept if kept else (None, None)
+        pieces = zip(split(x), split(d_out), split(pre_all), split(hidden_all))
         grads = {name: None if t is None else torch.zeros_like(t) for name, t in (
             ("ln_w", ln_w), ("ln_b", ln_b), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)
         )}  # fmt: skip
         dxs = []
-        for xs, ds, pre in pieces:
+        for xs, ds, pre, hidden in pieces:
             normed, mean, rstd = _LeanFeedForward._normed(xs, ln_w, ln_b, ctx.eps, with_stats=True)
             if pre is None:
                 pre = F.linear(normed, w1, b1)
-            hidden = _act(pre, ctx.glu, ctx.approximate)
+                hidden = _act(pre, ctx.glu, ctx.approximate)
             ds2 = ds.reshape(-1, ds.shape[-1])
             grads["w2"].addmm_(ds2.T, hidden.reshape(-1, hidden.shape[-1]))
             if b2 is not None:

@@ -214,8 +214,8 @@ class FeedForwardChunks(Chunk):
     """:class:`~longrange.modules.feedforward.Chunk` around a GELU :class:`FeedForward`
     (the reference's ``Chunk(ff_chunks, FeedForward(...), along_dim=1)``, same weights). In
     training it runs :func:`~longrange.modules.feedforward.lean_feed_forward`: with one chunk
-    keeping the pre-activations for backward, with more keeping only the input and forming
-    the hidden activations again one slice at a time. Its branch hands it the pre-norm
+    keeping the activations for backward, with more keeping only the input and forming the
+    hidden activations again one slice at a time. Its branch hands it the pre-norm
     (``takes_norm``), so the normalised input is not kept either. With dropout or another
     activation it is the plain chunked layer."""
 
