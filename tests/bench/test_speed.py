@@ -144,8 +144,6 @@ def test_reference_defaults_table_in_the_readme(tmp_path):
     failed.update(other_s=None, other_error="killed", against="reference package")
     merge_results(results_path(tmp_path, "cpu", "reference_defaults"), {"device": "cpu"}, [pair, failed])
     body = write_report(tmp_path, tmp_path / "README.md")
-    assert (
-        "| RoutingTransformerLM (causal, 2 local heads) | 8K | reference package | 500 ms | 1,000 ms | 2.00x |"
-        in body
-    )
+    row = "| RoutingTransformerLM (causal, 2 local heads) | 8K | reference package | 500 ms | 1,000 ms |"
+    assert row + " 2.00x |" in body
     assert "| PerformerLM (causal) | 8K | reference package | 500 ms | fails | - |" in body

@@ -109,6 +109,8 @@ def time_point(
 
     def train_step(forward=None):
         model.zero_grad(set_to_none=True)
+        if forward is not None:
+            model.before_compiled_step()
         fwd_bwd(model, tokens, forward)
 
     def forward():

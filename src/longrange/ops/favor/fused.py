@@ -193,7 +193,19 @@ class _SoftmaxCausal(torch.autograd.Function):
         d_final = torch.zeros_like(kv_starts[0]) if d_final is None else d_final
         if step >= g:
             dq, dk, dv1, d_final = _segment_backward(
-                d_out, d_final, q, k, v1, weight, keep, c, c_starts[0], kv_starts[0], out, den, extra
+                d_out,
+                d_final,
+                q,
+                k,
+                v1,
+                weight,
+                keep,
+                c,
+                c_starts[0],
+                kv_starts[0],
+                out,
+                den,
+                extra if ctx.kept else None,
             )
             return dq, dk, dv1, None, None, d_final, None, None, None, None
         dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
