@@ -129,10 +129,18 @@ def _loss_and_grads(model, tokens, mask=None, forward=None):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("recompute_from", [None, 16], ids=["plain", "recomputed-blocks"])
-def test_lean_training_path_gives_the_plain_layers_gradients(recompute_from):
-    """The lean feed-forward (with its norm) and block recomputation change no value: the
-    plain layers (dropout on makes the lean path stand aside, p=0 keeps it exact) agree."""
+@pytest.mark.parametrize(
+    "recompute_from,slice_size",
+    [(None, 8192), (16, 8192), (16, 10)],
+    ids=["plain", "recomputed", "sliced-ff"],
+)
+def test_lean_training_path_gives_the_plain_layers_gradients(recompute_from, slice_size, monkeypatch):
+    """The lean feed-forward (with its norm), block recomputation and the sliced feed-forward
+    of recomputed blocks change no value: the plain layers (a tiny dropout makes the lean
+    path stand aside) agree."""
+    import longrange.modules.feedforward as feedforward
+
+    monkeypatch.setattr(feedforward, "SLICE_ROWS", slice_size)
     torch.manual_seed(0)
     model = create_model("vanilla", "tiny", recompute_from=recompute_from).train()
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))

@@ -88,10 +88,11 @@ def test_fused_softmax_equals_features_then_chunks(n, chunk):
     assert_close(torch.cat((first, rest), dim=2), fused(q, k, v), 1e-5)
 
 
-# (id, keep_bytes, segment_bytes): everything kept for backward (one segment); formed again
-# in backward, one segment of a chunk, of two chunks (the last segment shorter), of all
+# (id, keep_bytes, segment_bytes): everything kept for backward (one segment, segments of two
+# chunks); formed again in backward, segments of a chunk, of two (the last one shorter), of all
 KEEP_CASES = [
     ("kept", None, None),
+    ("kept-segments-of-2", 2**30, "two chunks"),
     ("segments-of-1", 0, 1),
     ("segments-of-2", 0, "two chunks"),
     ("one-segment-recomputed", 0, 2**30),

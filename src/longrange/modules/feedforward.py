@@ -11,8 +11,10 @@
   ``nn.LayerNorm``) in one autograd function that keeps less for backward than the plain
   layers: the input, the pre-activation and the hidden activations (``recompute=False``;
   backward forms the normalised input again, an elementwise pass), or the input only
-  (``recompute=True``: backward forms the hidden activations again, ``chunks`` slices at a
-  time, so that they never exist for the whole sequence). Outputs and gradients are the
+  (``recompute=True``: backward forms the hidden activations again, a slice at a time, so
+  that they never exist for the whole sequence). It works on slices of at most
+  ``SLICE_ROWS`` positions (at least ``chunks`` slices), so that a slice's activations are
+  still in cache when the next step reads them, at any length. Outputs and gradients are the
   plain layers'.
 
 The parameter names (``w1``, ``w2``) follow the references' feed-forward so that weight
@@ -205,8 +207,14 @@ def _act_backward(d_hidden: Tensor, pre: Tensor, glu: bool, approximate: str) ->
     return torch.cat((d_a, d_hidden * F.gelu(a, approximate=approximate)), dim=-1)
 
 
+# rows (positions) per slice of the lean layer: its working set stays in cache at any length
+SLICE_ROWS = 4096
+
+
 class _LeanFeedForward(torch.autograd.Function):
-    """(LayerNorm ->) w1 -> GELU (or GEGLU) -> w2 over ``chunks`` slices of the positions."""
+    """(LayerNorm ->) w1 -> GELU (or GEGLU) -> w2 over the rows of x [..., D], in slices of at
+    most :data:`SLICE_ROWS` rows (at least ``chunks`` slices); what backward keeps is kept per
+    slice (no copy into whole-length tensors)."""
 
     @staticmethod
     def _normed(x, ln_w, ln_b, eps: float | None, with_stats: bool = False):
@@ -218,49 +226,44 @@ class _LeanFeedForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, glu, approximate, chunks, recompute):
-        chunks = max(1, min(chunks, x.shape[1])) if x.dim() > 2 else 1
-        outs, pres, hiddens = [], [], []
-        for xs in x.chunk(chunks, dim=1) if chunks > 1 else (x,):
+        rows = x.reshape(-1, x.shape[-1])
+        size = max(1, min(SLICE_ROWS, -(-rows.shape[0] // max(chunks, 1))))
+        outs, kept = [], []
+        for xs in rows.split(size):
             pre = F.linear(_LeanFeedForward._normed(xs, ln_w, ln_b, eps), w1, b1)
             hidden = _act(pre, glu, approximate)
             outs.append(F.linear(hidden, w2, b2))
             if not recompute:
-                pres.append(pre)
-                hiddens.append(hidden)
-        joined = [torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (outs, pres, hiddens) if t]
-        out, kept = joined[0], joined[1:]
+                kept += [pre, hidden]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
-        ctx.eps, ctx.glu, ctx.approximate, ctx.chunks = eps, glu, approximate, chunks
-        return out
+        ctx.eps, ctx.glu, ctx.approximate, ctx.size = eps, glu, approximate, size
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, ln_w, ln_b, w1, b1, w2, b2, *kept = ctx.saved_tensors
-        chunks = ctx.chunks
-        def split(t: Tensor | None):
-            return [None] * chunks if t is None else t.chunk(chunks, dim=1) if chunks > 1 else (t,)
-
-        pre_all, hidden_all = kept if kept else (None, None)
-        pieces = zip(split(x), split(d_out), split(pre_all), split(hidden_all))
+        xs_all = x.reshape(-1, x.shape[-1]).split(ctx.size)
+        ds_all = d_out.reshape(-1, d_out.shape[-1]).split(ctx.size)
         grads = {name: None if t is None else torch.zeros_like(t) for name, t in (
             ("ln_w", ln_w), ("ln_b", ln_b), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)
         )}  # fmt: skip
         dxs = []
-        for xs, ds, pre, hidden in pieces:
+        for i, (xs, ds) in enumerate(zip(xs_all, ds_all)):
             normed, mean, rstd = _LeanFeedForward._normed(xs, ln_w, ln_b, ctx.eps, with_stats=True)
-            if pre is None:
+            if kept:
+                pre, hidden = kept[2 * i], kept[2 * i + 1]
+            else:
                 pre = F.linear(normed, w1, b1)
                 hidden = _act(pre, ctx.glu, ctx.approximate)
-            ds2 = ds.reshape(-1, ds.shape[-1])
-            grads["w2"].addmm_(ds2.T, hidden.reshape(-1, hidden.shape[-1]))
+            grads["w2"].addmm_(ds.T, hidden)
             if b2 is not None:
-                grads["b2"] += ds2.sum(0)
-            d_pre = _act_backward((ds @ w2), pre, ctx.glu, ctx.approximate)
-            d_pre2 = d_pre.reshape(-1, d_pre.shape[-1])
-            grads["w1"].addmm_(d_pre2.T, normed.reshape(-1, normed.shape[-1]))
+                grads["b2"] += ds.sum(0)
+            d_pre = _act_backward(ds @ w2, pre, ctx.glu, ctx.approximate)
+            grads["w1"].addmm_(d_pre.T, normed)
             if b1 is not None:
-                grads["b1"] += d_pre2.sum(0)
+                grads["b1"] += d_pre.sum(0)
             d_normed = d_pre @ w1
             if mean is None:
                 dxs.append(d_normed)
@@ -274,6 +277,6 @@ class _LeanFeedForward(torch.autograd.Function):
                 grads["ln_w"] += d_lnw
             if ln_b is not None:
                 grads["ln_b"] += d_lnb
-        dx = torch.cat(dxs, dim=1) if len(dxs) > 1 else dxs[0]
+        dx = (torch.cat(dxs) if len(dxs) > 1 else dxs[0]).view(x.shape)
         g = grads
         return dx, g["ln_w"], g["ln_b"], None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None

@@ -44,11 +44,16 @@ class VanillaBlock(nn.Module):
         self.ff = FeedForward(config.dim, mult=config.ff_mult, dropout=config.dropout, glu=config.ff_glu)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, lean_ff: bool = False
+    ) -> Tensor:
+        """``lean_ff``: the feed-forward keeps only its input and forms its hidden activations
+        again in backward, a slice at a time (in a recomputed block, so that the block's
+        backward never holds them for the whole sequence)."""
         x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache))
         if lean_applies(self.ff, self.ff_norm):
             # keeps neither the normalised input nor more than the activations for backward
-            return x + lean_feed_forward(self.ff, x, norm=self.ff_norm)
+            return x + lean_feed_forward(self.ff, x, norm=self.ff_norm, recompute=lean_ff)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -79,7 +84,7 @@ class VanillaLM(LongRangeLM):
         )
         for i, block in enumerate(self.blocks):
             if recompute:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, True, use_reentrant=False)
             else:
                 x = block(x, mask=mask, cache=None if layers is None else layers[i]["kv"])
         return self.head(self.norm(x))

@@ -9,12 +9,13 @@ with a hand-written backward. With x' = x D^-1/4 and W' = W D^-1/4:
 and the gradient of exp(x W'^T - |x'|^2 / 2 - stop(c)) with respect to x is
   (d_phi o phi) W' - sum_m (d_phi o phi) D^-1/2 x.
 
-What the backward pass needs is chosen by size (``keep_bytes``): while the features, the
-chunks' C x C kernel blocks and their stabiliser factors take at most that many bytes they are
-kept from the forward pass (no projection, exponential or C x C product is formed twice: the
-fast path at the lengths exact attention can reach); beyond it only q, k, v and the running
-sums before each chunk are kept and the rest is formed again in backward, so long inputs keep
-O(N (D + M E / C)) per layer instead of O(N (M + C)).
+The chunks run in segments of about ``segment_bytes`` of features (a few thousand positions),
+so that what a segment forms is still in cache when it is read again: the cost per token
+does not grow with the length. What backward needs is chosen by size (``keep_bytes``): while
+all the features, the chunks' C x C kernel blocks and their stabiliser factors fit, they are
+kept from the forward pass (nothing is formed twice); beyond, only q, k, v, the output and
+the running sums before each segment are kept, and backward forms each segment's features
+again, segments in reverse, so long inputs keep O(N D) per layer instead of O(N (M + C)).
 
 Dimensions: B batch, H heads, N positions, G chunks, C chunk size, D head width, M features,
 E value width (F = E + 1 with the normaliser column).
@@ -32,10 +33,11 @@ from longrange.ops.favor.chunk import FavorState, scan_sums, scan_sums_backward,
 from longrange.ops.favor.features import running_log_scale
 from longrange.ops.favor.linear import with_ones
 
-# Above this many bytes of features and kernel blocks per call, backward forms them again,
-# one segment of about SEGMENT_BYTES at a time.
-KEEP_BYTES = 256 * 2**20
-SEGMENT_BYTES = 32 * 2**20
+# Up to this many bytes of features and kernel blocks per call are kept for backward (the
+# bench preset's 64K tokens, the reference defaults' 16K); beyond, backward forms them again.
+# The chunks run in segments of about SEGMENT_BYTES of them.
+KEEP_BYTES = 320 * 2**20
+SEGMENT_BYTES = 16 * 2**20
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,11 +105,11 @@ def _segment_forward(q, k, v1, weight, keep, kv0, c0):
     return out[..., :-1] / den, den, final, c, c0, (fq, fk, scores, within, befores)
 
 
-def _segment_backward(d_out, d_final, q, k, v1, weight, keep, c, c0, kv0, out, den, kept):
+def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, kv0, kept):
     """Gradients of :func:`_segment_forward` with respect to q, k, v1 and kv0, from those of
     its output and its final sums; ``kept`` holds the forward's tensors or is None (then they
     are formed again from q, k, v1, kv0 and the saved stabiliser c)."""
-    if kept is not None:
+    if kept:
         fq, fk, scores, within, befores = kept
         _, to_end, from_ref, c_ref, c_end = _factors(c, c0, within=False)
     else:
@@ -138,49 +140,41 @@ def _segment_backward(d_out, d_final, q, k, v1, weight, keep, c, c0, kv0, out, d
 
 
 class _SoftmaxCausal(torch.autograd.Function):
-    """q, k: [B, H, G, C, D]; v1: [B, H, G, C, F]; weight W' [M, D]; keep [B, 1, G, C] bool or None (nothing
-    masked); kv0 [B, H, M, F] relative to c0 [B, H] (used only when ``has_state``). Returns
-    (the output [B, H, G, C, D], the final sums, the running stabiliser [B, H, G, C]).
+    """q, k: [B, H, G, C, D]; v1: [B, H, G, C, F]; weight W' [M, D]; keep [B, 1, G, C] bool or
+    None (nothing masked); kv0 [B, H, M, F] relative to c0 [B, H] (used only when
+    ``has_state``). Returns (the output [B, H, G, C, D], the final sums, the running
+    stabiliser [B, H, G, C]).
 
-    The chunks run in segments of as many chunks as ``segment_bytes`` of features allow (one
-    segment when everything fits in ``keep_bytes``: then backward reuses the forward's
-    tensors); the sums between segments are kept, so backward runs the segments in reverse,
-    forming each one's features again."""
+    The chunks run in segments of as many chunks as ``segment_bytes`` of features allow, so
+    that a segment's tensors are still in cache when they are read again, at any length. The
+    sums before each segment are kept; each segment's features and kernel blocks too while
+    all of them fit in ``keep_bytes`` (else backward forms them again, segment by segment in
+    reverse)."""
 
     @staticmethod
     def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
         b, h, g, size, _ = q.shape
         per_chunk = 2 * (weight.shape[0] + size) * size * b * h * q.element_size()
-        ctx.kept = per_chunk * g < keep_bytes
-        step = g if ctx.kept else max(1, segment_bytes // per_chunk)
+        ctx.kept = per_chunk * g <= keep_bytes
+        ctx.step = step = min(g, max(1, segment_bytes // per_chunk))
         kv, c_start = kv0, c0 if has_state else None
-        kv_starts, c_starts, cs = [], [], []
-        out = den = None
+        kv_starts, c_starts, cs, outs, dens, kept = [], [], [], [], [], []
         for lo in range(0, g, step):
-            part = slice(lo, lo + step)
-            seg_keep = None if keep is None else keep[:, :, part]
-            seg_out, seg_den, final, c, c_used, kept = _segment_forward(
-                q[:, :, part], k[:, :, part], v1[:, :, part], weight, seg_keep, kv, c_start
+            seg_q, seg_k, seg_v1, seg_keep = _segment(q, k, v1, keep, lo, step)
+            out, den, final, c, c_used, extra = _segment_forward(
+                seg_q, seg_k, seg_v1, weight, seg_keep, kv, c_start
             )
-            if step >= g:
-                out, den = seg_out, seg_den
-            else:
-                # written into whole-length tensors as it goes, so only one segment's
-                # output exists twice
-                if out is None:
-                    out = seg_out.new_empty(*seg_out.shape[:2], g, *seg_out.shape[3:])
-                    den = seg_den.new_empty(*seg_den.shape[:2], g, *seg_den.shape[3:])
-                out[:, :, part] = seg_out
-                den[:, :, part] = seg_den
             kv_starts.append(kv)
             c_starts.append(c_used)
+            outs.append(out)
+            dens.append(den)
             cs.append(c)
+            if ctx.kept:
+                kept += extra
             kv, c_start = final, c[:, :, -1, -1]
-        c = torch.cat(cs, dim=2) if len(cs) > 1 else cs[0]
-        extra = kept if ctx.kept else ()
-        ctx.step = step
+        out, den, c = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (outs, dens, cs))
         ctx.save_for_backward(
-            q, k, v1, weight, keep, c, out, den, torch.stack(kv_starts), torch.stack(c_starts), *extra
+            q, k, v1, weight, keep, c, out, den, torch.stack(kv_starts), torch.stack(c_starts), *kept
         )
         ctx.mark_non_differentiable(c)
         return out, kv, c
@@ -188,45 +182,43 @@ class _SoftmaxCausal(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final, _d_c):
-        q, k, v1, weight, keep, c, out, den, kv_starts, c_starts, *extra = ctx.saved_tensors
+        q, k, v1, weight, keep, c, out, den, kv_starts, c_starts, *kept = ctx.saved_tensors
         g, step = q.shape[2], ctx.step
         d_final = torch.zeros_like(kv_starts[0]) if d_final is None else d_final
-        if step >= g:
-            dq, dk, dv1, d_final = _segment_backward(
-                d_out,
-                d_final,
-                q,
-                k,
-                v1,
-                weight,
-                keep,
-                c,
-                c_starts[0],
-                kv_starts[0],
-                out,
-                den,
-                extra if ctx.kept else None,
-            )
-            return dq, dk, dv1, None, None, d_final, None, None, None, None
-        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        grads = []
         for i, lo in reversed(list(enumerate(range(0, g, step)))):
-            part = slice(lo, lo + step)
-            dq[:, :, part], dk[:, :, part], dv1[:, :, part], d_final = _segment_backward(
-                d_out[:, :, part],
+            seg_q, seg_k, seg_v1, seg_keep = _segment(q, k, v1, keep, lo, step)
+            dq, dk, dv1, d_final = _segment_backward(
+                *(_part(t, lo, step) for t in (d_out, out, den)),
                 d_final,
-                q[:, :, part],
-                k[:, :, part],
-                v1[:, :, part],
+                seg_q,
+                seg_k,
+                seg_v1,
                 weight,
-                None if keep is None else keep[:, :, part],
-                c[:, :, part],
+                seg_keep,
+                _part(c, lo, step),
                 c_starts[i],
                 kv_starts[i],
-                out[:, :, part],
-                den[:, :, part],
-                None,
+                kept[5 * i : 5 * i + 5] if ctx.kept else None,
             )
+            grads.append((dq, dk, dv1))
+        dq, dk, dv1 = (torch.cat(t[::-1], dim=2) if len(t) > 1 else t[0] for t in zip(*grads))
         return dq, dk, dv1, None, None, d_final, None, None, None, None
+
+
+def _part(t: Tensor, lo: int, step: int) -> Tensor:
+    """Chunks lo .. lo + step of t [B, H | 1, G, ...], laid out contiguously (a slice of the
+    chunk dimension is not, and every product would otherwise copy it again)."""
+    return t if step >= t.shape[2] else t[:, :, lo : lo + step].contiguous()
+
+
+def _segment(q, k, v1, keep, lo: int, step: int):
+    return (
+        _part(q, lo, step),
+        _part(k, lo, step),
+        _part(v1, lo, step),
+        None if keep is None else _part(keep, lo, step),
+    )
 
 
 def softmax_causal_attention(
