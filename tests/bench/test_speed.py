@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite
 
@@ -81,3 +82,68 @@ def test_reference_lengths_restrict_the_reference_pass(tmp_path):
         ("performer", 64),
         ("performer (reference)", 64),
     ]
+    # the reference-defaults pairs: PerformerLM against the package and against exact attention
+    pairs = json.loads(next(tmp_path.glob("*/reference_defaults.json")).read_text())["results"]
+    assert sorted(p["against"] for p in pairs) == ["exact SDPA attention", "reference package"]
+    for pair in pairs:
+        assert pair["class"] == "PerformerLM" and pair["length"] == 64
+        assert pair["speedup"] == pytest.approx(pair["other_s"] / pair["longrange_s"])
+
+
+def test_exact_performer_is_the_same_model_with_softmax_attention():
+    from longrange.bench.reference import ExactAttention, build
+    from longrange.ops.dense import dense_attention_naive
+    from longrange.testing import assert_causal, assert_close
+
+    exact, favor = build("performer", 64, "exact"), build("performer", 64, "longrange")
+    assert sum(isinstance(m, ExactAttention) for m in exact.modules()) == 4
+    assert [n for n, _ in exact.named_parameters()] == [n for n, _ in favor.named_parameters()]
+    q, k, v = torch.randn(3, 1, 2, 20, 8).unbind(0)
+    assert_close(ExactAttention()(q, k, v), dense_attention_naive(q, k, v, causal=True), 1e-5)
+    assert_causal(exact.eval(), torch.randint(0, 256, (1, 40)), 256)
+    with pytest.raises(ValueError, match="Performer's comparison only"):
+        build("routing", 64, "exact")
+    with pytest.raises(ValueError, match="source must be one of"):
+        build("performer", 64, "ours")
+
+
+def test_memorizing_per_chunk_with_filled_memories():
+    from longrange.bench.reference import time_reference_point
+
+    row = time_reference_point("memorizing", 512, repeats=1, source="longrange", fill=1024)
+    assert row["family"] == "memorizing (reference defaults)" and row["filled"] == 1024
+    assert row["tokens_per_s"] == pytest.approx(512 / row["fwd_bwd_s"])
+
+
+def test_compiled_speed_is_reported_beside_eager(tmp_path, monkeypatch):
+    calls = []
+
+    def quick_compile(fn, **kwargs):  # tracing without code generation keeps the test short
+        calls.append(fn)
+        return real_compile(fn, backend="eager")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", quick_compile)
+    rows = run_speed_suite(
+        ["vanilla"], [32], device="cpu", repeats=1, out_dir=tmp_path, memory=False, compile=True
+    )
+    row = rows[0]
+    assert len(calls) == 1 and calls[0].__name__ == "forward_lm"
+    assert row["compiled_fwd_bwd_s"] > 0 and row["compile_s"] >= 0
+    assert row["compiled_tokens_per_s"] == pytest.approx(32 / row["compiled_fwd_bwd_s"])
+    assert "compiled tok/s" in format_table(rows)
+
+
+def test_reference_defaults_table_in_the_readme(tmp_path):
+    from longrange.bench.report import write_report
+    from longrange.bench.speed import merge_results, results_path
+
+    pair = {"family": "routing", "class": "RoutingTransformerLM", "setting": "causal, 2 local heads"}
+    pair.update(length=8192, against="reference package", longrange_s=0.5, other_s=1.0, speedup=2.0)
+    failed = {**pair, "family": "performer", "class": "PerformerLM", "setting": "causal", "speedup": None}
+    failed.update(other_s=None, other_error="killed", against="reference package")
+    merge_results(results_path(tmp_path, "cpu", "reference_defaults"), {"device": "cpu"}, [pair, failed])
+    body = write_report(tmp_path, tmp_path / "README.md")
+    row = "| RoutingTransformerLM (causal, 2 local heads) | 8K | reference package | 500 ms | 1,000 ms |"
+    assert row + " 2.00x |" in body
+    assert "| PerformerLM (causal) | 8K | reference package | 500 ms | fails | - |" in body

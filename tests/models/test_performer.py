@@ -214,3 +214,94 @@ def test_decoding_state_saves_and_loads(tmp_path):
     want, _ = model.prefill(seq[:, 17:], state)
     got, _ = model.prefill(seq[:, 17:], again)
     assert torch.equal(got, want)
+
+
+def _compile_cases():
+    bench = make_config("performer", "bench", dim=32, depth=2, heads=2, dim_head=16, max_seq_len=256)
+    defaults = PerformerLM(
+        num_tokens=256, max_seq_len=256, dim=32, depth=2, heads=2, dim_head=16, causal=True
+    )
+    return {
+        "bench": PerformerModel(bench),
+        "reference-defaults": defaults,
+        "small": create_model("performer", "small"),
+    }
+
+
+@pytest.mark.parametrize("case", ["bench", "reference-defaults", "small"])
+def test_training_step_compiles_without_graph_breaks(case):
+    """fullgraph tracing of forward and backward: the bench preset's options (recomputed
+    attention, chunked lean feed-forward, a length that pads the last chunk), the reference
+    defaults, and local heads with token shift."""
+    from longrange.testing import assert_compiles_whole
+
+    model = _compile_cases()[case].train()
+    seq = tokens(2, 101, vocab=256)
+
+    def loss(x):
+        logits = model.forward_lm(x[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+    torch.manual_seed(0)
+    eager = loss(seq)
+    assert_close(assert_compiles_whole(loss, seq).detach(), eager.detach(), 1e-5)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compiled_forward_leaves_the_redraw_count_to_before_compiled_step():
+    import torch._dynamo
+
+    model = lm(feature_redraw_interval=2).train()
+    proj = model.performer.fast_attentions()[0].projection_matrix
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_lm, backend="aot_eager", fullgraph=True)
+    seen = []
+    for _ in range(5):
+        model.before_compiled_step()
+        compiled(tokens(1, 8))
+        seen.append(proj.clone())
+    # as in eager: each matrix serves exactly 2 training calls
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[2], seen[1])
+    assert torch.equal(seen[2], seen[3]) and not torch.equal(seen[4], seen[3])
+    assert int(model.performer.calls_since_last_redraw) == 1
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_feedforward_branch_hands_its_norm_to_the_lean_layer(chunks):
+    """The branch passes its LayerNorm into the lean feed-forward (which forms the normalised
+    input again in backward); values and gradients equal the norm applied in front."""
+    from longrange.modules.branch import Branch
+
+    torch.manual_seed(0)
+    branch = Branch(16, FeedForwardChunks(chunks, FeedForward(16, mult=2)))
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    out = branch(x)
+    grads = torch.autograd.grad(out, [x, *branch.parameters()], torch.ones_like(out))
+    want = branch.fn.fn(branch.norm(x))
+    want_grads = torch.autograd.grad(want, [x, *branch.parameters()], torch.ones_like(want))
+    assert_close(out, want, 1e-6)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, 1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_step_equals_eager():
+    """A real torch.compile (inductor: generated code) of the reference defaults."""
+    import torch._dynamo
+
+    model = _compile_cases()["reference-defaults"].train()
+    seq = tokens(2, 65, vocab=256)
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        logits = forward(seq[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager, eager_grads = loss_and_grads(model.forward_lm)
+    torch._dynamo.reset()
+    compiled, compiled_grads = loss_and_grads(torch.compile(model.forward_lm))
+    assert_close(compiled, eager, 1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        assert_close(got, want, 1e-4)

@@ -119,3 +119,96 @@ def test_greedy_generate_equals_full_recompute(model):
         nxt = model(seq)[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     assert torch.equal(new, seq[:, 5:])
+
+
+def _loss_and_grads(model, tokens, mask=None, forward=None):
+    model.zero_grad(set_to_none=True)
+    logits = (forward or model.forward_lm)(tokens[:, :-1], mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "recompute_from,slice_size",
+    [(None, 8192), (16, 8192), (16, 10)],
+    ids=["plain", "recomputed", "sliced-ff"],
+)
+def test_lean_training_path_gives_the_plain_layers_gradients(recompute_from, slice_size, monkeypatch):
+    """The lean feed-forward (with its norm), block recomputation and the sliced feed-forward
+    of recomputed blocks change no value: the plain layers (a tiny dropout makes the lean
+    path stand aside) agree."""
+    import longrange.modules.feedforward as feedforward
+
+    monkeypatch.setattr(feedforward, "SLICE_ROWS", slice_size)
+    torch.manual_seed(0)
+    model = create_model("vanilla", "tiny", recompute_from=recompute_from).train()
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[1, :5] = False
+    loss, grads = _loss_and_grads(model, tokens, mask)
+    plain = create_model("vanilla", "tiny", dropout=1e-9).train()
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    want_loss, want = _loss_and_grads(plain, tokens, mask)
+    assert_close(loss, want_loss, 1e-5)
+    for got, expected in zip(grads, want):
+        assert_close(got, expected, 1e-4)
+
+
+def test_bench_preset_recomputes_from_32k():
+    cfg = make_config("vanilla", "bench")
+    assert cfg.recompute_from == 32768 and cfg.max_seq_len >= 131072
+    with pytest.raises(ValueError, match="recompute_from"):
+        make_config("vanilla", "tiny", recompute_from=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bench"])
+def test_training_step_compiles_without_graph_breaks(preset):
+    from longrange.testing import assert_compiles_whole
+
+    overrides = {"max_seq_len": 64, "recompute_from": 16} if preset == "bench" else {}
+    model = create_model("vanilla", preset, **overrides).train()
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(2))
+
+    def loss(seq):
+        logits = model.forward_lm(seq[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+
+    assert_compiles_whole(loss, tokens)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_train_compile_flag_reaches_the_trainer():
+    from longrange.cli import _train_fields, build_parser
+    from longrange.train.config import RESUME_SAFE
+
+    args = build_parser().parse_args(["train", "--compile"])
+    assert _train_fields(args, "vanilla")["compile"] is True
+    assert "compile" not in _train_fields(build_parser().parse_args(["train"]), "vanilla")
+    assert "compile" in RESUME_SAFE
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager(tmp_path, text_folder):
+    """``longrange train --compile`` (inductor: generated code) takes the eager step."""
+    from longrange.data.corpus import load_corpus
+    from longrange.train.config import TrainConfig
+    from longrange.train.trainer import Trainer
+
+    corpus = load_corpus(text_folder)
+
+    def one_step(compile):
+        cfg = TrainConfig(
+            model="vanilla", preset="tiny", set={"max_seq_len": 64}, seq_len=32, batch_size=2, steps=1,
+            out=str(tmp_path / "runs"), name=f"compile-{compile}", progress=False, compile=compile,
+        )  # fmt: skip
+        trainer = Trainer(cfg, corpus=corpus)
+        loss, skipped, _ = trainer.train_step()
+        assert not skipped
+        return loss, [p.detach().clone() for p in trainer.model.parameters()]
+
+    eager, compiled = one_step(False), one_step(True)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    for got, want in zip(compiled[1], eager[1]):
+        assert_close(got, want, 1e-4)

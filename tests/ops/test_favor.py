@@ -88,6 +88,90 @@ def test_fused_softmax_equals_features_then_chunks(n, chunk):
     assert_close(torch.cat((first, rest), dim=2), fused(q, k, v), 1e-5)
 
 
+# (id, keep_bytes, segment_bytes): everything kept for backward (one segment, segments of two
+# chunks); formed again in backward, segments of a chunk, of two (the last one shorter), of all
+KEEP_CASES = [
+    ("kept", None, None),
+    ("kept-segments-of-2", 2**30, "two chunks"),
+    ("segments-of-1", 0, 1),
+    ("segments-of-2", 0, "two chunks"),
+    ("one-segment-recomputed", 0, 2**30),
+]
+
+
+@pytest.mark.parametrize("keep,segment", [c[1:] for c in KEEP_CASES], ids=[c[0] for c in KEEP_CASES])
+@pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "continued"])
+def test_fused_softmax_paths_equal_the_kernel_matrix(keep, segment, with_state):
+    """Whatever backward keeps, forward, every gradient (the state's sums too) and the
+    final state equal the features-then-explicit-kernel reference, masks and padding included."""
+    n, chunk, m = 45, 8, 24
+    proj = projection(m, 16)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, :6] = False
+    mask[1, 30:] = False
+    options = {}
+    if keep is not None:
+        per_chunk = 2 * (m + chunk) * chunk * 2 * 2 * 8  # float64 bytes of one chunk's features
+        options = dict(keep_bytes=keep, segment_bytes=2 * per_chunk if segment == "two chunks" else segment)
+    q, k, v = qkv(2, 2, n + 10, 16, seed=5, dtype=torch.float64)
+    _, prefix = softmax_causal_attention(
+        q[:, :, :10], k[:, :, :10], v[:, :, :10], proj.double(), chunk_size=4
+    )
+    state = FavorState(prefix.kv.requires_grad_(), prefix.log_scale) if with_state else None
+
+    def fused(q, k, v):
+        out, final = softmax_causal_attention(
+            q, k, v, proj.double(), mask=mask, chunk_size=chunk, state=state, **options
+        )
+        return torch.cat((out.flatten(), final.kv.flatten()))
+
+    def reference(q, k, v):
+        # the continued sequence is the prefix and the new positions in one explicit pass
+        start = 10 if with_state else 0
+        qs, ks, vs = (
+            torch.cat((t0[:, :, :10].detach(), t), 2) if with_state else t
+            for t0, t in ((q0, q), (k0, k), (v0, v))
+        )
+        keep_all = torch.cat((torch.ones(2, 10, dtype=torch.bool), mask), 1) if with_state else mask
+        fq = softmax_query_features(qs, proj.double())
+        fk, scale = softmax_key_features(ks, proj.double(), causal=True, mask=keep_all)
+        out = linear_attention_naive(fq, fk, vs, causal=True, log_scale=scale)[:, :, start:]
+        weights = (scale - scale[..., -1:]).exp()[..., None] * fk  # sums relative to the last stabiliser
+        kv = weights.transpose(-1, -2) @ torch.cat((vs, torch.ones_like(vs[..., :1])), -1)
+        return torch.cat((out.flatten(), kv.flatten()))
+
+    q0, k0, v0 = q, k, v
+    new = [t[:, :, 10:] for t in (q, k, v)]
+    assert_same_forward_backward(fused, reference, new, rtol=1e-9)
+
+
+@pytest.mark.parametrize("chunks", [1, 7, 12, 64, 97])
+def test_scan_block_sizes_equal_the_sequential_sums(chunks):
+    """The default block (a divisor of G near sqrt(G), or sqrt(G) with padding for a prime)."""
+    gen = torch.Generator().manual_seed(chunks)
+    x = torch.randn(1, 2, chunks, 3, 2, generator=gen, dtype=torch.float64)
+    init = torch.randn(1, 2, 3, 2, generator=gen, dtype=torch.float64)
+    c_end = (torch.randn(1, 2, chunks, generator=gen, dtype=torch.float64) * 3).cummax(-1).values
+    c_ref = torch.cat(((c_end[..., :1] - 1.0), c_end[..., :-1]), dim=-1)
+    befores, final = scan_sums(x, c_ref, c_end, init)
+    running, expected = init, []
+    for g in range(chunks):
+        expected.append(running)
+        running = running * (c_ref[..., g] - c_end[..., g]).exp()[..., None, None] + x[:, :, g]
+    assert_close(befores, torch.stack(expected, dim=2), 1e-12)
+    assert_close(final, running, 1e-12)
+    d_before, d_final = torch.randn_like(befores), torch.randn_like(final)
+    x_leaf, init_leaf = x.clone().requires_grad_(), init.clone().requires_grad_()
+    running, outs = init_leaf, []
+    for g in range(chunks):
+        outs.append(running)
+        running = running * (c_ref[..., g] - c_end[..., g]).exp()[..., None, None] + x_leaf[:, :, g]
+    want = torch.autograd.grad((torch.stack(outs, 2), running), (x_leaf, init_leaf), (d_before, d_final))
+    got = scan_sums_backward(d_before, c_ref, c_end, d_final)
+    assert_close(got[0], want[0], 1e-12)
+    assert_close(got[1], want[1], 1e-12)
+
+
 def test_chunked_causal_without_stabiliser_equals_naive():
     inputs = [t.exp() for t in qkv(1, 3, 45, 8, seed=3)[:2]] + qkv(1, 3, 45, 8, seed=4)[:1]
 

@@ -1,17 +1,26 @@
 """``--compare-reference``: the reference packages timed beside longrange in the same run.
 
-Each builder imports its package (a test/benchmark oracle, never a runtime dependency) and
-returns a function mapping tokens [1, N] to logits at the benchmark size (dim 256, depth 4,
-heads 4) with the options the issues name. A family whose package is missing is skipped.
+Every family is compared at the reference package's defaults: one table (:data:`CLASSES`)
+names the reference-named class and the few keywords the issues fix (all others at their
+defaults, at the benchmark size dim 256, depth 4, heads 4), and :func:`build` makes that model
+from the reference package (``source="reference"``, a test and benchmark oracle, never a
+runtime dependency) or from longrange's class of the same name and keywords
+(``source="longrange"``). The Performer reference cannot run 8K causal tokens, so
+``source="exact"`` also builds longrange's ``PerformerLM`` with every FAVOR+ attention swapped
+for exact causal softmax attention (the fused SDPA kernel): the same model, exact attention.
+
+The memorizing models are measured as they train: chunks of 512 tokens, a forward and a
+backward per chunk, through kNN memories that start empty (``fill=None``), or per chunk once
+``fill`` tokens have filled the memories (the reference-defaults comparison: 32K).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,68 +28,120 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SIZE = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4}
+SOURCES = ("reference", "longrange", "exact")
+MEMORY_FILL = 32768
+
+# family -> (reference package, class name, keywords beyond SIZE, the setting in words)
+CLASSES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "performer": ("performer_pytorch", "PerformerLM", {"causal": True}, "causal, 266 features"),
+    "routing": (
+        "routing_transformer",
+        "RoutingTransformerLM",
+        {"causal": True, "window_size": 128, "n_local_attn_heads": 2},
+        "causal, 2 local heads, window 128",
+    ),
+    "sinkhorn": (
+        "sinkhorn_transformer",
+        "SinkhornTransformerLM",
+        {"causal": True, "bucket_size": 128},
+        "causal, bucket 128",
+    ),
+    "block_recurrent": (
+        "block_recurrent_transformer_pytorch",
+        "BlockRecurrentTransformer",
+        {"block_width": 512},
+        "block 512, 512 states",
+    ),
+    "memorizing": (
+        "memorizing_transformers_pytorch",
+        "MemorizingTransformer",
+        {"dim_head": 64},
+        "chunks of 512",
+    ),
+}
+BUILDERS = CLASSES  # the families with a reference package
 
 
 def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _performer(n: int) -> nn.Module:
-    from performer_pytorch import PerformerLM
+class ExactAttention(nn.Module):
+    """Stands in for a causal ``FastAttention``: exact softmax attention of q, k, v [B, H, N, D]
+    on the fused SDPA kernel; ``mask`` [B, N] key padding."""
 
-    return PerformerLM(max_seq_len=n, causal=True, **SIZE)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        from longrange.ops.dense import dense_attention
 
-
-def _routing(n: int) -> nn.Module:
-    from routing_transformer import RoutingTransformerLM
-
-    return RoutingTransformerLM(max_seq_len=n, causal=True, window_size=128, n_local_attn_heads=2, **SIZE)
-
-
-def _sinkhorn(n: int) -> nn.Module:
-    from sinkhorn_transformer import SinkhornTransformerLM
-
-    return SinkhornTransformerLM(max_seq_len=n, causal=True, bucket_size=128, **SIZE)
-
-
-def _block_recurrent(n: int) -> nn.Module:
-    from block_recurrent_transformer_pytorch import BlockRecurrentTransformer
-
-    return BlockRecurrentTransformer(max_seq_len=n, block_width=512, **SIZE)
+        return dense_attention(q, k, v, causal=True, mask=None if mask is None else mask[:, None, None, :])
 
 
 class _ChunkedMemorizing(nn.Module):
-    """Reads the sequence as training does: chunks of 512 through kNN memories that start empty
-    and fill as it goes, a forward and a backward per chunk (as longrange's memorizing bench)."""
+    """Reads the sequence as training does: chunks of 512 through kNN memories, a forward and a
+    backward per chunk. ``fill`` None: the memories start empty for every step and fill as it
+    goes (as longrange's memorizing bench); ``fill`` N: N tokens fill the memories once (no
+    gradients), then each step is one chunk on top of them."""
 
     chunk = 512
 
-    def __init__(self) -> None:
+    def __init__(self, cls: type, fill: int | None, **keywords: Any) -> None:
         super().__init__()
-        from memorizing_transformers_pytorch import MemorizingTransformer
-
         self.directory = tempfile.mkdtemp(prefix="longrange-bench-ref-")
-        self.model = MemorizingTransformer(
-            dim_head=64, max_knn_memories=65536, knn_memories_directory=self.directory, **SIZE
-        )
+        self.model = cls(knn_memories_directory=self.directory, **SIZE, **keywords)
+        self.fill = fill
+        self._context = self._memories = None
+
+    def _step(self, piece: Tensor, memories) -> None:
+        logits = _first(self.model(piece[:, :-1], knn_memories=memories))
+        F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
 
     def bench_step(self, tokens: Tensor) -> None:
-        with self.model.knn_memories_context(batch_size=tokens.shape[0]) as memories:
-            for start in range(0, tokens.shape[1] - 1, self.chunk):
-                piece = tokens[:, start : start + self.chunk + 1]
-                logits = self.model(piece[:, :-1], knn_memories=memories)
-                F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+        if self.fill is None:
+            with self.model.knn_memories_context(batch_size=tokens.shape[0]) as memories:
+                for start in range(0, tokens.shape[1] - 1, self.chunk):
+                    self._step(tokens[:, start : start + self.chunk + 1], memories)
+            return
+        if self._memories is None:
+            self._context = self.model.knn_memories_context(batch_size=tokens.shape[0])
+            self._memories = self._context.__enter__()
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for _ in range(0, self.fill, self.chunk):
+                    filler = torch.randint(
+                        0, SIZE["num_tokens"], (tokens.shape[0], self.chunk), generator=gen
+                    )
+                    self.model(filler, knn_memories=self._memories)
+        self._step(tokens[:, : self.chunk + 1], self._memories)
 
     def __del__(self) -> None:
+        if getattr(self, "_context", None) is not None:
+            self._context.__exit__(None, None, None)
         shutil.rmtree(getattr(self, "directory", ""), ignore_errors=True)
 
 
-def _memorizing(n: int) -> nn.Module:
-    return _ChunkedMemorizing()
+def build(family: str, length: int, source: str = "reference", *, fill: int | None = None) -> nn.Module:
+    """The model of :data:`CLASSES` for ``family`` at ``length`` tokens from ``source``."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "exact" and family != "performer":
+        raise ValueError("source='exact' is the Performer's comparison only")
+    package, name, keywords, _ = CLASSES[family]
+    module = importlib.import_module(package if source == "reference" else "longrange")
+    cls = getattr(module, name)
+    if family == "memorizing":
+        if fill is None and source == "reference":
+            keywords = {**keywords, "max_knn_memories": 65536}
+        return _ChunkedMemorizing(cls, fill, **keywords)
+    model = cls(max_seq_len=length, **SIZE, **keywords)
+    if source == "exact":
+        for layer in model.modules():
+            if hasattr(layer, "fast_attention"):
+                layer.fast_attention = ExactAttention()
+    return model
 
 
 def reference_step(model: nn.Module, tokens: Tensor) -> None:
-    """One forward+backward of a reference model over tokens [B, N + 1]."""
+    """One forward+backward of a model from :func:`build` over tokens [B, N + 1]."""
     if hasattr(model, "bench_step"):
         model.bench_step(tokens)
         return
@@ -88,23 +149,23 @@ def reference_step(model: nn.Module, tokens: Tensor) -> None:
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
 
-BUILDERS: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
-    "performer": ("performer_pytorch", _performer),
-    "routing": ("routing_transformer", _routing),
-    "sinkhorn": ("sinkhorn_transformer", _sinkhorn),
-    "block_recurrent": ("block_recurrent_transformer_pytorch", _block_recurrent),
-    "memorizing": ("memorizing_transformers_pytorch", _memorizing),
-}
-
-
 def reference_available(family: str) -> bool:
-    return family in BUILDERS and importlib.util.find_spec(BUILDERS[family][0]) is not None
+    return family in CLASSES and importlib.util.find_spec(CLASSES[family][0]) is not None
 
 
-def time_reference_point(family: str, length: int, *, repeats: int) -> dict[str, Any]:
-    package, build = BUILDERS[family]
+def row_name(family: str, source: str) -> str:
+    """How a row of each source is labelled in speed.json."""
+    return {"reference": f"{family} (reference)", "longrange": f"{family} (reference defaults)"}.get(
+        source, f"{family} (exact SDPA)"
+    )
+
+
+def time_reference_point(
+    family: str, length: int, *, repeats: int, source: str = "reference", fill: int | None = None
+) -> dict[str, Any]:
+    """Median forward+backward time of :func:`build`'s model after one warm-up step."""
     torch.manual_seed(0)
-    model = build(length).train()
+    model = build(family, length, source, fill=fill).train()
     tokens = torch.randint(0, 256, (1, length + 1))
 
     def step():
@@ -119,13 +180,100 @@ def time_reference_point(family: str, length: int, *, repeats: int) -> dict[str,
         times.append(time.perf_counter() - start)
     times.sort()
     fwd_bwd = times[len(times) // 2]
-    return {
-        "family": f"{family} (reference)",
-        "package": package,
+    timed = _ChunkedMemorizing.chunk if fill is not None else length
+    row = {
+        "family": row_name(family, source),
+        "package": CLASSES[family][0] if source == "reference" else "longrange",
         "length": length,
         "batch_size": 1,
         "params": sum(p.numel() for p in model.parameters()),
         "fwd_bwd_s": fwd_bwd,
         "fwd_s": None,
-        "tokens_per_s": length / fwd_bwd,
+        "tokens_per_s": timed / fwd_bwd,
     }
+    if fill is not None:
+        row["filled"] = fill
+    return row
+
+
+def compare_at_defaults(
+    family: str, lengths: list[int], reference_rows: list[dict[str, Any]], *, repeats: int, timer
+) -> list[dict[str, Any]]:
+    """The reference-defaults pairs of ``family``: at every length, longrange's class against
+    the reference package (its row from ``reference_rows``) and, for the Performer, against
+    the same model with exact SDPA attention; memorizing once, per chunk after
+    :data:`MEMORY_FILL` tokens filled both models' memories. ``timer(family, length, repeats,
+    source, fill)`` times one model (in a fresh process)."""
+    _, name, _, setting = CLASSES[family]
+    if family == "memorizing":
+        chunk = _ChunkedMemorizing.chunk
+        ours = timer(family, chunk, repeats, "longrange", MEMORY_FILL)
+        theirs = timer(family, chunk, repeats, "reference", MEMORY_FILL)
+        words = f"per {chunk}-token chunk, {MEMORY_FILL // 1024}K memories filled"
+        return [_pair(family, name, words, ours, theirs, "reference package")]
+    by_length = {r["length"]: r for r in reference_rows}
+    pairs = []
+    for length in lengths:
+        ours = timer(family, length, repeats, "longrange")
+        pairs.append(_pair(family, name, setting, ours, by_length.get(length), "reference package"))
+        if family == "performer":
+            exact = timer(family, length, repeats, "exact")
+            pairs.append(_pair(family, name, setting, ours, exact, "exact SDPA attention"))
+    return pairs
+
+
+def _pair(family, name, setting, ours, other, against) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "family": family,
+        "class": name,
+        "setting": setting,
+        "length": ours["length"],
+        "against": against,
+        "longrange_s": ours.get("fwd_bwd_s"),
+        "other_s": None if other is None else other.get("fwd_bwd_s"),
+    }
+    if "filled" in ours:
+        row["filled"] = ours["filled"]
+    for side, found in (("longrange", ours), ("other", other)):
+        if found is not None and "error" in found:
+            row[f"{side}_error"] = found["error"]
+    if row["longrange_s"] and row["other_s"]:
+        row["speedup"] = row["other_s"] / row["longrange_s"]
+    return row
+
+
+def _seconds(value: float | None, error: str | None) -> str:
+    if value is not None:
+        return f"{value * 1000:,.0f} ms"
+    return "fails" if error else "-"
+
+
+def format_pairs(pairs: list[dict[str, Any]]) -> str:
+    """The reference-defaults pairs as a text table."""
+    head = f"{'class':<28}{'length':>8}  {'against':<22}{'longrange':>12}{'other':>12}{'speed-up':>10}"
+    lines = [head, "-" * len(head)]
+    for p in pairs:
+        ours = _seconds(p.get("longrange_s"), p.get("longrange_error"))
+        other = _seconds(p.get("other_s"), p.get("other_error"))
+        ratio = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
+        lines.append(f"{p['class']:<28}{p['length']:>8}  {p['against']:<22}{ours:>12}{other:>12}{ratio:>10}")
+    return "\n".join(lines)
+
+
+def reference_defaults_markdown(data: dict[str, Any]) -> str:
+    """README table of ``reference_defaults.json``: each reference-named class at the
+    reference's defaults against its comparison, measured in the same run."""
+    out = [
+        "| class (reference defaults) | tokens | against | longrange | other | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in data.get("results", []):
+        length = p["length"]
+        tokens = f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
+        ours = _seconds(p.get("longrange_s"), p.get("longrange_error"))
+        other = _seconds(p.get("other_s"), p.get("other_error"))
+        ratio = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
+        out.append(
+            f"| {p['class']} ({p['setting']}) | {tokens} | {p['against']} | {ours} | {other} | {ratio} |"
+        )
+    return "\n".join(out)

@@ -123,6 +123,8 @@ def _throughput_cell(r: dict[str, Any]) -> str:
         parts.append(f"{100 * r['mfu']:.0f}%")
     if r.get("growth") is not None:
         parts.append(f"n^{r['growth']:.2f}")
+    if r.get("compiled_tokens_per_s"):
+        parts.append(f"compiled {r['compiled_tokens_per_s'] / 1000:.1f}K")
     return ", ".join(parts)
 
 
@@ -171,6 +173,12 @@ def markdown_for_device(folder: Path) -> str:
         parts.append(_speed_markdown(ours, _throughput_cell) + "\n")
         if (folder / "speed.png").is_file():
             parts.append(f"![speed](benchmarks/results/{folder.name}/speed.png)\n")
+    defaults = load_suite(folder, "reference_defaults")
+    if defaults:
+        from longrange.bench.reference import reference_defaults_markdown
+
+        parts.append("Reference-named classes at the reference's defaults, forward + backward, same run:\n")
+        parts.append(reference_defaults_markdown(defaults) + "\n")
     gen = load_suite(folder, "generate")
     if gen:
         first = gen["results"][0] if gen["results"] else {}

@@ -1,17 +1,22 @@
 """``longrange bench speed``: forward+backward and forward-only time, tokens/s, peak memory.
 
 Each (family, length) point: one warm-up, then the median of ``repeats`` timed runs. Peak
-memory is measured in a fresh process per point (the CUDA allocator's peak on GPU; the growth
-of the resident-set high-water mark on CPU), so one point's allocations cannot hide another's.
-Families are benchmarked at one shared size: their ``bench`` preset, or dim 256, depth 4,
-heads 4 on top of their default config.
+memory is measured in a fresh process per point (``bench/memory.py``). Families are
+benchmarked at one shared size: their ``bench`` preset, or dim 256, depth 4, heads 4 on top of
+their default config. ``compile=True`` also times ``torch.compile(model.forward_lm)`` in the
+same process (the compile time reported apart), beside the eager numbers.
+
+``compare_reference`` adds, at ``reference_lengths``, the reference packages
+(``bench/reference.py``) and the reference-defaults comparison: longrange's reference-named
+class against the package with the same keywords, each in a fresh process, and for the
+Performer also against the same model with exact SDPA attention; these pairs are written to
+``reference_defaults.json`` beside ``speed.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 
 from longrange.bench.device import device_slug, environment
 from longrange.bench.flops import count_flops, growth_exponents, matmul_peak
+from longrange.bench.memory import cap_address_space, current_rss_kib, peak_rss_kib, reset_peak_rss
 from longrange.models.registry import get_family
 
 BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
@@ -43,18 +49,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _fwd_bwd(model, tokens: torch.Tensor) -> None:
+def fwd_bwd(model, tokens: torch.Tensor, forward=None) -> None:
+    """One training step's forward and backward over tokens [B, N + 1]; ``forward`` stands in
+    for ``model.forward_lm`` (a compiled one)."""
+    forward = forward or model.forward_lm
     if getattr(model, "bench_feeds_chunks", False):
-        _fwd_bwd_chunks(model, tokens)
+        _fwd_bwd_chunks(model, tokens, forward)
         return
-    out = model.forward_lm(tokens[:, :-1])
+    out = forward(tokens[:, :-1])
     loss = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     loss.backward()
 
 
-def _fwd_bwd_chunks(model, tokens: torch.Tensor) -> None:
+def _fwd_bwd_chunks(model, tokens: torch.Tensor, forward) -> None:
     """For families that set ``bench_feeds_chunks`` (memorizing): read the length as training
     does, chunk by chunk (``max_seq_len`` tokens) through a fresh state that fills as it goes,
     with a forward and a backward per chunk."""
@@ -62,7 +71,7 @@ def _fwd_bwd_chunks(model, tokens: torch.Tensor) -> None:
     state = model.init_state(tokens.shape[0], tokens.device)
     for start in range(0, tokens.shape[1] - 1, size):
         piece = tokens[:, start : start + size + 1]
-        out = model.forward_lm(piece[:, :-1], state=state)
+        out = forward(piece[:, :-1], state=state)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), piece[:, 1:].flatten())
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
@@ -84,23 +93,32 @@ def _timed(fn, device: str, repeats: int, *, warmed: bool = False) -> float:
 
 
 def time_point(
-    family: str, length: int, *, device: str, repeats: int, batch_size: int, peak_flops: float | None = None
+    family: str,
+    length: int,
+    *,
+    device: str,
+    repeats: int,
+    batch_size: int,
+    peak_flops: float | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time one (family, length) point; the warm-up run is also the one whose FLOPs are counted."""
     torch.manual_seed(0)
     model = bench_model(family, length, device).train()
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
 
-    def train_step():
+    def train_step(forward=None):
         model.zero_grad(set_to_none=True)
-        _fwd_bwd(model, tokens)
+        if forward is not None:
+            model.before_compiled_step()
+        fwd_bwd(model, tokens, forward)
 
     def forward():
         with torch.no_grad():
             model.forward_lm(tokens[:, :-1])
 
     flops = count_flops(train_step)
-    fwd_bwd = _timed(train_step, device, repeats, warmed=True)
+    fwd_bwd_s = _timed(train_step, device, repeats, warmed=True)
     model.eval()
     fwd = _timed(forward, device, repeats)
     row = {
@@ -108,89 +126,73 @@ def time_point(
         "length": length,
         "batch_size": batch_size,
         "params": model.num_params(),
-        "fwd_bwd_s": fwd_bwd,
+        "fwd_bwd_s": fwd_bwd_s,
         "fwd_s": fwd,
-        "tokens_per_s": batch_size * length / fwd_bwd,
+        "tokens_per_s": batch_size * length / fwd_bwd_s,
         "fwd_bwd_flops": flops,
     }
     if peak_flops:
-        row["mfu"] = flops / fwd_bwd / peak_flops
+        row["mfu"] = flops / fwd_bwd_s / peak_flops
         row["matmul_peak_gflops"] = peak_flops / 1e9  # per row: merged runs may measure differently
+    if compile:
+        model.train()
+        row.update(_compiled_timing(model, train_step, device, repeats, batch_size * length))
     return row
 
 
-def memory_point(family: str, length: int, *, device: str, batch_size: int) -> float:
-    """Peak memory (MB) of one forward+backward, measured in this process.
+def _compiled_timing(model, train_step, device: str, repeats: int, tokens: int) -> dict[str, Any]:
+    """The training step through ``torch.compile(model.forward_lm)``: the first call's time
+    (tracing and code generation included) and the median of ``repeats`` after it."""
+    import torch._dynamo
 
-    ``family`` may be ``ref:<family>`` for the reference package's model (CPU only).
-    """
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_lm)
+    start = time.perf_counter()
+    try:
+        train_step(compiled)
+        _sync(device)
+    except Exception as err:  # a backend that cannot build this model: say so in the row
+        return {"compile_error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    first = time.perf_counter() - start
+    seconds = _timed(lambda: train_step(compiled), device, repeats, warmed=True)
+    return {
+        "compiled_fwd_bwd_s": seconds,
+        "compiled_tokens_per_s": tokens / seconds,
+        "compile_s": max(first - seconds, 0.0),
+    }
+
+
+def memory_point(family: str, length: int, *, device: str, batch_size: int) -> float:
+    """Peak memory (MB) of one forward+backward, measured in this process (CUDA allocator
+    peak on GPU, resident-set high-water growth on CPU). ``ref:<family>`` measures the
+    reference package's model (CPU only)."""
     torch.manual_seed(0)
     if family.startswith("ref:"):
-        from longrange.bench.reference import BUILDERS, reference_step
+        from longrange.bench.reference import build, reference_step
 
-        ref = BUILDERS[family[4:]][1](length).train()
+        model = build(family[4:], length).train()
         tokens = torch.randint(0, 256, (1, length + 1))
-        before = _current_rss_kib()
-        _reset_peak_rss()
-        reference_step(ref, tokens)
-        return (_peak_rss_kib() - before) / 1024
-    model = bench_model(family, length, device).train()
-    tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+        step = lambda: reference_step(model, tokens)  # noqa: E731
+    else:
+        model = bench_model(family, length, device).train()
+        tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+        step = lambda: fwd_bwd(model, tokens)  # noqa: E731
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _fwd_bwd(model, tokens)
+        step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _current_rss_kib()
-    _reset_peak_rss()
-    _fwd_bwd(model, tokens)
-    return (_peak_rss_kib() - before) / 1024
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _current_rss_kib() -> int:
-    value = _status_kib("VmRSS")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> None:
-    # Linux resets the high-water mark (VmHWM) when "5" is written to clear_refs, so the peak
-    # we read afterwards belongs to this measurement, not to imports or model construction.
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_kib() -> int:
-    value = _status_kib("VmHWM")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _cap_address_space() -> None:
-    """Child-process hook for the reference packages on CPU: cap the address space at 80% of
-    the machine's memory, so a reference that outgrows it (the Performer reference's causal
-    path wants 22 GB at 8K) fails with an allocation error instead of pushing the machine
-    into the kernel's out-of-memory killer."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = int(0.8 * total)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    before = current_rss_kib()
+    reset_peak_rss()
+    step()
+    return (peak_rss_kib() - before) / 1024
 
 
 def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size: int) -> float | None:
+    """:func:`memory_point` in a child process; None when it fails (out of memory, a length
+    the configuration refuses)."""
     cmd = [sys.executable, "-m", "longrange.bench.speed", family, str(length), device, str(batch_size)]
     # glibc raises its mmap threshold as large blocks are freed, after which freed activations
     # stay in the heap and the resident peak counts fragmentation. Pinning the threshold at its
@@ -199,7 +201,7 @@ def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     capped = family.startswith("ref:") and torch.device(device).type == "cpu"
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, preexec_fn=_cap_address_space if capped else None
+        cmd, capture_output=True, text=True, env=env, preexec_fn=cap_address_space if capped else None
     )
     if proc.returncode != 0:
         return None
@@ -237,26 +239,36 @@ def merge_results(
 
 def _reference_rows(
     family: str, lengths: list[int], *, device: str, repeats: int, memory: bool
-) -> list[dict]:
-    from longrange.bench.reference import reference_available
+) -> tuple[list[dict], list[dict]]:
+    """The reference package's rows at ``lengths`` and the reference-defaults pairs
+    (:func:`~longrange.bench.reference.compare_at_defaults`): (speed rows, pairs)."""
+    from longrange.bench.reference import compare_at_defaults, reference_available
 
     if torch.device(device).type != "cpu" or not reference_available(family):
-        return []
+        return [], []
     out = []
     for length in lengths:
         row = _reference_point_in_fresh_process(family, length, repeats)
         if "error" not in row and memory:
             row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
-        row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        out.append(_stamp(row))
         print(format_table([row]).splitlines()[-1], flush=True)
-        out.append(row)
-    return out
+    pairs = compare_at_defaults(
+        family, lengths, out, repeats=repeats, timer=_reference_point_in_fresh_process
+    )
+    return out, [_stamp(p) for p in pairs]
+
+
+def _stamp(row: dict[str, Any]) -> dict[str, Any]:
+    row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    compiled = any("compiled_fwd_bwd_s" in r or "compile_error" in r for r in rows)
     head = (
         f"{'family':<16}{'length':>8}{'fwd+bwd s':>12}{'fwd s':>10}{'tokens/s':>12}{'peak MB':>10}"
-        f"{'MFU':>7}{'growth':>8}"
+        f"{'MFU':>7}{'growth':>8}" + (f"{'compiled tok/s':>16}{'compile s':>11}" if compiled else "")
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -267,11 +279,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
         growth = f"{r['growth']:.2f}" if r.get("growth") is not None else "-"
         fwd = f"{r['fwd_s']:.3f}" if r.get("fwd_s") is not None else "-"
-        lines.append(
+        line = (
             f"{r['family']:<16}{r['length']:>8}{r['fwd_bwd_s']:>12.3f}{fwd:>10}"
             f"{r['tokens_per_s']:>12,.0f}{mem:>10}{mfu:>7}{growth:>8}"
         )
+        if "compiled_tokens_per_s" in r:
+            line += f"{r['compiled_tokens_per_s']:>16,.0f}{r['compile_s']:>11.1f}"
+        elif "compile_error" in r:
+            line += f"  compile failed: {r['compile_error']}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _check_lengths(lengths: list[int], reference_lengths: list[int] | None, repeats: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not lengths or any(n < 2 for n in lengths):
+        raise ValueError(f"lengths must be integers >= 2, got {lengths}")
+    if reference_lengths is not None and any(n < 2 for n in reference_lengths):
+        raise ValueError(f"reference_lengths must be integers >= 2, got {reference_lengths}")
 
 
 def run_speed_suite(
@@ -285,25 +311,28 @@ def run_speed_suite(
     memory: bool = True,
     compare_reference: bool = False,
     reference_lengths: list[int] | None = None,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time every (family, length); with ``compare_reference`` also the installed reference
-    packages at ``reference_lengths`` (default: all of ``lengths``)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not lengths or any(n < 2 for n in lengths):
-        raise ValueError(f"lengths must be integers >= 2, got {lengths}")
-    if reference_lengths is not None and any(n < 2 for n in reference_lengths):
-        raise ValueError(f"reference_lengths must be integers >= 2, got {reference_lengths}")
+    """Time every (family, length) (eager, and compiled with ``compile``); with
+    ``compare_reference`` also the installed reference packages and the reference-defaults
+    comparison at ``reference_lengths`` (default: all of ``lengths``)."""
+    _check_lengths(lengths, reference_lengths, repeats)
     env = environment(device)
     peak = matmul_peak(device)
     env["matmul_peak_gflops"] = f"{peak / 1e9:.1f}"
-    rows = []
+    rows, pairs = [], []
     for family in families:
         family_rows = []
         for length in sorted(lengths):
             try:
                 row = time_point(
-                    family, length, device=device, repeats=repeats, batch_size=batch_size, peak_flops=peak
+                    family,
+                    length,
+                    device=device,
+                    repeats=repeats,
+                    batch_size=batch_size,
+                    peak_flops=peak,
+                    compile=compile,
                 )
             except (RuntimeError, ValueError) as err:  # out of memory, or a length the config refuses
                 row = {"family": family, "length": length, "batch_size": batch_size, "error": str(err)[:200]}
@@ -312,32 +341,43 @@ def run_speed_suite(
                     row["peak_mb"] = memory_in_fresh_process(
                         family, length, device=device, batch_size=batch_size
                     )
-            row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            family_rows.append(row)
+            family_rows.append(_stamp(row))
             rows.append(row)
             print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
-        if compare_reference:
-            family_rows += _reference_rows(
-                family, sorted(reference_lengths or lengths), device=device, repeats=repeats, memory=memory
-            )
-            rows += family_rows[len(lengths) :]
-        timed = [r for r in family_rows[: len(lengths)] if "fwd_bwd_s" in r]
+        timed = [r for r in family_rows if "fwd_bwd_s" in r]
         for r, p in zip(
             timed, growth_exponents([r["length"] for r in timed], [r["fwd_bwd_s"] for r in timed])
         ):
             r["growth"] = p
+        if compare_reference:
+            ref_rows, ref_pairs = _reference_rows(
+                family, sorted(reference_lengths or lengths), device=device, repeats=repeats, memory=memory
+            )
+            rows += ref_rows
+            pairs += ref_pairs
     path = results_path(out_dir, device, "speed")
     merge_results(path, env, rows)
     print(f"\n{env['device']}, torch {env['torch']}\n{format_table(rows)}\nwritten: {path}")
+    if pairs:
+        from longrange.bench.reference import format_pairs
+
+        path = results_path(out_dir, device, "reference_defaults")
+        merge_results(path, env, pairs, keys=("family", "length", "against"))
+        print(f"\nreference defaults\n{format_pairs(pairs)}\nwritten: {path}")
     return rows
 
 
-def _reference_point_in_fresh_process(family: str, length: int, repeats: int) -> dict[str, Any]:
-    """Time a reference package in a child process: some build tensors that outgrow the
-    machine (the Performer reference's causal path at 8K on 24 GiB) and are killed by the
-    kernel, which must not take the benchmark run with them."""
+def _reference_point_in_fresh_process(
+    family: str, length: int, repeats: int, source: str = "reference", fill: int | None = None
+) -> dict[str, Any]:
+    """Time a model of ``bench/reference.py`` in a child process: some reference packages
+    build tensors that outgrow the machine (the Performer reference's causal path at 8K) and
+    are killed by the kernel, which must not take the benchmark run with them."""
+    from longrange.bench.reference import row_name
+
     cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_cap_address_space)
+    cmd += [source, str(fill or 0)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap_address_space)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -346,15 +386,18 @@ def _reference_point_in_fresh_process(family: str, length: int, repeats: int) ->
         if proc.returncode < 0
         else (proc.stderr.strip().splitlines() or ["failed"])[-1]
     )
-    return {"family": f"{family} (reference)", "length": length, "batch_size": 1, "error": reason[:200]}
+    return {"family": row_name(family, source), "length": length, "batch_size": 1, "error": reason[:200]}
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--reference":
-        # Worker for _reference_point_in_fresh_process: --reference family length repeats
+        # Worker for _reference_point_in_fresh_process: --reference family length repeats source fill
         from longrange.bench.reference import time_reference_point
 
-        row = time_reference_point(sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]))
+        fill = int(sys.argv[6]) or None
+        row = time_reference_point(
+            sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]), source=sys.argv[5], fill=fill
+        )
         print(json.dumps(row))
     else:
         # Worker for memory_in_fresh_process: family length device batch_size

@@ -128,6 +128,7 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             memory=not options.get("no_memory", False),
             compare_reference=options.get("compare_reference", False),
             reference_lengths=options.get("reference_lengths"),
+            compile=options.get("compile", False),
         )
     if suite == "memory":
         return run_memory_suite(

@@ -32,6 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "out": args.out,
         "no_memory": args.no_memory,
         "compare_reference": args.compare_reference,
+        "compile": args.compile,
         "steps": args.steps,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -76,6 +77,9 @@ def add_parser(sub: Any) -> None:
     )
     b.add_argument(
         "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
+    )
+    b.add_argument(
+        "--compile", action="store_true", help="speed: also time torch.compile(model) beside eager, same run"
     )
     b.add_argument(
         "--reference-lengths",

@@ -33,6 +33,7 @@ TRAIN_FLAGS = {
     "out": "--out",
     "name": "--name",
     "fsdp": "--fsdp",
+    "compile": "--compile",
     "progress": "--no-progress",
 }
 
@@ -47,9 +48,9 @@ def _train_fields(args: argparse.Namespace, family: str) -> dict[str, Any]:
         elif name == "progress":
             if args.no_progress:
                 fields["progress"] = False
-        elif name == "fsdp":
-            if args.fsdp:
-                fields["fsdp"] = True
+        elif name in ("fsdp", "compile"):
+            if getattr(args, name):
+                fields[name] = True
         elif getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     return fields
@@ -139,6 +140,7 @@ def add_parser(sub: Any) -> None:
     )
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP under torchrun")
+    t.add_argument("--compile", action="store_true", help="run the training step through torch.compile")
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="set any model config field, e.g. --set depth=6"
     )

@@ -72,6 +72,12 @@ class LongRangeLM(nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.forward_lm(tokens, mask=mask).logits
 
+    def before_compiled_step(self) -> None:
+        """The host-side bookkeeping of one training call that a forward running under
+        ``torch.compile`` leaves out (it reads tensor values on the host, which would break
+        the graph): the trainer calls it before every compiled step; an eager forward does
+        it itself. Nothing by default (the Performer counts calls to redraw its features)."""
+
     def check_tokens(self, tokens: Tensor, mask: Tensor | None = None, *, allow_longer: bool = False) -> None:
         """Validate a token batch before any work: dtype, rank, size, range, length, mask."""
         if not isinstance(tokens, Tensor):

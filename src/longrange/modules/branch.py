@@ -14,6 +14,9 @@ whose blocks are pre-norm / ReZero branches (performer, sinkhorn, routing):
   mask is passed on to ``fn`` under the same name. With a decoding ``cache`` (a dict, see
   ``modules.reversible`` ``forward_cached``) the shift continues from the last positions kept
   in ``cache["shift"]``, and ``fn`` receives the same dict as ``cache=`` for its own entries.
+- a ``fn`` with ``takes_norm = True`` (performer's lean feed-forward) is handed the norm as
+  ``norm=`` instead of the normalised input when nothing comes between them (no shift, no
+  cache), so that it can form the normalised input again in backward instead of keeping it.
 - ``recompute``: in training, keep only the branch input and run the branch again in backward
   (activation checkpointing), so its activations never outlive it. Not inside a reversible
   stack's own backward re-run (that already recomputes) and not while decoding.
@@ -71,10 +74,18 @@ class Branch(nn.Module):
         return self._run(x, cache, **kwargs)
 
     def _run(self, x: Tensor, cache: dict | None, **kwargs):
-        h = x if self.norm is None else self.norm(x)
-        if self.shifts:
-            h = self._shift(h, kwargs.get(self.mask_key), cache)
-        out = self.fn(h, **kwargs) if cache is None else self.fn(h, cache=cache, **kwargs)
+        if (
+            cache is None
+            and not self.shifts
+            and self.norm is not None
+            and getattr(self.fn, "takes_norm", False)
+        ):
+            out = self.fn(x, norm=self.norm, **kwargs)
+        else:
+            h = x if self.norm is None else self.norm(x)
+            if self.shifts:
+                h = self._shift(h, kwargs.get(self.mask_key), cache)
+            out = self.fn(h, **kwargs) if cache is None else self.fn(h, cache=cache, **kwargs)
         if self.gate is None:
             return out
         gate = getattr(self, self.gate)

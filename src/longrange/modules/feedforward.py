@@ -7,6 +7,15 @@
   that it has about as many parameters as the plain MLP of the same ``mult``.
 - :class:`Chunk` runs any position-wise layer over slices of the sequence, trading a little
   speed for a peak activation memory divided by ``chunks``.
+- :func:`lean_feed_forward` is a GELU :class:`FeedForward` (optionally behind its pre-norm
+  ``nn.LayerNorm``) in one autograd function that keeps less for backward than the plain
+  layers: the input, the pre-activation and the hidden activations (``recompute=False``;
+  backward forms the normalised input again, an elementwise pass), or the input only
+  (``recompute=True``: backward forms the hidden activations again, a slice at a time, so
+  that they never exist for the whole sequence). It works on slices of at most
+  ``SLICE_ROWS`` positions (at least ``chunks`` slices), so that a slice's activations are
+  still in cache when the next step reads them, at any length. Outputs and gradients are the
+  plain layers'.
 
 The parameter names (``w1``, ``w2``) follow the references' feed-forward so that weight
 conversion is a rename-free copy. Where a reference gates the other way round
@@ -20,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -149,3 +159,124 @@ class Chunk(nn.Module):
             return self.fn(x, **kwargs)
         pieces = x.chunk(self.chunks, dim=self.along_dim)
         return torch.cat([self.fn(p, **kwargs) for p in pieces], dim=self.along_dim)
+
+
+def lean_applies(ff: FeedForward, norm: nn.Module | None = None) -> bool:
+    """Whether :func:`lean_feed_forward` computes ``ff`` (after ``norm``) exactly: a GELU
+    layer without active dropout, a LayerNorm (or no norm) in front, gradients wanted."""
+    return (
+        torch.is_grad_enabled()
+        and type(ff.act) is nn.GELU
+        and (ff.dropout.p == 0 or not ff.training)
+        and (norm is None or type(norm) is nn.LayerNorm)
+    )
+
+
+def lean_feed_forward(
+    ff: FeedForward, x: Tensor, *, norm: nn.LayerNorm | None = None, chunks: int = 1, recompute: bool = False
+) -> Tensor:
+    """``ff(norm(x))`` for x [B, N, D] (see the module docstring and :func:`lean_applies`);
+    ``chunks`` slices along N when forming the hidden activations."""
+    ln = (None, None, None) if norm is None else (norm.weight, norm.bias, norm.eps)
+    return _LeanFeedForward.apply(
+        x,
+        *ln,
+        ff.w1.weight,
+        ff.w1.bias,
+        ff.w2.weight,
+        ff.w2.bias,
+        ff.glu,
+        ff.act.approximate,
+        chunks,
+        recompute,
+    )
+
+
+def _act(pre: Tensor, glu: bool, approximate: str) -> Tensor:
+    if not glu:
+        return F.gelu(pre, approximate=approximate)
+    a, g = pre.chunk(2, dim=-1)
+    return F.gelu(a, approximate=approximate) * g
+
+
+def _act_backward(d_hidden: Tensor, pre: Tensor, glu: bool, approximate: str) -> Tensor:
+    if not glu:
+        return torch.ops.aten.gelu_backward(d_hidden, pre, approximate=approximate)
+    a, g = pre.chunk(2, dim=-1)
+    d_a = torch.ops.aten.gelu_backward(d_hidden * g, a, approximate=approximate)
+    return torch.cat((d_a, d_hidden * F.gelu(a, approximate=approximate)), dim=-1)
+
+
+# rows (positions) per slice of the lean layer: its working set stays in cache at any length
+SLICE_ROWS = 4096
+
+
+class _LeanFeedForward(torch.autograd.Function):
+    """(LayerNorm ->) w1 -> GELU (or GEGLU) -> w2 over the rows of x [..., D], in slices of at
+    most :data:`SLICE_ROWS` rows (at least ``chunks`` slices); what backward keeps is kept per
+    slice (no copy into whole-length tensors)."""
+
+    @staticmethod
+    def _normed(x, ln_w, ln_b, eps: float | None, with_stats: bool = False):
+        """x, LayerNorm(x) when ``eps`` is given (with its mean and 1 / std if asked)."""
+        if eps is None:
+            return (x, None, None) if with_stats else x
+        out = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
+        return out if with_stats else out[0]
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, glu, approximate, chunks, recompute):
+        rows = x.reshape(-1, x.shape[-1])
+        size = max(1, min(SLICE_ROWS, -(-rows.shape[0] // max(chunks, 1))))
+        outs, kept = [], []
+        for xs in rows.split(size):
+            pre = F.linear(_LeanFeedForward._normed(xs, ln_w, ln_b, eps), w1, b1)
+            hidden = _act(pre, glu, approximate)
+            outs.append(F.linear(hidden, w2, b2))
+            if not recompute:
+                kept += [pre, hidden]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
+        ctx.eps, ctx.glu, ctx.approximate, ctx.size = eps, glu, approximate, size
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, ln_w, ln_b, w1, b1, w2, b2, *kept = ctx.saved_tensors
+        xs_all = x.reshape(-1, x.shape[-1]).split(ctx.size)
+        ds_all = d_out.reshape(-1, d_out.shape[-1]).split(ctx.size)
+        grads = {name: None if t is None else torch.zeros_like(t) for name, t in (
+            ("ln_w", ln_w), ("ln_b", ln_b), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)
+        )}  # fmt: skip
+        dxs = []
+        for i, (xs, ds) in enumerate(zip(xs_all, ds_all)):
+            normed, mean, rstd = _LeanFeedForward._normed(xs, ln_w, ln_b, ctx.eps, with_stats=True)
+            if kept:
+                pre, hidden = kept[2 * i], kept[2 * i + 1]
+            else:
+                pre = F.linear(normed, w1, b1)
+                hidden = _act(pre, ctx.glu, ctx.approximate)
+            grads["w2"].addmm_(ds.T, hidden)
+            if b2 is not None:
+                grads["b2"] += ds.sum(0)
+            d_pre = _act_backward(ds @ w2, pre, ctx.glu, ctx.approximate)
+            grads["w1"].addmm_(d_pre.T, normed)
+            if b1 is not None:
+                grads["b1"] += d_pre.sum(0)
+            d_normed = d_pre @ w1
+            if mean is None:
+                dxs.append(d_normed)
+                continue
+            mask = (True, ln_w is not None, ln_b is not None)
+            dx, d_lnw, d_lnb = torch.ops.aten.native_layer_norm_backward(
+                d_normed, xs, xs.shape[-1:], mean, rstd, ln_w, ln_b, mask
+            )
+            dxs.append(dx)
+            if ln_w is not None:
+                grads["ln_w"] += d_lnw
+            if ln_b is not None:
+                grads["ln_b"] += d_lnb
+        dx = (torch.cat(dxs) if len(dxs) > 1 else dxs[0]).view(x.shape)
+        g = grads
+        return dx, g["ln_w"], g["ln_b"], None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None

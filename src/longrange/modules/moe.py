@@ -23,9 +23,10 @@ Two differences from the package, both opt-in or invisible when unused:
 - ``mask`` [B, N] (True = real token): padded tokens are routed nowhere, take no capacity and
   do not enter the balancing loss.
 
-Dispatch uses slot indices (an ``index_copy`` into a [E, B * C, D] buffer and an
-``index_add`` back) rather than the package's one-hot [B, N, E, C] tensors, so memory is
-O(N * D) rather than O(N^2) per row.
+Dispatch uses slot indices (an ``index_add`` into a [E, B * C, D] buffer and back) rather
+than the package's one-hot [B, N, E, C] tensors, so memory is O(N * D) rather than O(N^2) per
+row; choices that are not dispatched carry zeros, so no shape depends on the routing (the
+layer compiles into one graph).
 Dimensions: B batch, N sequence, D width, E experts, C capacity, F hidden width.
 """
 
@@ -220,13 +221,13 @@ class MoE(nn.Module):
             raise ValueError(f"mask must be a bool tensor of shape {(b, n)}")
         experts, slots, gates, keep, capacity, loss = self.gate(x, mask)
         rows = torch.arange(b, device=x.device)[:, None, None]
-        buffer_index = (experts * b + rows) * capacity + slots  # [B, N, 2]
-        token_index = torch.arange(b * n, device=x.device).view(b, n, 1).expand(b, n, 2)
-        buffer_index, token_index, gates = buffer_index[keep], token_index[keep], gates[keep]
-        tokens = x.reshape(b * n, d)
-        slots_in = x.new_zeros(self.num_experts * b * capacity, d)
-        slots_in = slots_in.index_copy(0, buffer_index, tokens[token_index])
+        # a choice that is not dispatched points at slot 0 and carries zeros both ways (its
+        # gate is 0), so every shape is fixed by (B, N): no data-dependent selection
+        buffer_index = torch.where(keep, (experts * b + rows) * capacity + slots, 0).flatten()
+        token_index = torch.arange(b * n, device=x.device).repeat_interleave(2)
+        tokens = x.reshape(b * n, d)[token_index] * keep.flatten()[:, None].to(x.dtype)
+        slots_in = x.new_zeros(self.num_experts * b * capacity, d).index_add(0, buffer_index, tokens)
         slots_out = self.experts(slots_in.view(self.num_experts, b * capacity, d))
-        picked = slots_out.reshape(-1, d)[buffer_index] * gates[:, None].to(x.dtype)
+        picked = slots_out.reshape(-1, d)[buffer_index] * gates.flatten()[:, None].to(x.dtype)
         out = x.new_zeros(b * n, d).index_add(0, token_index, picked)
         return out.view(b, n, d), loss * self.loss_coef

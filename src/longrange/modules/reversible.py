@@ -12,7 +12,9 @@ branch), and both return ``(x, aux_loss)`` from ``forward(x, **kwargs)``.
   not grow with depth. The RNG state (CPU, and CUDA for CUDA inputs) and the autocast state in
   front of every branch call are recorded and replayed, so dropout draws the same masks.
   ``recompute=False`` runs the same coupling through ordinary autograd (the reference for
-  tests).
+  tests). Under ``torch.compile`` (which cannot trace a backward that re-runs branches
+  itself) each block runs under activation checkpointing instead: the same values, with the
+  two streams kept at each block's input, so memory grows with depth there.
 
 Conventions shared by both:
 
@@ -24,7 +26,8 @@ Conventions shared by both:
   passed to ``forward`` without a route raises TypeError rather than being dropped. Tensor
   keywords (a context, a bias) receive gradients in the reversible stack too.
 - **Layer dropout.** In training each block is skipped with probability ``layer_dropout``;
-  at least one block always runs.
+  at least one block always runs. Under ``torch.compile`` every block runs and a dropped
+  block's result is discarded (``torch.where``), so the graph does not depend on the draw.
 - **Recomputation flag.** :func:`in_recomputation` is True only while the reversible stack
   re-runs branches during backward. Stateful layers (k-means EMA, batch-norm statistics) check
   it to skip updates that the forward pass already made. A branch's output must not depend on
@@ -40,6 +43,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 # How many reversible recomputations are running. A plain module global (not a ContextVar)
 # because torch.compile traces reads of it (a guard) and cannot trace ContextVar.get; backward
@@ -178,6 +182,16 @@ class _Stack(nn.Module):
         kept = [i for i in range(depth) if not dropped[i]]
         return kept or [int(torch.randint(depth, ()))]
 
+    def _kept_flags(self) -> Tensor | None:
+        """Layer dropout as a tensor (compiled graphs): True for the blocks that run, None
+        when every block does."""
+        depth = len(self.blocks)
+        if not self.training or self.layer_dropout == 0.0:
+            return None
+        kept = torch.rand(depth) >= self.layer_dropout
+        chosen = torch.arange(depth) == torch.randint(depth, ())
+        return kept | (chosen & ~kept.any())
+
 
 def _add_aux(total: Tensor, aux: Tensor | None) -> Tensor:
     return total if aux is None else total + aux
@@ -189,6 +203,8 @@ class SequentialSequence(_Stack):
     def forward(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         routed = self._route(kwargs)
         aux = x.new_zeros((), dtype=torch.float32)
+        if torch.compiler.is_compiling() and self.training and self.layer_dropout > 0:
+            return _flagged_walk(self.blocks, routed, x, aux, self._kept_flags())
         for i in self._kept():
             block, (f_kw, g_kw) = self.blocks[i], routed[i]
             out, a = _split_output(block.f(x, **f_kw), f"blocks[{i}].f")
@@ -196,6 +212,19 @@ class SequentialSequence(_Stack):
             out, a = _split_output(block.g(x, **g_kw), f"blocks[{i}].g")
             x, aux = x + out, _add_aux(aux, a)
         return x, aux
+
+
+def _flagged_walk(blocks, routed, x: Tensor, aux: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain residual walk with layer dropout as flags: each block runs, a dropped one's
+    result (and auxiliary loss) is discarded."""
+    for i, (block, (f_kw, g_kw)) in enumerate(zip(blocks, routed)):
+        out, a = _split_output(block.f(x, **f_kw), f"blocks[{i}].f")
+        y = x + out
+        aux_f = aux if a is None else aux + a
+        out, a = _split_output(block.g(y, **g_kw), f"blocks[{i}].g")
+        y, aux_g = y + out, aux_f if a is None else aux_f + a
+        x, aux = torch.where(kept[i], y, x), torch.where(kept[i], aux_g, aux)
+    return x, aux
 
 
 class _Plan:
@@ -328,8 +357,8 @@ class ReversibleSequence(_Stack):
         self.recompute = recompute
 
     def forward(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        routed = self._route(kwargs)
-        kept = self._kept()
+        routed_all = routed = self._route(kwargs)
+        kept = list(range(len(self.blocks))) if torch.compiler.is_compiling() else self._kept()
         blocks = [(i, self.blocks[i]) for i in kept]
         routed = [routed[i] for i in kept]
         grad_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad]
@@ -341,6 +370,8 @@ class ReversibleSequence(_Stack):
                     params.append(p)
         plan = _Plan(blocks, routed, grad_keys, params)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(grad_keys) or bool(params))
+        if torch.compiler.is_compiling():
+            return _compiled_coupling(self, x, routed_all, self.recompute and needs_grad)
         if not self.recompute or not needs_grad:
             y1, y2, aux = _coupling_forward(plan, x, record=False)
             return (y1 + y2) / 2, aux
@@ -353,3 +384,36 @@ class ReversibleSequence(_Stack):
             x1 = x1 + _split_output(block.f(x2, cache=cf, **f_kw), "f")[0]
             x2 = x2 + _split_output(block.g(x1, cache=cg, **g_kw), "g")[0]
         return (x1 + x2) / 2
+
+
+def _coupling_block(block: _Block, x1: Tensor, x2: Tensor, f_kw: dict, g_kw: dict, where: str):
+    out, a_f = _split_output(block.f(x2, **f_kw), f"{where}.f")
+    y1 = x1 + out
+    out, a_g = _split_output(block.g(y1, **g_kw), f"{where}.g")
+    aux = x1.new_zeros((), dtype=torch.float32)
+    for a in (a_f, a_g):
+        aux = _add_aux(aux, a)
+    return y1, x2 + out, aux
+
+
+def _compiled_coupling(
+    stack: ReversibleSequence, x: Tensor, routed, checkpointed: bool
+) -> tuple[Tensor, Tensor]:
+    """The coupling as torch.compile can trace it: each block under activation checkpointing
+    (when gradients are wanted), layer dropout as flags."""
+    kept = stack._kept_flags()
+    x1 = x2 = x
+    aux = x.new_zeros((), dtype=torch.float32)
+    for i, (block, (f_kw, g_kw)) in enumerate(zip(stack.blocks, routed)):
+        args = (block, x1, x2, f_kw, g_kw, f"blocks[{i}]")
+        y1, y2, a = (
+            checkpoint(_coupling_block, *args, use_reentrant=False)
+            if checkpointed
+            else _coupling_block(*args)
+        )
+        if kept is None:
+            x1, x2, aux = y1, y2, aux + a
+        else:
+            x1, x2 = torch.where(kept[i], y1, x1), torch.where(kept[i], y2, x2)
+            aux = torch.where(kept[i], aux + a, aux)
+    return (x1 + x2) / 2, aux

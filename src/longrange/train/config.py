@@ -32,6 +32,7 @@ RESUME_SAFE = frozenset(
         "prompt",
         "progress",
         "max_nonfinite_steps",
+        "compile",
     }
 )
 
@@ -63,6 +64,9 @@ class TrainConfig:
     sample_tokens: int = 200
     prompt: str = "def "
     fsdp: bool = False
+    # run the training forward through torch.compile (the same maths; faster where the
+    # backend generates code, as on a GPU)
+    compile: bool = False
     progress: bool = True
     # A step whose loss or gradients are not finite is skipped (no optimizer update); this
     # many in a row stop the run with an error.

@@ -100,6 +100,8 @@ class Trainer:
                 f"--seq-len {self.seq_len} exceeds the model's max_seq_len {self.model.config.max_seq_len}"
             )
         self.step_module = dist_util.wrap_model(LossStep(self.model), self.device, self.dist, fsdp=cfg.fsdp)
+        if cfg.compile:
+            self.step_module = torch.compile(self.step_module)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         sampler_cls = DocumentChunks if self.model.carries_state else RandomWindows
@@ -194,6 +196,8 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.accum):
             inputs, targets = self._micro_batch(self.step * cfg.accum + micro)
+            if cfg.compile:
+                self.model.before_compiled_step()
             with autocast_context(self.device, self.precision):
                 loss, aux, state = self.step_module(inputs, targets, self.state)
             if self.model.carries_state:

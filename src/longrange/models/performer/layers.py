@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.models.performer.fast_attention import FastAttention
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.feedforward import Chunk, FeedForward, lean_applies, lean_feed_forward
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.reversible import in_recomputation
 from longrange.modules.rotary import rotate_interleaved
@@ -211,80 +210,21 @@ class CrossAttention(Attention):
         return super().forward(*args, context=context, **kwargs)
 
 
-class _LeanFeedForward(torch.autograd.Function):
-    """w2(gelu(w1 x + b1)) + b2 (gated: w2(gelu(a) * g) + b2 with [a, g] = w1 x + b1), computed
-    over ``chunks`` slices of the positions and keeping only x for backward, which forms the
-    hidden activations again one slice at a time: the [B, N, F] activations are never stored."""
-
-    @staticmethod
-    def _hidden(x: Tensor, w1: Tensor, b1: Tensor | None, glu: bool) -> tuple[Tensor, Tensor]:
-        pre = F.linear(x, w1, b1)
-        if not glu:
-            return pre, F.gelu(pre)
-        a, g = pre.chunk(2, dim=-1)
-        return pre, F.gelu(a) * g
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, chunks: int, glu: bool):
-        out = x.new_empty(*x.shape[:-1], w2.shape[0])
-        for xs, os in zip(x.chunk(chunks, dim=1), out.chunk(chunks, dim=1)):
-            os.copy_(F.linear(_LeanFeedForward._hidden(xs, w1, b1, glu)[1], w2, b2))
-        ctx.save_for_backward(x, w1, b1, w2, b2)
-        ctx.chunks, ctx.glu = chunks, glu
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out):
-        x, w1, b1, w2, b2 = ctx.saved_tensors
-        dx = torch.empty_like(x)
-        dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        db1 = None if b1 is None else torch.zeros_like(b1)
-        db2 = None if b2 is None else torch.zeros_like(b2)
-        for xs, ds, dxs in zip(
-            x.chunk(ctx.chunks, dim=1), d_out.chunk(ctx.chunks, dim=1), dx.chunk(ctx.chunks, dim=1)
-        ):
-            pre, hidden = _LeanFeedForward._hidden(xs, w1, b1, ctx.glu)
-            xs, ds = xs.reshape(-1, xs.shape[-1]), ds.reshape(-1, ds.shape[-1])
-            dw2.addmm_(ds.T, hidden.reshape(-1, hidden.shape[-1]))
-            d_hidden = (ds @ w2).view(hidden.shape)
-            if ctx.glu:
-                a, g = pre.chunk(2, dim=-1)
-                d_pre = torch.cat(
-                    (torch.ops.aten.gelu_backward(d_hidden * g, a), d_hidden * F.gelu(a)), dim=-1
-                )
-            else:
-                d_pre = torch.ops.aten.gelu_backward(d_hidden, pre)
-            d_pre = d_pre.reshape(-1, d_pre.shape[-1])
-            dw1.addmm_(d_pre.T, xs)
-            dxs.copy_((d_pre @ w1).view(dxs.shape))
-            if db1 is not None:
-                db1 += d_pre.sum(0)
-            if db2 is not None:
-                db2 += ds.sum(0)
-        return dx, dw1, db1, dw2, db2, None, None
-
-
 class FeedForwardChunks(Chunk):
     """:class:`~longrange.modules.feedforward.Chunk` around a GELU :class:`FeedForward`
     (the reference's ``Chunk(ff_chunks, FeedForward(...), along_dim=1)``, same weights). In
-    training it runs :class:`_LeanFeedForward`, so the hidden activations are neither stored
-    nor formed for more than one of ``chunks`` slices at a time; with dropout or another
+    training it runs :func:`~longrange.modules.feedforward.lean_feed_forward`: with one chunk
+    keeping the activations for backward, with more keeping only the input and forming the
+    hidden activations again one slice at a time. Its branch hands it the pre-norm
+    (``takes_norm``), so the normalised input is not kept either. With dropout or another
     activation it is the plain chunked layer."""
+
+    takes_norm = True
 
     def __init__(self, chunks: int, fn: FeedForward) -> None:
         super().__init__(chunks, fn, along_dim=1)
 
-    def forward(self, x: Tensor, **kwargs) -> Tensor:
-        ff = self.fn
-        lean = (
-            torch.is_grad_enabled()
-            and type(ff.act) is nn.GELU
-            and ff.act.approximate == "none"
-            and (ff.dropout.p == 0 or not self.training)
-        )
-        if not lean:
-            return super().forward(x, **kwargs)
-        return _LeanFeedForward.apply(
-            x, ff.w1.weight, ff.w1.bias, ff.w2.weight, ff.w2.bias, self.chunks, ff.glu
-        )
+    def forward(self, x: Tensor, norm: nn.Module | None = None, **kwargs) -> Tensor:
+        if not lean_applies(self.fn, norm):
+            return super().forward(x if norm is None else norm(x), **kwargs)
+        return lean_feed_forward(self.fn, x, norm=norm, chunks=self.chunks, recompute=self.chunks > 1)

@@ -12,7 +12,9 @@ Notable choices (the reference's defects fixed here):
   both branches;
 - features are redrawn every ``feature_redraw_interval`` training calls, counted by the
   buffer ``performer.calls_since_last_redraw`` (saved with the weights), never in eval;
-  ``check_redraw_projections`` works;
+  ``check_redraw_projections`` works. A forward under ``torch.compile`` does not count (the
+  count is read on the host): whoever compiles it calls ``before_compiled_step()`` per
+  training call, as ``longrange train --compile`` does;
 - decoding keeps per-layer running sums (with their running maximum), local-head keys and
   shifted inputs in ``state.layers[i]["attn"]`` / ``["ff"]``, and a decoder's ``context`` in
   ``state.shared``, so greedy generation equals full recomputation token for token
@@ -141,7 +143,9 @@ class PerformerBody(nn.Module):
         self.feature_redraw_interval = None
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
-        if self.auto_check_redraw:
+        # the counter is read on the host: a compiled forward leaves it to
+        # ``PerformerModel.before_compiled_step``, which the trainer calls outside the graph
+        if self.auto_check_redraw and not torch.compiler.is_compiling():
             self.check_redraw_projections()
         if self.config.cross_attend and kwargs.get("context") is None:
             raise ValueError("this stack has cross_attend=True: pass context [B, L, dim]")
@@ -191,6 +195,10 @@ class PerformerModel(LongRangeLM):
 
     def redraw_projections(self, generator: torch.Generator | None = None) -> None:
         self.performer.redraw_projections(generator)
+
+    def before_compiled_step(self) -> None:
+        if self.performer.auto_check_redraw:
+            self.check_redraw_projections()
 
     # --- the shared flow --------------------------------------------------------------------
     def _embed(self, tokens: Tensor, offset: int) -> tuple[Tensor, Tensor | None]:

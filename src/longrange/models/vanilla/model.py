@@ -3,18 +3,22 @@
 A pre-norm causal decoder: token embedding -> depth x (attention with rotary positions on the
 fused SDPA kernel, then a feed-forward block) -> final norm -> logits. Decoding keeps a KV
 cache per layer (``state.layers[i]["kv"]``), so each new token costs one attention row.
+In training the feed-forward runs as one lean function with its norm (it keeps its input and
+activations, not the normalised input), and calls of at least ``recompute_from`` positions
+keep only each block's input, running the block again in backward.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from longrange.models.base import LMOutput, LongRangeLM
 from longrange.models.state import State
 from longrange.models.vanilla.config import VanillaConfig
 from longrange.modules.attention import KVCache, MultiheadAttention
-from longrange.modules.feedforward import FeedForward
+from longrange.modules.feedforward import FeedForward, lean_applies, lean_feed_forward
 from longrange.modules.init import init_residual_stack
 from longrange.modules.rotary import RotaryEmbedding
 
@@ -40,8 +44,16 @@ class VanillaBlock(nn.Module):
         self.ff = FeedForward(config.dim, mult=config.ff_mult, dropout=config.dropout, glu=config.ff_glu)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, lean_ff: bool = False
+    ) -> Tensor:
+        """``lean_ff``: the feed-forward keeps only its input and forms its hidden activations
+        again in backward, a slice at a time (in a recomputed block, so that the block's
+        backward never holds them for the whole sequence)."""
         x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache))
+        if lean_applies(self.ff, self.ff_norm):
+            # keeps neither the normalised input nor more than the activations for backward
+            return x + lean_feed_forward(self.ff, x, norm=self.ff_norm, recompute=lean_ff)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -66,8 +78,15 @@ class VanillaLM(LongRangeLM):
 
     def _run(self, tokens: Tensor, mask: Tensor | None, layers: list[dict] | None) -> Tensor:
         x = self.drop(self.embed(tokens))
+        start = self.config.recompute_from
+        recompute = (
+            layers is None and start is not None and tokens.shape[1] >= start and torch.is_grad_enabled()
+        )
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=None if layers is None else layers[i]["kv"])
+            if recompute:
+                x = checkpoint(block, x, mask, None, True, use_reentrant=False)
+            else:
+                x = block(x, mask=mask, cache=None if layers is None else layers[i]["kv"])
         return self.head(self.norm(x))
 
     def forward_lm(self, tokens: Tensor, *, mask: Tensor | None = None, state=None) -> LMOutput:

@@ -7,11 +7,13 @@ Two details the kernel does not handle for us:
   *last* N keys; SDPA's ``is_causal`` aligns to the first, so that case gets an explicit mask;
 - a query row whose keys are all masked makes the kernel return NaN; such rows are opened to
   every key for the kernel and their output is zeroed afterwards, so values and gradients stay
-  finite in fp32, bf16 and fp16.
+  finite in fp32, bf16 and fp16 (eagerly only when such a row exists; under torch.compile
+  always, so that no host read breaks the graph).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -43,7 +45,7 @@ def dense_attention_sdpa(
     empty_rows = None
     if keep is not None:
         any_key = keep.any(dim=-1, keepdim=True)
-        if not bool(any_key.all()):
+        if torch.compiler.is_compiling() or not bool(any_key.all()):
             empty_rows = ~any_key
             keep = keep | empty_rows
     if bias is None:

@@ -19,6 +19,7 @@ Dimensions: B batch, H heads, N positions, G chunks, C chunk size, M features, E
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,56 +70,88 @@ def _pairwise(rows: Tensor, cols: Tensor, keep: Tensor) -> Tensor:
     return (rows[..., :, None] - cols[..., None, :]).masked_fill_(~keep, float("-inf")).exp_()
 
 
+def _block_size(g: int) -> int:
+    """About sqrt(g) chunks per block, a divisor of g where one is near (no padding)."""
+    root = math.isqrt(g - 1) + 1 if g > 1 else 1
+    for size in range(root, 2 * root + 1):
+        if g % size == 0:
+            return size
+    return root
+
+
+def _scan_plan(c_ref: Tensor, c_end: Tensor, block: int | None):
+    """The factors of the two-level scan over G chunks in blocks of ``block`` (about sqrt(G)),
+    padded to whole blocks (padding chunks repeat the last stabiliser, so every factor stays
+    <= 1). Returns (block, blocks, pad, P [B, H, K, b, b] exp(c_end_j - c_ref_g) for j < g in a
+    block, t [B, H, K, b] exp(c_end_j - e) with e the block's last c_end, Q [B, H, K + 1, K]
+    exp(e_j - e_prev_i) for blocks j < i, q0 [B, H, K + 1] exp(c0 - e_prev_i), r [B, H, K, b]
+    exp(e_prev - c_ref_g)), where e_prev_i is the stabiliser before block i (c0 for the first)."""
+    g = c_end.shape[-1]
+    size = block or _block_size(g)
+    blocks = -(-g // size)
+    pad = blocks * size - g
+    c0 = c_ref[..., :1]
+    if pad:
+        last = c_end[..., -1:].expand(*c_end.shape[:-1], pad)
+        c_ref, c_end = torch.cat((c_ref, last), dim=-1), torch.cat((c_end, last), dim=-1)
+    cr = c_ref.unflatten(-1, (blocks, size))
+    ce = c_end.unflatten(-1, (blocks, size))
+    strict = torch.ones(size, size, dtype=torch.bool, device=c_end.device).tril(-1)
+    within = (ce[..., None, :] - cr[..., :, None]).masked_fill_(~strict, float("-inf")).exp_()
+    e = ce[..., -1]
+    to_end = (ce - e[..., None]).exp_()
+    e_prev = torch.cat((c0, e), dim=-1)
+    earlier = torch.ones(blocks + 1, blocks, dtype=torch.bool, device=c_end.device).tril(-1)
+    across = (e[..., None, :] - e_prev[..., :, None]).masked_fill_(~earlier, float("-inf")).exp_()
+    from_start = (c0 - e_prev).exp_()
+    into = (e_prev[..., :-1, None] - cr).exp_()
+    return size, blocks, pad, within, to_end, across, from_start, into
+
+
 def scan_sums(
-    x: Tensor, c_ref: Tensor, c_end: Tensor, initial: Tensor, block: int = 32
+    x: Tensor, c_ref: Tensor, c_end: Tensor, initial: Tensor, block: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The running sums before every chunk and after the last.
 
     x: [B, H, G, M, F], chunk g's sums relative to c_end[g]; c_ref[g] = c_end[g - 1] (c_ref[0]
     the stabiliser of ``initial`` [B, H, M, F]). Returns (S [B, H, G, M, F] with
     S_g = sum_{j<g} exp(c_end_j - c_ref_g) x_j + exp(c_ref_0 - c_ref_g) initial, relative to
-    c_ref[g]; the final sums relative to c_end[-1]). Every factor is formed pairwise and is <= 1:
-    one batched product per block of ``block`` chunks, a loop over blocks carrying the boundary.
+    c_ref[g]; the final sums relative to c_end[-1]). Two levels, every factor formed pairwise
+    and <= 1, no loop: the sums inside blocks of ``block`` chunks (one batched product), then
+    across the blocks' totals (one product), then each chunk adds its block's carry.
     """
     b, h, g, m, f = x.shape
-    flat = x.view(b, h, g, m * f)
-    out = torch.empty_like(flat)
-    carry = initial.reshape(b, h, m * f)
-    for start in range(0, g, block):
-        stop = min(start + block, g)
-        cr, ce = c_ref[..., start:stop], c_end[..., start:stop]
-        lower = torch.ones(stop - start, stop - start, dtype=torch.bool, device=x.device).tril(-1)
-        part = _pairwise(ce, cr, lower.T).transpose(-1, -2) @ flat[:, :, start:stop]
-        part.addcmul_((cr[..., :1] - cr).exp_()[..., None], carry[:, :, None])
-        out[:, :, start:stop] = part
-        # the sums after chunk stop - 1, relative to its c_end = c_ref of the next chunk
-        carry = torch.addcmul(
-            flat[:, :, stop - 1], part[:, :, -1], (cr[..., -1] - ce[..., -1]).exp()[..., None]
-        )
-    return out.view(x.shape), carry.view(initial.shape)
+    size, blocks, pad, within, to_end, across, from_start, into = _scan_plan(c_ref, c_end, block)
+    flat = x.reshape(b, h, g, m * f)
+    if pad:
+        flat = F.pad(flat, (0, 0, 0, pad))
+    flat = flat.view(b, h, blocks, size, m * f)
+    totals = (to_end[..., None, :] @ flat).squeeze(-2)  # [B, H, K, MF], relative to each e
+    carries = across @ totals  # [B, H, K + 1, MF]: before each block, and after the last
+    carries.addcmul_(from_start[..., None], initial.reshape(b, h, 1, m * f))
+    out = (within @ flat).addcmul_(into[..., None], carries[:, :, :-1, None])
+    out = out.view(b, h, blocks * size, m * f)[:, :, :g]
+    return out.reshape(x.shape), carries[:, :, -1].reshape(initial.shape)
 
 
 def scan_sums_backward(
-    grads: Tensor, c_ref: Tensor, c_end: Tensor, d_final: Tensor, block: int = 32
+    grads: Tensor, c_ref: Tensor, c_end: Tensor, d_final: Tensor, block: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Adjoint of :func:`scan_sums`: from the gradients of S [B, H, G, M, F] and of the final
     sums, the gradients of x (dX_g = sum_{j>g} exp(c_end_g - c_ref_j) grads_j + exp(c_end_g -
     c_end_last) d_final) and of ``initial``."""
     b, h, g, m, f = grads.shape
-    flat = grads.view(b, h, g, m * f)
-    out = torch.empty_like(flat)
-    carry, carry_c = d_final.reshape(b, h, m * f), c_end[..., -1]
-    for start in reversed(range(0, g, block)):
-        stop = min(start + block, g)
-        cr, ce = c_ref[..., start:stop], c_end[..., start:stop]
-        upper = torch.ones(stop - start, stop - start, dtype=torch.bool, device=grads.device).triu(1)
-        part = _pairwise(ce, cr, upper) @ flat[:, :, start:stop]
-        part.addcmul_((ce - carry_c[..., None]).exp_()[..., None], carry[:, :, None])
-        out[:, :, start:stop] = part
-        # the gradient of S at this block's first chunk
-        carry = torch.addcmul(flat[:, :, start], part[:, :, 0], (cr[..., 0] - ce[..., 0]).exp()[..., None])
-        carry_c = cr[..., 0]
-    return out.view(grads.shape), carry.view(d_final.shape)
+    size, blocks, pad, within, to_end, across, from_start, into = _scan_plan(c_ref, c_end, block)
+    flat = grads.reshape(b, h, g, m * f)
+    if pad:
+        flat = F.pad(flat, (0, 0, 0, pad))
+    flat = flat.view(b, h, blocks, size, m * f)
+    d_carries = torch.cat(((into[..., None, :] @ flat).squeeze(-2), d_final.reshape(b, h, 1, m * f)), dim=2)
+    d_totals = across.transpose(-1, -2) @ d_carries  # [B, H, K, MF]
+    d_initial = (from_start[..., None, :] @ d_carries).squeeze(-2)
+    dx = (within.transpose(-1, -2) @ flat).addcmul_(to_end[..., None], d_totals[:, :, :, None])
+    dx = dx.view(b, h, blocks * size, m * f)[:, :, :g]
+    return dx.reshape(grads.shape), d_initial.reshape(d_final.shape)
 
 
 @functools.lru_cache(maxsize=16)

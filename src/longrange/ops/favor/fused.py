@@ -2,14 +2,20 @@
 
 Same maths as :func:`~longrange.ops.favor.features.softmax_query_features` /
 :func:`~longrange.ops.favor.features.softmax_key_features` (causal, no epsilon) followed by
-:func:`~longrange.ops.favor.chunk.chunk_causal_linear_attention`, but the features are formed
-inside one autograd function and formed again in its backward pass, so that only q, k, v and
-the running sums before each chunk are kept: the two [B, H, N, M] feature tensors never outlive
-the forward pass. With x' = x D^-1/4 and W' = W D^-1/4:
+:func:`~longrange.ops.favor.chunk.chunk_causal_linear_attention`, in one autograd function
+with a hand-written backward. With x' = x D^-1/4 and W' = W D^-1/4:
   phi(q) = M^-1/2 exp(q W'^T - max_m q W'^T)          (the query's own max cancels)
   phi(k) = M^-1/2 exp(k W'^T - |k'|^2 / 2 - c)        (c the running max of key log-features)
 and the gradient of exp(x W'^T - |x'|^2 / 2 - stop(c)) with respect to x is
   (d_phi o phi) W' - sum_m (d_phi o phi) D^-1/2 x.
+
+The chunks run in segments of about ``segment_bytes`` of features (a few thousand positions),
+so that what a segment forms is still in cache when it is read again: the cost per token
+does not grow with the length. What backward needs is chosen by size (``keep_bytes``): while
+all the features, the chunks' C x C kernel blocks and their stabiliser factors fit, they are
+kept from the forward pass (nothing is formed twice); beyond, only q, k, v, the output and
+the running sums before each segment are kept, and backward forms each segment's features
+again, segments in reverse, so long inputs keep O(N D) per layer instead of O(N (M + C)).
 
 Dimensions: B batch, H heads, N positions, G chunks, C chunk size, D head width, M features,
 E value width (F = E + 1 with the normaliser column).
@@ -17,68 +23,202 @@ E value width (F = E + 1 with the normaliser column).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from longrange.ops.favor.chunk import FavorState, chunk_backward, chunk_forward, split_chunks
+from longrange.ops.favor.chunk import FavorState, scan_sums, scan_sums_backward, split_chunks
 from longrange.ops.favor.features import running_log_scale
-from longrange.ops.favor.linear import normalise, with_ones
+from longrange.ops.favor.linear import with_ones
+
+# Up to this many bytes of features and kernel blocks per call are kept for backward (the
+# bench preset's 64K tokens, the reference defaults' 16K); beyond, backward forms them again.
+# The chunks run in segments of about SEGMENT_BYTES of them.
+KEEP_BYTES = 320 * 2**20
+SEGMENT_BYTES = 16 * 2**20
 
 
-def _query_features(q: Tensor, weight: Tensor, log_ratio: float) -> Tensor:
-    dash = q @ weight.T
-    return dash.sub_(dash.amax(dim=-1, keepdim=True) - log_ratio).exp_()
+@functools.lru_cache(maxsize=16)
+def _causal(size: int, device: torch.device) -> Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def _query_features(q: Tensor, weight: Tensor) -> Tensor:
+    fq = q @ weight.T
+    return fq.sub_(fq.amax(dim=-1, keepdim=True) + 0.5 * math.log(weight.shape[0])).exp_()
 
 
 def _key_log_features(k: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(k W'^T [B, H, G, C, M], |k'|^2 / 2 and the largest log-feature, both [B, H, G, C])."""
     dash = k @ weight.T
-    half_sq = k.square().sum(-1) * (weight.shape[-1] ** -0.5 / 2)
+    half_sq = k.square().sum(-1).mul_(weight.shape[-1] ** -0.5 / 2)
     return dash, half_sq, dash.amax(dim=-1) - half_sq
 
 
-def _key_features(dash, half_sq, row_max, c, keep, log_ratio: float) -> Tensor:
+def _key_features(dash, half_sq, row_max, c, keep: Tensor | None, features: int) -> Tensor:
     # a masked key may exceed the running max: its own max keeps its (zeroed) features finite
-    shift = torch.maximum(c, row_max) + half_sq - log_ratio
-    return dash.sub_(shift[..., None]).exp_().mul_(keep[..., None])
+    shift = (c if keep is None else torch.maximum(c, row_max)) + half_sq + 0.5 * math.log(features)
+    fk = dash.sub_(shift[..., None]).exp_()
+    return fk if keep is None else fk.mul_(keep[..., None])
+
+
+def _factors(c: Tensor, c0: Tensor, *, within: bool = True) -> tuple[Tensor | None, ...]:
+    """The stabiliser ratios, all <= 1: within [B, H, G, C, C] exp(c_i - c_t) for i <= t (row
+    t, column i; else 0; None unless ``within``); to_end [B, H, G, C, 1] exp(c_i - c_end);
+    from_ref exp(c_ref - c_t); c_ref, c_end [B, H, G] (the stabilisers of the sums before and
+    after each chunk)."""
+    block = None
+    if within:
+        causal = _causal(c.shape[-1], c.device)
+        block = (c[..., None, :] - c[..., :, None]).masked_fill_(~causal, float("-inf")).exp_()
+    c_end = c[..., -1]
+    c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
+    to_end = (c - c_end[..., None]).exp_()[..., None]
+    from_ref = (c_ref[..., None] - c).exp_()[..., None]
+    return block, to_end, from_ref, c_ref, c_end
+
+
+def _segment_forward(q, k, v1, weight, keep, kv0, c0):
+    """The chunked pass over one segment of whole chunks: q, k [B, H, G, C, D], v1 [B, H, G,
+    C, F] (values and a column of ones), keep [B, 1, G, C] or None, kv0 [B, H, M, F] relative
+    to c0 [B, H] (None: a fresh sequence, kv0 zero). Returns (out [B, H, G, C, E], den
+    [B, H, G, C, 1], the sums after the segment, c [B, H, G, C], c0, and what backward may
+    keep: fq, fk, scores, within, befores)."""
+    fq = _query_features(q, weight)
+    dash, half_sq, row_max = _key_log_features(k, weight)
+    c = running_log_scale(row_max.flatten(2), None if keep is None else keep.flatten(2), c0)
+    c = c.view(row_max.shape)
+    fk = _key_features(dash, half_sq, row_max, c, keep, weight.shape[0])
+    del dash, half_sq, row_max
+    c0 = c[:, :, 0, 0] if c0 is None else c0
+    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    scores = (fq @ fk.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
+    out = scores @ v1
+    kv_chunks = fk.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
+    befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
+    del kv_chunks
+    out.addcmul_(fq @ befores, from_ref)
+    den = out[..., -1:]
+    den = torch.where(den > 0, den, torch.ones_like(den))  # rows with no key give zeros
+    return out[..., :-1] / den, den, final, c, c0, (fq, fk, scores, within, befores)
+
+
+def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, kv0, kept):
+    """Gradients of :func:`_segment_forward` with respect to q, k, v1 and kv0, from those of
+    its output and its final sums; ``kept`` holds the forward's tensors or is None (then they
+    are formed again from q, k, v1, kv0 and the saved stabiliser c)."""
+    if kept:
+        fq, fk, scores, within, befores = kept
+        _, to_end, from_ref, c_ref, c_end = _factors(c, c0, within=False)
+    else:
+        fq = _query_features(q, weight)
+        fk = _key_features(*_key_log_features(k, weight), c, keep, weight.shape[0])
+        within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+        befores, _ = scan_sums(fk.transpose(-1, -2) @ (v1 * to_end), c_ref, c_end, kv0)
+        scores = None
+    # through out = numerator / den: the gradient of the unnormalised [numerator, den]
+    d_out = torch.cat((d_out, (d_out * out).sum(-1, keepdim=True).neg_()), dim=-1).div_(den)
+    d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
+    d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
+    dfq = d_scores @ fk
+    dfq += d_read @ befores.transpose(-1, -2)
+    d_after, d_kv0 = scan_sums_backward(fq.transpose(-1, -2) @ d_read, c_ref, c_end, d_final)
+    del d_read
+    dfk = d_scores.transpose(-1, -2) @ fq
+    dfk.addcmul_(v1 @ d_after.transpose(-1, -2), to_end)
+    del d_scores
+    if scores is None:
+        scores = (fq @ fk.transpose(-1, -2)).mul_(within)
+    dv1 = scores.transpose(-1, -2) @ d_out
+    dv1.addcmul_(fk @ d_after, to_end)
+    dq = dfq.mul_(fq) @ weight
+    d_dash = dfk.mul_(fk)
+    dk = (d_dash @ weight).sub_(k * (d_dash.sum(-1, keepdim=True) * weight.shape[-1] ** -0.5))
+    return dq, dk, dv1, d_kv0
 
 
 class _SoftmaxCausal(torch.autograd.Function):
-    """q, k: [B, H, G, C, D]; v1: [B, H, G, C, F]; weight W' [M, D]; keep [B, 1, G, C] bool;
-    kv0 [B, H, M, F] relative to c0 [B, H] (used only when ``has_state``). Returns (the
-    unnormalised output [B, H, G, C, F], the final sums, the running stabiliser [B, H, G, C])."""
+    """q, k: [B, H, G, C, D]; v1: [B, H, G, C, F]; weight W' [M, D]; keep [B, 1, G, C] bool or
+    None (nothing masked); kv0 [B, H, M, F] relative to c0 [B, H] (used only when
+    ``has_state``). Returns (the output [B, H, G, C, D], the final sums, the running
+    stabiliser [B, H, G, C]).
+
+    The chunks run in segments of as many chunks as ``segment_bytes`` of features allow, so
+    that a segment's tensors are still in cache when they are read again, at any length. The
+    sums before each segment are kept; each segment's features and kernel blocks too while
+    all of them fit in ``keep_bytes`` (else backward forms them again, segment by segment in
+    reverse)."""
 
     @staticmethod
-    def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state: bool):
-        log_ratio = -0.5 * math.log(weight.shape[0])
-        fq = _query_features(q, weight, log_ratio)
-        dash, half_sq, row_max = _key_log_features(k, weight)
-        c = running_log_scale(row_max.flatten(2), keep.flatten(2), c0 if has_state else None)
-        c = c.view(row_max.shape)
-        fk = _key_features(dash, half_sq, row_max, c, keep, log_ratio)
-        if not has_state:
-            c0 = c[:, :, 0, 0]
-        out, final, befores = chunk_forward(fq, fk, v1, c, kv0, c0)
-        ctx.save_for_backward(q, k, v1, weight, keep, c, c0, befores)
-        ctx.log_ratio = log_ratio
+    def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
+        b, h, g, size, _ = q.shape
+        per_chunk = 2 * (weight.shape[0] + size) * size * b * h * q.element_size()
+        ctx.kept = per_chunk * g <= keep_bytes
+        ctx.step = step = min(g, max(1, segment_bytes // per_chunk))
+        kv, c_start = kv0, c0 if has_state else None
+        kv_starts, c_starts, cs, outs, dens, kept = [], [], [], [], [], []
+        for lo in range(0, g, step):
+            seg_q, seg_k, seg_v1, seg_keep = _segment(q, k, v1, keep, lo, step)
+            out, den, final, c, c_used, extra = _segment_forward(
+                seg_q, seg_k, seg_v1, weight, seg_keep, kv, c_start
+            )
+            kv_starts.append(kv)
+            c_starts.append(c_used)
+            outs.append(out)
+            dens.append(den)
+            cs.append(c)
+            if ctx.kept:
+                kept += extra
+            kv, c_start = final, c[:, :, -1, -1]
+        out, den, c = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (outs, dens, cs))
+        ctx.save_for_backward(
+            q, k, v1, weight, keep, c, out, den, torch.stack(kv_starts), torch.stack(c_starts), *kept
+        )
         ctx.mark_non_differentiable(c)
-        return out, final, c
+        return out, kv, c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final, _d_c):
-        q, k, v1, weight, keep, c, c0, befores = ctx.saved_tensors
-        scale_sq = weight.shape[-1] ** -0.5
-        fq = _query_features(q, weight, ctx.log_ratio)
-        fk = _key_features(*_key_log_features(k, weight), c, keep, ctx.log_ratio)
-        dfq, dfk, dv1, d_kv0 = chunk_backward(fq, fk, v1, c, c0, befores, d_out, d_final)
-        d_dash = dfq.mul_(fq)
-        dq = (d_dash @ weight).sub_(q * (d_dash.sum(-1, keepdim=True) * scale_sq))
-        d_dash = dfk.mul_(fk)
-        dk = (d_dash @ weight).sub_(k * (d_dash.sum(-1, keepdim=True) * scale_sq))
-        return dq, dk, dv1, None, None, d_kv0, None, None
+        q, k, v1, weight, keep, c, out, den, kv_starts, c_starts, *kept = ctx.saved_tensors
+        g, step = q.shape[2], ctx.step
+        d_final = torch.zeros_like(kv_starts[0]) if d_final is None else d_final
+        grads = []
+        for i, lo in reversed(list(enumerate(range(0, g, step)))):
+            seg_q, seg_k, seg_v1, seg_keep = _segment(q, k, v1, keep, lo, step)
+            dq, dk, dv1, d_final = _segment_backward(
+                *(_part(t, lo, step) for t in (d_out, out, den)),
+                d_final,
+                seg_q,
+                seg_k,
+                seg_v1,
+                weight,
+                seg_keep,
+                _part(c, lo, step),
+                c_starts[i],
+                kv_starts[i],
+                kept[5 * i : 5 * i + 5] if ctx.kept else None,
+            )
+            grads.append((dq, dk, dv1))
+        dq, dk, dv1 = (torch.cat(t[::-1], dim=2) if len(t) > 1 else t[0] for t in zip(*grads))
+        return dq, dk, dv1, None, None, d_final, None, None, None, None
+
+
+def _part(t: Tensor, lo: int, step: int) -> Tensor:
+    """Chunks lo .. lo + step of t [B, H | 1, G, ...], laid out contiguously (a slice of the
+    chunk dimension is not, and every product would otherwise copy it again)."""
+    return t if step >= t.shape[2] else t[:, :, lo : lo + step].contiguous()
+
+
+def _segment(q, k, v1, keep, lo: int, step: int):
+    return (
+        _part(q, lo, step),
+        _part(k, lo, step),
+        _part(v1, lo, step),
+        None if keep is None else _part(keep, lo, step),
+    )
 
 
 def softmax_causal_attention(
@@ -90,11 +230,14 @@ def softmax_causal_attention(
     mask: Tensor | None = None,
     chunk_size: int = 128,
     state: FavorState | None = None,
+    keep_bytes: int = KEEP_BYTES,
+    segment_bytes: int = SEGMENT_BYTES,
 ) -> tuple[Tensor, FavorState]:
     """Causal FAVOR+ attention of q, k, v [B, H, N, D] with the projection W [M, D].
 
-    mask: [B, N] key padding (True = keep); state: the running sums to continue. Returns
-    (out [B, H, N, D] in v's dtype, the state after the last position).
+    mask: [B, N] key padding (True = keep); state: the running sums to continue; keep_bytes:
+    see the module docstring. Returns (out [B, H, N, D] in v's dtype, the state after the last
+    position).
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         shapes = [list(t.shape) for t in (q, k, v)]
@@ -111,14 +254,22 @@ def softmax_causal_attention(
     if state is not None and (state.kv.shape != (b, h, m, e1) or state.log_scale.shape != (b, h)):
         raise ValueError(f"state must hold kv [{b}, {h}, {m}, {e1}] and log_scale [{b}, {h}]")
     size = min(chunk_size, n)
-    keep = (torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask)[:, None]
-    keep = split_chunks(keep, size, value=False)  # [B, 1, G, C]: padding is masked
+    keep = None
+    if mask is not None or n % size:
+        # padding positions past the end are masked keys, so they stay out of the final sums
+        keep = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+        keep = split_chunks(keep[:, None], size, value=False)  # [B, 1, G, C]
+    # the ones column first: the concatenation also lays out a strided v contiguously
     q, k, v1 = (split_chunks(t, size) for t in (q.to(dtype), k.to(dtype), with_ones(v.to(dtype))))
     weight = projection.to(dtype) * d**-0.25
     if state is None:
         kv0, c0 = q.new_zeros(b, h, m, e1), q.new_zeros(b, h)
     else:
         kv0, c0 = state.kv.to(dtype), state.log_scale.to(dtype)
-    out, final, c = _SoftmaxCausal.apply(q, k, v1, weight, keep, kv0, c0, state is not None)
-    out = normalise(out.flatten(2, 3)[:, :, :n])
+    out, final, c = _SoftmaxCausal.apply(
+        q, k, v1, weight, keep, kv0, c0, state is not None, keep_bytes, segment_bytes
+    )
+    out = out.flatten(2, 3)
+    if out.shape[2] != n:
+        out = out[:, :, :n]
     return out.to(v.dtype), FavorState(final, c.flatten(2)[:, :, n - 1])

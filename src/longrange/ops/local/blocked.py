@@ -104,7 +104,7 @@ def local_attention_blocked(
         # Only a padding mask or the padded queries can leave a row with no key; SDPA would
         # return NaN there, so such rows are opened and their output zeroed afterwards.
         any_key = keep.any(dim=-1, keepdim=True)
-        if not bool(any_key.all()):
+        if torch.compiler.is_compiling() or not bool(any_key.all()):
             empty_rows = ~any_key
             keep = keep | empty_rows
     attn_mask: Tensor = keep

@@ -1,0 +1,53 @@
+"""Reading a process's memory: the resident set, its high-water mark (resettable), and a cap
+on the address space for child processes that might outgrow the machine.
+
+``bench/speed.py`` measures each point's peak in a fresh process with these: on CPU the growth
+of the high-water mark (VmHWM, reset just before the step), so a point's allocations cannot
+hide behind another's or behind imports and model construction.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_kib() -> int:
+    value = _status_kib("VmRSS")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak_rss() -> None:
+    # Linux resets the high-water mark (VmHWM) when "5" is written to clear_refs, so the peak
+    # read afterwards belongs to this measurement, not to imports or model construction.
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_kib() -> int:
+    value = _status_kib("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def cap_address_space() -> None:
+    """Child-process hook for the reference packages on CPU: cap the address space at 80% of
+    the machine's memory, so a reference that outgrows it (the Performer reference's causal
+    path wants 22 GB at 8K) fails with an allocation error instead of pushing the machine
+    into the kernel's out-of-memory killer."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = int(0.8 * total)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
