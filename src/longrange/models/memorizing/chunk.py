@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.memory.knn.retrieval import Retrieved
 from longrange.memory.xl import XLMemory, cat_masks, hide_rows
 from longrange.models.flow import Piece, SegmentedLM, layer_entry
 from longrange.models.memorizing.layers import Attention, causal_bias, relative_bias
@@ -127,16 +128,16 @@ def layer_keys(
     return keys, values, None if valid is None or bool(valid.all()) else valid
 
 
-def retrieved(attn: Attention, memory, q: Tensor, after_start: Tensor | None):
-    """The pairs a memorizing layer retrieves for queries q [B, H, n, D]: (keys, values
-    [B, H, n, K, D], found [B, H, n, K]), nothing for a query after a document start; None
-    when there is no memory to search."""
+def retrieved(attn: Attention, memory, q: Tensor, after_start: Tensor | None) -> Retrieved | None:
+    """The pairs a memorizing layer retrieves for queries q [B, H, n, D] (ids into the
+    memory's tables, scores, found [B, H, n, K]), nothing for a query after a document start;
+    None when there is no memory to search."""
     if memory is None or not attn.num_retrieved_memories or not bool(memory.db_offsets.any()):
         return None
-    mem_k, mem_v, found = memory.retrieve(q, attn.num_retrieved_memories)
+    ids, scores, found = memory.lookup(q, attn.num_retrieved_memories)
     if after_start is not None:
         found = found & ~after_start[:, None, :, None]
-    return mem_k, mem_v, found
+    return Retrieved(ids, scores, found, memory.key_table(), memory.value_table())
 
 
 def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) -> Tensor:

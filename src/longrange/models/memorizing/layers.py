@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.memory.knn import KNNMemory
+from longrange.memory.knn.retrieval import Retrieved, memory_scores, memory_values
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
@@ -102,11 +103,13 @@ class KNNAttention(Attention):
     """Cosine attention over retrieved memories and [earlier keys ; chunk]: one softmax, or
     (``combine="gate"``) a softmax each mixed by a learned per-head gate.
 
-    ``attend(q, keys, values, key_valid, bias, retrieved=(keys [B, H, N, K, D], values
-    [B, H, N, K, D], found [B, H, N, K]) | None)``; ``project`` returns unit-norm queries and
-    keys, and the logits are scaled by a learned per-head temperature (initially
-    ``attn_scale_init``). The reference's ``forward(x, knn_memory=..., xl_memory=...,
-    add_knn_memory=..., rel_pos_bias=...)`` is kept for stand-alone use.
+    ``attend(q, keys, values, key_valid, bias, retrieved=Retrieved | None)`` (the K pairs
+    each query [B, H, N] found: their ids into the memory's tables, their scores and which
+    were found, ``memory/knn/retrieval.py``; the pairs are read from the tables inside fused
+    calls, never gathered); ``project`` returns unit-norm queries and keys, and the logits are
+    scaled by a learned per-head temperature (initially ``attn_scale_init``). The reference's
+    ``forward(x, knn_memory=..., xl_memory=..., add_knn_memory=..., rel_pos_bias=...)`` is kept
+    for stand-alone use.
     """
 
     knn = True
@@ -145,7 +148,7 @@ class KNNAttention(Attention):
         values: Tensor,
         key_valid: Tensor | None,
         bias: Tensor,
-        retrieved: tuple[Tensor, Tensor, Tensor] | None = None,
+        retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
         sim = _mask_keys(torch.einsum("bhnd,bmd->bhnm", q, keys) * scale + bias, key_valid)
@@ -153,21 +156,20 @@ class KNNAttention(Attention):
             attn = self.attn_drop(sim.softmax(dim=-1))
             out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
         else:
-            mem_k, mem_v, found = retrieved
-            mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
-            sim_mem = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k) * scale
+            found = retrieved.found
+            sim_mem = memory_scores(q, retrieved) * scale
             sim_mem = sim_mem.masked_fill(~found, -torch.finfo(sim_mem.dtype).max)
             if self.memory_gate is None:
                 k = sim_mem.shape[-1]
                 attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
                 attn = attn.to(values.dtype)
                 out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
-                out = out + torch.einsum("bhnk,bhnkd->bhnd", attn[..., :k], mem_v)
+                out = out + memory_values(attn[..., :k], retrieved)
             else:
                 local = self.attn_drop(sim.softmax(dim=-1)).to(values.dtype)
                 local = torch.einsum("bhnm,bmd->bhnd", local, values)
                 remote = self.attn_drop(sim_mem.softmax(dim=-1)).to(values.dtype)
-                remote = torch.einsum("bhnk,bhnkd->bhnd", remote, mem_v)
+                remote = memory_values(remote, retrieved)
                 # a query that found no memory keeps its local attention whole
                 gate = self.memory_gate.sigmoid() * found.any(dim=-1, keepdim=True)
                 out = local + gate.to(local.dtype) * (remote - local)
@@ -195,7 +197,8 @@ class KNNAttention(Attention):
         if rel_pos_bias is not None:
             bias = rel_pos_bias.reshape(-1, *rel_pos_bias.shape[-2:])[:, -n:, -m:]
         bias = causal_bias(bias, n, m, device=q.device)
-        retrieved = knn_memory.retrieve(q, self.num_retrieved_memories)
+        ids, scores, found = knn_memory.lookup(q, self.num_retrieved_memories)
+        retrieved = Retrieved(ids, scores, found, knn_memory.key_table(), knn_memory.value_table())
         out = self.attend(q, k, v, None, bias, retrieved)
         entries = torch.stack([k, v], dim=-2).detach()
         keep = self.xl_max_memories
