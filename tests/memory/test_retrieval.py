@@ -47,3 +47,36 @@ def test_missing_pairs_get_no_weight_and_no_gradient():
     torch.testing.assert_close(out, values[1:2])
     (out * torch.randn(1, 8)).sum().backward()
     torch.testing.assert_close(q.grad, torch.zeros(1, 8))  # one pair found: its weight is 1 whatever q
+
+
+@pytest.mark.parametrize("overwrite", ["wrap-around", "cleared-row-refilled"])
+def test_gradients_are_those_of_the_pairs_read_even_after_the_memory_overwrites_them(tmp_path, overwrite):
+    from longrange.memory.knn import KNNMemory
+
+    gen = torch.Generator().manual_seed(5)
+    memory = KNNMemory(16, max_memories=24, num_indices=2, memmap_filename=tmp_path / "m", backend="exact")
+    keys = F.normalize(torch.randn(2, 20, 16, generator=gen), dim=-1)
+    memory.add(torch.stack([keys, torch.randn(2, 20, 16, generator=gen)], dim=2))
+    q = F.normalize(torch.randn(2, 3, 7, 16, generator=gen), dim=-1)
+    ids, scores, found = memory.lookup(q, 5)
+    # what the pairs were when they were read
+    snapshot = Retrieved(ids, scores, found, memory.key_table().clone(), memory.value_table().clone())
+    live = Retrieved(ids, scores, found, memory.key_table(), memory.value_table(), memory.lease(ids))
+    cotangent = torch.randn(2, 3, 7, 16, generator=gen)
+
+    def loss(q, pairs):
+        weights = (memory_scores(q, pairs) * 8).softmax(-1)
+        return (memory_values(weights, pairs) * cotangent).sum()
+
+    q_live, q_snap = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out_live, out_snap = loss(q_live, live), loss(q_snap, snapshot)
+    if overwrite == "cleared-row-refilled":
+        memory.clear([1])
+    fresh = torch.randn(2, 30, 2, 16, generator=gen)  # overwrites every slot of both rows
+    memory.add(fresh)
+    assert not torch.equal(memory.key_table(), snapshot.keys)
+    out_live.backward()
+    out_snap.backward()
+    torch.testing.assert_close(out_live, out_snap)
+    torch.testing.assert_close(q_live.grad, q_snap.grad)
+    memory.close()

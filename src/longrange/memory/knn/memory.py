@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from longrange.memory.knn.factory import make_index, resolve_backend
+from longrange.memory.knn.retrieval import TableLease
 from longrange.memory.knn.store import (
     MemmapStore,
     claim_file,
@@ -144,6 +145,7 @@ class KNNMemory:
         )
         self.index_kind = index
         self.scoped_indices = list(range(num_indices))
+        self._leases: weakref.WeakSet[TableLease] = weakref.WeakSet()
 
     # --- reference-compatible surface -----------------------------------------------------
     @property
@@ -210,6 +212,7 @@ class KNNMemory:
         items = []
         for i, row in enumerate(rows):
             entries = host[i] if keep is None else host[i][keep[i]]
+            self._before_write(row * self.max_memories + self.store.next_slots(row, len(entries)))
             ids, evicted = self.store.write(row, entries)
             if ids.size and self.device.type != "cpu":
                 fresh = (memories[i] if keep is None else memories[i][mask[i]])[-ids.size :]
@@ -286,6 +289,19 @@ class KNNMemory:
         device = queries.device
         return ids.view(lead).to(device), scores.view(lead).to(device), found.view(lead).to(device)
 
+    def lease(self, ids: Tensor) -> TableLease:
+        """A lease on the table rows ``ids`` (from :meth:`lookup`): until it is collected, it
+        receives the old pair of each of them that the memory overwrites (see
+        ``retrieval.py``)."""
+        lease = TableLease(self.num_indices * self.max_memories, ids)
+        self._leases.add(lease)
+        return lease
+
+    def _before_write(self, slots: np.ndarray) -> None:
+        if slots.size and self._leases:
+            for lease in list(self._leases):
+                lease.before_write(slots, self.key_table(), self.value_table())
+
     def key_table(self) -> Tensor:
         """Every row's keys as one [rows * max_memories, dim] table (the file's memory on CPU,
         no copy); :meth:`lookup` ids index it."""
@@ -354,6 +370,7 @@ class KNNMemory:
                 f"corrupt kNN memory data {str(data_path)!r}: {data_path.stat().st_size} bytes, "
                 f"expected {expected}"
             )
+        self._before_write(np.arange(self.num_indices * self.max_memories))
         if meta["format"] == OLD_FORMAT:
             saved = np.memmap(data_path, mode="r", dtype=np.float32, shape=self.shape).transpose(2, 0, 1, 3)
         else:

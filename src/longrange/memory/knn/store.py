@@ -192,6 +192,11 @@ class MemmapStore:
         self.counts[row] = count + n
         return ids, evicted
 
+    def next_slots(self, row: int, n: int) -> np.ndarray:
+        """The slots a :meth:`write` of n entries to ``row`` fills."""
+        count, kept = int(self.counts[row]), min(n, self.capacity)
+        return np.arange(count + n - kept, count + n, dtype=np.int64) % self.capacity
+
     def read_keys(self, row: int, ids: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.data[0, row, ids % self.capacity])
 

@@ -137,7 +137,8 @@ def retrieved(attn: Attention, memory, q: Tensor, after_start: Tensor | None) ->
     ids, scores, found = memory.lookup(q, attn.num_retrieved_memories)
     if after_start is not None:
         found = found & ~after_start[:, None, :, None]
-    return Retrieved(ids, scores, found, memory.key_table(), memory.value_table())
+    lease = memory.lease(ids) if q.requires_grad else None
+    return Retrieved(ids, scores, found, memory.key_table(), memory.value_table(), lease)
 
 
 def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) -> Tensor:

@@ -198,7 +198,8 @@ class KNNAttention(Attention):
             bias = rel_pos_bias.reshape(-1, *rel_pos_bias.shape[-2:])[:, -n:, -m:]
         bias = causal_bias(bias, n, m, device=q.device)
         ids, scores, found = knn_memory.lookup(q, self.num_retrieved_memories)
-        retrieved = Retrieved(ids, scores, found, knn_memory.key_table(), knn_memory.value_table())
+        lease = knn_memory.lease(ids) if q.requires_grad else None
+        retrieved = Retrieved(ids, scores, found, knn_memory.key_table(), knn_memory.value_table(), lease)
         out = self.attend(q, k, v, None, bias, retrieved)
         entries = torch.stack([k, v], dim=-2).detach()
         keep = self.xl_max_memories
