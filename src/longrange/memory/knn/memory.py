@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longrange.memory.knn import compiled
 from longrange.memory.knn.factory import make_index, resolve_backend
 from longrange.memory.knn.retrieval import TableLease
 from longrange.memory.knn.store import (
@@ -146,6 +147,7 @@ class KNNMemory:
         self.index_kind = index
         self.scoped_indices = list(range(num_indices))
         self._leases: weakref.WeakSet[TableLease] = weakref.WeakSet()
+        compiled.register(self)  # op_handle: how compiled graphs name this memory
 
     # --- reference-compatible surface -----------------------------------------------------
     @property
