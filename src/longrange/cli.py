@@ -366,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
     b.add_argument(
         "suite",
-        choices=["speed", "memory", "generate", "recall", "quality", "listops", "report"],
+        choices=["speed", "memory", "generate", "recall", "quality", "listops", "knn", "report"],
         help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
         "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
-        "listops (Long Range Arena classification), report (plots + README tables)",
+        "listops (Long Range Arena classification), knn (memorizing's chunk cost and recall@k as its "
+        "memory fills to each of --lengths entries), report (plots + README tables)",
     )
     b.add_argument("--models", default="vanilla", help="comma-separated families, or 'all' (default vanilla)")
     b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")

@@ -16,7 +16,7 @@ from longrange.bench.speed import (
     run_speed_suite,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "report")
+SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "knn", "report")
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +153,15 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             steps=options.get("steps") or 300,
             min_length=low,
             max_length=high,
+            out_dir=out_dir,
+        )
+    if suite == "knn":  # memorizing's kNN memory as it fills; --lengths are the fills
+        from longrange.bench.knn import run_knn_suite
+
+        return run_knn_suite(
+            lengths,
+            repeats=options.get("repeats", 3),
+            compare_reference=options.get("compare_reference", False),
             out_dir=out_dir,
         )
     if suite == "report":
