@@ -70,7 +70,7 @@ class AdaptiveIndex(KNNIndex):
         store: MemmapStore,
         keys: Tensor,
         *,
-        exact_limit: int = 4096,
+        exact_limit: int = 1024,
         cells_per_root: float = 4.0,
         nprobe: int = 24,
         train_points: int = 32,

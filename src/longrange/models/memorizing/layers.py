@@ -21,16 +21,20 @@ from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
 
 
-def relative_bias(module: T5RelativePositionBias, n: int, m: int) -> Tensor:
+def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
     """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
     distinct distances: one small table lookup, then a Toeplitz view, so the backward pass
-    sums diagonals instead of scattering n * m gradients into the table."""
+    sums diagonals instead of scattering n * m gradients into the table. With ``causal`` the
+    future gets the most negative finite value (:func:`causal_bias`), set on the n + m - 1
+    distances before the view, not on the n x m bias."""
     weight = module.relative_attention_bias.weight
     relative = torch.arange(n + m - 1, device=weight.device) - (m - 1)  # key minus query position
     ids = t5_relative_position_bucket(
         relative, causal=module.causal, num_buckets=module.num_buckets, max_distance=module.max_distance
     )
     per_distance = (module.relative_attention_bias(ids) * module.scale).t()  # [H, n + m - 1]
+    if causal:
+        per_distance = per_distance.masked_fill(relative > 0, -torch.finfo(per_distance.dtype).max)
     # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table: a sliding window.
     return per_distance.unfold(1, m, 1).flip(1)
 
@@ -42,6 +46,23 @@ def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch
     if bias is None:
         bias = torch.zeros(1, n, m, device=device, dtype=dtype)
     return bias.masked_fill(future, -torch.finfo(bias.dtype).max)
+
+
+def shared_kv_scores(q: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
+    """Queries q [B, H, N, D] (scaled) against one key head keys [B, M, D], plus the additive
+    bias [H or 1, N, M] -> [B, H, N, M]: one GEMM over every head, adding the bias as it
+    writes (no separate pass over the scores)."""
+    b, h, n, d = q.shape
+    m = keys.shape[1]
+    bias = bias.to(q.dtype).expand(h, n, m).reshape(1, h * n, m)
+    return torch.baddbmm(bias, q.reshape(b, h * n, d), keys.transpose(1, 2)).view(b, h, n, m)
+
+
+def shared_kv_output(attn: Tensor, values: Tensor) -> Tensor:
+    """Weights attn [B, H, N, M] (rows may be strided) times one value head [B, M, D] ->
+    [B, H, N, D]: one GEMM over every head."""
+    b, h, n, m = attn.shape
+    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, -1)
 
 
 class Attention(nn.Module):
@@ -82,14 +103,13 @@ class Attention(nn.Module):
         return k, v
 
     def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Tensor) -> Tensor:
-        sim = torch.einsum("bhnd,bmd->bhnm", q * self.dim_head**-0.5, keys) + bias
-        return _mask_keys(sim, key_valid)
+        return _mask_keys(shared_kv_scores(q * self.dim_head**-0.5, keys, bias), key_valid)
 
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Tensor
     ) -> Tensor:
         attn = self.attn_drop(self.logits(q, keys, key_valid, bias).softmax(dim=-1))
-        out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+        out = shared_kv_output(attn, values)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -151,10 +171,10 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
-        sim = _mask_keys(torch.einsum("bhnd,bmd->bhnm", q, keys) * scale + bias, key_valid)
+        sim = _mask_keys(shared_kv_scores(q * scale, keys, bias), key_valid)
         if retrieved is None:
             attn = self.attn_drop(sim.softmax(dim=-1))
-            out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+            out = shared_kv_output(attn, values)
         else:
             found = retrieved.found
             sim_mem = memory_scores(q, retrieved) * scale
@@ -163,11 +183,10 @@ class KNNAttention(Attention):
                 k = sim_mem.shape[-1]
                 attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
                 attn = attn.to(values.dtype)
-                out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
+                out = shared_kv_output(attn[..., k:], values)
                 out = out + memory_values(attn[..., :k], retrieved)
             else:
-                local = self.attn_drop(sim.softmax(dim=-1)).to(values.dtype)
-                local = torch.einsum("bhnm,bmd->bhnd", local, values)
+                local = shared_kv_output(self.attn_drop(sim.softmax(dim=-1)), values)
                 remote = self.attn_drop(sim_mem.softmax(dim=-1)).to(values.dtype)
                 remote = memory_values(remote, retrieved)
                 # a query that found no memory keeps its local attention whole
