@@ -60,6 +60,17 @@ from longrange.ops.blockrec import shared_kv_attention
 state_entry(ReadCache)
 
 
+def _rebased(tokens: Tensor, mask: Tensor | None, group: list[Piece]):
+    """The tokens, mask and pieces of a run of consecutive pieces, numbered from its start."""
+    first, last = group[0], group[-1]
+    pieces = [
+        dataclasses.replace(p, index=i, start=p.start - first.start, stop=p.stop - first.start)
+        for i, p in enumerate(group)
+    ]
+    seg_mask = None if mask is None else mask[:, first.start : last.stop]
+    return tokens[:, first.start : last.stop], seg_mask, pieces
+
+
 class BlockRecurrentLM(SegmentedLM):
     """Block-recurrent decoder: ``forward_lm(tokens [B, N], mask=None, state=None)`` ->
     logits [B, N, V] and the state to continue from."""
@@ -204,7 +215,9 @@ class BlockRecurrentLM(SegmentedLM):
                 outs.append(self._run_recomputed(tokens, mask, group, state))
                 group = []
             group.append(piece)
-        outs.append(self._run_recomputed(tokens, mask, group, state))
+        # The last segment keeps its activations: its backward pass comes first, and frees
+        # them before any other segment is recomputed, so the peak stays one segment's.
+        outs.append(self.run_pieces(*_rebased(tokens, mask, group), state))
         return torch.cat(outs, dim=1)
 
     def _run_recomputed(
@@ -212,13 +225,7 @@ class BlockRecurrentLM(SegmentedLM):
     ) -> Tensor:
         """The pieces of ``group`` under activation checkpointing: a function of the state's
         boundary entries (read here, replaced by the segment's) and the segment's tokens."""
-        first, last = group[0], group[-1]
-        pieces = [
-            dataclasses.replace(p, index=i, start=p.start - first.start, stop=p.stop - first.start)
-            for i, p in enumerate(group)
-        ]
-        seg_tokens = tokens[:, first.start : last.stop]
-        seg_mask = None if mask is None else mask[:, first.start : last.stop]
+        seg_tokens, seg_mask, pieces = _rebased(tokens, mask, group)
         logits, boundary = checkpoint(
             self._segment, seg_tokens, seg_mask, pieces, self._boundary(state), use_reentrant=False
         )
