@@ -19,6 +19,8 @@ BACKENDS = [
     pytest.param("faiss", "flat", None, id="faiss-flat"),
     pytest.param("faiss", "hnsw", {"ef_search": 256, "hnsw_m": 16}, id="faiss-hnsw"),
     pytest.param("faiss", "ivf", {"nlist": 4, "nprobe": 4, "train_size": 24}, id="faiss-ivf"),
+    # exact below 12 entries, then inverted files probed whole (so exact too)
+    pytest.param("faiss", "auto", {"exact_limit": 12, "nprobe": 64}, id="faiss-auto"),
 ]
 
 
@@ -320,7 +322,45 @@ def test_save_writes_index_and_counters(tmp_path):
         "knn.memory.json",
         "knn.memory.memmap",
     ]
-    np.testing.assert_array_equal(
-        np.fromfile(tmp_path / "out" / "knn.memory.memmap", dtype=np.float32).reshape(2, 8, 2, DIM), memory.db
-    )
+    saved = np.fromfile(tmp_path / "out" / "knn.memory.memmap", dtype=np.float32).reshape(2, 2, 8, DIM)
+    np.testing.assert_array_equal(saved.transpose(1, 2, 0, 3), memory.db)  # keys, then values
+    memory.close()
+
+
+def test_auto_index_is_exact_while_small_then_retrains_as_it_grows_and_turns_over(tmp_path):
+    """Probing every cell makes the inverted file exact, so every search must equal the exact
+    backend's, through the switch from exact search, the re-trainings as the fill doubles and
+    the one after the whole memory has been overwritten."""
+    options = {"exact_limit": 16, "cells_per_root": 1.0, "nprobe": 64}
+    auto = _memory(tmp_path, "faiss", "auto", options, max_memories=48, rows=1, name="auto")
+    exact = _memory(tmp_path, "exact", "flat", None, max_memories=48, rows=1, name="exact")
+    keys = _keys(150, rows=1)
+    queries = _keys(9, rows=1, seed=2)
+    trained = []
+    for start in range(0, 150, 10):
+        for memory in (auto, exact):
+            memory.add(_pairs(keys[:, start : start + 10]))
+        trained.append(auto.index.trained_count[0])
+        for got, want in zip(auto.search(queries, 5), exact.search(queries, 5), strict=True):
+            torch.testing.assert_close(got, want)
+    assert auto.index.indexes[0] is not None
+    # exact until 16 entries, trained at 20 (fill 20), 40 (fill 40), then when 48 new entries
+    # have replaced the 48 of the last training (count 40 + 48 -> at 90)
+    assert sorted(set(trained)) == [0, 20, 40, 90, 140]
+    auto.clear()
+    assert auto.index.indexes[0] is None
+    auto.close()
+    exact.close()
+
+
+def test_lookup_scores_are_the_inner_products_of_the_pairs_it_names(tmp_path):
+    memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 8, "nprobe": 2}, max_memories=64)
+    memory.add(_pairs(_keys(40)))
+    queries = _keys(6, seed=3)[:, None]  # [B, 1, Q, D]
+    ids, scores, found = memory.lookup(queries, 4)
+    assert ids.shape == scores.shape == found.shape == (2, 1, 6, 4)
+    keys = memory.key_table()[ids]
+    torch.testing.assert_close(scores[found], torch.einsum("bhqd,bhqkd->bhqk", queries, keys)[found])
+    kv, mask = memory.search(queries, 4)
+    assert torch.equal(mask, found) and _matched(kv, mask)
     memory.close()

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from longrange.models.block_recurrent import BlockRecurrentLM
+from longrange.models.block_recurrent.compat import BlockRecurrentTransformer
+from longrange.models.block_recurrent.config import block_recurrent_bench
 from longrange.models.block_recurrent.layers import GatedFeedForward
 from longrange.models.registry import create_model
-from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+from longrange.testing import assert_causal, assert_close, assert_compiles_whole, assert_padding_ignored
 
 V = 40
 BASE = dict(
@@ -265,3 +267,89 @@ def test_bad_calls():
     vanilla = create_model("vanilla", vocab_size=V, dim=32, depth=2, heads=2).init_state(2)
     with pytest.raises(ValueError, match="not made by BlockRecurrentLM"):
         model.forward_lm(tokens(2, 5), state=vanilla)
+
+
+@pytest.mark.parametrize("variant", ["default", "compressed-mem", "read-below-write"])
+def test_recomputed_segments_give_the_same_outputs_and_gradients(variant):
+    """A long training call in recomputed segments (of 2 and of 3 blocks, the last one partial,
+    continuing a given state whose block is half full) equals the call without recomputation,
+    outputs, carried state and every gradient."""
+    x = tokens(2, 61, seed=21)
+    mask = torch.rand(2, 61, generator=torch.Generator().manual_seed(21)) < 0.9
+    results = []
+    for size in (0, 16, 24):
+        model = model_for(variant, recompute_segment=size).train()
+        state = model.forward_lm(tokens(2, 12, seed=22)).state  # a half-full block to continue
+        state = model.detach_state(state)
+        out = model.forward_lm(x, mask=mask, state=state)
+        (out.logits.square().mean() + sum(s.sum() for s in states(out.state))).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), windows(out.state) + states(out.state), grads))
+    for logits, carried, grads in results[1:]:
+        assert_close(logits, results[0][0], rtol=1e-5)
+        for a, b in zip(carried, results[0][1], strict=True):
+            assert_close(a.detach(), b.detach(), rtol=1e-5)
+        assert grads.keys() == results[0][2].keys()
+        for name, grad in grads.items():
+            assert_close(grad, results[0][2][name], rtol=1e-4, name=name)
+
+
+COMPILED = {
+    # the bench preset's options (qk scale 8, states = block width, recomputed segments)
+    "bench-options": lambda: BlockRecurrentLM(
+        block_recurrent_bench().replace(
+            vocab_size=V,
+            dim=32,
+            heads=2,
+            dim_head=8,
+            depth=2,
+            block_width=8,
+            max_seq_len=32,
+            recompute_segment=16,
+        )
+    ),
+    # the reference-named class with the reference's defaults (sizes aside)
+    "reference-defaults": lambda: BlockRecurrentTransformer(num_tokens=V, dim=32, depth=2, block_width=8),
+}
+
+
+@pytest.mark.parametrize("build", list(COMPILED))
+def test_training_step_with_carried_state_compiles_without_graph_breaks(build):
+    torch.manual_seed(0)
+    model = COMPILED[build]().train()
+    x = tokens(2, 37, seed=31)
+
+    def run(compiled: bool):
+        state = model.detach_state(model.forward_lm(tokens(2, 12, seed=30)).state)  # a block half full
+
+        def loss(x):
+            out = model.forward_lm(x, mask=x > 2, state=state)
+            return out.logits.float().logsumexp(-1).mean() + states(out.state)[0].square().mean()
+
+        model.zero_grad(set_to_none=True)
+        if compiled:
+            value = assert_compiles_whole(loss, x)
+        else:
+            value = loss(x)
+            value.backward()
+        return value, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    assert_close(got, want, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 10
+    for name, grad in got_grads.items():
+        assert_close(grad, want_grads[name], rtol=1e-4, name=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_loss_equals_eager():
+    torch.manual_seed(0)
+    model = model_for("default").train()
+    x = tokens(2, 29, seed=32)
+
+    def loss(x):
+        return torch.nn.functional.cross_entropy(model.forward_lm(x[:, :-1]).logits.transpose(1, 2), x[:, 1:])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    assert_close(compiled(x), loss(x), rtol=1e-5)

@@ -407,6 +407,7 @@ def test_zero_retrieved_memories_disables_the_memory():
 
 
 def test_gated_combine_mixes_two_softmaxes_by_a_per_head_gate():
+    from longrange.memory.knn.retrieval import Retrieved
     from longrange.models.memorizing import KNNAttention, causal_bias
 
     torch.manual_seed(0)
@@ -420,7 +421,11 @@ def test_gated_combine_mixes_two_softmaxes_by_a_per_head_gate():
     found[0, :, 1] = False  # this query found nothing: local attention only
     found[1, :, 2, 0] = False  # a missing neighbour gets no weight
     bias = causal_bias(None, 5, 5)
-    got = attn.attend(q, k, v, None, bias, (mem_k, mem_v, found))
+    # the pairs as a memory's tables hold them: one row per retrieved pair
+    ids = torch.arange(2 * 2 * 5 * 3).view(2, 2, 5, 3)
+    scores = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k)
+    found_pairs = Retrieved(ids, scores, found, mem_k.reshape(-1, 16), mem_v.reshape(-1, 16))
+    got = attn.attend(q, k, v, None, bias, found_pairs)
 
     scale = attn.scale.exp()
     local = ((q @ k.transpose(-1, -2)[:, None]) * scale + bias).softmax(-1) @ v[:, None]

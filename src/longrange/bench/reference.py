@@ -128,9 +128,7 @@ def build(family: str, length: int, source: str = "reference", *, fill: int | No
     package, name, keywords, _ = CLASSES[family]
     module = importlib.import_module(package if source == "reference" else "longrange")
     cls = getattr(module, name)
-    if family == "memorizing":
-        if fill is None and source == "reference":
-            keywords = {**keywords, "max_knn_memories": 65536}
+    if family == "memorizing":  # the package's defaults: a 250,000-entry memory, as the bench preset
         return _ChunkedMemorizing(cls, fill, **keywords)
     model = cls(max_seq_len=length, **SIZE, **keywords)
     if source == "exact":

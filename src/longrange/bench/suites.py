@@ -16,7 +16,7 @@ from longrange.bench.speed import (
     run_speed_suite,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "context", "report")
+SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report")
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +170,15 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             recall_budget_s=given("recall_budget", ctx.DEFAULT_RECALL_BUDGET_S),
             seeds=tuple(given("seeds", ctx.DEFAULT_SEEDS)),
             steps=options.get("steps"),
+            out_dir=out_dir,
+        )
+    if suite == "knn":  # memorizing's kNN memory as it fills; --lengths are the fills
+        from longrange.bench.knn import run_knn_suite
+
+        return run_knn_suite(
+            lengths,
+            repeats=options.get("repeats", 3),
+            compare_reference=options.get("compare_reference", False),
             out_dir=out_dir,
         )
     if suite == "report":

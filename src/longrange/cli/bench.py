@@ -56,11 +56,12 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
     b.add_argument(
         "suite",
-        choices=["speed", "memory", "generate", "recall", "quality", "listops", "context", "report"],
+        choices=["speed", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report"],
         help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
         "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
         "listops (Long Range Arena classification), context (long-context evidence: loss by "
-        "position, ablations, recall at distance, equal compute), report (plots + README tables)",
+        "position, ablations, recall at distance, equal compute), knn (memorizing's chunk cost and "
+        "recall@k as its memory fills to each of --lengths entries), report (plots + README tables)",
     )
     b.add_argument(
         "--models",

@@ -1,9 +1,10 @@
 """Exact kNN search with torch: queries times every filled key, then top-k.
 
-The reference for tests and the default on GPU. It keeps no structure of its own: slots
-[0, min(count, M)) of each row are filled (writing is FIFO from slot 0 and clearing resets the
-count), so a search reads the keys straight from the [R, M, 2, D] tensor it is given (the
-store's memory-mapped view on CPU, a device copy on GPU).
+The reference for tests, the default on GPU, and the small-memory half of the ``auto``
+index. It keeps no structure of its own: slots [0, min(count, M)) of each row are filled
+(writing is FIFO from slot 0 and clearing resets the count), so a search reads the keys
+straight from the [R, M, D] key table it is given (the store's memory-mapped view on CPU, a
+device copy on GPU).
 
 Dimensions: R rows searched, Q queries per row, F filled slots (the largest row), D key width,
 K neighbours.
@@ -25,42 +26,52 @@ from longrange.memory.knn.store import MemmapStore
 SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
+def exact_search(keys: Tensor, filled: np.ndarray, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k inner products of queries [R, Q, D] against keys [R, >= F, D], row r holding
+    ``filled[r]`` keys -> (slots [R, Q, K], -1 past a row's fill; scores [R, Q, K])."""
+    r, q = queries.shape[:2]
+    f = int(filled.max()) if len(filled) else 0
+    if f == 0 or k == 0:
+        return (
+            torch.full((r, q, k), -1, dtype=torch.long, device=queries.device),
+            torch.full((r, q, k), float("-inf"), device=queries.device),
+        )
+    keys = keys[:, :f].to(queries.device, queries.dtype)
+    beyond = None  # [R, 1, F] slots past a row's fill, when rows are filled unequally
+    if int(filled.min()) < f:
+        short = torch.as_tensor(filled, device=queries.device)[:, None, None]
+        beyond = torch.arange(f, device=queries.device)[None, None, :] >= short
+    kk = min(k, f)
+    block = max(1, SCORE_BLOCK_ELEMENTS // max(1, r * f))
+    slots, scores = [], []
+    for start in range(0, q, block):
+        sim = torch.bmm(queries[:, start : start + block], keys.transpose(1, 2))  # [R, Qb, F]
+        if beyond is not None:
+            sim.masked_fill_(beyond, float("-inf"))
+        top = sim.topk(kk, dim=-1)
+        dead = top.values == float("-inf")
+        slots.append(top.indices.masked_fill(dead, -1))
+        scores.append(top.values)
+    return pad_slots(torch.cat(slots, dim=1), torch.cat(scores, dim=1), k)
+
+
 class ExactIndex(KNNIndex):
     name = "exact"
 
-    def __init__(self, store: MemmapStore, kv: Tensor) -> None:
+    def __init__(self, store: MemmapStore, keys: Tensor) -> None:
         super().__init__(store)
-        self.kv = kv  # [R, M, 2, D]
+        self.keys = keys  # [R, M, D]
 
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, evicted: np.ndarray) -> None:
-        pass  # the keys are already in ``kv``
+        pass  # the keys are already in ``keys``
 
     def reset(self, row: int) -> None:
         pass  # the store's count decides which slots are searched
 
-    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> Tensor:
+    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         rows = list(rows)
-        r, q = queries.shape[:2]
         filled = np.minimum(self.store.counts[rows], self.store.capacity)
-        f = int(filled.max()) if len(rows) else 0
-        if f == 0 or k == 0:
-            return torch.full((r, q, k), -1, dtype=torch.long, device=queries.device)
-        if rows == list(range(self.store.rows)):
-            keys = self.kv[:, :f, 0]  # [R, F, D]
-        else:
-            keys = self.kv[torch.as_tensor(rows, device=self.kv.device), :f, 0]
-        keys = keys.to(queries.device, queries.dtype)
-        beyond = None  # [R, 1, F] slots past a row's fill, when rows are filled unequally
-        if int(filled.min()) < f:
-            short = torch.as_tensor(filled, device=queries.device)[:, None, None]
-            beyond = torch.arange(f, device=queries.device)[None, None, :] >= short
-        kk = min(k, f)
-        block = max(1, SCORE_BLOCK_ELEMENTS // max(1, r * f))
-        pieces = []
-        for start in range(0, q, block):
-            scores = torch.bmm(queries[:, start : start + block], keys.transpose(1, 2))  # [R, Qb, F]
-            if beyond is not None:
-                scores.masked_fill_(beyond, float("-inf"))
-            top = scores.topk(kk, dim=-1)
-            pieces.append(top.indices.masked_fill(top.values == float("-inf"), -1))
-        return pad_slots(torch.cat(pieces, dim=1), k)
+        keys = self.keys[:, : int(filled.max()) if len(rows) else 0]
+        if rows != list(range(self.store.rows)):
+            keys = keys[torch.as_tensor(rows, device=keys.device)]
+        return exact_search(keys, filled, queries, k)

@@ -33,24 +33,31 @@ def make_index(
     backend: str,
     store: MemmapStore,
     *,
-    kv: Tensor,
-    kind: str = "flat",
+    keys: Tensor,
+    kind: str = "auto",
     device: torch.device,
     options: dict | None = None,
     threads: int = 1,
 ) -> KNNIndex:
-    """Build the index for ``store``; ``kv`` is the [R, M, 2, D] tensor the exact index reads."""
+    """Build the index for ``store``; ``keys`` is the [R, M, D] key table the exact search reads.
+
+    ``kind="auto"`` is the exact search with the exact backend, and the size-adaptive index
+    (exact while small, an inverted file beyond) with faiss."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {kind!r}")
     options = dict(options or {})
     if backend == "exact":
-        if kind != "flat" or options:
+        if kind not in ("auto", "flat") or options:
             raise ValueError(
                 f"the exact backend is a flat search; index={kind!r} / index options {sorted(options)} "
                 "need backend='faiss'"
             )
-        return ExactIndex(store, kv)
+        return ExactIndex(store, keys)
     # faiss loads only when a faiss index is asked for
+    if kind == "auto":
+        from longrange.memory.knn.adaptive import AdaptiveIndex
+
+        return AdaptiveIndex(store, store.keys(), threads=threads, **options)
     from longrange.memory.knn.faiss_index import FaissIndex
 
     return FaissIndex(store, kind=kind, device=device, threads=threads, **options)

@@ -36,6 +36,28 @@ from longrange.memory.knn.store import MemmapStore
 INDEX_FILE = "knn.index.row{row}.faiss"
 
 
+def alive_slots(
+    ids: np.ndarray, dist: np.ndarray, count: int, capacity: int, k: int, *, reorder: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Entry ids [Q, k'] (-1: none) and their scores -> (slots [Q, K], -1 where the id is dead
+    or missing; scores [Q, K], -inf there); with ``reorder`` the alive ids move to the front,
+    keeping their order (best first)."""
+    alive = (ids >= max(0, count - capacity)) & (ids < count)
+    if reorder:
+        order = np.argsort(~alive, axis=1, kind="stable")
+        ids = np.take_along_axis(ids, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        alive = np.take_along_axis(alive, order, axis=1)
+    ids, dist, alive = ids[:, :k], dist[:, :k], alive[:, :k]
+    slots = np.where(alive, ids % capacity, -1)
+    scores = np.where(alive, dist, -np.inf).astype(np.float32)
+    if slots.shape[1] < k:
+        pad = ((0, 0), (0, k - slots.shape[1]))
+        slots = np.pad(slots, pad, constant_values=-1)
+        scores = np.pad(scores, pad, constant_values=-np.inf)
+    return slots, scores
+
+
 class FaissIndex(KNNIndex):
     name = "faiss"
 
@@ -147,17 +169,21 @@ class FaissIndex(KNNIndex):
             index.add_with_ids(keys, ids)
         self.indexes[row] = index
 
-    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> Tensor:
+    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         rows = list(rows)
         q_np = queries.detach().to("cpu", torch.float32).numpy()
         out = self._map(self._search_one, [(row, q_np[i], k) for i, row in enumerate(rows)])
-        return torch.from_numpy(np.stack(out)).to(queries.device)
+        slots = torch.from_numpy(np.stack([o[0] for o in out])).to(queries.device)
+        scores = torch.from_numpy(np.stack([o[1] for o in out])).to(queries.device)
+        return slots, scores
 
-    def _search_one(self, row: int, queries: np.ndarray, k: int) -> np.ndarray:
+    def _search_one(self, row: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = self.indexes[row]
         count, filled = int(self.store.counts[row]), self.store.filled(row)
         if filled == 0 or k == 0:
-            return np.full((queries.shape[0], k), -1, dtype=np.int64)
+            return np.full((queries.shape[0], k), -1, dtype=np.int64), np.full(
+                (queries.shape[0], k), -np.inf, dtype=np.float32
+            )
         dead = index.ntotal - filled
         queries = np.ascontiguousarray(queries)
         if dead > 0 and self.kind == "hnsw":
@@ -167,22 +193,12 @@ class FaissIndex(KNNIndex):
                 sel=faiss.IDSelectorRange(max(0, count - self.capacity), count),
                 efSearch=max(self.ef_search, k),
             )
-            _, ids = index.search(queries, min(k, filled), params=params)
+            dist, ids = index.search(queries, min(k, filled), params=params)
             dead = 0
         else:
             fetch = min(index.ntotal, k + dead if self.append_only else k)
-            _, ids = index.search(queries, fetch)
-        alive = (ids >= max(0, count - self.capacity)) & (ids < count)
-        if dead > 0:
-            # Move the alive ids to the front, keeping their order (best first).
-            order = np.argsort(~alive, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, axis=1)
-            alive = np.take_along_axis(alive, order, axis=1)
-        ids, alive = ids[:, :k], alive[:, :k]
-        slots = np.where(alive, ids % self.capacity, -1)
-        if slots.shape[1] < k:
-            slots = np.pad(slots, ((0, 0), (0, k - slots.shape[1])), constant_values=-1)
-        return slots
+            dist, ids = index.search(queries, fetch)
+        return alive_slots(ids, dist, count, self.capacity, k, reorder=dead > 0)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, directory: Path) -> None:

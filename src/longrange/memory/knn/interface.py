@@ -7,9 +7,14 @@ the memory reads the (key, value) pairs from there. Backends:
 - ``exact`` (:class:`~longrange.memory.knn.exact.ExactIndex`): a matmul of the queries against
   every filled slot plus top-k, on the model's device; the reference for tests and the default
   on GPU.
-- ``faiss`` (:class:`~longrange.memory.knn.faiss_index.FaissIndex`): one faiss index per batch
-  row, keyed by entry id; an exact flat inner-product index by default, HNSW or IVF for large
-  memories; faiss-gpu's flat index when it is installed and the memory lives on a GPU.
+- ``faiss``: index ``auto`` (the default, :class:`~longrange.memory.knn.adaptive.AdaptiveIndex`)
+  chooses by size: the exact search while a row is small, an inverted-file index beyond;
+  ``flat``, ``hnsw`` and ``ivf`` (:class:`~longrange.memory.knn.faiss_index.FaissIndex`) fix one
+  kind of faiss index per batch row, keyed by entry id; faiss-gpu's flat index when it is
+  installed and the memory lives on a GPU.
+
+A search returns the slots and their scores (the inner products), so that a caller can
+weigh the retrieved values without gathering the keys again.
 
 Dimensions: R rows searched, Q queries per row, D key width, K neighbours, M slots per row.
 """
@@ -27,7 +32,7 @@ from torch import Tensor
 from longrange.memory.knn.store import MemmapStore
 
 BACKENDS = ("auto", "exact", "faiss")
-INDEX_KINDS = ("flat", "hnsw", "ivf")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
 class KNNIndex(ABC):
@@ -43,9 +48,10 @@ class KNNIndex(ABC):
         """Index ``keys`` [n, D] under ``ids`` [n]; ``evicted`` ids no longer hold their key."""
 
     @abstractmethod
-    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> Tensor:
-        """queries [R, Q, D] float32 -> slots [R, Q, K] (int64, -1 where fewer than K are alive),
-        best first, on the queries' device."""
+    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """queries [R, Q, D] float32 -> (slots [R, Q, K] int64, -1 where fewer than K are alive;
+        scores [R, Q, K] float32, the inner products, -inf where the slot is -1), best first,
+        on the queries' device."""
 
     @abstractmethod
     def reset(self, row: int) -> None:
@@ -70,9 +76,13 @@ class KNNIndex(ABC):
         """Free the index's memory."""
 
 
-def pad_slots(slots: Tensor, k: int) -> Tensor:
-    """Pad the last dimension of ``slots`` with -1 up to ``k``."""
+def pad_slots(slots: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Pad the last dimension of ``slots`` with -1 (and ``scores`` with -inf) up to ``k``."""
     missing = k - slots.shape[-1]
     if missing <= 0:
-        return slots
-    return torch.cat([slots, slots.new_full((*slots.shape[:-1], missing), -1)], dim=-1)
+        return slots, scores
+    shape = (*slots.shape[:-1], missing)
+    return (
+        torch.cat([slots, slots.new_full(shape, -1)], dim=-1),
+        torch.cat([scores, scores.new_full(shape, float("-inf"))], dim=-1),
+    )

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longrange.memory.knn import compiled
 from longrange.memory.knn.factory import make_index, resolve_backend
+from longrange.memory.knn.retrieval import TableLease
 from longrange.memory.knn.store import (
     MemmapStore,
     claim_file,
@@ -48,7 +50,8 @@ from longrange.memory.knn.store import (
 
 SAVE_DATA = "knn.memory.memmap"
 SAVE_META = "knn.memory.json"
-SAVE_FORMAT = "longrange-knn-memory-1"
+SAVE_FORMAT = "longrange-knn-memory-2"  # data [2, R, M, D]: keys, then values
+OLD_FORMAT = "longrange-knn-memory-1"  # data [R, M, 2, D]; still read
 DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = None  # None: a fresh temporary directory per memory list
 
 
@@ -71,10 +74,12 @@ def _release(store: MemmapStore, path: Path, directory: Path, remove_directory: 
 class KNNMemory:
     """kNN memory of ``num_indices`` rows x ``max_memories`` (key, value) pairs of width ``dim``.
 
-    Keyword-only extras: ``backend`` ("auto", "exact", "faiss"), ``index`` ("flat", "hnsw",
-    "ivf"; faiss only), ``index_options`` (faiss: hnsw_m, ef_search, ef_construction, nlist,
-    nprobe, train_size), ``device`` (where searches run for the exact backend and where results
-    are returned), ``remove_directory`` (delete the file's directory on close when empty).
+    Keyword-only extras: ``backend`` ("auto", "exact", "faiss"), ``index`` ("auto": exact
+    while small, an inverted file beyond; "flat", "hnsw", "ivf": one faiss index kind),
+    ``index_options`` (auto: exact_limit, cells_per_root, nprobe, train_points; flat / hnsw /
+    ivf: hnsw_m, ef_search, ef_construction, nlist, nprobe, train_size), ``device`` (where
+    searches run for the exact backend and where results are returned), ``remove_directory``
+    (delete the file's directory on close when empty).
     """
 
     def __init__(
@@ -86,7 +91,7 @@ class KNNMemory:
         multiprocessing: bool = True,
         *,
         backend: str = "auto",
-        index: str = "flat",
+        index: str = "auto",
         index_options: dict | None = None,
         device: torch.device | str | None = None,
         remove_directory: bool = False,
@@ -124,14 +129,16 @@ class KNNMemory:
         self.owns_directory = remove_directory
         self._finalizer = weakref.finalize(self, _release, store, path, directory, remove_directory)
         # Where pairs are gathered from: the file itself on CPU, a device copy elsewhere.
-        self._kv = (
-            store.tensor() if self.device.type == "cpu" else torch.zeros(self.shape, device=self.device)
-        )
+        if self.device.type == "cpu":
+            self._keys, self._values = store.keys(), store.values()
+        else:
+            self._keys = torch.zeros(num_indices, max_memories, dim, device=self.device)
+            self._values = torch.zeros_like(self._keys)
         threads = (os.cpu_count() or 1) if multiprocessing else 1
         self.index = make_index(
             self.backend,
             store,
-            kv=self._kv,
+            keys=self._keys,
             kind=index,
             device=self.device,
             options=index_options,
@@ -139,13 +146,16 @@ class KNNMemory:
         )
         self.index_kind = index
         self.scoped_indices = list(range(num_indices))
+        self._leases: weakref.WeakSet[TableLease] = weakref.WeakSet()
+        compiled.register(self)  # op_handle: how compiled graphs name this memory
 
     # --- reference-compatible surface -----------------------------------------------------
     @property
     def db(self) -> np.ndarray:
-        """The memory-mapped [rows, max_memories, 2, dim] array."""
+        """The pairs as the reference's [rows, max_memories, 2, dim] array (a view of the
+        memory-mapped file)."""
         self._check_open()
-        return self.store.kv
+        return self.store.db
 
     @property
     def db_offsets(self) -> np.ndarray:
@@ -204,11 +214,13 @@ class KNNMemory:
         items = []
         for i, row in enumerate(rows):
             entries = host[i] if keep is None else host[i][keep[i]]
+            self._before_write(row * self.max_memories + self.store.next_slots(row, len(entries)))
             ids, evicted = self.store.write(row, entries)
             if ids.size and self.device.type != "cpu":
-                fresh = memories[i] if keep is None else memories[i][mask[i]]
+                fresh = (memories[i] if keep is None else memories[i][mask[i]])[-ids.size :]
                 slots = torch.as_tensor(ids % self.max_memories, device=self.device)
-                self._kv[row, slots] = fresh[-ids.size :].to(self.device, torch.float32)
+                self._keys[row, slots] = fresh[:, 0].to(self.device, torch.float32)
+                self._values[row, slots] = fresh[:, 1].to(self.device, torch.float32)
             items.append((row, ids, entries[len(entries) - ids.size :, 0], evicted))
         if hasattr(self.index, "add_rows"):
             self.index.add_rows(items)
@@ -236,6 +248,24 @@ class KNNMemory:
         self, queries: Tensor, topk: int, *, nprobe: int | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Like :meth:`search`, with keys and values apart: ([B, ..., K, D], [B, ..., K, D], mask)."""
+        ids, _, mask = self.lookup(queries, topk, nprobe=nprobe)
+        lead = (*ids.shape, self.dim)
+        flat = ids.to(self._keys.device).flatten()
+        keys = self.key_table().index_select(0, flat).view(lead)
+        values = self.value_table().index_select(0, flat).view(lead)
+        dev = mask.to(keys.device)
+        if not bool(dev.all()):
+            keys.masked_fill_(~dev[..., None], 0.0)
+            values.masked_fill_(~dev[..., None], 0.0)
+        return keys.to(queries.device), values.to(queries.device), mask
+
+    def lookup(
+        self, queries: Tensor, topk: int, *, nprobe: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-k entries of each query, as rows of :meth:`key_table` / :meth:`value_table`:
+        queries [B, ..., D] -> (ids [B, ..., K] int64, 0 where nothing was found; scores
+        [B, ..., K] float32, the inner products, -inf where nothing was found; found mask
+        [B, ..., K] bool), on the queries' device."""
         self._check_open()
         rows = self.scoped_indices
         if queries.dim() < 2 or queries.shape[0] != len(rows) or queries.shape[-1] != self.dim:
@@ -254,20 +284,36 @@ class KNNMemory:
             for index in self.index.indexes:
                 if hasattr(index, "nprobe"):
                     index.nprobe = nprobe
-        slots = self.index.search(rows, flat, topk).to(self._kv.device)  # [B, Q, K]
-        mask = slots >= 0
-        row_ids = torch.as_tensor(rows, device=self._kv.device)[:, None, None]
-        flat_ids = (row_ids * self.max_memories + slots.clamp_min(0)).flatten()
-        table = self._kv.view(-1, 2, self.dim)
-        # A row gather (one memcpy per pair) into two half-size buffers, which the allocator
-        # reuses from call to call where one large buffer would be mapped afresh each time.
-        keys = table[:, 0].index_select(0, flat_ids).view(*lead, self.dim)
-        values = table[:, 1].index_select(0, flat_ids).view(*lead, self.dim)
-        mask = mask.view(lead)
-        if not bool(mask.all()):
-            keys.masked_fill_(~mask[..., None], 0.0)
-            values.masked_fill_(~mask[..., None], 0.0)
-        return keys.to(queries.device), values.to(queries.device), mask.to(queries.device)
+        slots, scores = self.index.search(rows, flat, topk)  # [B, Q, K]
+        found = slots >= 0
+        row_ids = torch.as_tensor(rows, device=slots.device)[:, None, None]
+        ids = (row_ids * self.max_memories + slots.clamp_min(0)).masked_fill(~found, 0)
+        device = queries.device
+        return ids.view(lead).to(device), scores.view(lead).to(device), found.view(lead).to(device)
+
+    def lease(self, ids: Tensor) -> TableLease:
+        """A lease on the table rows ``ids`` (from :meth:`lookup`): until it is collected, it
+        receives the old pair of each of them that the memory overwrites (see
+        ``retrieval.py``)."""
+        lease = TableLease(self.num_indices * self.max_memories, ids)
+        self._leases.add(lease)
+        return lease
+
+    def _before_write(self, slots: np.ndarray) -> None:
+        if slots.size and self._leases:
+            for lease in list(self._leases):
+                lease.before_write(slots, self.key_table(), self.value_table())
+
+    def key_table(self) -> Tensor:
+        """Every row's keys as one [rows * max_memories, dim] table (the file's memory on CPU,
+        no copy); :meth:`lookup` ids index it."""
+        self._check_open()
+        return self._keys.view(-1, self.dim)
+
+    def value_table(self) -> Tensor:
+        """Every row's values as one [rows * max_memories, dim] table, like :meth:`key_table`."""
+        self._check_open()
+        return self._values.view(-1, self.dim)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -309,7 +355,7 @@ class KNNMemory:
         try:
             meta = json.loads(meta_path.read_text())
             shape, dtype, counts = tuple(meta["shape"]), meta["dtype"], [int(c) for c in meta["counts"]]
-            if meta.get("format") != SAVE_FORMAT:
+            if meta.get("format") not in (SAVE_FORMAT, OLD_FORMAT):
                 raise ValueError(f"unknown format {meta.get('format')!r}")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"corrupt kNN memory metadata {str(meta_path)!r}: {err}") from None
@@ -326,12 +372,17 @@ class KNNMemory:
                 f"corrupt kNN memory data {str(data_path)!r}: {data_path.stat().st_size} bytes, "
                 f"expected {expected}"
             )
-        saved = np.memmap(data_path, mode="r", dtype=np.float32, shape=self.shape)
-        self.store.kv[:] = saved
+        self._before_write(np.arange(self.num_indices * self.max_memories))
+        if meta["format"] == OLD_FORMAT:
+            saved = np.memmap(data_path, mode="r", dtype=np.float32, shape=self.shape).transpose(2, 0, 1, 3)
+        else:
+            saved = np.memmap(data_path, mode="r", dtype=np.float32, shape=self.store.data.shape)
+        self.store.data[:] = saved
         del saved
         self.store.counts[:] = counts
         if self.device.type != "cpu":
-            self._kv.copy_(self.store.tensor())
+            self._keys.copy_(self.store.keys())
+            self._values.copy_(self.store.values())
         self.index.load(source)
 
     # --- lifetime -------------------------------------------------------------------------
@@ -347,7 +398,7 @@ class KNNMemory:
         """Delete the memory's file, release the directory lock; the memory is unusable after."""
         if self._finalizer.alive:
             self.index.close()
-            self._kv = None
+            self._keys = self._values = None
             self._finalizer()
 
     cleanup = close

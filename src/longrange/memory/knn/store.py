@@ -1,7 +1,10 @@
 """The memory-mapped key/value store behind a kNN memory, and the directory lock.
 
-Layout: one float32 array ``kv`` of shape [R, M, 2, D] in a file,
-R batch rows, M slots per row, ``kv[r, s, 0]`` a key and ``kv[r, s, 1]`` its value.
+Layout: one float32 array ``data`` of shape [2, R, M, D] in a file, R batch rows, M slots
+per row: ``data[0, r, s]`` a key and ``data[1, r, s]`` its value. Keys (and values) of all
+rows are one contiguous [R * M, D] table, so a retrieval gathers and sums the rows it needs
+in one fused call (``embedding_bag``) without copying the table; ``db`` is the reference's
+[R, M, 2, D] view of the same memory.
 
 Entry ids. The n-th entry written to a row since the row was last cleared has id n and lives
 in slot ``n mod M``; ``count[r]`` is the next id. An id is *alive* while
@@ -131,20 +134,30 @@ def release_file(path: Path) -> None:
 class MemmapStore:
     """Keys and values of R rows x M slots in a memory-mapped file, with FIFO counters.
 
-    ``kv`` is the numpy memmap [R, M, 2, D]; :meth:`tensor` is a torch view of the same memory.
+    ``data`` is the numpy memmap [2, R, M, D] (keys, then values); :meth:`keys` and
+    :meth:`values` are torch views [R, M, D] of the same memory, ``db`` the [R, M, 2, D] view.
     """
 
     def __init__(self, path: Path, rows: int, capacity: int, dim: int) -> None:
         self.path, self.rows, self.capacity, self.dim = path, rows, capacity, dim
-        self.shape = (rows, capacity, 2, dim)
+        self.shape = (rows, capacity, 2, dim)  # the reference's shape, as ``db`` shows it
         # mode w+ creates a sparse file: nothing is written until a slot is filled.
-        self.kv = np.memmap(path, mode="w+", dtype=np.float32, shape=self.shape)
+        self.data = np.memmap(path, mode="w+", dtype=np.float32, shape=(2, rows, capacity, dim))
         self.counts = np.zeros(rows, dtype=np.int64)
-        self._view = torch.from_numpy(self.kv)
+        self._view = torch.from_numpy(self.data)
 
-    def tensor(self) -> Tensor:
-        """[R, M, 2, D] float32 torch view of the file (no copy)."""
-        return self._view
+    @property
+    def db(self) -> np.ndarray:
+        """[R, M, 2, D] view of the pairs (no copy)."""
+        return self.data.transpose(1, 2, 0, 3)
+
+    def keys(self) -> Tensor:
+        """[R, M, D] float32 torch view of the keys (contiguous, no copy)."""
+        return self._view[0]
+
+    def values(self) -> Tensor:
+        """[R, M, D] float32 torch view of the values (contiguous, no copy)."""
+        return self._view[1]
 
     def filled(self, row: int) -> int:
         return int(min(self.counts[row], self.capacity))
@@ -168,24 +181,36 @@ class MemmapStore:
         upper = min(count, max(0, count + n - self.capacity))
         evicted = np.arange(max(0, count - self.capacity), upper, dtype=np.int64)
         if kept.shape[0]:
-            self.kv[row, ids % self.capacity] = kept
+            slots = ids % self.capacity
+            first_slot = int(slots[0])
+            if first_slot + len(slots) <= self.capacity:  # one run of slots: plain slice copies
+                self.data[0, row, first_slot : first_slot + len(slots)] = kept[:, 0]
+                self.data[1, row, first_slot : first_slot + len(slots)] = kept[:, 1]
+            else:
+                self.data[0, row, slots] = kept[:, 0]
+                self.data[1, row, slots] = kept[:, 1]
         self.counts[row] = count + n
         return ids, evicted
 
+    def next_slots(self, row: int, n: int) -> np.ndarray:
+        """The slots a :meth:`write` of n entries to ``row`` fills."""
+        count, kept = int(self.counts[row]), min(n, self.capacity)
+        return np.arange(count + n - kept, count + n, dtype=np.int64) % self.capacity
+
     def read_keys(self, row: int, ids: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self.kv[row, ids % self.capacity, 0])
+        return np.ascontiguousarray(self.data[0, row, ids % self.capacity])
 
     def clear(self, row: int) -> None:
         self.counts[row] = 0
 
     def flush(self) -> None:
-        self.kv.flush()
+        self.data.flush()
 
     def close(self) -> None:
         """Drop the mapping (the file stays; the owner removes it)."""
         self._view = None
-        mm = getattr(self.kv, "_mmap", None)
-        self.kv = None
+        mm = getattr(self.data, "_mmap", None)
+        self.data = None
         if mm is not None:
             with contextlib.suppress(BufferError, ValueError):
                 mm.close()

@@ -9,6 +9,7 @@ from longrange.models.config import (
     BENCH_SIZE,
     LayerNumbers,
     ModelConfig,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
 )
@@ -36,6 +37,9 @@ class BlockRecurrentConfig(ModelConfig):
     segment_carry: Literal["all", "xl_memory", "none"] = "all"
     ignore_index: int = -100
     attn_backend: Literal["sdpa", "naive"] = "sdpa"
+    # A training call longer than this many tokens runs in segments of it whose activations
+    # are recomputed in the backward pass (memory bounded by one segment; 0: never)
+    recompute_segment: NonNegativeInt = 8192
 
     def write_layers(self) -> tuple[int, ...]:
         return self.recurrent_layers if self.recurrent_layers is not None else (max(1, self.depth // 2),)

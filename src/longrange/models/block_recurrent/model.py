@@ -29,6 +29,11 @@ Choices (and fixes of the reference's defects):
   state write and, carried inside the XL memory, from later blocks.
 - ``segment_carry`` decides what ``forward_lm`` keeps from the state it is given: "all",
   "xl_memory" (recurrent states reset each segment), or "none" (a fresh start each segment).
+- Long training calls (more than ``recompute_segment`` tokens with gradients on) run in
+  segments of whole blocks, each under activation checkpointing: the forward pass keeps only
+  what crosses a segment boundary (XL windows, open block, recurrent states), the backward
+  pass re-runs one segment at a time. About 90 KB of activations per token would otherwise
+  stay alive until the backward pass (6 GB at 64K tokens); the price is one more forward pass.
 
 Dimensions: B batch, N tokens, W block width, H heads, D head width, M memory positions,
 K = M + W keys of a block, S state vectors.
@@ -36,8 +41,11 @@ K = M + W keys of a block, S state vectors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from longrange.memory.recurrent import ReadCache, StateContainer, StateTrack, merge_heads, split_heads
 from longrange.memory.xl import XLMemory, XLMemoryManager, XLStream
@@ -50,6 +58,17 @@ from longrange.modules.rotary import RotaryEmbedding
 from longrange.ops.blockrec import shared_kv_attention
 
 state_entry(ReadCache)
+
+
+def _rebased(tokens: Tensor, mask: Tensor | None, group: list[Piece]):
+    """The tokens, mask and pieces of a run of consecutive pieces, numbered from its start."""
+    first, last = group[0], group[-1]
+    pieces = [
+        dataclasses.replace(p, index=i, start=p.start - first.start, stop=p.stop - first.start)
+        for i, p in enumerate(group)
+    ]
+    seg_mask = None if mask is None else mask[:, first.start : last.stop]
+    return tokens[:, first.start : last.stop], seg_mask, pieces
 
 
 class BlockRecurrentLM(SegmentedLM):
@@ -186,7 +205,55 @@ class BlockRecurrentLM(SegmentedLM):
     def run(
         self, tokens: Tensor, mask: Tensor | None, pieces: list[Piece], state: State, **options
     ) -> Tensor:
-        """Layer by layer over all the call's pieces at once, except inside a span of layers
+        """Logits of the call's pieces; a long training call runs in recomputed segments."""
+        size = self.config.recompute_segment
+        if not (size and torch.is_grad_enabled() and tokens.shape[1] > size):
+            return self.run_pieces(tokens, mask, pieces, state)
+        outs, group = [], []
+        for piece in pieces:
+            if group and piece.stop - group[0].start > size:
+                outs.append(self._run_recomputed(tokens, mask, group, state))
+                group = []
+            group.append(piece)
+        # The last segment keeps its activations: its backward pass comes first, and frees
+        # them before any other segment is recomputed, so the peak stays one segment's.
+        outs.append(self.run_pieces(*_rebased(tokens, mask, group), state))
+        return torch.cat(outs, dim=1)
+
+    def _run_recomputed(
+        self, tokens: Tensor, mask: Tensor | None, group: list[Piece], state: State
+    ) -> Tensor:
+        """The pieces of ``group`` under activation checkpointing: a function of the state's
+        boundary entries (read here, replaced by the segment's) and the segment's tokens."""
+        seg_tokens, seg_mask, pieces = _rebased(tokens, mask, group)
+        logits, boundary = checkpoint(
+            self._segment, seg_tokens, seg_mask, pieces, self._boundary(state), use_reentrant=False
+        )
+        self._restore(state, boundary)
+        return logits
+
+    def _segment(self, tokens: Tensor, mask: Tensor | None, pieces: list[Piece], boundary: dict):
+        state = State(tokens.shape[0], [{} for _ in range(self.config.depth)])
+        self._restore(state, boundary)
+        logits = self.run_pieces(tokens, mask, pieces, state)
+        return logits, self._boundary(state)
+
+    def _boundary(self, state: State) -> dict:
+        """The entries a segment reads from the state (and writes back)."""
+        names = ("xl", "open", "states", "read")
+        return {
+            "layers": [{k: layer[k] for k in names if k in layer} for layer in state.layers],
+            "shared": {k: state.shared[k] for k in ("xl_mask", "xl_compressed", "open_mask")},
+        }
+
+    def _restore(self, state: State, boundary: dict) -> None:
+        for layer, saved in zip(state.layers, boundary["layers"], strict=True):
+            layer.pop("read", None)
+            layer.update(saved)
+        state.shared.update(boundary["shared"])
+
+    def run_pieces(self, tokens: Tensor, mask: Tensor | None, pieces: list[Piece], state: State) -> Tensor:
+        """Layer by layer over all the pieces at once, except inside a span of layers
         between a read and a later write of the same states, which runs piece by piece; each
         layer commits its own blocks as pieces complete them (no commit options)."""
         batch = tokens.shape[0]

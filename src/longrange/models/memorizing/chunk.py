@@ -46,9 +46,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.memory.knn import compiled as knn_ops
+from longrange.memory.knn.retrieval import Retrieved
 from longrange.memory.xl import XLMemory, cat_masks, hide_rows
 from longrange.models.flow import Piece, SegmentedLM, layer_entry
-from longrange.models.memorizing.layers import Attention, causal_bias, relative_bias
+from longrange.models.memorizing.layers import Attention, relative_bias
 from longrange.models.state import State
 from longrange.modules.shift import shift_tokens
 
@@ -124,19 +126,29 @@ def layer_keys(
     for kv, part_mask in [*parts, (k[None], mask)]:
         valid = cat_masks(valid, length, part_mask, kv.shape[-2], k)
         length += kv.shape[-2]
-    return keys, values, None if valid is None or bool(valid.all()) else valid
+    if valid is None or (not torch.compiler.is_compiling() and bool(valid.all())):
+        return keys, values, None
+    return keys, values, valid
 
 
-def retrieved(attn: Attention, memory, q: Tensor, after_start: Tensor | None):
-    """The pairs a memorizing layer retrieves for queries q [B, H, n, D]: (keys, values
-    [B, H, n, K, D], found [B, H, n, K]), nothing for a query after a document start; None
-    when there is no memory to search."""
-    if memory is None or not attn.num_retrieved_memories or not bool(memory.db_offsets.any()):
+def retrieved(attn: Attention, memory, q: Tensor, after_start: Tensor | None) -> Retrieved | None:
+    """The pairs a memorizing layer retrieves for queries q [B, H, n, D] (ids into the
+    memory's tables, scores, found [B, H, n, K]), nothing for a query after a document start;
+    None when there is no memory to search."""
+    if memory is None or not attn.num_retrieved_memories:
         return None
-    mem_k, mem_v, found = memory.retrieve(q, attn.num_retrieved_memories)
+    compiling = torch.compiler.is_compiling()
+    if getattr(memory, "in_graph", False):  # a compiled call's own memory: its size is static
+        if not memory.keys.shape[1]:
+            return None
+    elif not compiling and not bool(memory.db_offsets.any()):  # a graph searches it anyway
+        return None
+    ids, scores, found, keys, values = knn_ops.retrieve(memory, q, attn.num_retrieved_memories)
     if after_start is not None:
         found = found & ~after_start[:, None, :, None]
-    return mem_k, mem_v, found
+    # the backward pass reads the memory's live tables: lease the rows (a graph has copies)
+    lease = memory.lease(ids) if q.requires_grad and not compiling else None
+    return Retrieved(ids, scores, found, keys, values, lease)
 
 
 def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) -> Tensor:
@@ -164,7 +176,7 @@ def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) ->
         m = keys.shape[1]
         if (attn.knn, m) not in biases:  # shared by the layers of a kind: built once per piece
             table = model.knn_rel_pos if attn.knn else model.rel_pos
-            biases[(attn.knn, m)] = causal_bias(relative_bias(table, n, m), n, m, device=tokens.device)
+            biases[(attn.knn, m)] = relative_bias(table, n, m, causal=True)
         if attn.knn:
             j = model.knn_source[i]
             found = retrieved(attn, knn[j] if j < len(knn) else None, q, after_start)
@@ -243,10 +255,8 @@ def commit_chunk(model: SegmentedLM, state: State, *, add_knn_memory: bool = Tru
             open_mask = kept if open_mask is None else open_mask & kept
             window = layer_entry(state, "xl")
             xl_mask = hide_rows(xl_mask, 0 if window is None else window.shape[-2], started)
-            clear_rows = started.nonzero().flatten().tolist()
-            if clear_rows:
-                for memory in knn:
-                    memory.clear(clear_rows)
+            for memory in knn:
+                knn_ops.clear(memory, started)
         windows = {}
         for i, layer in enumerate(state.layers):
             entries = layer["open"] if layer["open_inputs"] is None else layer["open_inputs"]
@@ -271,14 +281,14 @@ def store(attn: Attention, memory, leaving: XLMemory) -> None:
     """Add entries that left the XL window (or the whole chunk) to a kNN memory: keys/values
     [2, B, n, D], or XL inputs [B, n, C] projected with the current weights."""
     entries, mask = leaving.entries[0], leaving.mask
-    if not entries.shape[-2] or (mask is not None and not bool(mask.any())):
+    if not entries.shape[-2]:
         return
     if entries.dim() == 3:
         with torch.no_grad():
             pairs = torch.stack(attn.project_kv(entries), dim=-2)
     else:
         pairs = entries.permute(1, 2, 0, 3)
-    memory.add(pairs, None if mask is None or bool(mask.all()) else mask)
+    knn_ops.add(memory, pairs, mask)
 
 
 def empty_chunk(state: State) -> None:

@@ -48,7 +48,8 @@ class MemorizingConfig(ModelConfig):
     xl_reproject: bool = False
     knn_memory_multiprocessing: bool = False
     knn_backend: Literal["auto", "exact", "faiss"] = "auto"
-    knn_index: Literal["flat", "hnsw", "ivf"] = "flat"
+    # "auto": exact while a memory row is small, an inverted-file index beyond (faiss backend)
+    knn_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     knn_gate_output: bool = False
     # how retrieved memories join the local keys: "softmax" (one softmax over both, as the
     # reference) or "gate" (the paper: a softmax each, mixed by a learned per-head sigmoid gate)
@@ -60,7 +61,7 @@ class MemorizingConfig(ModelConfig):
 
     def check(self) -> None:
         super().check()
-        if self.knn_backend == "exact" and self.knn_index != "flat":
+        if self.knn_backend == "exact" and self.knn_index not in ("auto", "flat"):
             raise ValueError(f"knn_index={self.knn_index!r} needs knn_backend='faiss' (exact search is flat)")
 
     # --- derived layout -------------------------------------------------------------------
@@ -92,10 +93,9 @@ def memorizing_small() -> MemorizingConfig:
 
 
 def memorizing_bench() -> MemorizingConfig:
-    """The benchmark size, chunks of 512, 64K memories in an HNSW index (the reference's kind:
-    its search cost barely grows as the memory fills, where an exact flat search grows
-    linearly)."""
-    return MemorizingConfig(**BENCH_SIZE, max_seq_len=512, max_knn_memories=65536, knn_index="hnsw")
+    """The benchmark size with chunks of 512 and the default kNN memory (250,000 entries per
+    row, the index chosen by size: exact while small, an inverted file beyond)."""
+    return MemorizingConfig(**BENCH_SIZE, max_seq_len=512)
 
 
 PRESETS = {"tiny": memorizing_tiny, "small": memorizing_small, "bench": memorizing_bench}

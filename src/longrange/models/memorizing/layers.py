@@ -15,21 +15,26 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.memory.knn import KNNMemory
+from longrange.memory.knn.retrieval import Retrieved, memory_scores, memory_values
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
 
 
-def relative_bias(module: T5RelativePositionBias, n: int, m: int) -> Tensor:
+def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
     """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
     distinct distances: one small table lookup, then a Toeplitz view, so the backward pass
-    sums diagonals instead of scattering n * m gradients into the table."""
+    sums diagonals instead of scattering n * m gradients into the table. With ``causal`` the
+    future gets the most negative finite value (:func:`causal_bias`), set on the n + m - 1
+    distances before the view, not on the n x m bias."""
     weight = module.relative_attention_bias.weight
     relative = torch.arange(n + m - 1, device=weight.device) - (m - 1)  # key minus query position
     ids = t5_relative_position_bucket(
         relative, causal=module.causal, num_buckets=module.num_buckets, max_distance=module.max_distance
     )
     per_distance = (module.relative_attention_bias(ids) * module.scale).t()  # [H, n + m - 1]
+    if causal:
+        per_distance = per_distance.masked_fill(relative > 0, -torch.finfo(per_distance.dtype).max)
     # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table: a sliding window.
     return per_distance.unfold(1, m, 1).flip(1)
 
@@ -41,6 +46,23 @@ def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch
     if bias is None:
         bias = torch.zeros(1, n, m, device=device, dtype=dtype)
     return bias.masked_fill(future, -torch.finfo(bias.dtype).max)
+
+
+def shared_kv_scores(q: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
+    """Queries q [B, H, N, D] (scaled) against one key head keys [B, M, D], plus the additive
+    bias [H or 1, N, M] -> [B, H, N, M]: one GEMM over every head, adding the bias as it
+    writes (no separate pass over the scores)."""
+    b, h, n, d = q.shape
+    m = keys.shape[1]
+    bias = bias.to(q.dtype).expand(h, n, m).reshape(1, h * n, m)
+    return torch.baddbmm(bias, q.reshape(b, h * n, d), keys.transpose(1, 2)).view(b, h, n, m)
+
+
+def shared_kv_output(attn: Tensor, values: Tensor) -> Tensor:
+    """Weights attn [B, H, N, M] (rows may be strided) times one value head [B, M, D] ->
+    [B, H, N, D]: one GEMM over every head."""
+    b, h, n, m = attn.shape
+    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, -1)
 
 
 class Attention(nn.Module):
@@ -81,14 +103,13 @@ class Attention(nn.Module):
         return k, v
 
     def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Tensor) -> Tensor:
-        sim = torch.einsum("bhnd,bmd->bhnm", q * self.dim_head**-0.5, keys) + bias
-        return _mask_keys(sim, key_valid)
+        return _mask_keys(shared_kv_scores(q * self.dim_head**-0.5, keys, bias), key_valid)
 
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Tensor
     ) -> Tensor:
         attn = self.attn_drop(self.logits(q, keys, key_valid, bias).softmax(dim=-1))
-        out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+        out = shared_kv_output(attn, values)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -102,11 +123,13 @@ class KNNAttention(Attention):
     """Cosine attention over retrieved memories and [earlier keys ; chunk]: one softmax, or
     (``combine="gate"``) a softmax each mixed by a learned per-head gate.
 
-    ``attend(q, keys, values, key_valid, bias, retrieved=(keys [B, H, N, K, D], values
-    [B, H, N, K, D], found [B, H, N, K]) | None)``; ``project`` returns unit-norm queries and
-    keys, and the logits are scaled by a learned per-head temperature (initially
-    ``attn_scale_init``). The reference's ``forward(x, knn_memory=..., xl_memory=...,
-    add_knn_memory=..., rel_pos_bias=...)`` is kept for stand-alone use.
+    ``attend(q, keys, values, key_valid, bias, retrieved=Retrieved | None)`` (the K pairs
+    each query [B, H, N] found: their ids into the memory's tables, their scores and which
+    were found, ``memory/knn/retrieval.py``; the pairs are read from the tables inside fused
+    calls, never gathered); ``project`` returns unit-norm queries and keys, and the logits are
+    scaled by a learned per-head temperature (initially ``attn_scale_init``). The reference's
+    ``forward(x, knn_memory=..., xl_memory=..., add_knn_memory=..., rel_pos_bias=...)`` is kept
+    for stand-alone use.
     """
 
     knn = True
@@ -145,29 +168,27 @@ class KNNAttention(Attention):
         values: Tensor,
         key_valid: Tensor | None,
         bias: Tensor,
-        retrieved: tuple[Tensor, Tensor, Tensor] | None = None,
+        retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
-        sim = _mask_keys(torch.einsum("bhnd,bmd->bhnm", q, keys) * scale + bias, key_valid)
+        sim = _mask_keys(shared_kv_scores(q * scale, keys, bias), key_valid)
         if retrieved is None:
             attn = self.attn_drop(sim.softmax(dim=-1))
-            out = torch.einsum("bhnm,bmd->bhnd", attn.to(values.dtype), values)
+            out = shared_kv_output(attn, values)
         else:
-            mem_k, mem_v, found = retrieved
-            mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
-            sim_mem = torch.einsum("bhnd,bhnkd->bhnk", q, mem_k) * scale
+            found = retrieved.found
+            sim_mem = memory_scores(q, retrieved) * scale
             sim_mem = sim_mem.masked_fill(~found, -torch.finfo(sim_mem.dtype).max)
             if self.memory_gate is None:
                 k = sim_mem.shape[-1]
                 attn = self.attn_drop(torch.cat([sim_mem, sim.to(sim_mem.dtype)], dim=-1).softmax(dim=-1))
                 attn = attn.to(values.dtype)
-                out = torch.einsum("bhnm,bmd->bhnd", attn[..., k:], values)
-                out = out + torch.einsum("bhnk,bhnkd->bhnd", attn[..., :k], mem_v)
+                out = shared_kv_output(attn[..., k:], values)
+                out = out + memory_values(attn[..., :k], retrieved)
             else:
-                local = self.attn_drop(sim.softmax(dim=-1)).to(values.dtype)
-                local = torch.einsum("bhnm,bmd->bhnd", local, values)
+                local = shared_kv_output(self.attn_drop(sim.softmax(dim=-1)), values)
                 remote = self.attn_drop(sim_mem.softmax(dim=-1)).to(values.dtype)
-                remote = torch.einsum("bhnk,bhnkd->bhnd", remote, mem_v)
+                remote = memory_values(remote, retrieved)
                 # a query that found no memory keeps its local attention whole
                 gate = self.memory_gate.sigmoid() * found.any(dim=-1, keepdim=True)
                 out = local + gate.to(local.dtype) * (remote - local)
@@ -195,7 +216,9 @@ class KNNAttention(Attention):
         if rel_pos_bias is not None:
             bias = rel_pos_bias.reshape(-1, *rel_pos_bias.shape[-2:])[:, -n:, -m:]
         bias = causal_bias(bias, n, m, device=q.device)
-        retrieved = knn_memory.retrieve(q, self.num_retrieved_memories)
+        ids, scores, found = knn_memory.lookup(q, self.num_retrieved_memories)
+        lease = knn_memory.lease(ids) if q.requires_grad else None
+        retrieved = Retrieved(ids, scores, found, knn_memory.key_table(), knn_memory.value_table(), lease)
         out = self.attend(q, k, v, None, bias, retrieved)
         entries = torch.stack([k, v], dim=-2).detach()
         keep = self.xl_max_memories

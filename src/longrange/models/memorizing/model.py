@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from longrange.memory.knn import KNNMemoryList
+from longrange.memory.knn.scratch import ScratchMemory
 from longrange.memory.knn.store import make_memory_directory
 from longrange.memory.xl import XLMemoryManager
 from longrange.models.flow import Piece, SegmentedLM
@@ -156,8 +157,18 @@ class MemorizingLM(SegmentedLM):
         return state
 
     def call_state(self, batch_size: int, length: int, device: torch.device) -> tuple[State, bool]:
-        # kNN memory files only when the call spans several chunks; closed after the call.
-        return self.fresh_state(batch_size, device, memories=length > self.config.max_seq_len), False
+        # kNN memory files only when the call spans several chunks; closed after the call. A
+        # compiled graph cannot make files: its call's memories are tensors (exact search).
+        spans = length > self.config.max_seq_len
+        if spans and torch.compiler.is_compiling():
+            state = self.fresh_state(batch_size, device, memories=False)
+            like = self.embed.weight
+            state.shared["knn"] = KNNMemoryList(
+                ScratchMemory(batch_size, self.config.head_width, self.config.max_knn_memories, like)
+                for _ in self.knn_layers
+            )
+            return state, False
+        return self.fresh_state(batch_size, device, memories=spans), False
 
     def check_state(self, state, batch: int) -> None:
         super().check_state(state, batch)

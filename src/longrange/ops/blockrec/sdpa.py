@@ -7,8 +7,8 @@ Two layouts, chosen by batch size (the number of blocks run together):
 - few rows: the key/value head is expanded to every query head. The CPU flash kernel's
   backward parallelises over batch x heads only, so folding a single block (B*H = 1) would
   leave cores idle and run several times slower. (``enable_gqa`` is slower than both.)
-The causal band is cached per shape, so that the many calls of one forward share one mask
-tensor (and autograd saves it once).
+The causal band is cached per shape (in eager mode), so that the many calls of one forward
+share one mask tensor (and autograd saves it once).
 
 Dimensions: B batch, H query heads, N queries, M keys, D head width.
 """
@@ -24,20 +24,24 @@ from torch import Tensor
 FOLD_MIN_BATCH = 4
 
 
-@functools.lru_cache(maxsize=16)
-def causal_band(n: int, m: int, repeats: int, device: torch.device) -> Tensor:
+def _band(n: int, m: int, repeats: int, device: torch.device) -> Tensor:
     """[repeats * N, M] bool: row r*N + i (query i, at key position M - N + i) sees keys
     j <= M - N + i."""
     band = torch.arange(m, device=device)[None, :] <= torch.arange(n, device=device)[:, None] + (m - n)
     return band.repeat(repeats, 1) if repeats > 1 else band
 
 
-@functools.lru_cache(maxsize=16)
-def causal_bias(n: int, m: int, repeats: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The band as an additive mask (0 / -inf). The kernel turns a boolean mask into such a
-    tensor on every call and saves it for the backward pass; a cached one is saved once."""
-    band = causal_band(n, m, repeats, device)
+def _bias(n: int, m: int, repeats: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The band as an additive mask (0 / -inf)."""
+    band = _band(n, m, repeats, device)
     return torch.zeros(band.shape, device=device, dtype=dtype).masked_fill(~band, float("-inf"))
+
+
+# Cached per shape in eager mode: the kernel turns a boolean mask into an additive one on every
+# call and saves it for the backward pass; a cached one is built and saved once. A compiled
+# graph builds them once per graph anyway (and cannot trace a cache).
+causal_band = functools.lru_cache(maxsize=16)(_band)
+causal_bias = functools.lru_cache(maxsize=16)(_bias)
 
 
 def shared_kv_attention_sdpa(
@@ -60,15 +64,18 @@ def shared_kv_attention_sdpa(
         q_in, k_in, v_in = q, k[:, None].expand(b, h, m, d), v[:, None].expand(b, h, m, d)
     causal = causal and n > 1
     repeats = h if fold else 1
-    mask = causal_bias(n, m, repeats, q.device, q.dtype) if causal and key_mask is None else None
+    compiling = torch.compiler.is_compiling()
+    band, bias = (_band, _bias) if compiling else (causal_band, causal_bias)
+    mask = bias(n, m, repeats, q.device, q.dtype) if causal and key_mask is None else None
     empty_rows = None
     if key_mask is not None:
-        mask = causal_band(n, m, repeats, q.device) if causal else None
+        mask = band(n, m, repeats, q.device) if causal else None
         keys = key_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
         any_key = mask.any(dim=-1, keepdim=True)
-        if not bool(any_key.all()):
-            # A row with no key would come back NaN: open it for the kernel, zero it after.
+        # A row with no key would come back NaN: open it for the kernel, zero it after (in a
+        # compiled graph always, which cannot branch on the data).
+        if compiling or not bool(any_key.all()):
             empty_rows = ~any_key
             mask = mask | empty_rows
     out = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask, scale=scale)

@@ -1,0 +1,196 @@
+"""``longrange bench knn``: the kNN memory as it fills, and the memorizing reference at it.
+
+For each memory fill F (``--lengths``, default 0, 32768 and 250000 entries): a
+``MemorizingTransformer`` built as a user builds it, with the reference's defaults at the
+benchmark size (dim 256, depth 4, heads 4, dim_head 64; its kNN memory at the default
+250,000 entries, the index chosen by size), has its memory filled by reading the built-in
+corpus chunk by chunk (512 tokens, no gradients) until the memorizing layer holds F entries;
+then one 512-token chunk is timed, forward and backward (one warm-up, the median of
+``repeats``). Reported per fill:
+
+- ``chunk_s`` and ``relative_to_empty``: the chunk's time over the time at fill 0;
+- ``recall_at_k``: of the k pairs exact search finds for the next chunk's own queries (the
+  memorizing layer's, all heads), the fraction the memory's index returns, and the index in
+  use (``exact`` or ``ivf`` with its cells and probed cells);
+- with ``--compare-reference``, memorizing-transformers-pytorch's ``MemorizingTransformer``
+  with the same keywords, filled with the same text and timed the same way in a child process
+  (``reference_chunk_s``, ``speedup``: reference time over ours).
+
+A full run fills 250,000 entries twice (ours, then the reference): minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longrange.bench.device import environment
+from longrange.bench.speed import merge_results, results_path
+
+CHUNK = 512
+TOP_K = 32  # the reference's num_retrieved_memories
+SIZE = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4, "dim_head": 64}
+DEFAULT_FILLS = (0, 32768, 250000)
+
+
+def corpus_tokens(count: int) -> torch.Tensor:
+    """The first ``count`` tokens of the built-in corpus's training documents, [1, count]."""
+    from longrange.data.corpus import builtin_corpus
+
+    stream = builtin_corpus().train_stream()
+    reps = -(-count // max(1, len(stream)))
+    return torch.from_numpy(np.tile(stream, reps)[:count].astype(np.int64))[None]
+
+
+def _timed_chunks(step, tokens: torch.Tensor, start: int, repeats: int) -> float:
+    times = []
+    for r in range(repeats + 1):
+        piece = tokens[:, start + r * CHUNK : start + (r + 1) * CHUNK + 1]
+        begin = time.perf_counter()
+        step(piece)
+        if r:  # the first is the warm-up
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def _recall(memory, queries: torch.Tensor) -> float:
+    """recall@k of the memory's lookup against exact search over the same entries."""
+    from longrange.memory.knn.exact import exact_search
+
+    store = memory.store
+    filled = np.minimum(store.counts, store.capacity)
+    got, _, found = memory.lookup(queries[None], TOP_K)
+    want, _ = exact_search(store.keys(), filled, queries[None].float(), TOP_K)
+    got = (got[0] % store.capacity).masked_fill(~found[0], -1)
+    hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want[0])]
+    return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
+
+
+def ours_point(fill: int, repeats: int) -> dict[str, Any]:
+    from longrange.models.memorizing.compat import MemorizingTransformer
+
+    torch.manual_seed(0)
+    model = MemorizingTransformer(**SIZE).train()
+    tokens = corpus_tokens(fill + (repeats + 3) * CHUNK + 1)
+    with model.knn_memories_context(batch_size=1) as memories:
+        with torch.no_grad():
+            for start in range(0, fill, CHUNK):
+                model(tokens[:, start : start + CHUNK], memories)
+        memory = memories[0]
+        captured: list[torch.Tensor] = []
+        lookup = memory.lookup
+
+        def recording(queries, k, **options):
+            captured.append(queries.detach().reshape(-1, queries.shape[-1]))
+            return lookup(queries, k, **options)
+
+        memory.lookup = recording
+        with torch.no_grad():  # the next chunk's queries, searched without adding the chunk
+            model(tokens[:, fill : fill + CHUNK], memories, add_knn_memory=False)
+        memory.lookup = lookup
+        recall = _recall(memory, captured[0]) if captured and fill else None
+        index = memory.index
+        kind = "exact"
+        ivf = getattr(index, "indexes", [None])[0]
+        if ivf is not None and hasattr(ivf, "nlist"):
+            kind = f"ivf {ivf.nlist} cells, {min(index.nprobe, ivf.nlist)} probed"
+
+        def step(piece):
+            model.zero_grad(set_to_none=True)
+            logits = model(piece[:, :-1], memories)
+            F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+
+        chunk_s = _timed_chunks(step, tokens, fill + CHUNK, repeats)
+    return {"fill": fill, "chunk_s": chunk_s, "recall_at_k": recall, "k": TOP_K, "index": kind}
+
+
+def reference_point(fill: int, repeats: int) -> dict[str, Any]:
+    import tempfile
+
+    from memorizing_transformers_pytorch import MemorizingTransformer
+
+    torch.manual_seed(0)
+    model = MemorizingTransformer(**SIZE, knn_memories_directory=tempfile.mkdtemp()).train()
+    tokens = corpus_tokens(fill + (repeats + 3) * CHUNK + 1)
+    with model.knn_memories_context(batch_size=1) as memories:
+        with torch.no_grad():
+            for start in range(0, fill, CHUNK):
+                model(tokens[:, start : start + CHUNK], knn_memories=memories)
+
+        def step(piece):
+            model.zero_grad(set_to_none=True)
+            logits = model(piece[:, :-1], knn_memories=memories)
+            F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+
+        chunk_s = _timed_chunks(step, tokens, fill + CHUNK, repeats)
+    return {"fill": fill, "reference_chunk_s": chunk_s}
+
+
+def _in_child(which: str, fill: int, repeats: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "longrange.bench.knn", which, str(fill), str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return {"fill": fill, "error": f"{which}: {reason[:200]}"}
+
+
+def run_knn_suite(
+    fills: list[int] | None = None,
+    *,
+    repeats: int = 3,
+    compare_reference: bool = False,
+    out_dir: str = "benchmarks/results",
+) -> list[dict[str, Any]]:
+    """Time and measure the recall at each fill (each point in a fresh process)."""
+    from longrange.bench.reference import reference_available
+
+    fills = sorted(set(fills or DEFAULT_FILLS))
+    if any(f < 0 for f in fills) or repeats < 1:
+        raise ValueError(f"fills must be >= 0 and repeats >= 1, got {fills} and {repeats}")
+    rows, empty = [], None
+    for fill in fills:
+        row = {"family": "memorizing", **_in_child("ours", fill, repeats)}
+        if compare_reference and reference_available("memorizing"):
+            ref = _in_child("reference", fill, repeats)
+            row.update({k: v for k, v in ref.items() if k != "fill"})
+        if fill == 0 and "chunk_s" in row:
+            empty = row["chunk_s"]
+        if empty and "chunk_s" in row:
+            row["relative_to_empty"] = row["chunk_s"] / empty
+        if "chunk_s" in row and "reference_chunk_s" in row:
+            row["speedup"] = row["reference_chunk_s"] / row["chunk_s"]
+        rows.append(row)
+        print(format_knn_row(row), flush=True)
+    path = results_path(out_dir, "cpu", "knn")
+    merge_results(path, environment("cpu"), rows, keys=("family", "fill"))
+    print(f"written: {path}")
+    return rows
+
+
+def format_knn_row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"fill {r['fill']:>7}: {r['error']}"
+    parts = [f"fill {r['fill']:>7}: chunk {1000 * r['chunk_s']:.0f} ms"]
+    if r.get("relative_to_empty"):
+        parts.append(f"{r['relative_to_empty']:.2f}x empty")
+    if r.get("recall_at_k") is not None:
+        parts.append(f"recall@{r['k']} {r['recall_at_k']:.3f} ({r['index']})")
+    if r.get("speedup"):
+        parts.append(f"reference {1000 * r['reference_chunk_s']:.0f} ms ({r['speedup']:.2f}x)")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    # Worker for _in_child: ours|reference FILL REPEATS
+    point = ours_point if sys.argv[1] == "ours" else reference_point
+    print(json.dumps(point(int(sys.argv[2]), int(sys.argv[3]))))

@@ -1,0 +1,229 @@
+"""The ``auto`` kNN index: exact while a row is small, an inverted-file index beyond.
+
+An exact search costs a [Q x F] matmul and a top-k over it per chunk, linear in the F filled
+slots: at 32K entries it costs as much as the model's own step. An inverted file (IVF) cuts
+the keys into ``nlist`` cells around centroids and scans, for each query, only the ``nprobe``
+cells whose centroids score best, so it reads about ``nprobe / nlist`` of the memory.
+
+Per batch row:
+- below ``exact_limit`` filled slots the search is exact (torch, :func:`exact.exact_search` on
+  the store's key table) and there is no index;
+- at ``exact_limit`` the row gets a faiss ``IndexIVFFlat`` keyed by entry id, its centroids
+  trained on the row's keys (spherical k-means in torch: unit keys, inner-product cells) with
+  ``nlist = cells_per_root * sqrt(F)`` cells, so a cell holds about sqrt(F) / 4 keys;
+- the row is re-trained (new centroids, every alive entry re-added) when its fill has doubled
+  since the last training (the cells would grow) and when the whole memory has been
+  overwritten since (the keys drift as the model trains, the centroids would go stale);
+- evicted ids are removed by id (a hash-table direct map), so every id still names the pair
+  in its slot;
+- a search scores the queries against the centroids with one torch matmul (faiss's own
+  quantizer search heap-sorts every centroid of every query) and hands the chosen cells to
+  ``search_preassigned``.
+
+``longrange bench knn`` measures the recall@k of this index against exact search on a
+model's own keys and queries, and the per-chunk cost as the memory fills.
+
+Dimensions: Q queries, F filled slots of a row, C cells (nlist), P probed cells, D key width,
+K neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from longrange.memory.knn.exact import exact_search
+from longrange.memory.knn.faiss_index import alive_slots
+from longrange.memory.knn.interface import KNNIndex
+from longrange.memory.knn.store import MemmapStore
+
+META_FILE = "knn.index.auto.json"
+INDEX_FILE = "knn.index.row{row}.ivf"
+
+
+def train_centroids(keys: Tensor, cells: int, *, iterations: int = 12, seed: int = 0) -> Tensor:
+    """Spherical k-means: ``cells`` unit centroids [C, D] for unit keys [F, D] (each key goes to
+    the centroid with the largest inner product; a centroid is its keys' normalised mean; an
+    empty cell keeps its centroid)."""
+    gen = torch.Generator().manual_seed(seed)
+    centroids = keys[torch.randperm(keys.shape[0], generator=gen)[:cells]].clone()
+    for _ in range(iterations):
+        assign = (keys @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, keys)
+        norms = sums.norm(dim=1, keepdim=True)
+        centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centroids)
+    return centroids.contiguous()
+
+
+class AdaptiveIndex(KNNIndex):
+    name = "auto"
+
+    def __init__(
+        self,
+        store: MemmapStore,
+        keys: Tensor,
+        *,
+        exact_limit: int = 1024,
+        cells_per_root: float = 4.0,
+        nprobe: int = 24,
+        train_points: int = 32,
+        threads: int = 1,
+    ) -> None:
+        super().__init__(store)
+        for name, value in (("exact_limit", exact_limit), ("nprobe", nprobe), ("train_points", train_points)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not cells_per_root > 0:
+            raise ValueError(f"cells_per_root must be positive, got {cells_per_root!r}")
+        self.keys = keys  # [R, M, D]: the store's key table (a view)
+        self.exact_limit, self.cells_per_root = exact_limit, float(cells_per_root)
+        self.nprobe, self.train_points, self.threads = nprobe, train_points, threads
+        rows = store.rows
+        self.indexes: list = [None] * rows  # per row: None (exact) or an IndexIVFFlat
+        self.centroids: list[Tensor | None] = [None] * rows
+        self.trained_count = [0] * rows  # the row's count (entries written) at its training
+        self.trained_filled = [0] * rows  # and its filled slots then
+
+    # --- per-row state ----------------------------------------------------------------------
+    def cells(self, filled: int) -> int:
+        return max(1, min(filled, int(self.cells_per_root * math.sqrt(filled))))
+
+    def _stale(self, row: int) -> bool:
+        filled, count = self.store.filled(row), int(self.store.counts[row])
+        if self.indexes[row] is None:
+            return filled >= self.exact_limit
+        grown = filled >= 2 * self.trained_filled[row]
+        turned_over = count - self.trained_count[row] >= self.store.capacity
+        return grown or turned_over
+
+    def _train(self, row: int) -> None:
+        """(Re)build the row's IVF from its alive entries."""
+        ids = self.store.alive_ids(row)
+        keys = torch.from_numpy(self.store.read_keys(row, ids))
+        cells = self.cells(len(ids))
+        sample = keys
+        if len(ids) > cells * self.train_points:  # an evenly spread sample of the entries
+            sample = keys[torch.linspace(0, len(ids) - 1, cells * self.train_points).long()]
+        centroids = train_centroids(sample, cells, seed=int(self.store.counts[row]))
+        self._install(row, centroids)
+        self._add(row, ids, keys)
+        self.trained_count[row], self.trained_filled[row] = int(self.store.counts[row]), len(ids)
+
+    def _install(self, row: int, centroids: Tensor) -> None:
+        quantizer = faiss.IndexFlatIP(centroids.shape[1])
+        quantizer.add(centroids.numpy())
+        cells, dim = centroids.shape
+        index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True  # the index keeps (and frees) its quantizer
+        quantizer.this.disown()
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self.indexes[row], self.centroids[row] = index, centroids
+
+    def _add(self, row: int, ids: np.ndarray, keys: Tensor) -> None:
+        if not len(ids):
+            return
+        cells = (keys @ self.centroids[row].T).argmax(dim=1).numpy().astype(np.int64)
+        x = np.ascontiguousarray(keys.numpy(), dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.indexes[row].add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(cells))
+
+    # --- the interface ----------------------------------------------------------------------
+    def add(self, row: int, ids: np.ndarray, keys: np.ndarray, evicted: np.ndarray) -> None:
+        index = self.indexes[row]
+        if index is not None:
+            if evicted.size:
+                evicted = np.ascontiguousarray(evicted, dtype=np.int64)
+                index.remove_ids(faiss.IDSelectorArray(len(evicted), faiss.swig_ptr(evicted)))
+            if not self._stale(row):
+                self._add(row, ids, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
+                return
+        if self._stale(row):
+            self._train(row)
+
+    def reset(self, row: int) -> None:
+        self.indexes[row] = self.centroids[row] = None
+        self.trained_count[row] = self.trained_filled[row] = 0
+
+    def rebuild(self, row: int) -> None:
+        self.reset(row)
+        if self._stale(row):
+            self._train(row)
+
+    def search(self, rows: Sequence[int], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        rows = list(rows)
+        slots, scores = [], []
+        for i, row in enumerate(rows):
+            q = queries[i : i + 1]
+            if self.indexes[row] is None:
+                filled = np.minimum(self.store.counts[[row]], self.store.capacity)
+                found = exact_search(self.keys[row : row + 1, : int(filled[0])], filled, q, k)
+            else:
+                found = self._search_ivf(row, q[0], k)
+            slots.append(found[0])
+            scores.append(found[1])
+        return torch.cat(slots), torch.cat(scores)
+
+    def _search_ivf(self, row: int, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        index, centroids = self.indexes[row], self.centroids[row]
+        q = queries.detach().to("cpu", torch.float32).contiguous()
+        probes = min(self.nprobe, centroids.shape[0])
+        coarse = (q @ centroids.T).numpy()
+        # The probed cells in any order (the scan merges them): a partition, not a sort.
+        cells = np.argpartition(-coarse, probes - 1, axis=1)[:, :probes] if probes < coarse.shape[1] else None
+        if cells is None:
+            cells = np.broadcast_to(np.arange(probes), coarse.shape).copy()
+        index.nprobe = probes
+        faiss.omp_set_num_threads(max(self.threads, torch.get_num_threads()))
+        # IVF-flat scans ignore the coarse scores (they only offset residual codes).
+        unused = np.zeros(cells.shape, np.float32)
+        dist, ids = index.search_preassigned(q.numpy(), k, cells.astype(np.int64), unused)
+        count, capacity = int(self.store.counts[row]), self.store.capacity
+        slots, scores = alive_slots(ids, dist, count, capacity, k, reorder=False)
+        device = queries.device
+        return torch.from_numpy(slots)[None].to(device), torch.from_numpy(scores)[None].to(device)
+
+    # --- persistence ------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        meta = []
+        for row, index in enumerate(self.indexes):
+            if index is None:
+                meta.append(None)
+                continue
+            faiss.write_index(index, str(directory / INDEX_FILE.format(row=row)))
+            meta.append({"count": self.trained_count[row], "filled": self.trained_filled[row]})
+        (directory / META_FILE).write_text(json.dumps({"rows": meta}))
+
+    def load(self, directory: Path) -> None:
+        try:
+            meta = json.loads((directory / META_FILE).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            meta = [None] * self.store.rows
+        for row in range(self.store.rows):
+            saved = meta[row] if row < len(meta) else None
+            if saved is None or not self._load_row(row, directory, saved):
+                self.rebuild(row)  # missing, foreign or stale: re-index from the store
+
+    def _load_row(self, row: int, directory: Path, saved: dict) -> bool:
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE.format(row=row)))  # owns its quantizer
+            quantizer = faiss.downcast_index(index.quantizer)
+            centroids = torch.from_numpy(quantizer.reconstruct_n(0, quantizer.ntotal))
+        except (RuntimeError, AttributeError):
+            return False
+        if index.d != self.store.dim or index.ntotal != self.store.filled(row):
+            return False
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self.indexes[row], self.centroids[row] = index, centroids
+        self.trained_count[row], self.trained_filled[row] = int(saved["count"]), int(saved["filled"])
+        return True
+
+    def close(self) -> None:
+        self.indexes = [None] * self.store.rows
+        self.centroids = [None] * self.store.rows
