@@ -17,6 +17,7 @@ Dimensions: B batch, H heads, N positions, D head width.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,9 @@ from longrange.models.routing.routed import ContextCache, KmeansAttention, Route
 from longrange.models.state import state_entry
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.norms import ScaleNorm
-from longrange.modules.rotary import RotaryEmbedding
+from longrange.modules.rotary import RotaryEmbedding, rotate_half
 from longrange.modules.shift import shift_tokens
+from longrange.ops.routing.spans import causal_local_attention_spans, span_attention_supported
 
 # config name -> the activation class (the names RoutingConfig.ff_activation accepts)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -218,8 +220,38 @@ class SelfAttention(nn.Module):
         out = torch.cat(outs, dim=1).transpose(1, 2).reshape(b, n, -1)
         return self.dropout(self.to_out(out)), loss
 
+    def _local_spans_apply(self, q: Tensor, mask: Tensor | None) -> bool:
+        """Whether the local heads run on the span kernels (causal, unmasked, CPU, no dropout)."""
+        la = self.local_attn
+        return (
+            la.causal
+            and mask is None
+            and (la.dropout == 0 or not self.training)
+            and not (la.use_xpos or la.shared_qk or la.exact_windowsize or la.scale is not None)
+            and la.backend == "auto"
+            and (la.rel_pos is None or la.rel_pos.dim == q.shape[-1])
+            and span_attention_supported(q)
+        )
+
+    def _local_spans(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # Rotating at absolute positions gives the same scores as rotating inside each span
+        # (only differences of positions matter); the angles are reduced modulo 2 pi in
+        # float64 so that they stay exact at long positions.
+        rot = self.local_attn.rel_pos
+        if rot is not None:
+            positions = torch.arange(q.shape[2], device=q.device, dtype=torch.float64)
+            angles = torch.remainder(positions[:, None] * rot.inv_freq.double()[None, :], 2 * math.pi)
+            angles = rot._expand(angles if q.dtype == torch.float64 else angles.float())
+            cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+            q, k = (torch.addcmul(t * cos, rotate_half(t), sin) for t in (q, k))
+        return causal_local_attention_spans(
+            q, k, v, window_size=self.local_attn.window_size, look_backward=self.local_attn.look_backward
+        )
+
     def _local(self, q, k, v, mask, cache: AttentionCache | None, step: bool) -> Tensor:
         if cache is None:
+            if self._local_spans_apply(q, mask):
+                return self._local_spans(q, k, v)
             return self.local_attn(q, k, v, input_mask=mask)
         keep = self.local_attn.cache_length
         if not step:

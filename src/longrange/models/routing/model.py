@@ -36,7 +36,8 @@ from longrange.models.routing.config import RoutingConfig
 from longrange.models.routing.layers import ACTIVATIONS, Branch, SelfAttention
 from longrange.models.routing.routed import KmeansAttention, KmeansUpdateHandle, KmeansUpdates
 from longrange.models.state import State
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.chunked_feedforward import ChunkedFeedForward
+from longrange.modules.feedforward import Chunk
 from longrange.modules.moe import MoE
 from longrange.modules.pkm import PKM
 from longrange.modules.positional import AbsolutePositionalEmbedding
@@ -74,7 +75,7 @@ class RoutingBody(KmeansUpdates, nn.Module):
         )
 
         def ff() -> nn.Module:
-            inner = FeedForward(
+            inner = ChunkedFeedForward(
                 c.dim, mult=c.ff_mult, dropout=c.ff_dropout, activation=activation, glu=c.ff_glu
             )
             return Chunk(c.ff_chunks, inner, along_dim=1)

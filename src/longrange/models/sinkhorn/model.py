@@ -31,7 +31,8 @@ from longrange.models.sinkhorn.config import SinkhornConfig
 from longrange.models.sinkhorn.layers import SinkhornSelfAttention
 from longrange.models.state import State
 from longrange.modules.branch import Branch
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.chunked_feedforward import ChunkedFeedForward
+from longrange.modules.feedforward import Chunk
 from longrange.modules.pkm import PKM
 from longrange.modules.positional import AxialPositionalEmbedding
 from longrange.modules.project import ProjectInOut
@@ -98,10 +99,12 @@ class SinkhornBody(nn.Module):
             )  # fmt: skip
 
         def ff() -> nn.Module:
-            return Chunk(c.ff_chunks, FeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu), along_dim=1)
+            return Chunk(
+                c.ff_chunks, ChunkedFeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu), along_dim=1
+            )
 
         def context_ff() -> nn.Module:
-            return FeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu)
+            return ChunkedFeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu)
 
         if c.weight_tie:
             attn, context_attn, ff, context_ff = map(_cached, (attn, context_attn, ff, context_ff))
