@@ -34,8 +34,10 @@ CHUNKED_ACTIVATIONS = {
 }
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    if b is not None:
+        return torch.addmm(b, x, w.t(), out=out)
+    return torch.mm(x, w.t(), out=out)
 
 
 class _ChunkedMLP(torch.autograd.Function):
@@ -47,7 +49,7 @@ class _ChunkedMLP(torch.autograd.Function):
         out = rows.new_empty(n, w2.shape[0])
         for start in range(0, n, chunk):
             part = rows[start : start + chunk]
-            out[start : start + chunk] = _linear(act(_linear(part, w1, b1)), w2, b2)
+            _linear(act(_linear(part, w1, b1)), w2, b2, out=out[start : start + chunk])
         ctx.save_for_backward(rows, w1, b1, w2, b2)
         ctx.activation, ctx.chunk, ctx.shape = activation, chunk, x.shape
         return out.view(*x.shape[:-1], w2.shape[0])
@@ -77,7 +79,7 @@ class _ChunkedMLP(torch.autograd.Function):
             if db1 is not None:
                 db1 += dh.sum(dim=0)
             if dx is not None:
-                dx[start : start + chunk] = dh @ w1
+                torch.mm(dh, w1, out=dx[start : start + chunk])
         dx = None if dx is None else dx.view(ctx.shape)
         return dx, dw1, db1, dw2, db2, None, None
 
