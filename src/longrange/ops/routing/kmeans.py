@@ -75,22 +75,32 @@ def init_means(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Centroids [H, C, D] from data: C points drawn per head (without replacement when there
-    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised."""
+    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised.
+
+    The draw has static shapes (no host read), so it traces into a compiled graph: without
+    weights a random permutation of the points; with weights the C kept points of largest
+    random key (kept points first), repeated when fewer than C are kept."""
     b, h, n, d = x.shape
     pool = x.transpose(0, 1).reshape(h, b * n, d)
-    candidates = torch.arange(b * n, device=x.device)
+    count = b * n
     w = _point_weights(weights, x)
-    if w is not None:
-        # A point is a candidate when every head keeps it (padding masks are per token).
-        keep = (w > 0).all(dim=1).reshape(b * n)
-        if bool(keep.any()):
-            candidates = candidates[keep]
-    count = candidates.numel()
-    if count >= num_clusters:
-        pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
+    if w is None:
+        if count >= num_clusters:
+            pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
+        else:
+            pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
+        pick = pick.to(x.device)
     else:
-        pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
-    means = pool[:, candidates[pick.to(x.device)]]
+        # A point is a candidate when every head keeps it (padding masks are per token).
+        keep = (w > 0).all(dim=1).reshape(count)
+        keys = torch.rand(count, generator=generator, device="cpu").to(x.device) + keep.to(x.dtype)
+        order = keys.argsort(descending=True)
+        # the kept points come first; C picks cycle through them when fewer than C are kept
+        # (through every point when none is)
+        kept = keep.sum().clamp_min(1)
+        kept = torch.where(keep.any(), kept, torch.full_like(kept, count))
+        pick = order[torch.arange(num_clusters, device=x.device) % kept]
+    means = pool[:, pick]
     for _ in range(iters):
         means = lloyd_step(x, means, weights=weights)
     return means
@@ -143,6 +153,9 @@ class Kmeans(nn.Module):
         self.commitment = commitment
         self.register_buffer("means", F.normalize(torch.randn(num_heads, num_clusters, head_dim), dim=-1))
         self.register_buffer("initted", torch.tensor(False))
+        # ``initted`` on the host, so that a compiled graph never reads the buffer (kept in
+        # step by :meth:`init` and by loading a state dict)
+        self._initted = False
         self._pending: Tensor | None = None
         self._pending_count = 0
 
@@ -150,14 +163,21 @@ class Kmeans(nn.Module):
     def num_clusters(self) -> int:
         return self.means.shape[1]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted = bool(self.initted)
+
     @torch.no_grad()
     def init(self, x: Tensor, weights: Tensor | None = None) -> None:
         """Initialise the centroids from the points x [B, H, N, D] (once)."""
-        if bool(self.initted):
+        if not self._initted and not torch.compiler.is_compiling():
+            self._initted = bool(self.initted)  # the buffer may have been set in place
+        if self._initted:
             return
         means = init_means(x.float(), self.num_clusters, iters=KMEANS_INIT_ITERS, weights=weights)
         self.means.copy_(means)
         self.initted.fill_(True)
+        self._initted = True
         self._pending, self._pending_count = None, 0
 
     def forward(
