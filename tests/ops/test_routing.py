@@ -17,6 +17,7 @@ from longrange.ops.routing import (
     causal_routed_step,
     cluster_keys,
     cluster_topk,
+    kmeans,
     push_ring,
     ring_buffers,
 )
@@ -362,3 +363,34 @@ def test_empty_cluster_keeps_its_mean():
     buckets = torch.zeros(2, 2, x.shape[2], dtype=torch.long)
     new = lloyd_step(x, means, buckets)
     assert torch.equal(new[:, 1:], means[:, 1:])
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["points", "pairs"])
+def test_nearest_in_pieces_equals_the_whole_matrix(paired, monkeypatch):
+    monkeypatch.setattr(kmeans, "NEAREST_PIECE", 7)
+    x, _, gen = _clustered_points(seed=3, n=50)
+    means = torch.nn.functional.normalize(torch.randn(2, 5, 8, generator=gen), dim=-1)
+    sims = kmeans.similarities(x, means)
+    if paired:
+        token = (sims[:, :, :25] + sims[:, :, 25:]).argmax(dim=-1)
+        expected = torch.cat((token, token), dim=-1)
+    else:
+        expected = sims.argmax(dim=-1)
+    assert torch.equal(kmeans.nearest_in_pieces(x, means, paired=paired), expected)
+
+
+def test_commitment_loss_is_the_mean_squared_distance_with_its_gradient():
+    x, _, gen = _clustered_points(seed=4, n=30)
+    x = x.double().requires_grad_()
+    means = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)  # not unit vectors
+    buckets = torch.randint(0, 4, (2, 2, 30), generator=gen)
+    weights = torch.rand(2, 30, generator=gen) > 0.3
+    heads = torch.arange(2)[:, None]
+    direct = ((x - means[heads, buckets]) ** 2).mean(-1)
+    w = weights[:, None].double().expand_as(direct)
+    expected = (direct * w).sum() / w.sum()
+    got = commitment_loss(x, means, buckets, weights)
+    assert_close(got, expected, rtol=1e-12)
+    (g_got,) = torch.autograd.grad(got, x)
+    (g_expected,) = torch.autograd.grad(expected, x)
+    assert_close(g_got, g_expected, rtol=1e-10)

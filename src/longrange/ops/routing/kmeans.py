@@ -44,6 +44,26 @@ def nearest(x: Tensor, means: Tensor) -> Tensor:
     return similarities(x, means).argmax(dim=-1)
 
 
+# points per piece of :func:`nearest_in_pieces`: the similarities of one piece stay small
+NEAREST_PIECE = 4096
+
+
+def nearest_in_pieces(x: Tensor, means: Tensor, *, paired: bool = False) -> Tensor:
+    """:func:`nearest` (``paired``: x holds N / 2 queries then their keys, and a pair's cluster
+    is the one nearest to both) without the whole [B, H, N, C] similarity matrix, which has
+    N * N / W entries: pieces of points at a time. Returns [B, H, N] (no gradient)."""
+    n = x.shape[2] // 2 if paired else x.shape[2]
+    out = []
+    for start in range(0, n, NEAREST_PIECE):
+        stop = min(start + NEAREST_PIECE, n)
+        sims = similarities(x[:, :, start:stop], means)
+        if paired:
+            sims = sims + similarities(x[:, :, n + start : n + stop], means)
+        out.append(sims.argmax(dim=-1))
+    token = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    return torch.cat((token, token), dim=-1) if paired else token
+
+
 def lloyd_step(
     x: Tensor, means: Tensor, buckets: Tensor | None = None, weights: Tensor | None = None
 ) -> Tensor:
@@ -112,8 +132,11 @@ def commitment_loss(x: Tensor, means: Tensor, buckets: Tensor, weights: Tensor |
     Gradients reach x only; the centroids move by :func:`lloyd_step` and :func:`ema_`.
     """
     heads = torch.arange(means.shape[0], device=x.device)[:, None]
-    routed = means.to(x.dtype)[heads, buckets]  # [B, H, N, D]
-    err = (x - routed.detach()).pow(2).mean(dim=-1)
+    m = means.detach().to(x.dtype)
+    # |x - m|^2 = |x|^2 - 2 x.m + |m|^2: dot products instead of [B, H, N, D] differences
+    routed = m[heads, buckets]  # [B, H, N, D]
+    sq_norms = (m * m).sum(dim=-1)[heads, buckets]  # [B, H, N]
+    err = (torch.linalg.vecdot(x, x) - 2 * torch.linalg.vecdot(x, routed) + sq_norms) / x.shape[-1]
     w = _point_weights(weights, x)
     if w is None:
         return err.mean()
@@ -188,9 +211,12 @@ class Kmeans(nn.Module):
         weights: Tensor | None = None,
         update_means: bool = False,
         normalized: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_similarities: bool = True,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
         """x [B, H, N, D] (normalised inside) -> (similarities [B, H, N, C] without gradient,
         nearest centroid [B, H, N], commitment loss scaled by ``commitment``).
+        ``need_similarities=False``: None instead of the similarities, which are then never
+        held whole (:func:`nearest_in_pieces`).
 
         ``paired``: x holds N / 2 queries then their N / 2 keys, and each (query, key) pair of a
         token shares one cluster, the nearest to both (k-means on the pairs). ``weights``
@@ -201,8 +227,10 @@ class Kmeans(nn.Module):
             x = F.normalize(x, dim=-1)
         self.init(x, weights)
         with torch.no_grad():
-            dists = similarities(x, self.means)
-            if paired:
+            dists = similarities(x, self.means) if need_similarities else None
+            if dists is None:
+                buckets = nearest_in_pieces(x, self.means, paired=paired)
+            elif paired:
                 n = x.shape[2] // 2
                 token = (dists[:, :, :n] + dists[:, :, n:]).argmax(dim=-1)
                 buckets = torch.cat((token, token), dim=-1)

@@ -286,13 +286,13 @@ def causal_routed_attention_spans(
     if n_mem:
         n_clusters = mem_k.shape[1]
         cluster = groups[:, front:].long().clamp(0, n_clusters - 1)  # [R, T]
-        # every query against every memory key of its head is one matmul; keep its cluster's
-        every = torch.matmul(qs.view(b, h, t, d), mem_k.to(q.dtype).reshape(h, -1, d).transpose(1, 2))
-        cols = (cluster[..., None] * n_mem + torch.arange(n_mem, device=device)).view(r, t, n_mem)
-        mem_logit = every.view(r, t, -1).gather(-1, cols) * scale  # [R, T, K]
         head = (torch.arange(r, device=device) % h)[:, None]
-        slot = ((head * n_clusters + cluster) * n_mem)[..., None] + torch.arange(n_mem, device=device)
-        mem_value = mem_v.to(v.dtype).reshape(-1, e).index_select(0, slot.view(-1)).view(r, t, n_mem, e)
+        slot = (((head * n_clusters + cluster) * n_mem)[..., None] + torch.arange(n_mem, device=device)).view(
+            -1
+        )
+        mem_key = mem_k.to(q.dtype).reshape(-1, d).index_select(0, slot).view(r, t, n_mem, d)
+        mem_logit = torch.linalg.vecdot(qs[:, :, None, :], mem_key) * scale  # [R, T, K]
+        mem_value = mem_v.to(v.dtype).reshape(-1, e).index_select(0, slot).view(r, t, n_mem, e)
     out = span_attention(
         qs, ks, vs, groups, band[None], block=block, look_back=look_back, scale=scale,
         mem_logit=mem_logit, mem_value=mem_value,
