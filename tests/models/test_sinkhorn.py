@@ -290,3 +290,30 @@ def test_inductor_compiled_loss_and_gradients_equal_eager():
     assert_close(compiled, eager, rtol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):
         assert_close(a, b, rtol=1e-4)
+
+
+def test_recomputed_attention_gives_the_same_step():
+    torch.manual_seed(0)
+    plain = create_model("sinkhorn", "tiny").train()
+    again = create_model("sinkhorn", "tiny", recompute_attention="always").train()
+    again.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, again):
+        out = model.forward_lm(x).logits
+        out.logsumexp(-1).mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    assert all(block.f.recompute for block in again.body.layers.blocks)
+    assert not any(block.f.recompute for block in plain.body.layers.blocks)
+    assert_close(results[1][0], results[0][0], rtol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        if b is not None:
+            assert_close(a, b, rtol=1e-5)
+
+
+def test_recompute_rule():
+    config = SinkhornConfig(dim=32, depth=1, heads=4, bucket_size=8, max_seq_len=64)
+    assert not config.recompute_for(16384) and config.recompute_for(2 * 16384)
+    assert config.replace(recompute_attention="always").recompute_for(1)
+    with pytest.raises(ValueError, match="recompute_attention"):
+        config.replace(recompute_attention="sometimes")

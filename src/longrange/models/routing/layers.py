@@ -18,15 +18,24 @@ Dimensions: B batch, H heads, N positions, D head width.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from longrange.models.routing.routed import ContextCache, KmeansAttention, RoutedCache, check_positive
+from longrange.models.routing.routed import (
+    ContextCache,
+    KmeansAttention,
+    RoutedCache,
+    check_positive,
+    replaying,
+)
 from longrange.models.state import state_entry
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.norms import ScaleNorm
+from longrange.modules.reversible import in_recomputation
 from longrange.modules.rotary import RotaryEmbedding, rotate_half
 from longrange.modules.shift import shift_tokens
 from longrange.ops.routing.spans import causal_local_attention_spans, span_attention_supported
@@ -269,7 +278,8 @@ class Branch(nn.Module):
     then ``fn``. ``attn``: ``fn`` is an attention layer (it takes the block's keywords and its
     own :class:`AttentionCache`); otherwise ``fn`` is a feed-forward that takes the padding
     mask as ``mask``. With a decoding ``cache`` (a dict) the shift continues from the inputs
-    cached there."""
+    cached there. ``recompute`` (set per call by the model): in training keep only the input
+    and run the branch again in backward, without its k-means updates the second time."""
 
     def __init__(
         self, dim: int, fn: nn.Module, *, norm: str | None, shifts: tuple[int, ...] | None, attn: bool
@@ -280,8 +290,21 @@ class Branch(nn.Module):
         self.fn = fn
         self.shifts = shifts
         self.attn = attn
+        self.recompute = False
 
     def forward(self, x: Tensor, *, input_mask: Tensor | None = None, cache: dict | None = None, **kwargs):
+        if self.recompute and cache is None and torch.is_grad_enabled() and not in_recomputation():
+            runs = [0]
+
+            def run(x: Tensor, input_mask: Tensor | None, **kwargs):
+                runs[0] += 1
+                with replaying() if runs[0] > 1 else nullcontext():
+                    return self._run(x, input_mask=input_mask, cache=None, **kwargs)
+
+            return checkpoint(run, x, input_mask, use_reentrant=False, **kwargs)
+        return self._run(x, input_mask=input_mask, cache=cache, **kwargs)
+
+    def _run(self, x: Tensor, *, input_mask: Tensor | None, cache: dict | None, **kwargs):
         h = x if self.norm is None else self.norm(x)
         if self.shifts:
             past = None if cache is None else cache.get("shift")

@@ -21,6 +21,8 @@ Dimensions: B batch, H heads, N positions, M context positions, D head width, C 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,21 @@ from longrange.ops.routing import (
     ring_buffers,
 )
 from longrange.ops.routing.kmeans import Kmeans, similarities
+
+# How many branch recomputations (activation checkpointing) are running: the forward already
+# made their k-means updates. A plain global, as modules.reversible's flag, so that
+# torch.compile can guard on it.
+_REPLAYING = [0]
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """While a branch is recomputed for backward: no k-means update."""
+    _REPLAYING[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYING[0] -= 1
 
 
 def check_positive(name: str, value: object) -> None:
@@ -182,7 +199,7 @@ class KmeansAttention(nn.Module):
         self.checkpoint = False  # recompute the causal routed op in backward (less memory)
 
     def _update(self) -> bool:
-        return self.training and not in_recomputation()
+        return self.training and not in_recomputation() and not _REPLAYING[0]
 
     def forward(
         self,
