@@ -303,3 +303,104 @@ def test_bf16_forward_has_no_nan():
     mask[0, :20] = False
     logits, aux = model(torch.randint(0, 64, (2, 33)), input_mask=mask)
     assert torch.isfinite(logits).all() and torch.isfinite(aux)
+
+
+def _compile_case(build: str) -> RoutingLM:
+    """The bench preset's options, or the reference class with its defaults (the issue's
+    comparison: causal, 2 local heads, window 128), at a small width and depth."""
+    if build == "bench":
+        from longrange.models.routing.config import routing_bench
+
+        return RoutingLM(routing_bench().replace(dim=64, depth=1, max_seq_len=256))
+    return RoutingTransformerLM(
+        num_tokens=256,
+        dim=64,
+        depth=1,
+        heads=4,
+        max_seq_len=256,
+        causal=True,
+        window_size=128,
+        n_local_attn_heads=2,
+    )
+
+
+@pytest.mark.parametrize("build", ["bench", "reference-defaults"])
+def test_training_step_compiles_whole(build):
+    """torch.compile(fullgraph=True) traces forward and backward of a fresh model (the
+    k-means initialisation included) without a graph break."""
+    from longrange.testing import assert_compiles_whole
+
+    model = _compile_case(build).train()
+    seq = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(3))
+
+    def loss(tokens):
+        out = model.forward_lm(tokens)
+        return out.logits.float().logsumexp(-1).mean() + out.aux_loss
+
+    assert_compiles_whole(loss, seq)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_loss_and_gradients_equal_eager():
+    torch.manual_seed(0)
+    model = create_model("routing", "tiny", depth=1).train()
+    model.cancel_kmeans_update()
+    seq = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+
+    def loss(tokens):
+        out = model.forward_lm(tokens)
+        return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens.flatten()) + out.aux_loss
+
+    results = []
+    for fn in (loss, torch.compile(loss)):
+        model.zero_grad(set_to_none=True)
+        value = fn(seq)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert_close(compiled, eager, rtol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, rtol=1e-4)
+
+
+def test_recomputed_attention_gives_the_same_step_and_one_kmeans_update():
+    """recompute_attention="always" keeps only each attention branch's input and runs the
+    branch again in backward: the same loss and gradients, and the k-means takes the
+    forward's Lloyd step once (the recomputation adds none)."""
+    torch.manual_seed(0)
+    plain = RoutingTransformerLM(**TINY, n_local_attn_heads=2, _register_kmeans_update=False)
+    again = RoutingTransformerLM(**TINY, n_local_attn_heads=2, _register_kmeans_update=False)
+    again.load_state_dict(plain.state_dict())
+    again.config.recompute_attention = "always"
+    x = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, again):
+        model.train()
+        torch.manual_seed(2)  # the same k-means initialisation draws
+        logits, aux = model(x)
+        (logits.logsumexp(-1).mean() + aux).backward()
+        pending = [m._pending_count for m in model.modules() if isinstance(m, Kmeans)]
+        model.update_kmeans()
+        means = [m.means.clone() for m in model.modules() if isinstance(m, Kmeans)]
+        results.append((logits, aux, [p.grad for p in model.parameters()], pending, means))
+    assert all(block.f.recompute for block in again.body.layers.blocks)
+    (l1, a1, g1, p1, m1), (l2, a2, g2, p2, m2) = results
+    assert p1 == p2 == [1, 1]
+    assert_close(l2, l1, rtol=1e-6)
+    assert_close(a2, a1, rtol=1e-6)
+    for a, b in zip(g2, g1):
+        if b is not None:
+            assert_close(a, b, rtol=1e-5)
+    for a, b in zip(m2, m1):
+        assert_close(a, b, rtol=1e-6)
+
+
+def test_recompute_rule():
+    config = RoutingConfig(dim=32, depth=1, heads=4, window_size=8, max_seq_len=64)
+    assert config.recompute_attention == "auto"
+    assert not config.recompute_for(16384) and config.recompute_for(16385)
+    assert config.replace(recompute_attention="always").recompute_for(1)
+    assert not config.replace(recompute_attention="never").recompute_for(10**6)
+    with pytest.raises(ValueError, match="recompute_attention"):
+        config.replace(recompute_attention="sometimes")

@@ -240,3 +240,80 @@ def test_decoding_state_saves_and_loads(tmp_path):
     want, _ = model.prefill(seq[:, 17:], state)
     got, _ = model.prefill(seq[:, 17:], again)
     assert torch.equal(got, want)
+
+
+def _compile_case(build: str) -> SinkhornLM:
+    """The bench preset's options, or the reference class with its defaults (causal, bucket
+    128), at a small width and depth."""
+    if build == "bench":
+        from longrange.models.sinkhorn.config import sinkhorn_bench
+
+        return SinkhornLM(sinkhorn_bench().replace(dim=64, depth=1))
+    return SinkhornTransformerLM(
+        num_tokens=256, dim=64, depth=1, heads=4, max_seq_len=512, causal=True, bucket_size=128
+    )
+
+
+@pytest.mark.parametrize("build", ["bench", "reference-defaults"])
+def test_training_step_compiles_whole(build):
+    """torch.compile(fullgraph=True) traces forward and backward without a graph break (the
+    length is not a bucket multiple: the padding is traced too)."""
+    from longrange.testing import assert_compiles_whole
+
+    model = _compile_case(build).train()
+    seq = torch.randint(0, 256, (1, 500), generator=torch.Generator().manual_seed(3))
+
+    def loss(tokens):
+        return model.forward_lm(tokens).logits.float().logsumexp(-1).mean()
+
+    assert_compiles_whole(loss, seq)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_loss_and_gradients_equal_eager():
+    torch.manual_seed(0)
+    model = create_model("sinkhorn", "tiny", depth=1).train()
+    seq = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+
+    def loss(tokens):
+        logits = model.forward_lm(tokens).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+    results = []
+    for fn in (loss, torch.compile(loss)):
+        model.zero_grad(set_to_none=True)
+        value = fn(seq)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert_close(compiled, eager, rtol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, rtol=1e-4)
+
+
+def test_recomputed_attention_gives_the_same_step():
+    torch.manual_seed(0)
+    plain = create_model("sinkhorn", "tiny").train()
+    again = create_model("sinkhorn", "tiny", recompute_attention="always").train()
+    again.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, again):
+        out = model.forward_lm(x).logits
+        out.logsumexp(-1).mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    assert all(block.f.recompute for block in again.body.layers.blocks)
+    assert not any(block.f.recompute for block in plain.body.layers.blocks)
+    assert_close(results[1][0], results[0][0], rtol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        if b is not None:
+            assert_close(a, b, rtol=1e-5)
+
+
+def test_recompute_rule():
+    config = SinkhornConfig(dim=32, depth=1, heads=4, bucket_size=8, max_seq_len=64)
+    assert not config.recompute_for(16384) and config.recompute_for(2 * 16384)
+    assert config.replace(recompute_attention="always").recompute_for(1)
+    with pytest.raises(ValueError, match="recompute_attention"):
+        config.replace(recompute_attention="sometimes")

@@ -17,10 +17,12 @@ from longrange.ops.routing import (
     causal_routed_step,
     cluster_keys,
     cluster_topk,
+    kmeans,
     push_ring,
     ring_buffers,
 )
 from longrange.ops.routing.kmeans import commitment_loss, ema_, init_means, lloyd_step, nearest
+from longrange.ops.routing.spans import causal_local_attention_spans, span_attention
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -64,6 +66,95 @@ def test_causal_matches_naive(b, h, n, w, c, k_mem, shared, masked, block):
         return causal_routed_attention_naive(q, k, v, clusters, mem_k=mk, mem_v=mv, **opts)
 
     assert_same_forward_backward(fast, naive, [q, k, v, mem_k, mem_v], rtol=1e-9)
+
+
+SPANS_CASES = [
+    pytest.param(2, 2, 63, 8, 4, 1, False, False, None, torch.float64, id="odd-n63-w8-mem1"),
+    pytest.param(2, 2, 70, 16, 4, 2, False, True, 4, torch.float64, id="masked-mem2-block4"),
+    pytest.param(1, 2, 45, 8, 3, 1, True, True, 3, torch.float64, id="shared-masked-block3"),
+    pytest.param(1, 3, 50, 5, 3, 0, False, False, None, torch.float64, id="no-mem-w5"),
+    pytest.param(1, 1, 7, 16, 2, 1, True, False, None, torch.float64, id="window-longer-than-n"),
+    pytest.param(1, 2, 33, 1, 4, 1, False, False, None, torch.float64, id="window-1"),
+    # several chunks of blocks (the op works in chunks of 2048 queries)
+    pytest.param(1, 2, 4500, 64, 40, 1, True, False, None, torch.float32, id="chunks-fp32"),
+]
+
+
+@pytest.mark.parametrize("b, h, n, w, c, k_mem, shared, masked, block, dtype", SPANS_CASES)
+def test_causal_spans_backend_matches_naive(b, h, n, w, c, k_mem, shared, masked, block, dtype):
+    """The span backend (strided spans, memory keys merged by log-sum-exp, chunked lean
+    backward) against the dense reference, forward and every gradient."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, h, n, 8, generator=gen, dtype=dtype) for _ in range(3))
+    if shared:
+        k = torch.nn.functional.normalize(q, dim=-1)
+    clusters = torch.randint(0, c, (b, h, n), generator=gen)
+    mem_k, mem_v = (torch.randn(h, c, k_mem, 8, generator=gen, dtype=dtype) for _ in range(2))
+    mask = torch.rand(b, n, generator=gen) > 0.25 if masked else None
+    opts = dict(window_size=w, mask=mask, shared_qk=shared)
+
+    def fast(q, k, v, mk, mv):
+        return causal_routed_attention(
+            q, k, v, clusters, mem_k=mk, mem_v=mv, block_size=block, backend="spans", **opts
+        )
+
+    def naive(q, k, v, mk, mv):
+        return causal_routed_attention_naive(q, k, v, clusters, mem_k=mk, mem_v=mv, **opts)
+
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    assert_same_forward_backward(fast, naive, [q, k, v, mem_k, mem_v], rtol=rtol)
+
+
+def test_causal_auto_backend_picks_spans_only_where_they_apply():
+    q, k, v, gen = _qkv(1, 2, 40, 8)  # v wider than q: the span kernels need equal widths
+    clusters = torch.randint(0, 3, (1, 2, 40), generator=gen)
+    with pytest.raises(ValueError, match="spans backend"):
+        causal_routed_attention(q, k, v, clusters, window_size=4, backend="spans")
+    with pytest.raises(ValueError, match="spans backend"):
+        causal_routed_attention(q, k, q, clusters, window_size=4, backend="spans", dropout=0.1)
+    with pytest.raises(ValueError, match="backend must be"):
+        causal_routed_attention(q, k, q, clusters, window_size=4, backend="fast")
+    auto = causal_routed_attention(q, k, q, clusters, window_size=4)
+    blocked = causal_routed_attention(q, k, q, clusters, window_size=4, backend="blocked")
+    assert_close(auto, blocked, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "n, window, look_back, dtype",
+    [(300, 16, 1, torch.float64), (256, 32, 2, torch.float64), (7, 16, 1, torch.float64),
+     (4500, 128, 1, torch.float32)],
+    ids=["odd", "look-back-2", "shorter-than-window", "chunks-fp32"],
+)  # fmt: skip
+def test_causal_local_spans_match_local_attention(n, window, look_back, dtype):
+    """Local heads on the span kernels equal the local-attention op (rotary positions applied
+    at absolute positions beforehand, which only position differences can tell apart)."""
+    from longrange.ops.local import local_attention
+
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen, dtype=dtype) for _ in range(3))
+
+    def fast(q, k, v):
+        return causal_local_attention_spans(q, k, v, window_size=window, look_backward=look_back)
+
+    def reference(q, k, v):
+        return local_attention(q, k, v, window_size=window, causal=True, look_backward=look_back)
+
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    assert_same_forward_backward(fast, reference, [q, k, v], rtol=rtol)
+
+
+def test_span_attention_without_any_key_gives_zeros():
+    """A query whose group has no key in its span (and no memory key) gets zeros, no NaN."""
+    q = torch.randn(1, 8, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 12, 4, dtype=torch.float64)
+    groups = torch.tensor([[-2] * 4 + [0, 1, 1, 2, 2, 2, 3, 3]], dtype=torch.int32)
+    distance = 4 + torch.arange(4)[:, None] - torch.arange(8)
+    band = ((distance > 0) & (distance < 4))[None]  # the 3 keys before, never itself
+    out = span_attention(q, k, k, groups, band, block=4, look_back=1, scale=0.5)
+    out.sum().backward()
+    assert out[0, [0, 1, 3, 6]].abs().max() == 0  # first of each group: its own key is banned
+    assert out[0, [2, 4, 5, 7]].abs().min() > 0
+    assert torch.isfinite(q.grad).all()
 
 
 def test_causal_float32_matches_naive():
@@ -272,3 +363,34 @@ def test_empty_cluster_keeps_its_mean():
     buckets = torch.zeros(2, 2, x.shape[2], dtype=torch.long)
     new = lloyd_step(x, means, buckets)
     assert torch.equal(new[:, 1:], means[:, 1:])
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["points", "pairs"])
+def test_nearest_in_pieces_equals_the_whole_matrix(paired, monkeypatch):
+    monkeypatch.setattr(kmeans, "NEAREST_PIECE", 7)
+    x, _, gen = _clustered_points(seed=3, n=50)
+    means = torch.nn.functional.normalize(torch.randn(2, 5, 8, generator=gen), dim=-1)
+    sims = kmeans.similarities(x, means)
+    if paired:
+        token = (sims[:, :, :25] + sims[:, :, 25:]).argmax(dim=-1)
+        expected = torch.cat((token, token), dim=-1)
+    else:
+        expected = sims.argmax(dim=-1)
+    assert torch.equal(kmeans.nearest_in_pieces(x, means, paired=paired), expected)
+
+
+def test_commitment_loss_is_the_mean_squared_distance_with_its_gradient():
+    x, _, gen = _clustered_points(seed=4, n=30)
+    x = x.double().requires_grad_()
+    means = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)  # not unit vectors
+    buckets = torch.randint(0, 4, (2, 2, 30), generator=gen)
+    weights = torch.rand(2, 30, generator=gen) > 0.3
+    heads = torch.arange(2)[:, None]
+    direct = ((x - means[heads, buckets]) ** 2).mean(-1)
+    w = weights[:, None].double().expand_as(direct)
+    expected = (direct * w).sum() / w.sum()
+    got = commitment_loss(x, means, buckets, weights)
+    assert_close(got, expected, rtol=1e-12)
+    (g_got,) = torch.autograd.grad(got, x)
+    (g_expected,) = torch.autograd.grad(expected, x)
+    assert_close(g_got, g_expected, rtol=1e-10)

@@ -177,9 +177,19 @@ CAUSAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CAUSAL_CASES, ids=[c[0] for c in CAUSAL_CASES])
-def test_causal_bucket_attention_equals_naive(case):
+PICKED_CASES = [c for c in CAUSAL_CASES if not c[-1]] + [
+    ("p2-halfwrap-chunks", 1, 2, 64, 40, 2, 1, False)  # 2560 positions: two chunks of buckets
+]
+
+
+@pytest.mark.parametrize("backend", ["gathered", "picked"])
+@pytest.mark.parametrize(
+    "case", CAUSAL_CASES + PICKED_CASES[-1:], ids=[c[0] for c in CAUSAL_CASES + PICKED_CASES[-1:]]
+)
+def test_causal_bucket_attention_equals_naive(case, backend):
     _, b, h, s, u, p, wrap_from, padding = case
+    if backend == "picked" and padding:
+        pytest.skip("the picked backend runs without a padding mask (the gathered one takes it)")
     q, k, v = _inputs(b, h, u * s, u * s, 8, seed=u * p)
     null_k, null_v = randn(h, 8, seed=1), randn(h, 8, seed=2)
     mask = _padding(b, u * s, seed=p, bucket=s) if padding else None
@@ -188,7 +198,7 @@ def test_causal_bucket_attention_equals_naive(case):
     assert bool(((idx < p) | (idx - p < torch.arange(u)[:, None])).all())  # only nulls or earlier buckets
     common = dict(bucket_size=s, wrap_from=wrap_from, mask=mask)
     fast = lambda q, k, v, nk, nv, w: causal_sinkhorn_attention(  # noqa: E731
-        q, k, v, nk, nv, indices=idx, weights=w, **common
+        q, k, v, nk, nv, indices=idx, weights=w, backend=backend, **common
     )
     naive = lambda q, k, v, nk, nv, w: causal_sinkhorn_attention_naive(  # noqa: E731
         q, k, v, nk, nv, reorder=dense_selection(idx, w, p + u), **common
@@ -277,3 +287,37 @@ def test_gather_weighted_equals_indexing(own):
     assert_same_forward_backward(fast, plain, [src, null, w, *extra])
     with pytest.raises(ValueError, match="null"):
         gather_weighted(src, picks, w)
+
+
+@pytest.mark.parametrize("case", PICKED_CASES[:-1], ids=[c[0] for c in PICKED_CASES[:-1]])
+def test_causal_picked_backend_float64(case):
+    """The picked backend (chunked, lean backward) in float64: equal to the reference to
+    rounding, gradients of the null key / value and of the pick weights included."""
+    _, b, h, s, u, p, wrap_from, _ = case
+    gen = torch.Generator().manual_seed(u * p)
+    q, k, v = (torch.randn(b, h, u * s, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    null_k, null_v = (torch.randn(h, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    scores, valid = causal_sort_scores(q, k, bucket_size=s, n_null=p)
+    idx, w = differentiable_topk(scores, p, temperature=0.75, valid=valid)
+    common = dict(bucket_size=s, wrap_from=wrap_from)
+    fast = lambda q, k, v, nk, nv, w: causal_sinkhorn_attention(  # noqa: E731
+        q, k, v, nk, nv, indices=idx, weights=w, backend="picked", **common
+    )
+    naive = lambda q, k, v, nk, nv, w: causal_sinkhorn_attention_naive(  # noqa: E731
+        q, k, v, nk, nv, reorder=dense_selection(idx, w, p + u), **common
+    )
+    assert_same_forward_backward(fast, naive, [q, k, v, null_k, null_v, w], rtol=1e-10)
+
+
+def test_causal_backends_refuse_what_they_cannot_run():
+    q, k, v = _inputs(1, 2, 20, 20, 8, seed=0)
+    idx = torch.zeros(1, 2, 4, 1, dtype=torch.long)
+    w = torch.ones(1, 2, 4, 1)
+    common = dict(bucket_size=5, indices=idx, weights=w, wrap_from=1)
+    nk = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="picked backend"):
+        causal_sinkhorn_attention(
+            q, k, v, nk, nk, mask=torch.ones(1, 20, dtype=torch.bool), backend="picked", **common
+        )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        causal_sinkhorn_attention(q, k, v, nk, nk, backend="fast", **common)

@@ -17,17 +17,28 @@ Dimensions: B batch, H heads, N positions, D head width.
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from longrange.models.routing.routed import ContextCache, KmeansAttention, RoutedCache, check_positive
+from longrange.models.routing.routed import (
+    ContextCache,
+    KmeansAttention,
+    RoutedCache,
+    check_positive,
+    replaying,
+)
 from longrange.models.state import state_entry
 from longrange.modules.local_attention import LocalAttention
 from longrange.modules.norms import ScaleNorm
-from longrange.modules.rotary import RotaryEmbedding
+from longrange.modules.reversible import in_recomputation
+from longrange.modules.rotary import RotaryEmbedding, rotate_half
 from longrange.modules.shift import shift_tokens
+from longrange.ops.routing.spans import causal_local_attention_spans, span_attention_supported
 
 # config name -> the activation class (the names RoutingConfig.ff_activation accepts)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -218,8 +229,38 @@ class SelfAttention(nn.Module):
         out = torch.cat(outs, dim=1).transpose(1, 2).reshape(b, n, -1)
         return self.dropout(self.to_out(out)), loss
 
+    def _local_spans_apply(self, q: Tensor, mask: Tensor | None) -> bool:
+        """Whether the local heads run on the span kernels (causal, unmasked, CPU, no dropout)."""
+        la = self.local_attn
+        return (
+            la.causal
+            and mask is None
+            and (la.dropout == 0 or not self.training)
+            and not (la.use_xpos or la.shared_qk or la.exact_windowsize or la.scale is not None)
+            and la.backend == "auto"
+            and (la.rel_pos is None or la.rel_pos.dim == q.shape[-1])
+            and span_attention_supported(q)
+        )
+
+    def _local_spans(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # Rotating at absolute positions gives the same scores as rotating inside each span
+        # (only differences of positions matter); the angles are reduced modulo 2 pi in
+        # float64 so that they stay exact at long positions.
+        rot = self.local_attn.rel_pos
+        if rot is not None:
+            positions = torch.arange(q.shape[2], device=q.device, dtype=torch.float64)
+            angles = torch.remainder(positions[:, None] * rot.inv_freq.double()[None, :], 2 * math.pi)
+            angles = rot._expand(angles if q.dtype == torch.float64 else angles.float())
+            cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+            q, k = (torch.addcmul(t * cos, rotate_half(t), sin) for t in (q, k))
+        return causal_local_attention_spans(
+            q, k, v, window_size=self.local_attn.window_size, look_backward=self.local_attn.look_backward
+        )
+
     def _local(self, q, k, v, mask, cache: AttentionCache | None, step: bool) -> Tensor:
         if cache is None:
+            if self._local_spans_apply(q, mask):
+                return self._local_spans(q, k, v)
             return self.local_attn(q, k, v, input_mask=mask)
         keep = self.local_attn.cache_length
         if not step:
@@ -237,7 +278,8 @@ class Branch(nn.Module):
     then ``fn``. ``attn``: ``fn`` is an attention layer (it takes the block's keywords and its
     own :class:`AttentionCache`); otherwise ``fn`` is a feed-forward that takes the padding
     mask as ``mask``. With a decoding ``cache`` (a dict) the shift continues from the inputs
-    cached there."""
+    cached there. ``recompute`` (set per call by the model): in training keep only the input
+    and run the branch again in backward, without its k-means updates the second time."""
 
     def __init__(
         self, dim: int, fn: nn.Module, *, norm: str | None, shifts: tuple[int, ...] | None, attn: bool
@@ -248,8 +290,21 @@ class Branch(nn.Module):
         self.fn = fn
         self.shifts = shifts
         self.attn = attn
+        self.recompute = False
 
     def forward(self, x: Tensor, *, input_mask: Tensor | None = None, cache: dict | None = None, **kwargs):
+        if self.recompute and cache is None and torch.is_grad_enabled() and not in_recomputation():
+            runs = [0]
+
+            def run(x: Tensor, input_mask: Tensor | None, **kwargs):
+                runs[0] += 1
+                with replaying() if runs[0] > 1 else nullcontext():
+                    return self._run(x, input_mask=input_mask, cache=None, **kwargs)
+
+            return checkpoint(run, x, input_mask, use_reentrant=False, **kwargs)
+        return self._run(x, input_mask=input_mask, cache=cache, **kwargs)
+
+    def _run(self, x: Tensor, *, input_mask: Tensor | None, cache: dict | None, **kwargs):
         h = x if self.norm is None else self.norm(x)
         if self.shifts:
             past = None if cache is None else cache.get("shift")

@@ -36,7 +36,8 @@ from longrange.models.routing.config import RoutingConfig
 from longrange.models.routing.layers import ACTIVATIONS, Branch, SelfAttention
 from longrange.models.routing.routed import KmeansAttention, KmeansUpdateHandle, KmeansUpdates
 from longrange.models.state import State
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.chunked_feedforward import ChunkedFeedForward
+from longrange.modules.feedforward import Chunk
 from longrange.modules.moe import MoE
 from longrange.modules.pkm import PKM
 from longrange.modules.positional import AbsolutePositionalEmbedding
@@ -74,7 +75,7 @@ class RoutingBody(KmeansUpdates, nn.Module):
         )
 
         def ff() -> nn.Module:
-            inner = FeedForward(
+            inner = ChunkedFeedForward(
                 c.dim, mult=c.ff_mult, dropout=c.ff_dropout, activation=activation, glu=c.ff_glu
             )
             return Chunk(c.ff_chunks, inner, along_dim=1)
@@ -145,6 +146,13 @@ class RoutingBody(KmeansUpdates, nn.Module):
     def forward(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return self.layers(x, **kwargs)
+
+    def set_recompute(self, on: bool) -> None:
+        """Whether the attention branches keep only their inputs for backward (and run
+        again there) in the next calls."""
+        for block in self.layers.blocks:
+            if block.f.recompute != on:
+                block.f.recompute = on
 
 
 class RoutingLM(LongRangeLM):
@@ -220,6 +228,7 @@ class RoutingLM(LongRangeLM):
     ) -> tuple[Tensor, Tensor]:
         """tokens [B, N] -> (logits [B, N, V] or embeddings, aux loss)."""
         self._check_context(context, "[B, M, dim]")
+        self.body.set_recompute(self.training and self.config.recompute_for(tokens.numel()))
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x, aux = self.routing_transformer(
             self._embed(tokens, 0),

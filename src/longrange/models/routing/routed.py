@@ -21,6 +21,8 @@ Dimensions: B batch, H heads, N positions, M context positions, D head width, C 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,21 @@ from longrange.ops.routing import (
     ring_buffers,
 )
 from longrange.ops.routing.kmeans import Kmeans, similarities
+
+# How many branch recomputations (activation checkpointing) are running: the forward already
+# made their k-means updates. A plain global, as modules.reversible's flag, so that
+# torch.compile can guard on it.
+_REPLAYING = [0]
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """While a branch is recomputed for backward: no k-means update."""
+    _REPLAYING[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYING[0] -= 1
 
 
 def check_positive(name: str, value: object) -> None:
@@ -182,7 +199,7 @@ class KmeansAttention(nn.Module):
         self.checkpoint = False  # recompute the causal routed op in backward (less memory)
 
     def _update(self) -> bool:
-        return self.training and not in_recomputation()
+        return self.training and not in_recomputation() and not _REPLAYING[0]
 
     def forward(
         self,
@@ -205,19 +222,27 @@ class KmeansAttention(nn.Module):
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def _route_pairs(self, q: Tensor, k: Tensor, mask: Tensor | None, paired: bool):
-        """k-means over queries and keys; returns (dists, buckets, loss, keys to attend)."""
+    def _route_pairs(self, q: Tensor, k: Tensor, mask: Tensor | None, paired: bool, need_dists: bool = True):
+        """k-means over queries and keys; returns (dists or None, buckets, loss, keys to attend)."""
         if self.shared_qk:
             keys = F.normalize(k, dim=-1)
             # with shared query/key projections the queries are the keys before normalising
             points = keys if k is q else F.normalize(q, dim=-1)
             dists, buckets, loss = self.kmeans(
-                points, weights=mask, update_means=self._update(), normalized=True
+                points,
+                weights=mask,
+                update_means=self._update(),
+                normalized=True,
+                need_similarities=need_dists,
             )
             return dists, buckets, loss, keys
         weights = None if mask is None else torch.cat((mask, mask), dim=-1)
         dists, buckets, loss = self.kmeans(
-            torch.cat((q, k), dim=2), paired=paired, weights=weights, update_means=self._update()
+            torch.cat((q, k), dim=2),
+            paired=paired,
+            weights=weights,
+            update_means=self._update(),
+            need_similarities=need_dists,
         )
         return dists, buckets, loss, k
 
@@ -225,7 +250,7 @@ class KmeansAttention(nn.Module):
         n = q.shape[2]
         if cache is not None and cache.k_buf is not None:
             return self._step(q, k, v, cache)
-        _, buckets, loss, keys = self._route_pairs(q, k, mask, paired=True)
+        _, buckets, loss, keys = self._route_pairs(q, k, mask, paired=True, need_dists=False)
         clusters = buckets[:, :, :n]
         options = dict(
             window_size=self.window_size, mask=mask, shared_qk=self.shared_qk, dropout=self._dropout()

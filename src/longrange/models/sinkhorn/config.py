@@ -16,6 +16,9 @@ from longrange.models.config import (
     Probability,
 )
 
+# "auto" recomputation starts above this many positions per call (see recompute_attention)
+RECOMPUTE_POSITIONS = 16384
+
 
 @dataclass(kw_only=True)
 class SinkhornConfig(ModelConfig):
@@ -53,6 +56,10 @@ class SinkhornConfig(ModelConfig):
     return_embeddings: bool = False
     axial_shape: tuple[int, ...] | None = None
     attn_backend: Literal["auto", "naive"] = "auto"
+    # Recompute every attention branch in backward, keeping only its input: "auto" does it
+    # when a call holds more than RECOMPUTE_POSITIONS positions (batch x length), where the
+    # attention activations would dominate the memory.
+    recompute_attention: Literal["auto", "always", "never"] = "auto"
 
     def check(self) -> None:
         # with its own head width, dim need not divide into the heads
@@ -74,6 +81,12 @@ class SinkhornConfig(ModelConfig):
             raise ValueError("use_simple_sort_net needs kv_bucket_size == bucket_size")
         if self.axial_shape is not None and math.prod(self.axial_shape) < self.max_seq_len:
             raise ValueError(f"axial_shape {self.axial_shape} must cover max_seq_len={self.max_seq_len}")
+
+    def recompute_for(self, positions: int) -> bool:
+        """Whether a call of ``positions`` (batch x length) recomputes its attention branches."""
+        if self.recompute_attention == "auto":
+            return positions > RECOMPUTE_POSITIONS
+        return self.recompute_attention == "always"
 
     @property
     def pad_multiple(self) -> int:

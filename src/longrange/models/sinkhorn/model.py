@@ -31,7 +31,8 @@ from longrange.models.sinkhorn.config import SinkhornConfig
 from longrange.models.sinkhorn.layers import SinkhornSelfAttention
 from longrange.models.state import State
 from longrange.modules.branch import Branch
-from longrange.modules.feedforward import Chunk, FeedForward
+from longrange.modules.chunked_feedforward import ChunkedFeedForward
+from longrange.modules.feedforward import Chunk
 from longrange.modules.pkm import PKM
 from longrange.modules.positional import AxialPositionalEmbedding
 from longrange.modules.project import ProjectInOut
@@ -98,10 +99,12 @@ class SinkhornBody(nn.Module):
             )  # fmt: skip
 
         def ff() -> nn.Module:
-            return Chunk(c.ff_chunks, FeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu), along_dim=1)
+            return Chunk(
+                c.ff_chunks, ChunkedFeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu), along_dim=1
+            )
 
         def context_ff() -> nn.Module:
-            return FeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu)
+            return ChunkedFeedForward(c.dim, dropout=c.ff_dropout, glu=c.ff_glu)
 
         if c.weight_tie:
             attn, context_attn, ff, context_ff = map(_cached, (attn, context_attn, ff, context_ff))
@@ -139,6 +142,13 @@ class SinkhornBody(nn.Module):
             kwargs["context_mask"] = context_mask
         out, _ = self.layers(x, **kwargs)
         return out * 2 if self.config.reversible else out
+
+    def set_recompute(self, on: bool) -> None:
+        """Whether the attention branches keep only their inputs for backward (and run
+        again there) in the next calls."""
+        for block in self.layers.blocks:
+            if block.f.recompute != on:
+                block.f.recompute = on
 
     def forward_cached(self, x: Tensor, layers: list[dict], **kwargs) -> Tensor:
         """Decoding: :meth:`forward` on new positions, continuing from ``layers`` (the
@@ -212,6 +222,7 @@ class SinkhornLM(LongRangeLM):
     ) -> Tensor:
         """tokens [B, N] (any N <= max_seq_len) -> logits [B, N, V]; padding handled here."""
         n = tokens.shape[1]
+        self.body.set_recompute(self.training and self.config.recompute_for(tokens.numel()))
         pad = self._padded_length(n) - n
         if pad:
             tokens = F.pad(tokens, (0, pad))

@@ -8,6 +8,10 @@
 - :mod:`~longrange.ops.routing.balanced`: the reference's balanced routing for non-causal use
   (each cluster takes its top-W queries and keys), and assigned routing (each query goes to its
   nearest cluster and meets the keys that cluster took) for cross attention in causal models;
+- :mod:`~longrange.ops.routing.spans`: the CPU fast path of causal routing and of the
+  family's causal local heads: blocked attention over strided key spans, memory keys merged
+  by log-sum-exp, a chunked lean backward;
+- :mod:`~longrange.ops.routing.order`: the (cluster, position) order;
 - :mod:`~longrange.ops.routing.naive`: the dense masked references of all three.
 """
 
@@ -23,12 +27,17 @@ from longrange.ops.routing.causal import (
     causal_routed_step,
     push_ring,
     ring_buffers,
-    sort_by_cluster,
 )
 from longrange.ops.routing.naive import (
     assigned_routed_attention_naive,
     balanced_routed_attention_naive,
     causal_routed_attention_naive,
+)
+from longrange.ops.routing.order import sort_by_cluster
+from longrange.ops.routing.spans import (
+    causal_local_attention_spans,
+    causal_routed_attention_spans,
+    span_attention,
 )
 
 __all__ = [
@@ -37,12 +46,15 @@ __all__ = [
     "assigned_routed_step",
     "balanced_routed_attention",
     "balanced_routed_attention_naive",
+    "causal_local_attention_spans",
     "causal_routed_attention",
     "causal_routed_attention_naive",
+    "causal_routed_attention_spans",
     "causal_routed_step",
     "cluster_keys",
     "cluster_topk",
     "push_ring",
     "ring_buffers",
     "sort_by_cluster",
+    "span_attention",
 ]

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAD_CLUSTER = -1  # padded tokens
-NO_CLUSTER = -2  # slots past the end of the sorted sequence
+from longrange.ops.routing.order import NO_CLUSTER, default_block_size, sort_by_cluster
+from longrange.ops.routing.spans import causal_routed_attention_spans, span_attention_supported
+
+ROUTED_BACKENDS = ("auto", "blocked", "spans")
 
 
 def check_routing_inputs(
@@ -85,28 +87,6 @@ def _check_clusters(name: str, clusters: Tensor, shape: tuple[int, ...], num_clu
         raise ValueError(f"{name} holds ids >= the {num_clusters} clusters of mem_k")
 
 
-def default_block_size(window_size: int) -> int:
-    """Queries per block: half the window (spans of 1.5 W keys rather than 2 W) down to 16."""
-    return max(min(16, window_size), window_size // 2)
-
-
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, H, N, F] rows picked by index [B, H, M] -> [B, H, M, F]."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
-
-
-def sort_by_cluster(clusters: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The (cluster, position) order of clusters [B, H, N]: returns (order [B, H, N], the
-    cluster of each sorted token [B, H, N]); padded tokens get :data:`PAD_CLUSTER`."""
-    n = clusters.shape[-1]
-    if mask is not None:
-        clusters = clusters.masked_fill(~mask[:, None, :], PAD_CLUSTER)
-    pos = torch.arange(n, device=clusters.device)
-    key = (clusters.long() + 1) * n + pos
-    order = key.argsort(dim=-1)
-    return order, clusters.gather(-1, order)
-
-
 def causal_routed_attention(
     q: Tensor,
     k: Tensor,
@@ -121,14 +101,21 @@ def causal_routed_attention(
     scale: float | None = None,
     dropout: float = 0.0,
     block_size: int | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Causal routed attention; same contract as
     :func:`longrange.ops.routing.naive.causal_routed_attention_naive`, plus dropout.
 
     q, k: [B, H, N, D], v: [B, H, N, E]; clusters [B, H, N] long in [0, C); mem_k [H, C, K, D],
     mem_v [H, C, K, E] (K may be 0); mask [B, N] (True = real token). ``block_size`` (default
-    :func:`default_block_size`) trades span waste against batch size. Returns [B, H, N, E].
+    :func:`default_block_size`) trades span waste against batch size. ``backend``: "blocked"
+    (gathered spans, one SDPA call; any device, dropout), "spans"
+    (:func:`~longrange.ops.routing.spans.causal_routed_attention_spans`: strided spans and a
+    lean backward on the CPU flash kernels) or "auto" (spans where they apply). Returns
+    [B, H, N, E].
     """
+    if backend not in ROUTED_BACKENDS:
+        raise ValueError(f"backend must be one of {ROUTED_BACKENDS}, got {backend!r}")
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"window_size must be a positive int, got {window_size!r}")
     if block_size is not None and (
@@ -137,7 +124,20 @@ def causal_routed_attention(
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     check_routing_inputs(q, k, v, mem_k=mem_k, mem_v=mem_v, mask=mask, same_length=True)
     b, h, n, _ = q.shape
-    _check_clusters("clusters", clusters, (b, h, n), None if mem_k is None else mem_k.shape[1])
+    if not torch.compiler.is_compiling():
+        _check_clusters("clusters", clusters, (b, h, n), None if mem_k is None else mem_k.shape[1])
+    n_mem = 0 if mem_k is None else mem_k.shape[2]
+    spans_apply = span_attention_supported(q) and v.shape[-1] == q.shape[-1] and (n_mem > 0 or not shared_qk)
+    if backend == "spans" or (backend == "auto" and spans_apply and dropout == 0):
+        if not spans_apply or dropout:
+            raise ValueError(
+                "the spans backend needs CPU tensors, v as wide as q, no dropout, "
+                "and a memory key with shared_qk"
+            )
+        return causal_routed_attention_spans(
+            q, k, v, clusters, window_size=window_size, mem_k=mem_k, mem_v=mem_v, mask=mask,
+            shared_qk=shared_qk, scale=scale, block_size=block_size,
+        )  # fmt: skip
     e = v.shape[-1]
     w = window_size
     block = min(block_size or default_block_size(w), max(n, 1))
@@ -230,6 +230,11 @@ def causal_routed_attention(
     if mask is not None:
         out = out.masked_fill(~mask[:, None, :, None], 0.0)
     return out
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, N, F] rows picked by index [B, H, M] -> [B, H, M, F]."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
 def ring_buffers(

@@ -44,6 +44,26 @@ def nearest(x: Tensor, means: Tensor) -> Tensor:
     return similarities(x, means).argmax(dim=-1)
 
 
+# points per piece of :func:`nearest_in_pieces`: the similarities of one piece stay small
+NEAREST_PIECE = 4096
+
+
+def nearest_in_pieces(x: Tensor, means: Tensor, *, paired: bool = False) -> Tensor:
+    """:func:`nearest` (``paired``: x holds N / 2 queries then their keys, and a pair's cluster
+    is the one nearest to both) without the whole [B, H, N, C] similarity matrix, which has
+    N * N / W entries: pieces of points at a time. Returns [B, H, N] (no gradient)."""
+    n = x.shape[2] // 2 if paired else x.shape[2]
+    out = []
+    for start in range(0, n, NEAREST_PIECE):
+        stop = min(start + NEAREST_PIECE, n)
+        sims = similarities(x[:, :, start:stop], means)
+        if paired:
+            sims = sims + similarities(x[:, :, n + start : n + stop], means)
+        out.append(sims.argmax(dim=-1))
+    token = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    return torch.cat((token, token), dim=-1) if paired else token
+
+
 def lloyd_step(
     x: Tensor, means: Tensor, buckets: Tensor | None = None, weights: Tensor | None = None
 ) -> Tensor:
@@ -75,22 +95,32 @@ def init_means(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Centroids [H, C, D] from data: C points drawn per head (without replacement when there
-    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised."""
+    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised.
+
+    The draw has static shapes (no host read), so it traces into a compiled graph: without
+    weights a random permutation of the points; with weights the C kept points of largest
+    random key (kept points first), repeated when fewer than C are kept."""
     b, h, n, d = x.shape
     pool = x.transpose(0, 1).reshape(h, b * n, d)
-    candidates = torch.arange(b * n, device=x.device)
+    count = b * n
     w = _point_weights(weights, x)
-    if w is not None:
-        # A point is a candidate when every head keeps it (padding masks are per token).
-        keep = (w > 0).all(dim=1).reshape(b * n)
-        if bool(keep.any()):
-            candidates = candidates[keep]
-    count = candidates.numel()
-    if count >= num_clusters:
-        pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
+    if w is None:
+        if count >= num_clusters:
+            pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
+        else:
+            pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
+        pick = pick.to(x.device)
     else:
-        pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
-    means = pool[:, candidates[pick.to(x.device)]]
+        # A point is a candidate when every head keeps it (padding masks are per token).
+        keep = (w > 0).all(dim=1).reshape(count)
+        keys = torch.rand(count, generator=generator, device="cpu").to(x.device) + keep.to(x.dtype)
+        order = keys.argsort(descending=True)
+        # the kept points come first; C picks cycle through them when fewer than C are kept
+        # (through every point when none is)
+        kept = keep.sum().clamp_min(1)
+        kept = torch.where(keep.any(), kept, torch.full_like(kept, count))
+        pick = order[torch.arange(num_clusters, device=x.device) % kept]
+    means = pool[:, pick]
     for _ in range(iters):
         means = lloyd_step(x, means, weights=weights)
     return means
@@ -102,8 +132,11 @@ def commitment_loss(x: Tensor, means: Tensor, buckets: Tensor, weights: Tensor |
     Gradients reach x only; the centroids move by :func:`lloyd_step` and :func:`ema_`.
     """
     heads = torch.arange(means.shape[0], device=x.device)[:, None]
-    routed = means.to(x.dtype)[heads, buckets]  # [B, H, N, D]
-    err = (x - routed.detach()).pow(2).mean(dim=-1)
+    m = means.detach().to(x.dtype)
+    # |x - m|^2 = |x|^2 - 2 x.m + |m|^2: dot products instead of [B, H, N, D] differences
+    routed = m[heads, buckets]  # [B, H, N, D]
+    sq_norms = (m * m).sum(dim=-1)[heads, buckets]  # [B, H, N]
+    err = (torch.linalg.vecdot(x, x) - 2 * torch.linalg.vecdot(x, routed) + sq_norms) / x.shape[-1]
     w = _point_weights(weights, x)
     if w is None:
         return err.mean()
@@ -143,6 +176,9 @@ class Kmeans(nn.Module):
         self.commitment = commitment
         self.register_buffer("means", F.normalize(torch.randn(num_heads, num_clusters, head_dim), dim=-1))
         self.register_buffer("initted", torch.tensor(False))
+        # ``initted`` on the host, so that a compiled graph never reads the buffer (kept in
+        # step by :meth:`init` and by loading a state dict)
+        self._initted = False
         self._pending: Tensor | None = None
         self._pending_count = 0
 
@@ -150,14 +186,21 @@ class Kmeans(nn.Module):
     def num_clusters(self) -> int:
         return self.means.shape[1]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted = bool(self.initted)
+
     @torch.no_grad()
     def init(self, x: Tensor, weights: Tensor | None = None) -> None:
         """Initialise the centroids from the points x [B, H, N, D] (once)."""
-        if bool(self.initted):
+        if not self._initted and not torch.compiler.is_compiling():
+            self._initted = bool(self.initted)  # the buffer may have been set in place
+        if self._initted:
             return
         means = init_means(x.float(), self.num_clusters, iters=KMEANS_INIT_ITERS, weights=weights)
         self.means.copy_(means)
         self.initted.fill_(True)
+        self._initted = True
         self._pending, self._pending_count = None, 0
 
     def forward(
@@ -168,9 +211,12 @@ class Kmeans(nn.Module):
         weights: Tensor | None = None,
         update_means: bool = False,
         normalized: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_similarities: bool = True,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
         """x [B, H, N, D] (normalised inside) -> (similarities [B, H, N, C] without gradient,
         nearest centroid [B, H, N], commitment loss scaled by ``commitment``).
+        ``need_similarities=False``: None instead of the similarities, which are then never
+        held whole (:func:`nearest_in_pieces`).
 
         ``paired``: x holds N / 2 queries then their N / 2 keys, and each (query, key) pair of a
         token shares one cluster, the nearest to both (k-means on the pairs). ``weights``
@@ -181,8 +227,10 @@ class Kmeans(nn.Module):
             x = F.normalize(x, dim=-1)
         self.init(x, weights)
         with torch.no_grad():
-            dists = similarities(x, self.means)
-            if paired:
+            dists = similarities(x, self.means) if need_similarities else None
+            if dists is None:
+                buckets = nearest_in_pieces(x, self.means, paired=paired)
+            elif paired:
                 n = x.shape[2] // 2
                 token = (dists[:, :, :n] + dists[:, :, n:]).argmax(dim=-1)
                 buckets = torch.cat((token, token), dim=-1)

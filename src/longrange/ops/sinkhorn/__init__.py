@@ -11,7 +11,9 @@ between the halves.
 - :mod:`balance`: Sinkhorn balancing with Gumbel noise, differentiable top-k;
 - :mod:`sort`: the sort scores (bucket summaries, running means, causal candidates);
 - :mod:`naive`: the reference, reordering as a dense buckets x buckets matrix;
-- :mod:`bucketed`: gather + one batched SDPA call (the fast path);
+- :mod:`bucketed`: gather + one batched SDPA call (the fast path; any device, masks);
+- :mod:`picked`: causal attention chunk by chunk with a lean backward on the CPU flash
+  kernels (what the causal path runs on the CPU without a padding mask);
 - :mod:`layout`: one-pass head split / merge with the half-head shift, weighted bucket gather;
 - :mod:`decode`: one causal decoding step against key / value caches.
 """

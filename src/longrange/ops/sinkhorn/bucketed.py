@@ -28,7 +28,10 @@ from torch import Tensor
 
 from longrange.ops.dense import dense_attention
 from longrange.ops.sinkhorn.layout import gather_weighted
+from longrange.ops.sinkhorn.picked import causal_picked_attention, picked_supported
 from longrange.ops.sinkhorn.sort import head_mask
+
+CAUSAL_BACKENDS = ("auto", "gathered", "picked")
 
 
 class _RowSelect(torch.autograd.Function):
@@ -215,18 +218,38 @@ def causal_sinkhorn_attention(
     mask: Tensor | None = None,
     dropout: float = 0.0,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Causal bucket attention; same contract as :func:`naive.causal_sinkhorn_attention_naive`
     with the reordering given as picks: indices, weights [B, H, U, P] (column c < P: a null
-    bucket, P + j: key bucket j < u)."""
+    bucket, P + j: key bucket j < u). ``backend``: "gathered" (every bucket's keys and values
+    written at once, one SDPA call; any device, masks, dropout), "picked"
+    (:mod:`~longrange.ops.sinkhorn.picked`: chunk by chunk with a lean backward on the CPU
+    flash kernels; no mask, no dropout) or "auto" (picked where it applies)."""
+    if backend not in CAUSAL_BACKENDS:
+        raise ValueError(f"backend must be one of {CAUSAL_BACKENDS}, got {backend!r}")
     _check(q, k, v, bucket_size, bucket_size)
     b, h, n, d = q.shape
     s, e = bucket_size, v.shape[-1]
     u, p = n // s, indices.shape[-1]
     r = b * h
-    kb, vb, keep = _masked_buckets(k, v, mask, s)
+    picked_applies = mask is None and dropout == 0 and picked_supported(q, v)
+    if backend == "picked" and not picked_applies:
+        raise ValueError("the picked backend needs CPU tensors, v as wide as q, no mask and no dropout")
     picks = torch.where(indices < p, -1, indices - p).reshape(r, u, p)  # -1: a null bucket
     w = weights.reshape(r, u, p)
+    if backend != "gathered" and picked_applies:
+        rows = lambda t: t[None].expand(b, h, t.shape[-1]).reshape(r, -1)  # noqa: E731
+        wrapped = None
+        if wrap_from < h:
+            wrapped = (torch.arange(h, device=q.device) >= wrap_from).expand(b, h).reshape(r)
+        out = causal_picked_attention(
+            q.reshape(r, u, s, d), k.reshape(r, u, s, d), v.reshape(r, u, s, e),
+            rows(null_k.to(q.dtype)), rows(null_v.to(v.dtype)), picks, w,
+            scale=d**-0.5 if scale is None else scale, wrapped_rows=wrapped,
+        )  # fmt: skip
+        return out.reshape(b, h, n, e)
+    kb, vb, keep = _masked_buckets(k, v, mask, s)
     null_kb = null_k.to(kb.dtype)[None, :, None, :].expand(b, h, s, d).reshape(r, s * d)
     null_vb = null_v.to(vb.dtype)[None, :, None, :].expand(b, h, s, e).reshape(r, s * e)
     m = (p + 1) * s

@@ -1,0 +1,45 @@
+"""The position-wise two-layer MLP (``w2(act(w1(x) + b1)) + b2``) as a function.
+
+- :mod:`~longrange.ops.mlp.naive`: the plain composition of ``F.linear`` and the activation
+  (autograd keeps the inner activations, 2 x the inner width per position);
+- :mod:`~longrange.ops.mlp.chunked`: the same maths over chunks of positions, keeping only
+  the input for backward and recomputing each chunk's inner activations there. The inner
+  activations exist one chunk at a time (a few megabytes that the allocator reuses), so
+  memory per position is the input's width instead of twice the inner width, for one more
+  ``w1`` product in backward.
+
+:func:`mlp` picks: ``chunked`` for the activations it knows (:data:`CHUNKED_ACTIVATIONS`),
+``naive`` otherwise.
+
+Dimensions: N positions (all leading dimensions), D input width, F inner width, O output width.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from longrange.ops.mlp.chunked import CHUNKED_ACTIVATIONS, mlp_chunked
+from longrange.ops.mlp.naive import mlp_naive
+
+BACKENDS = ("auto", "chunked", "naive")
+
+__all__ = ["BACKENDS", "CHUNKED_ACTIVATIONS", "mlp", "mlp_chunked", "mlp_naive"]
+
+
+def mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    activation: str,
+    backend: str = "auto",
+) -> Tensor:
+    """x [..., D], w1 [F, D], b1 [F], w2 [O, F], b2 [O] -> [..., O]; ``activation`` one of
+    :data:`CHUNKED_ACTIVATIONS` (any name works with ``naive``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "naive" or (backend == "auto" and activation not in CHUNKED_ACTIVATIONS):
+        return mlp_naive(x, w1, b1, w2, b2, activation=activation)
+    return mlp_chunked(x, w1, b1, w2, b2, activation=activation)

@@ -1,0 +1,43 @@
+"""The MLP op: chunked (recomputing backward) == naive, forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrange.ops.mlp import mlp, mlp_chunked, mlp_naive
+from longrange.testing import assert_same_forward_backward
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("n, bias", [(37, True), (300, False)], ids=["odd-bias", "no-bias"])
+def test_chunked_matches_naive(activation, n, bias):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x, w1, w2 = rand(2, n, 8), rand(20, 8), rand(6, 20)
+    inputs = [x, w1, w2] + ([rand(20), rand(6)] if bias else [])
+
+    def args(x, w1, w2, b1=None, b2=None):
+        return x, w1, b1, w2, b2
+
+    def fast(*t):
+        return mlp_chunked(*args(*t), activation=activation, chunk_size=16)
+
+    def naive(*t):
+        return mlp_naive(*args(*t), activation=activation)
+
+    assert_same_forward_backward(fast, naive, inputs, rtol=1e-10)
+
+
+def test_auto_falls_back_to_naive_and_refuses_unknown_names():
+    x, w1, w2 = torch.randn(5, 4), torch.randn(6, 4), torch.randn(3, 6)
+    assert torch.allclose(mlp(x, w1, None, w2, None, activation="tanh"), torch.tanh(x @ w1.t()) @ w2.t())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mlp_naive(x, w1, None, w2, None, activation="swish")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mlp_chunked(x, w1, None, w2, None, activation="tanh")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mlp(x, w1, None, w2, None, activation="gelu", backend="fused")
