@@ -180,7 +180,8 @@ def test_training_step_compiles_without_graph_breaks(preset):
 
 
 def test_train_compile_flag_reaches_the_trainer():
-    from longrange.cli import _train_fields, build_parser
+    from longrange.cli import build_parser
+    from longrange.cli.train import _train_fields
     from longrange.train.config import RESUME_SAFE
 
     args = build_parser().parse_args(["train", "--compile"])

@@ -68,3 +68,22 @@ def test_chunk_passes_kwargs_and_validates():
         Chunk(0, fn)
     with pytest.raises(TypeError, match="chunks"):
         Chunk(2.0, fn)
+
+
+def test_lean_path_steps_aside_under_autocast():
+    """The lean layer's backward works in the weights' precision, so autocast (HF Trainer's
+    bf16) runs the plain layer; a bf16 step trains and matches the plain module's gradients."""
+    from longrange.modules.feedforward import lean_applies, lean_feed_forward
+
+    torch.manual_seed(0)
+    ff, norm = FeedForward(8, mult=2), nn.LayerNorm(8)
+    assert lean_applies(ff, norm)
+    x = torch.randn(2, 10, 8)
+    grads = []
+    for lean in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not lean_applies(ff, norm)
+            out = lean_feed_forward(ff, x, norm=norm) if lean and lean_applies(ff, norm) else ff(norm(x))
+        grads.append(torch.autograd.grad(out.float().sum(), list(ff.parameters())))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

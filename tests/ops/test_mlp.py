@@ -41,3 +41,20 @@ def test_auto_falls_back_to_naive_and_refuses_unknown_names():
         mlp_chunked(x, w1, None, w2, None, activation="tanh")
     with pytest.raises(ValueError, match="backend must be one of"):
         mlp(x, w1, None, w2, None, activation="gelu", backend="fused")
+
+
+def test_autocast_takes_the_plain_path_and_trains():
+    """Under autocast the op composes plain products (autocast picks their precision), so a
+    bf16 step runs and gives the naive op's gradients; the chunked function would meet bf16
+    activations with fp32 weights in its backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 8, generator=gen)
+    weights = [torch.randn(*s, generator=gen).requires_grad_() for s in ((20, 8), (20,), (6, 20), (6,))]
+    grads = []
+    for op in (mlp, mlp_naive):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = op(x, weights[0], weights[1], weights[2], weights[3], activation="gelu")
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(out.float().square().sum(), weights))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

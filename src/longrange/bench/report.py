@@ -179,6 +179,22 @@ def markdown_for_device(folder: Path) -> str:
 
         parts.append("Reference-named classes at the reference's defaults, forward + backward, same run:\n")
         parts.append(reference_defaults_markdown(defaults) + "\n")
+    knn = load_suite(folder, "knn")
+    if knn:
+        parts.append(
+            "Memorizing's kNN memory as it fills (reference defaults at the benchmark size, one "
+            "512-token chunk forward + backward; recall@k of the index against exact search):\n"
+        )
+        cols = [
+            ("fill", "memories", ","),
+            ("chunk_s", "chunk s", ".3f"),
+            ("relative_to_empty", "vs empty", ".2f"),
+            ("index", "index", ""),
+            ("recall_at_k", "recall@k", ".3f"),
+            ("reference_chunk_s", "reference s", ".3f"),
+            ("speedup", "speed-up", ".2f"),
+        ]
+        parts.append(_rows_markdown([r for r in knn["results"] if "error" not in r], cols) + "\n")
     gen = load_suite(folder, "generate")
     if gen:
         first = gen["results"][0] if gen["results"] else {}

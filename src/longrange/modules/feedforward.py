@@ -163,9 +163,12 @@ class Chunk(nn.Module):
 
 def lean_applies(ff: FeedForward, norm: nn.Module | None = None) -> bool:
     """Whether :func:`lean_feed_forward` computes ``ff`` (after ``norm``) exactly: a GELU
-    layer without active dropout, a LayerNorm (or no norm) in front, gradients wanted."""
+    layer without active dropout, a LayerNorm (or no norm) in front, gradients wanted, no
+    autocast (its backward would meet reduced-precision activations with full-precision
+    weights)."""
     return (
         torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(ff.w1.weight.device.type)
         and type(ff.act) is nn.GELU
         and (ff.dropout.p == 0 or not ff.training)
         and (norm is None or type(norm) is nn.LayerNorm)

@@ -16,6 +16,7 @@ Dimensions: N positions (all leading dimensions), D input width, F inner width, 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from longrange.ops.mlp.chunked import CHUNKED_ACTIVATIONS, mlp_chunked
@@ -40,6 +41,8 @@ def mlp(
     :data:`CHUNKED_ACTIVATIONS` (any name works with ``naive``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "naive" or (backend == "auto" and activation not in CHUNKED_ACTIVATIONS):
+    # under autocast the plain composition lets autocast pick each product's precision
+    plain = activation not in CHUNKED_ACTIVATIONS or torch.is_autocast_enabled(x.device.type)
+    if backend == "naive" or (backend == "auto" and plain):
         return mlp_naive(x, w1, b1, w2, b2, activation=activation)
     return mlp_chunked(x, w1, b1, w2, b2, activation=activation)
