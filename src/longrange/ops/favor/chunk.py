@@ -1,4 +1,5 @@
-"""Causal linear attention in chunks (DESIGN.md section 4), and its one-token decoding step.
+"""Causal linear attention in chunks (docs/CAUSALITY.md, "FAVOR+: chunked causal sums"), and
+its one-token decoding step.
 
 The sequence is cut into G chunks of C positions. Inside a chunk the kernel matrix is formed
 explicitly, (phi(Q) phi(K)^T o causal mask) [V, 1], a C x C product; across chunks each query
@@ -6,9 +7,10 @@ reads the running sums S = sum over earlier chunks of phi(k)^T [v, 1] ([M, E + 1
 last column being the normaliser z). Memory is O(N (M + E) + N C + (N / C) M E), never an
 (N, M, E) tensor; FLOPs O(N C (M + E) + N M E).
 
-Stabiliser (DESIGN.md section 3): key features arrive divided by exp(c_i), c the running maximum
-of the key log-features (``log_scale``, non-decreasing in i). A query at t weighs key i <= t by
-exp(c_i - c_t) <= 1, so every term it sees is relative to the stabiliser of its own prefix;
+Stabiliser (docs/CAUSALITY.md, "FAVOR+: the stabiliser"): key features arrive divided by
+exp(c_i), c the running maximum of the key log-features (``log_scale``, non-decreasing in
+i). A query at t weighs key i <= t by exp(c_i - c_t) <= 1, so every term it sees is relative
+to the stabiliser of its own prefix;
 the running sums are kept relative to the last chunk's stabiliser and rescaled by
 exp(c_old - c_new) <= 1 when it grows, as online softmax does. Nothing ever overflows, and the
 output at t is a function of positions <= t only, bit for bit.

@@ -10,8 +10,9 @@
   queries use their own max (it cancels between numerator and normaliser); keys use one c for
   every key a query sees. Non-causal: the max over all unmasked keys (the reference's choice).
   Causal: a running maximum over positions, returned as the keys' ``log_scale`` so that the
-  causal ops can rescale exp(c_i - c_t) <= 1 (DESIGN.md section 3); no epsilon is added to
-  causal features, so the result is exactly invariant to the stabiliser and to later keys.
+  causal ops can rescale exp(c_i - c_t) <= 1 (docs/CAUSALITY.md, "FAVOR+: the stabiliser");
+  no epsilon is added to causal features, so the result is exactly invariant to the stabiliser
+  and to later keys.
   Non-causal features may carry the reference's epsilon (``eps``, 1e-4 there) for parity.
 - :func:`generalized_features`: kernel_fn(x' W^T) + eps (default ReLU, eps 1e-3); without a
   projection kernel_fn(x') + eps. A function of each position alone, so no stabiliser.

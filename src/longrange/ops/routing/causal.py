@@ -1,5 +1,5 @@
 """Strictly causal routed attention in O(N * W): sort by (cluster, position), then blocked
-local attention in that order (DESIGN.md section 3).
+local attention in that order (docs/CAUSALITY.md, "Routing: a cluster per token").
 
 The reference routes causal attention like the non-causal one (each cluster takes its top-W
 tokens over the whole sequence), so whether a past token is routed, and which keys it meets,
