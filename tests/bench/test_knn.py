@@ -15,3 +15,22 @@ def test_a_point_fills_the_memory_times_a_chunk_and_measures_recall(monkeypatch)
 def test_bad_fills_are_refused():
     with pytest.raises(ValueError, match="fills"):
         knn.run_knn_suite([-1])
+
+
+def test_report_lists_the_fills_in_order(tmp_path):
+    """The README's kNN table reads fill by fill, smallest first, whatever order the JSON
+    holds; failed points are left out."""
+    import json
+
+    from longrange.bench.report import markdown_for_device
+
+    rows = [
+        {"family": "memorizing", "fill": 250000, "chunk_s": 0.3, "relative_to_empty": 3.0},
+        {"family": "memorizing", "fill": 0, "chunk_s": 0.1, "relative_to_empty": 1.0},
+        {"family": "memorizing", "fill": 32768, "chunk_s": 0.15, "relative_to_empty": 1.5},
+        {"family": "memorizing", "fill": 1000, "error": "ours: failed"},
+    ]
+    (tmp_path / "knn.json").write_text(json.dumps({"environment": {}, "results": rows, "suite": "knn"}))
+    table = markdown_for_device(tmp_path)
+    lines = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[0] for line in lines] == ["| 0", "| 32,768", "| 250,000"]

@@ -194,7 +194,8 @@ def markdown_for_device(folder: Path) -> str:
             ("reference_chunk_s", "reference s", ".3f"),
             ("speedup", "speed-up", ".2f"),
         ]
-        parts.append(_rows_markdown([r for r in knn["results"] if "error" not in r], cols) + "\n")
+        filled = sorted((r for r in knn["results"] if "error" not in r), key=lambda r: r["fill"])
+        parts.append(_rows_markdown(filled, cols) + "\n")
     gen = load_suite(folder, "generate")
     if gen:
         first = gen["results"][0] if gen["results"] else {}
