@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import shutil
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -176,8 +177,7 @@ def time_reference_point(
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    times.sort()
-    fwd_bwd = times[len(times) // 2]
+    fwd_bwd = statistics.median(times)  # of an even count: the mean of the middle two
     timed = _ChunkedMemorizing.chunk if fill is not None else length
     row = {
         "family": row_name(family, source),
