@@ -15,8 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from longrange.atomic import atomic_write_bytes, read_json
-from longrange.bench.report import series_styles
+from longrange.atomic import read_json
+from longrange.bench.report import series_styles, write_readme_block
 from longrange.models.registry import FAMILIES
 
 START, END = "<!-- bench-context:start -->", "<!-- bench-context:end -->"
@@ -345,16 +345,5 @@ def write_context_report(
             draw_context_plots(data, folder)
             sections.append(markdown_context(folder))
     body = "\n".join(sections) if sections else "_No context results recorded yet._\n"
-    readme = Path(readme)
-    text = readme.read_text() if readme.is_file() else ""
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    elif AFTER in text:
-        head, rest = text.split(AFTER, 1)
-        text = head + AFTER + "\n\n" + block + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_bytes(readme, text.encode("utf-8"))
+    write_readme_block(readme, START, END, body, after=AFTER)
     return body

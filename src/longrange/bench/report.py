@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longrange.atomic import atomic_write_bytes
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -246,13 +248,25 @@ def write_report(results_dir: str | Path = "benchmarks/results", readme: str | P
             plot_speed(speed, folder / "speed.png")
         sections.append(markdown_for_device(folder))
     body = "\n".join(sections) if sections else "_No results recorded yet._\n"
+    write_readme_block(readme, START, END, body)
+    return body
+
+
+def write_readme_block(
+    readme: str | Path, start: str, end: str, body: str, *, after: str | None = None
+) -> None:
+    """Put ``body`` between the ``start`` and ``end`` markers of ``readme`` (atomically):
+    in place of what they held, else right after the line ``after`` when it is there, else
+    at the end of the file."""
     readme = Path(readme)
     text = readme.read_text() if readme.is_file() else ""
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif after is not None and after in text:
+        head, rest = text.split(after, 1)
+        text = head + after + "\n\n" + block + rest
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(text)
-    return body
+    atomic_write_bytes(readme, text.encode("utf-8"))
