@@ -25,7 +25,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Regenerates the CPU results, plots and README tables (about an hour on 2 quiet cores; time
+# Regenerates the CPU results, plots and README tables (about 75 minutes on 2 quiet cores; time
 # nothing else meanwhile). The linear-cost families also run at 32K-128K (vanilla, quadratic,
 # stops at 16K); the speed pass times the reference packages beside their families at 4K and
 # 8K (the Performer reference needs 5 GB at 4K and fails at 8K) and every reference-named
