@@ -3,10 +3,7 @@ through past entries, per batch row; document starts (sos / eos) cut memory, XL 
 token shift; padding is neither attended nor stored; greedy decoding equals recompute with
 XL, shifts, token shift and the gated combine; the memory files are owned and removed."""
 
-import gc
-import glob
 import os
-import tempfile
 
 import pytest
 import torch
@@ -39,16 +36,7 @@ def _tokens(batch, n, seed=0):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _no_files_left_behind(tmp_path, monkeypatch):
-    # A temporary root of the test's own, so memories made by other processes on the machine
-    # cannot be mistaken for ones this test leaked.
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield
-    gc.collect()
-    assert not glob.glob(os.path.join(root, "longrange-knn-*")), "kNN memory files were left behind"
+pytestmark = pytest.mark.usefixtures("no_knn_files_left")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "bench"])

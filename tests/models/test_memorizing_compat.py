@@ -2,9 +2,6 @@
 calling convention and memory directory, and equals memorizing-transformers-pytorch after
 weight conversion (over several chunks; with XL memories on the first chunk)."""
 
-import gc
-import glob
-import os
 import tempfile
 
 import pytest
@@ -37,14 +34,7 @@ def _tokens(batch, n, seed=0):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _no_files_left_behind(tmp_path, monkeypatch):
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield
-    gc.collect()
-    assert not glob.glob(os.path.join(root, "longrange-knn-*")), "kNN memory files were left behind"
+pytestmark = pytest.mark.usefixtures("no_knn_files_left")
 
 
 def test_keywords_batch_size_and_pad_id():

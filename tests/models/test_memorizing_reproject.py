@@ -2,11 +2,6 @@
 weights equal stored keys/values while the weights stay, follow the weights when they change,
 and pass gradients into the projection as one long chunk does."""
 
-import gc
-import glob
-import os
-import tempfile
-
 import pytest
 import torch
 
@@ -37,14 +32,7 @@ def _tokens(batch, n, seed=0):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _no_files_left_behind(tmp_path, monkeypatch):
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    yield
-    gc.collect()
-    assert not glob.glob(os.path.join(root, "longrange-knn-*")), "kNN memory files were left behind"
+pytestmark = pytest.mark.usefixtures("no_knn_files_left")
 
 
 def _two_chunks(model, tokens, batch):
