@@ -47,6 +47,19 @@ LayerNumbers = Annotated[
 # The benchmark size every family's ``bench`` preset shares.
 BENCH_SIZE: dict[str, int] = {"dim": 256, "depth": 4, "heads": 4}
 
+# Attention recomputation (routing, sinkhorn): a config's ``recompute_attention`` field.
+# "auto" recomputes when a training call holds more than RECOMPUTE_POSITIONS positions
+# (batch x length), where the attention activations would dominate the memory.
+RECOMPUTE_POSITIONS = 16384
+RecomputeRule = Literal["auto", "always", "never"]
+
+
+def recomputes(rule: str, positions: int) -> bool:
+    """Whether a call of ``positions`` (batch x length) recomputes its attention under ``rule``."""
+    if rule == "auto":
+        return positions > RECOMPUTE_POSITIONS
+    return rule == "always"
+
 
 def check_known(
     names: Iterable[str],

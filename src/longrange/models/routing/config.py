@@ -18,7 +18,9 @@ from longrange.models.config import (
     NonNegativeInt,
     PositiveInt,
     Probability,
+    RecomputeRule,
     Rule,
+    recomputes,
 )
 
 # the feed-forward activations a config may name (the reference took an nn.Module class)
@@ -26,8 +28,6 @@ Activation = Literal["gelu", "relu", "silu", "tanh", "leaky_relu", "sigmoid"]
 NonNegativeFloat = Annotated[float, Rule("a number >= 0", lambda v, c: v >= 0)]
 UnitInterval = Annotated[float, Rule("a number in [0, 1]", lambda v, c: 0 <= v <= 1)]
 AtLeastTwo = Annotated[int, Rule("an integer >= 2", lambda v, c: v >= 2)]
-# "auto" recomputation starts above this many positions per call (see recompute_attention)
-RECOMPUTE_POSITIONS = 16384
 
 
 def _local_heads_ok(value: int | tuple[int, ...], config: RoutingConfig) -> bool:
@@ -90,10 +90,9 @@ class RoutingConfig(ModelConfig):
     # Recompute the causal routed attention in backward instead of keeping its blocked spans:
     # about a fifth less activation memory for about a tenth more time.
     checkpoint_routed_attention: bool = False
-    # Recompute every attention branch in backward, keeping only its input: "auto" does it
-    # when a call holds more than RECOMPUTE_POSITIONS positions (batch x length), where the
-    # attention activations would dominate the memory.
-    recompute_attention: Literal["auto", "always", "never"] = "auto"
+    # Recompute every attention branch in backward, keeping only its input (models.config:
+    # RECOMPUTE_POSITIONS, recomputes)
+    recompute_attention: RecomputeRule = "auto"
 
     def __post_init__(self) -> None:
         # the reference accepts a list of per-layer head counts
@@ -120,9 +119,7 @@ class RoutingConfig(ModelConfig):
 
     def recompute_for(self, positions: int) -> bool:
         """Whether a call of ``positions`` (batch x length) recomputes its attention branches."""
-        if self.recompute_attention == "auto":
-            return positions > RECOMPUTE_POSITIONS
-        return self.recompute_attention == "always"
+        return recomputes(self.recompute_attention, positions)
 
     @property
     def num_clusters(self) -> int:

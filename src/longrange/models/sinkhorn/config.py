@@ -14,10 +14,9 @@ from longrange.models.config import (
     PositiveFloat,
     PositiveInt,
     Probability,
+    RecomputeRule,
+    recomputes,
 )
-
-# "auto" recomputation starts above this many positions per call (see recompute_attention)
-RECOMPUTE_POSITIONS = 16384
 
 
 @dataclass(kw_only=True)
@@ -56,10 +55,9 @@ class SinkhornConfig(ModelConfig):
     return_embeddings: bool = False
     axial_shape: tuple[int, ...] | None = None
     attn_backend: Literal["auto", "naive"] = "auto"
-    # Recompute every attention branch in backward, keeping only its input: "auto" does it
-    # when a call holds more than RECOMPUTE_POSITIONS positions (batch x length), where the
-    # attention activations would dominate the memory.
-    recompute_attention: Literal["auto", "always", "never"] = "auto"
+    # Recompute every attention branch in backward, keeping only its input (models.config:
+    # RECOMPUTE_POSITIONS, recomputes)
+    recompute_attention: RecomputeRule = "auto"
 
     def check(self) -> None:
         # with its own head width, dim need not divide into the heads
@@ -84,9 +82,7 @@ class SinkhornConfig(ModelConfig):
 
     def recompute_for(self, positions: int) -> bool:
         """Whether a call of ``positions`` (batch x length) recomputes its attention branches."""
-        if self.recompute_attention == "auto":
-            return positions > RECOMPUTE_POSITIONS
-        return self.recompute_attention == "always"
+        return recomputes(self.recompute_attention, positions)
 
     @property
     def pad_multiple(self) -> int:
