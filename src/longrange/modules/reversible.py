@@ -157,6 +157,14 @@ class _Stack(nn.Module):
             routed.append((f_kw, g_kw))
         return routed
 
+    def set_f_recompute(self, on: bool) -> None:
+        """Set ``recompute`` on every block's ``f`` branch (a branch with that flag keeps only
+        its input for backward and runs again there); unchanged flags are not written, so a
+        compiled graph guarding on them is not invalidated."""
+        for block in self.blocks:
+            if block.f.recompute != on:
+                block.f.recompute = on
+
     def forward_cached(self, x: Tensor, layers: Sequence[dict], **kwargs) -> Tensor:
         """Decoding: the stack's maths on new positions x [B, n, D], block by block, each
         branch continuing from its cache (``layers[i]["attn"]`` for f, ``layers[i]["ff"]`` for

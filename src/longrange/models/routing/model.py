@@ -147,13 +147,6 @@ class RoutingBody(KmeansUpdates, nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return self.layers(x, **kwargs)
 
-    def set_recompute(self, on: bool) -> None:
-        """Whether the attention branches keep only their inputs for backward (and run
-        again there) in the next calls."""
-        for block in self.layers.blocks:
-            if block.f.recompute != on:
-                block.f.recompute = on
-
 
 class RoutingLM(LongRangeLM):
     """Routing Transformer language model: tokens [B, N] -> logits [B, N, V] (+ aux loss).
@@ -228,7 +221,7 @@ class RoutingLM(LongRangeLM):
     ) -> tuple[Tensor, Tensor]:
         """tokens [B, N] -> (logits [B, N, V] or embeddings, aux loss)."""
         self._check_context(context, "[B, M, dim]")
-        self.body.set_recompute(self.training and self.config.recompute_for(tokens.numel()))
+        self.body.layers.set_f_recompute(self.training and self.config.recompute_for(tokens.numel()))
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x, aux = self.routing_transformer(
             self._embed(tokens, 0),

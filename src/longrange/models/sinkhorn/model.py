@@ -143,13 +143,6 @@ class SinkhornBody(nn.Module):
         out, _ = self.layers(x, **kwargs)
         return out * 2 if self.config.reversible else out
 
-    def set_recompute(self, on: bool) -> None:
-        """Whether the attention branches keep only their inputs for backward (and run
-        again there) in the next calls."""
-        for block in self.layers.blocks:
-            if block.f.recompute != on:
-                block.f.recompute = on
-
     def forward_cached(self, x: Tensor, layers: list[dict], **kwargs) -> Tensor:
         """Decoding: :meth:`forward` on new positions, continuing from ``layers`` (the
         stack's cached walk; the same sum of streams when reversible)."""
@@ -222,7 +215,7 @@ class SinkhornLM(LongRangeLM):
     ) -> Tensor:
         """tokens [B, N] (any N <= max_seq_len) -> logits [B, N, V]; padding handled here."""
         n = tokens.shape[1]
-        self.body.set_recompute(self.training and self.config.recompute_for(tokens.numel()))
+        self.body.layers.set_f_recompute(self.training and self.config.recompute_for(tokens.numel()))
         pad = self._padded_length(n) - n
         if pad:
             tokens = F.pad(tokens, (0, pad))
