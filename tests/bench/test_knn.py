@@ -12,6 +12,18 @@ def test_a_point_fills_the_memory_times_a_chunk_and_measures_recall(monkeypatch)
     assert "recall@32 1.000 (exact)" in knn.format_knn_row(row)
 
 
+def test_the_reference_point_measures_its_own_index_recall(monkeypatch):
+    """The reference's recall is its index's answers against exact search over the entries
+    its memory file holds (the reference package is a dev extra: no skip when it is there)."""
+    pytest.importorskip("memorizing_transformers_pytorch")
+    monkeypatch.setattr(knn, "SIZE", {"num_tokens": 256, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16})
+    row = knn.reference_point(1024, repeats=1)
+    assert row["fill"] == 1024 and row["reference_chunk_s"] > 0
+    assert 0.0 < row["reference_recall_at_k"] <= 1.0
+    row = {**row, "k": 32, "chunk_s": 0.1}
+    assert f"reference recall@32 {row['reference_recall_at_k']:.3f}" in knn.format_knn_row(row)
+
+
 def test_bad_fills_are_refused():
     with pytest.raises(ValueError, match="fills"):
         knn.run_knn_suite([-1])

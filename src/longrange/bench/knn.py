@@ -14,7 +14,12 @@ then one 512-token chunk is timed, forward and backward (one warm-up, the median
   use (``exact`` or ``ivf`` with its cells and probed cells);
 - with ``--compare-reference``, memorizing-transformers-pytorch's ``MemorizingTransformer``
   with the same keywords, filled with the same text and timed the same way in a child process
-  (``reference_chunk_s``, ``speedup``: reference time over ours).
+  (``reference_chunk_s``, ``speedup``: reference time over ours), and the recall@k of the
+  reference's own index measured the same way (``reference_recall_at_k``). Read its times
+  with that recall: its index is an HNSW graph at faiss's default search depth, and it
+  empties the graph once it holds more than ``max_memories`` entries, so from the default
+  250,000 on it searches a nearly empty graph whose labels no longer name the slots of its
+  memory file.
 
 A full run fills 250,000 entries twice (ours, then the reference): minutes on a CPU.
 """
@@ -124,6 +129,7 @@ def reference_point(fill: int, repeats: int) -> dict[str, Any]:
         with torch.no_grad():
             for start in range(0, fill, CHUNK):
                 model(tokens[:, start : start + CHUNK], knn_memories=memories)
+        recall = _reference_recall(model, memories, tokens[:, fill : fill + CHUNK]) if fill else None
 
         def step(piece):
             model.zero_grad(set_to_none=True)
@@ -131,7 +137,34 @@ def reference_point(fill: int, repeats: int) -> dict[str, Any]:
             F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
 
         chunk_s = _timed_chunks(step, tokens, fill + CHUNK, repeats)
-    return {"fill": fill, "reference_chunk_s": chunk_s}
+    return {"fill": fill, "reference_chunk_s": chunk_s, "reference_recall_at_k": recall}
+
+
+def _reference_recall(model, memories, chunk: torch.Tensor) -> float:
+    """recall@k of the reference's own index (its first kNN memory, the one searched as ours
+    is) for the next chunk's queries, against exact search over the entries its memory file
+    holds. The reference's search returns the index's labels, read as slots of that file."""
+    from longrange.memory.knn.exact import exact_search
+
+    memory = memories[0]
+    captured: list[torch.Tensor] = []
+    search = memory.search
+
+    def recording(queries, topk, *args, **options):
+        captured.append(queries.detach().reshape(-1, queries.shape[-1]).float())
+        return search(queries, topk, *args, **options)
+
+    memory.search = recording
+    with torch.no_grad():
+        model(chunk, knn_memories=memories, add_knn_memory=False)
+    memory.search = search
+    queries = captured[0]
+    filled = int(min(memory.db_offsets[0], memory.max_memories))
+    keys = torch.from_numpy(np.ascontiguousarray(memory.db[0, :filled, 0])).float()
+    want, _ = exact_search(keys[None], np.array([filled]), queries[None], TOP_K)
+    got = memory.knns[0].search(queries.numpy(), TOP_K, increment_hits=False, increment_age=False)
+    hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want[0])]
+    return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
 
 
 def _in_child(which: str, fill: int, repeats: int) -> dict[str, Any]:
@@ -187,6 +220,8 @@ def format_knn_row(r: dict[str, Any]) -> str:
         parts.append(f"recall@{r['k']} {r['recall_at_k']:.3f} ({r['index']})")
     if r.get("speedup"):
         parts.append(f"reference {1000 * r['reference_chunk_s']:.0f} ms ({r['speedup']:.2f}x)")
+    if r.get("reference_recall_at_k") is not None:
+        parts.append(f"reference recall@{r['k']} {r['reference_recall_at_k']:.3f}")
     return ", ".join(parts)
 
 

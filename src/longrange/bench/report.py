@@ -195,6 +195,7 @@ def markdown_for_device(folder: Path) -> str:
             ("recall_at_k", "recall@k", ".3f"),
             ("reference_chunk_s", "reference s", ".3f"),
             ("speedup", "speed-up", ".2f"),
+            ("reference_recall_at_k", "reference recall@k", ".3f"),
         ]
         filled = sorted((r for r in knn["results"] if "error" not in r), key=lambda r: r["fill"])
         parts.append(_rows_markdown(filled, cols) + "\n")
