@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(BIN)/longrange bench speed --models $(LINEAR_FAMILIES) --lengths $(BENCH_LENGTHS),$(LONG_LENGTHS) \
 		--repeats 2 --compare-reference --reference-lengths 4096,8192
 	$(BIN)/longrange bench speed --models all --lengths 2048 --repeats 3 --compile
-	$(BIN)/longrange bench knn --lengths 0,32768,250000 --compare-reference
+	$(BIN)/longrange bench knn --lengths 0,32768,250000 --compare-reference --repeats 15
 	$(BIN)/longrange bench generate --models all --prompt-len 1024 --new-tokens 1024
 	$(BIN)/longrange bench recall --models all --steps 300
 	$(BIN)/longrange bench quality --models all --steps 300
