@@ -168,3 +168,32 @@ def assert_compiles_whole(loss_fn: Callable[..., Tensor], *args: Any) -> Tensor:
         raise AssertionError(f"torch.compile(fullgraph=True) failed: {str(err).splitlines()[0]}") from err
     loss.backward()
     return loss
+
+
+def assert_compiled_step_equals_eager(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., Tensor],
+    *args: Any,
+    rtol: float = 1e-5,
+    grad_rtol: float = 1e-4,
+) -> None:
+    """One training step of ``loss_fn(*args)`` (a scalar from ``model``), eager and under a
+    real ``torch.compile`` (inductor: generated code), gives the same loss and the same
+    gradient for every parameter of ``model``."""
+    import torch._dynamo
+
+    def step(fn: Callable[..., Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+        model.zero_grad(set_to_none=True)
+        loss = fn(*args)
+        loss.backward()
+        return loss.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    eager, eager_grads = step(loss_fn)
+    torch._dynamo.reset()
+    compiled, compiled_grads = step(torch.compile(loss_fn))
+    assert_close(compiled, eager, rtol, name="loss")
+    for i, (got, want) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
+        if (got is None) != (want is None):
+            raise AssertionError(f"parameter {i}: a gradient in one run only")
+        if want is not None:
+            assert_close(got, want, grad_rtol, name=f"grad of parameter {i}")

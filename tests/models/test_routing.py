@@ -14,7 +14,12 @@ from longrange.models.routing import ACTIVATIONS, RoutingConfig, RoutingLM, Rout
 from longrange.models.routing.config import Activation
 from longrange.models.state import State
 from longrange.ops.routing.kmeans import Kmeans
-from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+from longrange.testing import (
+    assert_causal,
+    assert_close,
+    assert_compiled_step_equals_eager,
+    assert_padding_ignored,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -352,16 +357,7 @@ def test_inductor_compiled_loss_and_gradients_equal_eager():
         out = model.forward_lm(tokens)
         return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens.flatten()) + out.aux_loss
 
-    results = []
-    for fn in (loss, torch.compile(loss)):
-        model.zero_grad(set_to_none=True)
-        value = fn(seq)
-        value.backward()
-        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (eager, eager_grads), (compiled, compiled_grads) = results
-    assert_close(compiled, eager, rtol=1e-5)
-    for a, b in zip(compiled_grads, eager_grads):
-        assert_close(a, b, rtol=1e-4)
+    assert_compiled_step_equals_eager(model, loss, seq)
 
 
 def test_recomputed_attention_gives_the_same_step_and_one_kmeans_update():

@@ -13,7 +13,12 @@ import torch
 from longrange.models.registry import create_model
 from longrange.models.sinkhorn import SinkhornConfig, SinkhornLM, SinkhornTransformerLM
 from longrange.models.state import State
-from longrange.testing import assert_causal, assert_close, assert_padding_ignored
+from longrange.testing import (
+    assert_causal,
+    assert_close,
+    assert_compiled_step_equals_eager,
+    assert_padding_ignored,
+)
 
 V = 40
 
@@ -280,16 +285,7 @@ def test_inductor_compiled_loss_and_gradients_equal_eager():
         logits = model.forward_lm(tokens).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
-    results = []
-    for fn in (loss, torch.compile(loss)):
-        model.zero_grad(set_to_none=True)
-        value = fn(seq)
-        value.backward()
-        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (eager, eager_grads), (compiled, compiled_grads) = results
-    assert_close(compiled, eager, rtol=1e-5)
-    for a, b in zip(compiled_grads, eager_grads):
-        assert_close(a, b, rtol=1e-4)
+    assert_compiled_step_equals_eager(model, loss, seq)
 
 
 def test_recomputed_attention_gives_the_same_step():
