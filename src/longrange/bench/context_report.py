@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.atomic import read_json
-from longrange.bench.report import series_styles, write_readme_block
+from longrange.bench.report import pyplot, save_figure, series_styles, write_readme_block
 from longrange.models.registry import FAMILIES
 
 START, END = "<!-- bench-context:start -->", "<!-- bench-context:end -->"
@@ -51,11 +51,7 @@ def draw_context_plots(data: dict[str, Any] | None, folder: Path) -> list[Path]:
     """Draw the position and compute plots that the JSON has rows for; return their paths."""
     if not data:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     position = _rows(data, "position")
     if position:
@@ -77,10 +73,8 @@ def draw_context_plots(data: dict[str, Any] | None, folder: Path) -> list[Path]:
         ax.set_title("validation loss by position (dotted: past the family's reach)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=9)
-        fig.tight_layout()
         path = Path(folder) / "context_position.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
     compute = [r for r in _rows(data, "compute") if r.get("train_curve")]
     if compute:
@@ -94,10 +88,8 @@ def draw_context_plots(data: dict[str, Any] | None, folder: Path) -> list[Path]:
         ax.set_title(f"equal compute at {compute[0].get('context')} bytes")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-        fig.tight_layout()
         path = Path(folder) / "context_compute.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
     return written
 

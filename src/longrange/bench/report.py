@@ -50,12 +50,25 @@ def series_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def plot_speed(data: dict[str, Any], path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay out, write (90 dpi) and close a figure; ``rect`` the area the layout may fill."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+
+
+def plot_speed(data: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     rows = [r for r in data["results"] if "fwd_bwd_s" in r]
     families = list(dict.fromkeys(r["family"] for r in rows))
     styles = series_styles(families)
@@ -87,9 +100,7 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
     fig.suptitle(data["environment"]["device"])
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(labels) / 6), 1, 1))  # room for the legend
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.05 + 0.045 * math.ceil(len(labels) / 6), 1, 1))  # room for the legend
 
 
 def _speed_markdown(data: dict[str, Any], cell=None) -> str:
