@@ -15,6 +15,9 @@ Per batch row:
   many keys per query at the same ``nprobe`` (recall@32 0.94 against 0.96, search time
   down by a third); at 32K the search costs about the same either way, by probe more than
   by key;
+- k-means runs 6 iterations over an evenly spread sample of 16 keys per cell: on the bench
+  model's keys at 250,000 entries and 2896 cells, recall@32 at 24 probes is 0.946 against
+  0.941 with 12 iterations over 32 keys per cell, and a training takes 1.2 s instead of 5.0;
 - the row is re-trained (new centroids, every alive entry re-added) when its fill has doubled
   since the last training (the cells would grow) and when the whole memory has been
   overwritten since (the keys drift as the model trains, the centroids would go stale);
@@ -60,14 +63,25 @@ META_FILE = "knn.index.auto.json"
 INDEX_FILE = "knn.index.row{row}.ivf"
 
 
-def train_centroids(keys: Tensor, cells: int, *, iterations: int = 12, seed: int = 0) -> Tensor:
+def nearest_cells(keys: Tensor, centroids: Tensor, *, block: int = 1024) -> Tensor:
+    """The cell of each key [F, D]: the centroid [C, D] with the largest inner product, as int64
+    [F]. Scored ``block`` keys at a time, so the scores never exceed a [block, C] tile (at
+    250,000 keys and 4,000 cells the whole [F, C] matrix would take 4 GB)."""
+    cells = torch.empty(keys.shape[0], dtype=torch.long)
+    by_column = centroids.T.contiguous()
+    for start in range(0, keys.shape[0], block):
+        torch.argmax(keys[start : start + block] @ by_column, dim=1, out=cells[start : start + block])
+    return cells
+
+
+def train_centroids(keys: Tensor, cells: int, *, iterations: int = 6, seed: int = 0) -> Tensor:
     """Spherical k-means: ``cells`` unit centroids [C, D] for unit keys [F, D] (each key goes to
     the centroid with the largest inner product; a centroid is its keys' normalised mean; an
     empty cell keeps its centroid)."""
     gen = torch.Generator().manual_seed(seed)
     centroids = keys[torch.randperm(keys.shape[0], generator=gen)[:cells]].clone()
     for _ in range(iterations):
-        assign = (keys @ centroids.T).argmax(dim=1)
+        assign = nearest_cells(keys, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, keys)
         norms = sums.norm(dim=1, keepdim=True)
         centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centroids)
@@ -85,7 +99,7 @@ class AdaptiveIndex(KNNIndex):
         exact_limit: int = 1024,
         cells_per_root: float = 8.0,
         nprobe: int = 24,
-        train_points: int = 32,
+        train_points: int = 16,
         threads: int = 1,
     ) -> None:
         super().__init__(store)
@@ -146,7 +160,7 @@ class AdaptiveIndex(KNNIndex):
     def _add(self, row: int, ids: np.ndarray, keys: Tensor) -> None:
         if not len(ids):
             return
-        cells = (keys @ self.centroids[row].T).argmax(dim=1).numpy().astype(np.int64)
+        cells = nearest_cells(keys, self.centroids[row]).numpy()
         x = np.ascontiguousarray(keys.numpy(), dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.indexes[row].add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(cells))
