@@ -3,12 +3,13 @@ import pytest
 from longrange.bench import knn
 
 
-def test_a_point_fills_the_memory_times_a_chunk_and_measures_recall(monkeypatch):
+def test_the_points_fill_a_memory_each_time_chunks_in_turn_and_measure_recall(monkeypatch):
     monkeypatch.setattr(knn, "SIZE", {"num_tokens": 256, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16})
-    row = knn.ours_point(512, repeats=1)
+    empty, row = knn.ours_points([0, 512], repeats=2)
+    assert empty["fill"] == 0 and empty["recall_at_k"] is None and empty["relative_to_empty"] == 1.0
     # below the exact limit the index is the exact search: every neighbour is found
     assert row["fill"] == 512 and row["index"] == "exact" and row["recall_at_k"] == 1.0
-    assert row["chunk_s"] > 0
+    assert row["chunk_s"] > 0 and row["relative_to_empty"] > 0
     assert "recall@32 1.000 (exact)" in knn.format_knn_row(row)
 
 
@@ -27,6 +28,27 @@ def test_the_reference_point_measures_its_own_index_recall(monkeypatch):
 def test_bad_fills_are_refused():
     with pytest.raises(ValueError, match="fills"):
         knn.run_knn_suite([-1])
+
+
+def test_the_suite_times_every_point_of_ours_before_any_of_the_reference(monkeypatch, tmp_path):
+    """The reference's memory-file write-back must not land in our timed chunks: all of ours
+    run first, in one child; the speed-ups come from the points they name."""
+    calls = []
+
+    def child(which, fills, repeats):
+        calls.append((which, fills))
+        if which == "ours":
+            return [
+                {"fill": f, "chunk_s": 0.1 * (1 + f / 1000), "relative_to_empty": 1 + f / 1000} for f in fills
+            ]
+        return [{"fill": fills[0], "reference_chunk_s": 0.4}]
+
+    monkeypatch.setattr(knn, "_in_child", child)
+    monkeypatch.setattr("longrange.bench.reference.reference_available", lambda family: True)
+    rows = knn.run_knn_suite([1000, 0], repeats=1, compare_reference=True, out_dir=str(tmp_path))
+    assert calls == [("ours", [0, 1000]), ("reference", [0]), ("reference", [1000])]
+    assert [r["fill"] for r in rows] == [0, 1000]
+    assert [r["speedup"] for r in rows] == pytest.approx([4.0, 2.0])
 
 
 def test_report_lists_the_fills_in_order(tmp_path):

@@ -14,8 +14,9 @@ then one 512-token chunk is timed, forward and backward (one warm-up, the median
   use (``exact`` or ``ivf`` with its cells and probed cells);
 - with ``--compare-reference``, memorizing-transformers-pytorch's ``MemorizingTransformer``
   with the same keywords, filled with the same text and timed the same way in a child process
-  (``reference_chunk_s``, ``speedup``: reference time over ours), and the recall@k of the
-  reference's own index measured the same way (``reference_recall_at_k``). Read its times
+  once all of ours are done (``reference_chunk_s``, ``speedup``: reference time over ours),
+  and the recall@k of the reference's own index measured the same way
+  (``reference_recall_at_k``). Read its times
   with that recall: its index is an HNSW graph at faiss's default search depth, and it
   empties the graph once it holds more than ``max_memories`` entries, so from the default
   250,000 on it searches a nearly empty graph whose labels no longer name the slots of its
@@ -26,7 +27,9 @@ A full run fills 250,000 entries twice (ours, then the reference): minutes on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,42 +82,61 @@ def _recall(memory, queries: torch.Tensor) -> float:
     return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
 
 
-def ours_point(fill: int, repeats: int) -> dict[str, Any]:
+def _fill_ours(model, memories, tokens: torch.Tensor, fill: int) -> dict[str, Any]:
+    """Fill ``memories`` with the first ``fill`` tokens (no gradients); measure the recall of
+    the next chunk's queries (searched without adding the chunk) and name the index."""
+    with torch.no_grad():
+        for start in range(0, fill, CHUNK):
+            model(tokens[:, start : start + CHUNK], memories)
+    memory = memories[0]
+    captured: list[torch.Tensor] = []
+    lookup = memory.lookup
+
+    def recording(queries, k, **options):
+        captured.append(queries.detach().reshape(-1, queries.shape[-1]))
+        return lookup(queries, k, **options)
+
+    memory.lookup = recording
+    with torch.no_grad():
+        model(tokens[:, fill : fill + CHUNK], memories, add_knn_memory=False)
+    memory.lookup = lookup
+    recall = _recall(memory, captured[0]) if captured and fill else None
+    index = memory.index
+    kind = "exact"
+    ivf = getattr(index, "indexes", [None])[0]
+    if ivf is not None and hasattr(ivf, "nlist"):
+        kind = f"ivf {ivf.nlist} cells, {min(index.nprobe, ivf.nlist)} probed"
+    return {"fill": fill, "recall_at_k": recall, "k": TOP_K, "index": kind}
+
+
+def ours_points(fills: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Every fill in one process, a memory each, their timed chunks taken in turn (one chunk
+    of every fill per round, after a warm-up round), so that the machine's drift reaches all
+    fills alike. ``relative_to_empty`` (when fill 0 is among them) is the median over rounds
+    of a fill's chunk time over fill 0's in the same round."""
     from longrange.models.memorizing.compat import MemorizingTransformer
 
     torch.manual_seed(0)
     model = MemorizingTransformer(**SIZE).train()
-    tokens = corpus_tokens(fill + (repeats + 3) * CHUNK + 1)
-    with model.knn_memories_context(batch_size=1) as memories:
-        with torch.no_grad():
-            for start in range(0, fill, CHUNK):
-                model(tokens[:, start : start + CHUNK], memories)
-        memory = memories[0]
-        captured: list[torch.Tensor] = []
-        lookup = memory.lookup
-
-        def recording(queries, k, **options):
-            captured.append(queries.detach().reshape(-1, queries.shape[-1]))
-            return lookup(queries, k, **options)
-
-        memory.lookup = recording
-        with torch.no_grad():  # the next chunk's queries, searched without adding the chunk
-            model(tokens[:, fill : fill + CHUNK], memories, add_knn_memory=False)
-        memory.lookup = lookup
-        recall = _recall(memory, captured[0]) if captured and fill else None
-        index = memory.index
-        kind = "exact"
-        ivf = getattr(index, "indexes", [None])[0]
-        if ivf is not None and hasattr(ivf, "nlist"):
-            kind = f"ivf {ivf.nlist} cells, {min(index.nprobe, ivf.nlist)} probed"
-
-        def step(piece):
-            model.zero_grad(set_to_none=True)
-            logits = model(piece[:, :-1], memories)
-            F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
-
-        chunk_s = _timed_chunks(step, tokens, fill + CHUNK, repeats)
-    return {"fill": fill, "chunk_s": chunk_s, "recall_at_k": recall, "k": TOP_K, "index": kind}
+    tokens = corpus_tokens(max(fills) + (repeats + 3) * CHUNK + 1)
+    rows, times = [], [[] for _ in fills]
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(model.knn_memories_context(batch_size=1)) for _ in fills]
+        rows = [_fill_ours(model, memories, tokens, fill) for fill, memories in zip(fills, held)]
+        for r in range(repeats + 1):
+            for i, (fill, memories) in enumerate(zip(fills, held)):
+                piece = tokens[:, fill + (r + 1) * CHUNK : fill + (r + 2) * CHUNK + 1]
+                begin = time.perf_counter()
+                model.zero_grad(set_to_none=True)
+                logits = model(piece[:, :-1], memories)
+                F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+                if r:  # the first round is the warm-up
+                    times[i].append(time.perf_counter() - begin)
+    for row, t in zip(rows, times):
+        row["chunk_s"] = statistics.median(t)
+        if fills[0] == 0:
+            row["relative_to_empty"] = statistics.median(a / b for a, b in zip(t, times[0]))
+    return rows
 
 
 def reference_point(fill: int, repeats: int) -> dict[str, Any]:
@@ -167,14 +189,20 @@ def _reference_recall(model, memories, chunk: torch.Tensor) -> float:
     return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
 
 
-def _in_child(which: str, fill: int, repeats: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "longrange.bench.knn", which, str(fill), str(repeats)]
+def _in_child(which: str, fills: list[int], repeats: int) -> list[dict[str, Any]]:
+    """``ours_points`` (all fills in one child) or ``reference_point`` (one fill per child);
+    a row with ``error`` for each fill when the child fails."""
+    # Both sides keep their memory in files; flush what an earlier child left dirty, so that
+    # its write-back does not run during this child's timed chunks.
+    os.sync()
+    cmd = [sys.executable, "-m", "longrange.bench.knn", which, ",".join(map(str, fills)), str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        got = json.loads(lines[-1])
+        return got if isinstance(got, list) else [got]
     reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return {"fill": fill, "error": f"{which}: {reason[:200]}"}
+    return [{"fill": fill, "error": f"{which}: {reason[:200]}"} for fill in fills]
 
 
 def run_knn_suite(
@@ -190,20 +218,19 @@ def run_knn_suite(
     fills = sorted(set(fills or DEFAULT_FILLS))
     if any(f < 0 for f in fills) or repeats < 1:
         raise ValueError(f"fills must be >= 0 and repeats >= 1, got {fills} and {repeats}")
-    rows, empty = [], None
-    for fill in fills:
-        row = {"family": "memorizing", **_in_child("ours", fill, repeats)}
-        if compare_reference and reference_available("memorizing"):
-            ref = _in_child("reference", fill, repeats)
-            row.update({k: v for k, v in ref.items() if k != "fill"})
-        if fill == 0 and "chunk_s" in row:
-            empty = row["chunk_s"]
-        if empty and "chunk_s" in row:
-            row["relative_to_empty"] = row["chunk_s"] / empty
-        if "chunk_s" in row and "reference_chunk_s" in row:
-            row["speedup"] = row["reference_chunk_s"] / row["chunk_s"]
-        rows.append(row)
+    # All of ours in one child, then the reference's, a child per fill (each row printed again
+    # with it): the reference flushes its memory file on every add, and the write-back of its
+    # 250,000-entry files outlasts its own process.
+    rows = [{"family": "memorizing", **row} for row in _in_child("ours", fills, repeats)]
+    for row in rows:
         print(format_knn_row(row), flush=True)
+    if compare_reference and reference_available("memorizing"):
+        for row in rows:
+            ref = _in_child("reference", [row["fill"]], repeats)[0]
+            row.update({k: v for k, v in ref.items() if k != "fill"})
+            if "chunk_s" in row and "reference_chunk_s" in row:
+                row["speedup"] = row["reference_chunk_s"] / row["chunk_s"]
+            print(format_knn_row(row), flush=True)
     path = results_path(out_dir, "cpu", "knn")
     merge_results(path, environment("cpu"), rows, keys=("family", "fill"))
     print(f"written: {path}")
@@ -226,6 +253,9 @@ def format_knn_row(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    # Worker for _in_child: ours|reference FILL REPEATS
-    point = ours_point if sys.argv[1] == "ours" else reference_point
-    print(json.dumps(point(int(sys.argv[2]), int(sys.argv[3]))))
+    # Worker for _in_child: ours FILLS REPEATS | reference FILL REPEATS
+    fills_arg, repeats_arg = [int(f) for f in sys.argv[2].split(",")], int(sys.argv[3])
+    if sys.argv[1] == "ours":
+        print(json.dumps(ours_points(fills_arg, repeats_arg)))
+    else:
+        print(json.dumps(reference_point(fills_arg[0], repeats_arg)))

@@ -196,7 +196,9 @@ def markdown_for_device(folder: Path) -> str:
     if knn:
         parts.append(
             "Memorizing's kNN memory as it fills (reference defaults at the benchmark size, one "
-            "512-token chunk forward + backward; recall@k of the index against exact search):\n"
+            "512-token chunk forward + backward; every fill in one process, a chunk of each in "
+            "turn, vs empty the median of the same round's ratios; recall@k of the index against "
+            "exact search):\n"
         )
         cols = [
             ("fill", "memories", ","),
