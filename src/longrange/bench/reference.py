@@ -163,45 +163,71 @@ def time_reference_point(
     family: str, length: int, *, repeats: int, source: str = "reference", fill: int | None = None
 ) -> dict[str, Any]:
     """Median forward+backward time of :func:`build`'s model after one warm-up step."""
+    return time_in_turn(family, length, repeats=repeats, sources=(source,), fill=fill)[0]
+
+
+def time_in_turn(
+    family: str, length: int, *, repeats: int, sources: tuple[str, ...], fill: int | None = None
+) -> list[dict[str, Any]]:
+    """:func:`time_reference_point` for each of ``sources`` in one process: a warm-up step of
+    each, then ``repeats`` rounds that time one step of each in turn, so that the machine's
+    drift reaches them alike. Every row after the first also carries ``paired_speedup``: the
+    median over rounds of its step time over the first source's in the same round."""
     torch.manual_seed(0)
-    model = build(family, length, source, fill=fill).train()
+    models = [build(family, length, source, fill=fill).train() for source in sources]
     tokens = torch.randint(0, 256, (1, length + 1))
 
-    def step():
+    def step(model):
         model.zero_grad(set_to_none=True)
         reference_step(model, tokens)
 
-    step()
-    times = []
+    for model in models:
+        step(model)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    fwd_bwd = statistics.median(times)  # of an even count: the mean of the middle two
+        for model, spent in zip(models, times):
+            start = time.perf_counter()
+            step(model)
+            spent.append(time.perf_counter() - start)
     timed = _ChunkedMemorizing.chunk if fill is not None else length
-    row = {
-        "family": row_name(family, source),
-        "package": CLASSES[family][0] if source == "reference" else "longrange",
-        "length": length,
-        "batch_size": 1,
-        "params": sum(p.numel() for p in model.parameters()),
-        "fwd_bwd_s": fwd_bwd,
-        "fwd_s": None,
-        "tokens_per_s": timed / fwd_bwd,
-    }
-    if fill is not None:
-        row["filled"] = fill
-    return row
+    rows = []
+    for source, model, spent in zip(sources, models, times):
+        fwd_bwd = statistics.median(spent)  # of an even count: the mean of the middle two
+        row = {
+            "family": row_name(family, source),
+            "package": CLASSES[family][0] if source == "reference" else "longrange",
+            "length": length,
+            "batch_size": 1,
+            "params": sum(p.numel() for p in model.parameters()),
+            "fwd_bwd_s": fwd_bwd,
+            "fwd_s": None,
+            "tokens_per_s": timed / fwd_bwd,
+        }
+        if fill is not None:
+            row["filled"] = fill
+        if rows:
+            row["paired_speedup"] = statistics.median(a / b for a, b in zip(spent, times[0]))
+        rows.append(row)
+    return rows
 
 
 def compare_at_defaults(
-    family: str, lengths: list[int], reference_rows: list[dict[str, Any]], *, repeats: int, timer
+    family: str,
+    lengths: list[int],
+    reference_rows: list[dict[str, Any]],
+    *,
+    repeats: int,
+    timer,
+    timer_in_turn=None,
 ) -> list[dict[str, Any]]:
     """The reference-defaults pairs of ``family``: at every length, longrange's class against
     the reference package (its row from ``reference_rows``) and, for the Performer, against
     the same model with exact SDPA attention; memorizing once, per chunk after
     :data:`MEMORY_FILL` tokens filled both models' memories. ``timer(family, length, repeats,
-    source, fill)`` times one model (in a fresh process)."""
+    source, fill)`` times one model (in a fresh process); ``timer_in_turn(family, length,
+    repeats, sources)``, when given, times the Performer and its exact twin in one process,
+    step for step in turn (:func:`time_in_turn`), and the exact pair's speed-up is then the
+    median of the rounds' ratios."""
     _, name, _, setting = CLASSES[family]
     if family == "memorizing":
         chunk = _ChunkedMemorizing.chunk
@@ -212,10 +238,14 @@ def compare_at_defaults(
     by_length = {r["length"]: r for r in reference_rows}
     pairs = []
     for length in lengths:
-        ours = timer(family, length, repeats, "longrange")
+        exact = None
+        if family == "performer" and timer_in_turn is not None:
+            ours, exact = timer_in_turn(family, length, repeats, ("longrange", "exact"))
+        else:
+            ours = timer(family, length, repeats, "longrange")
         pairs.append(_pair(family, name, setting, ours, by_length.get(length), "reference package"))
         if family == "performer":
-            exact = timer(family, length, repeats, "exact")
+            exact = exact or timer(family, length, repeats, "exact")
             pairs.append(_pair(family, name, setting, ours, exact, "exact SDPA attention"))
     return pairs
 
@@ -236,7 +266,7 @@ def _pair(family, name, setting, ours, other, against) -> dict[str, Any]:
         if found is not None and "error" in found:
             row[f"{side}_error"] = found["error"]
     if row["longrange_s"] and row["other_s"]:
-        row["speedup"] = row["other_s"] / row["longrange_s"]
+        row["speedup"] = (other or {}).get("paired_speedup") or row["other_s"] / row["longrange_s"]
     return row
 
 

@@ -254,7 +254,12 @@ def _reference_rows(
         out.append(_stamp(row))
         print(format_table([row]).splitlines()[-1], flush=True)
     pairs = compare_at_defaults(
-        family, lengths, out, repeats=repeats, timer=_reference_point_in_fresh_process
+        family,
+        lengths,
+        out,
+        repeats=repeats,
+        timer=_reference_point_in_fresh_process,
+        timer_in_turn=_in_turn_in_fresh_process,
     )
     return out, [_stamp(p) for p in pairs]
 
@@ -389,8 +394,40 @@ def _reference_point_in_fresh_process(
     return {"family": row_name(family, source), "length": length, "batch_size": 1, "error": reason[:200]}
 
 
+def _in_turn_in_fresh_process(
+    family: str, length: int, repeats: int, sources: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """:func:`~longrange.bench.reference.time_in_turn` in a child process (longrange's own
+    models only: the reference packages keep a process each); a row with ``error`` per source
+    when it fails."""
+    from longrange.bench.reference import row_name
+
+    cmd = [sys.executable, "-m", "longrange.bench.speed", "--in-turn", family, str(length), str(repeats)]
+    proc = subprocess.run([*cmd, *sources], capture_output=True, text=True, preexec_fn=cap_address_space)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (
+        f"killed by signal {-proc.returncode} (out of memory?)"
+        if proc.returncode < 0
+        else (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    )
+    return [
+        {"family": row_name(family, s), "length": length, "batch_size": 1, "error": reason[:200]}
+        for s in sources
+    ]
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--reference":
+    if sys.argv[1] == "--in-turn":
+        # Worker for _in_turn_in_fresh_process: --in-turn family length repeats source...
+        from longrange.bench.reference import time_in_turn
+
+        rows = time_in_turn(
+            sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]), sources=tuple(sys.argv[5:])
+        )
+        print(json.dumps(rows))
+    elif sys.argv[1] == "--reference":
         # Worker for _reference_point_in_fresh_process: --reference family length repeats source fill
         from longrange.bench.reference import time_reference_point
 
