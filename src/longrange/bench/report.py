@@ -190,7 +190,11 @@ def markdown_for_device(folder: Path) -> str:
     if defaults:
         from longrange.bench.reference import reference_defaults_markdown
 
-        parts.append("Reference-named classes at the reference's defaults, forward + backward, same run:\n")
+        parts.append(
+            "Reference-named classes at the reference's defaults, forward + backward, same run "
+            "(the Performer and its exact-attention twin in one process, a step of each in turn; "
+            "that speed-up is the median of the rounds' ratios):\n"
+        )
         parts.append(reference_defaults_markdown(defaults) + "\n")
     knn = load_suite(folder, "knn")
     if knn:
