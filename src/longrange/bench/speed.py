@@ -378,32 +378,27 @@ def _reference_point_in_fresh_process(
     """Time a model of ``bench/reference.py`` in a child process: some reference packages
     build tensors that outgrow the machine (the Performer reference's causal path at 8K) and
     are killed by the kernel, which must not take the benchmark run with them."""
-    from longrange.bench.reference import row_name
-
-    cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
-    cmd += [source, str(fill or 0)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap_address_space)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (
-        f"killed by signal {-proc.returncode} (out of memory?)"
-        if proc.returncode < 0
-        else (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    )
-    return {"family": row_name(family, source), "length": length, "batch_size": 1, "error": reason[:200]}
+    return _in_child(family, length, repeats, (source,), fill)[0]
 
 
 def _in_turn_in_fresh_process(
     family: str, length: int, repeats: int, sources: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """:func:`~longrange.bench.reference.time_in_turn` in a child process (longrange's own
-    models only: the reference packages keep a process each); a row with ``error`` per source
-    when it fails."""
+    models only: the reference packages keep a process each)."""
+    return _in_child(family, length, repeats, sources, None)
+
+
+def _in_child(
+    family: str, length: int, repeats: int, sources: tuple[str, ...], fill: int | None
+) -> list[dict[str, Any]]:
+    """The rows of ``time_in_turn`` from a child process; a row with ``error`` per source when
+    the child fails."""
     from longrange.bench.reference import row_name
 
-    cmd = [sys.executable, "-m", "longrange.bench.speed", "--in-turn", family, str(length), str(repeats)]
-    proc = subprocess.run([*cmd, *sources], capture_output=True, text=True, preexec_fn=cap_address_space)
+    cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
+    cmd += [str(fill or 0), *sources]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap_address_space)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -419,23 +414,12 @@ def _in_turn_in_fresh_process(
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--in-turn":
-        # Worker for _in_turn_in_fresh_process: --in-turn family length repeats source...
+    if sys.argv[1] == "--reference":
+        # Worker for _in_child: --reference family length repeats fill source...
         from longrange.bench.reference import time_in_turn
 
-        rows = time_in_turn(
-            sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]), sources=tuple(sys.argv[5:])
-        )
-        print(json.dumps(rows))
-    elif sys.argv[1] == "--reference":
-        # Worker for _reference_point_in_fresh_process: --reference family length repeats source fill
-        from longrange.bench.reference import time_reference_point
-
-        fill = int(sys.argv[6]) or None
-        row = time_reference_point(
-            sys.argv[2], int(sys.argv[3]), repeats=int(sys.argv[4]), source=sys.argv[5], fill=fill
-        )
-        print(json.dumps(row))
+        fam, n, reps, fill = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) or None
+        print(json.dumps(time_in_turn(fam, n, repeats=reps, sources=tuple(sys.argv[6:]), fill=fill)))
     else:
         # Worker for memory_in_fresh_process: family length device batch_size
         fam, n, dev, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
