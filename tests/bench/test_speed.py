@@ -107,28 +107,41 @@ def test_exact_performer_is_the_same_model_with_softmax_attention():
         build("performer", 64, "ours")
 
 
-def test_the_performer_and_its_exact_twin_are_timed_in_turn():
-    """One process, a step of each per round: the exact pair's speed-up is the median of the
-    rounds' ratios, and the twin is not timed again on its own."""
+def test_each_class_and_its_comparison_are_timed_in_turn():
+    """One process, a step of each per round: a pair's speed-up is the median of the rounds'
+    ratios (the Performer against its exact twin, the others against their reference), and
+    neither is timed again on its own; where that child fails, each is timed alone."""
     from longrange.bench.reference import compare_at_defaults, time_in_turn
 
     ours, exact = time_in_turn("performer", 64, repeats=3, sources=("longrange", "exact"))
     assert ours["family"] == "performer (reference defaults)" and "paired_speedup" not in ours
     assert exact["family"] == "performer (exact SDPA)" and exact["paired_speedup"] > 0
-    alone = []
+    alone, in_turn = [], []
 
     def timer(family, length, repeats, source="reference", fill=None):
-        alone.append(source)
+        alone.append((source, fill))
         return {"length": length, "fwd_bwd_s": 1.0}
 
-    def in_turn(family, length, repeats, sources):
+    def timer_in_turn(family, length, repeats, sources, fill=None):
+        in_turn.append((family, sources, fill))
+        if family == "routing":
+            return [{"length": length, "error": "killed"}, {"length": length, "error": "killed"}]
         return [{"length": length, "fwd_bwd_s": 1.0}, {"fwd_bwd_s": 2.0, "paired_speedup": 2.5}]
 
-    pairs = compare_at_defaults("performer", [64], [], repeats=1, timer=timer, timer_in_turn=in_turn)
-    assert alone == [] and [p["against"] for p in pairs] == ["reference package", "exact SDPA attention"]
-    assert pairs[1]["speedup"] == 2.5 and pairs[1]["other_s"] == 2.0
-    pairs = compare_at_defaults("performer", [64], [], repeats=1, timer=timer)
-    assert alone == ["longrange", "exact"] and pairs[1]["speedup"] == 1.0
+    table = [{"length": 64, "fwd_bwd_s": 3.0}]
+    pairs = compare_at_defaults("performer", [64], table, repeats=1, timer=timer, timer_in_turn=timer_in_turn)
+    assert [(p["against"], p["speedup"]) for p in pairs] == [
+        ("reference package", 3.0),
+        ("exact SDPA attention", 2.5),
+    ]
+    pairs = compare_at_defaults("memorizing", [64], [], repeats=1, timer=timer, timer_in_turn=timer_in_turn)
+    assert pairs[0]["speedup"] == 2.5 and pairs[0]["against"] == "reference package"
+    assert alone == [] and in_turn == [
+        ("performer", ("longrange", "exact"), None),
+        ("memorizing", ("longrange", "reference"), 32768),
+    ]
+    pairs = compare_at_defaults("routing", [64], table, repeats=1, timer=timer, timer_in_turn=timer_in_turn)
+    assert alone == [("longrange", None)] and pairs[0]["speedup"] == 3.0
 
 
 def test_memorizing_per_chunk_with_filled_memories():

@@ -192,8 +192,8 @@ def markdown_for_device(folder: Path) -> str:
 
         parts.append(
             "Reference-named classes at the reference's defaults, forward + backward, same run "
-            "(the Performer and its exact-attention twin in one process, a step of each in turn; "
-            "that speed-up is the median of the rounds' ratios):\n"
+            "(each class and its comparison in one process, a step of each in turn, the speed-up "
+            "the median of the rounds' ratios; the Performer reference's own row is timed alone):\n"
         )
         parts.append(reference_defaults_markdown(defaults) + "\n")
     knn = load_suite(folder, "knn")

@@ -382,11 +382,10 @@ def _reference_point_in_fresh_process(
 
 
 def _in_turn_in_fresh_process(
-    family: str, length: int, repeats: int, sources: tuple[str, ...]
+    family: str, length: int, repeats: int, sources: tuple[str, ...], fill: int | None = None
 ) -> list[dict[str, Any]]:
-    """:func:`~longrange.bench.reference.time_in_turn` in a child process (longrange's own
-    models only: the reference packages keep a process each)."""
-    return _in_child(family, length, repeats, sources, None)
+    """:func:`~longrange.bench.reference.time_in_turn` in a child process."""
+    return _in_child(family, length, repeats, sources, fill)
 
 
 def _in_child(
