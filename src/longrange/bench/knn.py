@@ -58,15 +58,44 @@ def corpus_tokens(count: int) -> torch.Tensor:
     return torch.from_numpy(np.tile(stream, reps)[:count].astype(np.int64))[None]
 
 
-def _timed_chunks(step, tokens: torch.Tensor, start: int, repeats: int) -> float:
-    times = []
+def _chunk_times(steps, tokens: torch.Tensor, starts: list[int], repeats: int) -> list[list[float]]:
+    """For each step (a training step on a chunk [1, CHUNK + 1]), the times of ``repeats``
+    chunks read from its start on: the steps take turns, a chunk each per round, after a
+    warm-up round, so that the machine's drift reaches them alike."""
+    times: list[list[float]] = [[] for _ in steps]
     for r in range(repeats + 1):
-        piece = tokens[:, start + r * CHUNK : start + (r + 1) * CHUNK + 1]
-        begin = time.perf_counter()
-        step(piece)
-        if r:  # the first is the warm-up
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+        for step, start, spent in zip(steps, starts, times):
+            piece = tokens[:, start + r * CHUNK : start + (r + 1) * CHUNK + 1]
+            begin = time.perf_counter()
+            step(piece)
+            if r:  # the first round is the warm-up
+                spent.append(time.perf_counter() - begin)
+    return times
+
+
+def _first_queries(memory, method: str, run) -> torch.Tensor | None:
+    """The queries [Q, D] of the first call of ``memory.<method>`` while ``run()`` runs (the
+    call itself goes through), or None when it is not called."""
+    captured: list[torch.Tensor] = []
+    original = getattr(memory, method)
+
+    def recording(queries, *args, **options):
+        captured.append(queries.detach().reshape(-1, queries.shape[-1]))
+        return original(queries, *args, **options)
+
+    setattr(memory, method, recording)
+    try:
+        run()
+    finally:
+        setattr(memory, method, original)
+    return captured[0] if captured else None
+
+
+def _hit_rate(got, want) -> float:
+    """Of the slots exact search found (rows of ``want``, -1: none), the fraction that the
+    rows of ``got`` also name."""
+    hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want)]
+    return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want))
 
 
 def _recall(memory, queries: torch.Tensor) -> float:
@@ -77,9 +106,7 @@ def _recall(memory, queries: torch.Tensor) -> float:
     filled = np.minimum(store.counts, store.capacity)
     got, _, found = memory.lookup(queries[None], TOP_K)
     want, _ = exact_search(store.keys(), filled, queries[None].float(), TOP_K)
-    got = (got[0] % store.capacity).masked_fill(~found[0], -1)
-    hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want[0])]
-    return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
+    return _hit_rate((got[0] % store.capacity).masked_fill(~found[0], -1), want[0])
 
 
 def _fill_ours(model, memories, tokens: torch.Tensor, fill: int) -> dict[str, Any]:
@@ -89,18 +116,13 @@ def _fill_ours(model, memories, tokens: torch.Tensor, fill: int) -> dict[str, An
         for start in range(0, fill, CHUNK):
             model(tokens[:, start : start + CHUNK], memories)
     memory = memories[0]
-    captured: list[torch.Tensor] = []
-    lookup = memory.lookup
 
-    def recording(queries, k, **options):
-        captured.append(queries.detach().reshape(-1, queries.shape[-1]))
-        return lookup(queries, k, **options)
+    def next_chunk():
+        with torch.no_grad():
+            model(tokens[:, fill : fill + CHUNK], memories, add_knn_memory=False)
 
-    memory.lookup = recording
-    with torch.no_grad():
-        model(tokens[:, fill : fill + CHUNK], memories, add_knn_memory=False)
-    memory.lookup = lookup
-    recall = _recall(memory, captured[0]) if captured and fill else None
+    queries = _first_queries(memory, "lookup", next_chunk)
+    recall = _recall(memory, queries) if queries is not None and fill else None
     index = memory.index
     kind = "exact"
     ivf = getattr(index, "indexes", [None])[0]
@@ -119,19 +141,20 @@ def ours_points(fills: list[int], repeats: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = MemorizingTransformer(**SIZE).train()
     tokens = corpus_tokens(max(fills) + (repeats + 3) * CHUNK + 1)
-    rows, times = [], [[] for _ in fills]
+
+    def step_with(memories):
+        def step(piece):
+            model.zero_grad(set_to_none=True)
+            logits = model(piece[:, :-1], memories)
+            F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
+
+        return step
+
     with contextlib.ExitStack() as stack:
         held = [stack.enter_context(model.knn_memories_context(batch_size=1)) for _ in fills]
         rows = [_fill_ours(model, memories, tokens, fill) for fill, memories in zip(fills, held)]
-        for r in range(repeats + 1):
-            for i, (fill, memories) in enumerate(zip(fills, held)):
-                piece = tokens[:, fill + (r + 1) * CHUNK : fill + (r + 2) * CHUNK + 1]
-                begin = time.perf_counter()
-                model.zero_grad(set_to_none=True)
-                logits = model(piece[:, :-1], memories)
-                F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
-                if r:  # the first round is the warm-up
-                    times[i].append(time.perf_counter() - begin)
+        steps = [step_with(memories) for memories in held]
+        times = _chunk_times(steps, tokens, [fill + CHUNK for fill in fills], repeats)
     for row, t in zip(rows, times):
         row["chunk_s"] = statistics.median(t)
         if fills[0] == 0:
@@ -158,7 +181,7 @@ def reference_point(fill: int, repeats: int) -> dict[str, Any]:
             logits = model(piece[:, :-1], knn_memories=memories)
             F.cross_entropy(logits.flatten(0, 1), piece[:, 1:].flatten()).backward()
 
-        chunk_s = _timed_chunks(step, tokens, fill + CHUNK, repeats)
+        chunk_s = statistics.median(_chunk_times([step], tokens, [fill + CHUNK], repeats)[0])
     return {"fill": fill, "reference_chunk_s": chunk_s, "reference_recall_at_k": recall}
 
 
@@ -169,24 +192,17 @@ def _reference_recall(model, memories, chunk: torch.Tensor) -> float:
     from longrange.memory.knn.exact import exact_search
 
     memory = memories[0]
-    captured: list[torch.Tensor] = []
-    search = memory.search
 
-    def recording(queries, topk, *args, **options):
-        captured.append(queries.detach().reshape(-1, queries.shape[-1]).float())
-        return search(queries, topk, *args, **options)
+    def next_chunk():
+        with torch.no_grad():
+            model(chunk, knn_memories=memories, add_knn_memory=False)
 
-    memory.search = recording
-    with torch.no_grad():
-        model(chunk, knn_memories=memories, add_knn_memory=False)
-    memory.search = search
-    queries = captured[0]
+    queries = _first_queries(memory, "search", next_chunk).float()
     filled = int(min(memory.db_offsets[0], memory.max_memories))
     keys = torch.from_numpy(np.ascontiguousarray(memory.db[0, :filled, 0])).float()
     want, _ = exact_search(keys[None], np.array([filled]), queries[None], TOP_K)
     got = memory.knns[0].search(queries.numpy(), TOP_K, increment_hits=False, increment_age=False)
-    hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want[0])]
-    return sum(hits) / max(1, sum(int((w >= 0).sum()) for w in want[0]))
+    return _hit_rate(got, want[0])
 
 
 def _in_child(which: str, fills: list[int], repeats: int) -> list[dict[str, Any]]:
