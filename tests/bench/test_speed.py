@@ -53,6 +53,21 @@ def test_reference_point_runs_each_reference_package(family, length):
     assert row["fwd_bwd_s"] > 0 and row["params"] > 0
 
 
+def test_a_child_returns_its_last_line_or_why_it_failed():
+    from longrange.bench.memory import run_child
+
+    assert run_child(
+        "longrange.bench.speed", ["--reference", "no_such_family", "64", "1", "0", "reference"]
+    ) == (
+        None,
+        "KeyError: 'no_such_family'",
+    )
+    out, reason = run_child(
+        "longrange.bench.speed", ["--reference", "performer", "16", "1", "0", "longrange"]
+    )
+    assert reason == "" and json.loads(out)[0]["family"] == "performer (reference defaults)"
+
+
 def test_reference_in_a_fresh_process_reports_failures():
     from longrange.bench.speed import _reference_point_in_fresh_process
 

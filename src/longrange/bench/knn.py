@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from longrange.bench.device import environment
+from longrange.bench.memory import run_child
 from longrange.bench.speed import merge_results, results_path
 
 CHUNK = 512
@@ -211,13 +211,10 @@ def _in_child(which: str, fills: list[int], repeats: int) -> list[dict[str, Any]
     # Both sides keep their memory in files; flush what an earlier child left dirty, so that
     # its write-back does not run during this child's timed chunks.
     os.sync()
-    cmd = [sys.executable, "-m", "longrange.bench.knn", which, ",".join(map(str, fills)), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        got = json.loads(lines[-1])
+    out, reason = run_child("longrange.bench.knn", [which, ",".join(map(str, fills)), str(repeats)])
+    if out is not None:
+        got = json.loads(out)
         return got if isinstance(got, list) else [got]
-    reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
     return [{"fill": fill, "error": f"{which}: {reason[:200]}"} for fill in fills]
 
 

@@ -1,5 +1,6 @@
-"""Reading a process's memory: the resident set, its high-water mark (resettable), and a cap
-on the address space for child processes that might outgrow the machine.
+"""Reading a process's memory: the resident set, its high-water mark (resettable), a cap on
+the address space for child processes that might outgrow the machine, and the one way the
+benchmarks run such a child (:func:`run_child`).
 
 ``bench/speed.py`` measures each point's peak in a fresh process with these: on CPU the growth
 of the high-water mark (VmHWM, reset just before the step), so a point's allocations cannot
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 
 
 def _status_kib(field: str) -> int | None:
@@ -51,3 +54,24 @@ def cap_address_space() -> None:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = int(0.8 * total)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_child(
+    module: str, args: list[str], *, capped: bool = False, env: dict[str, str] | None = None
+) -> tuple[str | None, str]:
+    """Run ``python -m module args`` (under :func:`cap_address_space` when ``capped``) and
+    return (the last line it printed, "") when it exits 0 having printed one, else (None, why:
+    the signal that killed it, or the last line of its stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=cap_address_space if capped else None,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return lines[-1], ""
+    if proc.returncode < 0:
+        return None, f"killed by signal {-proc.returncode} (out of memory?)"
+    return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from longrange.bench.device import device_slug, environment
 from longrange.bench.flops import count_flops, growth_exponents, matmul_peak
-from longrange.bench.memory import cap_address_space, current_rss_kib, peak_rss_kib, reset_peak_rss
+from longrange.bench.memory import current_rss_kib, peak_rss_kib, reset_peak_rss, run_child
 from longrange.models.registry import get_family
 
 BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
@@ -193,19 +192,16 @@ def memory_point(family: str, length: int, *, device: str, batch_size: int) -> f
 def memory_in_fresh_process(family: str, length: int, *, device: str, batch_size: int) -> float | None:
     """:func:`memory_point` in a child process; None when it fails (out of memory, a length
     the configuration refuses)."""
-    cmd = [sys.executable, "-m", "longrange.bench.speed", family, str(length), device, str(batch_size)]
     # glibc raises its mmap threshold as large blocks are freed, after which freed activations
     # stay in the heap and the resident peak counts fragmentation. Pinning the threshold at its
     # initial 128 KiB returns large blocks to the system, so the peak is the live peak, the same
     # way for every family and reference.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     capped = family.startswith("ref:") and torch.device(device).type == "cpu"
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, preexec_fn=cap_address_space if capped else None
+    out, _ = run_child(
+        "longrange.bench.speed", [family, str(length), device, str(batch_size)], capped=capped, env=env
     )
-    if proc.returncode != 0:
-        return None
-    return float(proc.stdout.strip().splitlines()[-1])
+    return None if out is None else float(out)
 
 
 def results_path(out_dir: str | Path, device: str, suite: str) -> Path:
@@ -395,17 +391,10 @@ def _in_child(
     the child fails."""
     from longrange.bench.reference import row_name
 
-    cmd = [sys.executable, "-m", "longrange.bench.speed", "--reference", family, str(length), str(repeats)]
-    cmd += [str(fill or 0), *sources]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap_address_space)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (
-        f"killed by signal {-proc.returncode} (out of memory?)"
-        if proc.returncode < 0
-        else (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    )
+    args = ["--reference", family, str(length), str(repeats), str(fill or 0), *sources]
+    out, reason = run_child("longrange.bench.speed", args, capped=True)
+    if out is not None:
+        return json.loads(out)
     return [
         {"family": row_name(family, s), "length": length, "batch_size": 1, "error": reason[:200]}
         for s in sources
