@@ -1,9 +1,11 @@
-"""Shared fixtures: a small text corpus on disk, a deterministic torch set-up, and a check
-that no kNN memory file outlives a test."""
+"""Shared fixtures: a small text corpus on disk, a deterministic torch set-up, a check that
+no kNN memory file outlives a test, and torch's own CPU allocator back after every test (the
+CLI commands tests call in this process put the allocation cache in place)."""
 
 from __future__ import annotations
 
 import gc
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -12,11 +14,22 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_build_cache(tmp_path_factory):
+    """The CPU allocation cache is built into a folder of this session's, not the user's."""
+    os.environ["LONGRANGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("longrange-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     random.seed(0)
     yield
+    from longrange import cpu_cache
+
+    if cpu_cache.enabled():
+        cpu_cache.disable()
 
 
 def _fake_source(i: int) -> str:

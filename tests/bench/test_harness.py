@@ -106,6 +106,25 @@ def test_recall_table_in_the_report(tmp_path):
     assert "| vanilla | 50.0% | - |" in text
 
 
+def test_the_report_names_the_points_timed_with_the_cpu_cache(tmp_path):
+    from longrange.bench.report import markdown_for_device
+    from longrange.bench.speed import merge_results
+
+    def row(family, length, cache=None):
+        out = {"family": family, "length": length, "batch_size": 1, "fwd_bwd_s": 1.0, "tokens_per_s": 1.0}
+        return out if cache is None else {**out, "cpu_cache": cache}
+
+    folder = tmp_path / "dev"
+    rows = [row("sinkhorn", 512), row("sinkhorn", 65536, "on"), row("sinkhorn", 16384, "on")]
+    rows += [row("routing", 16384, "off"), row("routing", 131072, "on")]
+    merge_results(folder / "speed.json", {"device": "dev"}, rows)
+    text = markdown_for_device(folder)
+    expected = "CPU allocation cache (`longrange.cpu_cache`): routing at 128K; sinkhorn at 16K, 64K.\n"
+    assert expected in text
+    merge_results(folder / "speed.json", {"device": "dev"}, [row("vanilla", 512)], keys=("suite",))
+    assert "CPU allocation cache" not in markdown_for_device(folder)
+
+
 def test_matmul_peak_rejects_bad_repeats():
     from longrange.bench.flops import matmul_peak
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import os
 import resource
+import runpy
 import subprocess
 import sys
+
+# Tells a child of run_child whether the parent serves torch's CPU blocks from the allocation
+# cache (longrange.cpu_cache), so both sides of a comparison run the same way.
+CACHE_ENV = "LONGRANGE_CHILD_CPU_CACHE"
 
 
 def _status_kib(field: str) -> int | None:
@@ -59,11 +64,15 @@ def cap_address_space() -> None:
 def run_child(
     module: str, args: list[str], *, capped: bool = False, env: dict[str, str] | None = None
 ) -> tuple[str | None, str]:
-    """Run ``python -m module args`` (under :func:`cap_address_space` when ``capped``) and
-    return (the last line it printed, "") when it exits 0 having printed one, else (None, why:
-    the signal that killed it, or the last line of its stderr)."""
+    """Run ``python -m module args`` (under :func:`cap_address_space` when ``capped``, with
+    the CPU allocation cache when this process has it) and return (the last line it printed,
+    "") when it exits 0 having printed one, else (None, why: the signal that killed it, or
+    the last line of its stderr)."""
+    from longrange import cpu_cache
+
+    env = {**(os.environ if env is None else env), CACHE_ENV: "1" if cpu_cache.enabled() else "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-m", "longrange.bench.memory", module, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -75,3 +84,13 @@ def run_child(
     if proc.returncode < 0:
         return None, f"killed by signal {-proc.returncode} (out of memory?)"
     return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+if __name__ == "__main__":
+    # The runner of run_child: the parent's CPU cache setting, then ``module`` as __main__.
+    if os.environ.get(CACHE_ENV) == "1":
+        from longrange import cpu_cache
+
+        cpu_cache.enable()
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

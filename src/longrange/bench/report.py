@@ -109,7 +109,7 @@ def _speed_markdown(data: dict[str, Any], cell=None) -> str:
     rows = data["results"]
     lengths = sorted({r["length"] for r in rows})
     families = list(dict.fromkeys(r["family"] for r in rows))
-    out = ["| family | " + " | ".join(f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths) + " |"]
+    out = ["| family | " + " | ".join(map(_length_label, lengths)) + " |"]
     out.append("|---" * (len(lengths) + 1) + "|")
     for fam in families:
         cells = []
@@ -167,6 +167,23 @@ def _rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str
     return "\n".join(out)
 
 
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def _cached_points(rows: list[dict]) -> str:
+    """The points of ``rows`` timed with the CPU allocation cache on, by family ("" if none):
+    rows measured before it existed, or with --no-cpu-cache, ran on torch's allocator."""
+    by_family: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("cpu_cache") == "on":
+            by_family.setdefault(r["family"], []).append(r["length"])
+    return "; ".join(
+        f"{family} at {', '.join(_length_label(n) for n in sorted(lengths))}"
+        for family, lengths in sorted(by_family.items())
+    )
+
+
 def markdown_for_device(folder: Path) -> str:
     parts = []
     speed = load_suite(folder, "speed")
@@ -178,6 +195,9 @@ def markdown_for_device(folder: Path) -> str:
             f"(torch {env.get('torch', '?')}; matmul peak {env.get('matmul_peak_gflops', '?')} GFLOP/s):\n"
         )
         parts.append(_speed_markdown(speed) + "\n")
+        cached = _cached_points(speed["results"])
+        if cached:
+            parts.append(f"Points timed with the CPU allocation cache (`longrange.cpu_cache`): {cached}.\n")
         parts.append(
             "Training throughput, model FLOP utilisation (of the measured matmul peak) and the "
             "growth exponent of the time from the previous length:\n"

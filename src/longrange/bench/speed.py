@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from longrange import cpu_cache
 from longrange.bench.device import device_slug, environment
 from longrange.bench.flops import count_flops, growth_exponents, matmul_peak
 from longrange.bench.memory import current_rss_kib, peak_rss_kib, reset_peak_rss, run_child
@@ -129,6 +130,7 @@ def time_point(
         "fwd_s": fwd,
         "tokens_per_s": batch_size * length / fwd_bwd_s,
         "fwd_bwd_flops": flops,
+        "cpu_cache": "on" if cpu_cache.enabled() else "off",
     }
     if peak_flops:
         row["mfu"] = flops / fwd_bwd_s / peak_flops

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from longrange.cli.loading import int_list, pick_device
+from longrange.cli.loading import int_list, pick_device, use_cpu_cache
 from longrange.models.registry import get_family
 
 
@@ -48,7 +48,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "recall_budget": args.recall_budget,
         "seeds": int_list("--seeds", args.seeds) if args.seeds is not None else None,
     }
-    run_suite(args.suite, models, lengths, device=pick_device(args.device), options=options)
+    device = pick_device(args.device)
+    use_cpu_cache(device, not args.no_cpu_cache, "bench")
+    run_suite(args.suite, models, lengths, device=device, options=options)
     return 0
 
 
@@ -123,4 +125,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--prompt-len", type=int, default=1024, help="generate: prompt length (default 1024)")
     b.add_argument("--new-tokens", type=int, default=1024, help="generate: tokens to decode (default 1024)")
     b.add_argument("--readme", default="README.md", help="report: the README whose tables are rewritten")
+    b.add_argument(
+        "--no-cpu-cache",
+        action="store_true",
+        help="on CPU, keep torch's own allocator (default: cache large blocks, see longrange.cpu_cache)",
+    )
     b.set_defaults(func=cmd_bench)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from longrange.models.base import CONFIG_NAME, LongRangeLM
 from longrange.models.registry import get_family
@@ -48,6 +51,21 @@ def pick_device(name: str) -> str:
     from longrange.train.distributed import pick_device as pick
 
     return str(pick(name))
+
+
+def use_cpu_cache(device: str, wanted: bool, command: str) -> None:
+    """Put the CPU allocation cache (``longrange.cpu_cache``) in place for a CPU run unless
+    ``--no-cpu-cache`` was given; where it cannot be built, say so in one line and go on
+    with torch's allocator."""
+    if not wanted or torch.device(device).type != "cpu":
+        return
+    from longrange import cpu_cache
+
+    try:
+        cpu_cache.enable()
+    except cpu_cache.CacheUnavailable as err:
+        note = f"longrange {command}: CPU allocation cache off ({err}); --no-cpu-cache hides this"
+        print(note, file=sys.stderr)
 
 
 def check_number(flag: str, value: float | None, *, low: float, high: float | None = None, open_low=False):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrange.cli.loading import model_settings
+from longrange.cli.loading import model_settings, use_cpu_cache
 from longrange.models.registry import FAMILIES, get_family
 
 # ``longrange train`` flag -> TrainConfig field. Every flag defaults to None (or False), so a
@@ -84,6 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 for k, v in changed.items()
             )
             print(f"longrange train: resuming {args.resume} with {listed}", file=sys.stderr)
+        use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
         trainer.fit()
         return 0
     family_name = args.model or "vanilla"
@@ -92,7 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields["model"] = family_name
     if args.preset is None:
         fields["preset"] = "small" if "small" in family.presets else next(iter(family.presets), None)
-    Trainer(TrainConfig(**fields)).fit()
+    trainer = Trainer(TrainConfig(**fields))
+    use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
+    trainer.fit()
     return 0
 
 
@@ -145,4 +148,9 @@ def add_parser(sub: Any) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="set any model config field, e.g. --set depth=6"
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--no-cpu-cache",
+        action="store_true",
+        help="on CPU, keep torch's own allocator (default: cache large blocks, see longrange.cpu_cache)",
+    )
     t.set_defaults(func=cmd_train)

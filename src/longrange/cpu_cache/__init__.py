@@ -1,0 +1,182 @@
+"""A caching allocator for torch's CPU tensors, so long inputs do not pay the kernel for fresh
+pages at every step (docs/ARCHITECTURE.md, "CPU allocation cache").
+
+glibc hands every block above its mmap threshold (at most 32 MB) out as a fresh mapping and
+unmaps it when freed, so the kernel faults in and zeroes each page of such a tensor again on
+every use. At 64K tokens one activation [N, 256] is 64 MB, and a training step of the bench
+models faults in 8-13 GB this way: 40% of a Sinkhorn step was kernel time. :func:`enable`
+swaps torch's CPU allocator for one that keeps large freed blocks and reuses their pages,
+while the memory it holds stays within the live high-water mark plus ``slack``.
+
+The allocator is C++ (``cache.cpp``), compiled on first use against the installed torch with
+the system's C++ compiler and kept in a per-user cache folder. Where that cannot happen (no
+compiler, not Linux) :func:`enable` raises :class:`CacheUnavailable` saying why, and torch's
+own allocator, the reference behaviour, stays in place. ``longrange train`` and ``longrange
+bench`` enable it on CPU unless given ``--no-cpu-cache``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cache.cpp")
+STAT_NAMES = (
+    "live_bytes",
+    "live_peak_bytes",
+    "cached_bytes",
+    "mapped_bytes",
+    "mapped_peak_bytes",
+    "hits",
+    "split",
+    "grown",
+    "mapped",
+    "unmapped",
+)
+
+_library: ctypes.CDLL | None = None
+_enabled = False
+
+
+class CacheUnavailable(RuntimeError):
+    """The cache cannot be built or loaded here; the message says why."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX``, else g++, c++ or clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next((p for p in map(shutil.which, ("g++", "c++", "clang++")) if p), None)
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$LONGRANGE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/longrange`` (``~/.cache/longrange``)."""
+    if os.environ.get("LONGRANGE_CACHE_DIR"):
+        return Path(os.environ["LONGRANGE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longrange"
+
+
+def _build_command(cxx: str, source: Path, target: Path) -> list[str]:
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        cxx,
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-std=c++17",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-I",
+        str(root / "include"),
+        str(source),
+        "-o",
+        str(target),
+        "-L",
+        str(root / "lib"),
+        "-lc10",
+        f"-Wl,-rpath,{root / 'lib'}",
+    ]
+
+
+def build() -> Path:
+    """The shared library for this torch and source, compiled once and reused (written under
+    a temporary name and renamed, so a killed build leaves nothing half-written behind).
+    Raises :class:`CacheUnavailable` when it cannot be built."""
+    if not sys.platform.startswith("linux"):
+        raise CacheUnavailable(f"needs Linux (mremap), not {sys.platform}")
+    cxx = compiler()
+    if cxx is None:
+        wanted = os.environ.get("CXX") or "g++, c++ or clang++"
+        raise CacheUnavailable(f"no C++ compiler found ({wanted})")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), cxx.encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"cpu_cache-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=target.name, suffix=".part")
+        os.close(fd)
+    except OSError as err:
+        raise CacheUnavailable(f"cannot write to {folder}: {err.strerror or err}") from None
+    try:
+        proc = subprocess.run(
+            _build_command(cxx, SOURCE, Path(partial)), capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            lines = proc.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
+            raise CacheUnavailable(f"{Path(cxx).name} failed: {first[:200]}")
+        os.replace(partial, target)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise CacheUnavailable(f"building with {cxx} failed: {err}") from None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    global _library
+    if _library is None:
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except OSError as err:
+            raise CacheUnavailable(f"cannot load the built library: {err}") from None
+        lib.longrange_cache_enable.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+        lib.longrange_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+        _library = lib
+    return _library
+
+
+def enable(*, min_bytes: int = 4 << 20, slack_bytes: int = 64 << 20) -> None:
+    """Serve torch's CPU blocks of at least ``min_bytes`` from the cache (smaller ones stay
+    with torch's allocator: glibc serves them from its heap, and caching 1-4 MB blocks too
+    made memorizing's small working set fault more); the cache may hold up to
+    ``slack_bytes`` beyond the live high-water mark. Raises :class:`CacheUnavailable`
+    (saying why) where the cache cannot be built here; torch's allocator then stays."""
+    global _enabled
+    for name, value in (("min_bytes", min_bytes), ("slack_bytes", slack_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    _load().longrange_cache_enable(min_bytes, slack_bytes)
+    _enabled = True
+
+
+def disable() -> None:
+    """Put torch's own CPU allocator back and return the cached blocks to the system (blocks
+    still in use are returned when they are freed)."""
+    global _enabled
+    if _library is not None:
+        _library.longrange_cache_disable()
+    _enabled = False
+
+
+def release() -> None:
+    """Return every cached (free) block to the system and restart the high-water marks."""
+    if _library is not None:
+        _library.longrange_cache_release()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def stats() -> dict[str, int]:
+    """Bytes live, cached and mapped (with the high-water marks) and counts of blocks reused
+    (``hits``), resized from another size (``resized``), newly mapped and unmapped; zeros
+    when the cache was never enabled."""
+    if _library is None:
+        return dict.fromkeys(STAT_NAMES, 0)
+    out = (ctypes.c_uint64 * len(STAT_NAMES))()
+    _library.longrange_cache_stats(out)
+    return dict(zip(STAT_NAMES, map(int, out)))
