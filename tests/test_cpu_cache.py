@@ -130,6 +130,25 @@ def test_disable_puts_torchs_allocator_back():
 
 
 @needs_compiler
+def test_the_profiler_sees_the_cached_blocks():
+    out = _child(
+        """
+        import json, torch
+        from longrange import cpu_cache
+
+        cpu_cache.enable(min_bytes=1 << 20)
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+            x = torch.ones(4 << 20)  # 16 MiB
+            del x
+        usage = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
+        print(json.dumps({"ones": usage.get("aten::empty", 0), "freed": usage.get("[memory]", 0)}))
+        """
+    )
+    assert out["ones"] == 16 << 20 and out["freed"] == -(16 << 20)
+
+
+@needs_compiler
 def test_the_library_is_built_once_per_torch_and_source(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path))
     first = cpu_cache.build()

@@ -32,7 +32,7 @@ constexpr size_t kPage = 4096;
 
 struct State {
   std::mutex mu;
-  c10::Allocator* base = nullptr;  // torch's allocator: small blocks, and back on disable
+  c10::Allocator* base = nullptr;  // the allocator found in place: small blocks, and back on disable
   bool enabled = false;
   size_t min_bytes = size_t(1) << 20;
   size_t slack = size_t(64) << 20;
@@ -71,13 +71,19 @@ void trim(State& s) {
   }
 }
 
+// torch's profiler sees our blocks as it sees its own allocator's (profile_memory=True)
+void report(void* ptr, int64_t size, size_t live, size_t mapped) {
+  c10::reportMemoryUsageToProfiler(ptr, size, live, mapped, c10::Device(c10::DeviceType::CPU));
+}
+
 void release(void* ptr) {
   State& s = state();
+  size_t size = 0, live = 0, mapped = 0;
   {
     std::lock_guard<std::mutex> lock(s.mu);
     auto it = s.live.find(ptr);
     if (it != s.live.end()) {
-      size_t size = it->second;
+      size = it->second;
       s.live.erase(it);
       s.live_bytes -= size;
       if (s.enabled) {
@@ -87,10 +93,15 @@ void release(void* ptr) {
       } else {
         unmap(s, ptr, size);
       }
-      return;
+      live = s.live_bytes;
+      mapped = s.mapped_bytes;
     }
   }
-  s.base->raw_deleter()(ptr);  // a small block from torch's allocator
+  if (size == 0) {
+    s.base->raw_deleter()(ptr);  // a small block, from the allocator found in place
+    return;
+  }
+  report(ptr, -static_cast<int64_t>(size), live, mapped);
 }
 
 void* take(State& s, size_t size) {
@@ -144,18 +155,23 @@ struct CachingAllocator final : c10::Allocator {
     if (n < s.min_bytes) return s.base->allocate(n);
     size_t size = (n + kPage - 1) / kPage * kPage;
     void* ptr;
+    size_t live = 0, mapped = 0;
     {
       std::lock_guard<std::mutex> lock(s.mu);
       ptr = take(s, size);
       if (ptr != nullptr) {
+        size = s.live[ptr];
         if (s.live_bytes > s.live_peak) s.live_peak = s.live_bytes;
         trim(s);
+        live = s.live_bytes;
+        mapped = s.mapped_bytes;
       }
     }
     if (ptr == nullptr) {
-      // let torch's allocator try (and report the failure its usual way)
+      // let the allocator found in place try (and report the failure its usual way)
       return s.base->allocate(n);
     }
+    report(ptr, static_cast<int64_t>(size), live, mapped);
     return c10::DataPtr(ptr, ptr, &release, c10::Device(c10::DeviceType::CPU));
   }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
@@ -182,7 +198,7 @@ extern "C" int longrange_cache_enable(size_t min_bytes, size_t slack) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   if (s.base == nullptr) {
-    s.base = c10::GetDefaultCPUAllocator();
+    s.base = c10::GetCPUAllocator();
     pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
   }
   s.min_bytes = min_bytes < kPage ? kPage : min_bytes;
