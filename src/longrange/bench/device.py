@@ -9,8 +9,6 @@ from importlib import metadata
 
 import torch
 
-from longrange import cpu_cache
-
 
 def cpu_name() -> str:
     try:
@@ -56,5 +54,4 @@ def environment(device: str | torch.device) -> dict[str, str]:
         "longrange": version,
         "python": platform.python_version(),
         "threads": str(torch.get_num_threads()),
-        "cpu_cache": "on" if cpu_cache.enabled() else "off",
     }

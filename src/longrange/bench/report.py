@@ -216,6 +216,9 @@ def markdown_for_device(folder: Path) -> str:
             "the median of the rounds' ratios; the Performer reference's own row is timed alone):\n"
         )
         parts.append(reference_defaults_markdown(defaults) + "\n")
+        cached = _cached_points(defaults["results"])
+        if cached:
+            parts.append(f"Pairs timed with the CPU allocation cache on both sides: {cached}.\n")
     knn = load_suite(folder, "knn")
     if knn:
         parts.append(

@@ -130,7 +130,6 @@ def time_point(
         "fwd_s": fwd,
         "tokens_per_s": batch_size * length / fwd_bwd_s,
         "fwd_bwd_flops": flops,
-        "cpu_cache": "on" if cpu_cache.enabled() else "off",
     }
     if peak_flops:
         row["mfu"] = flops / fwd_bwd_s / peak_flops
@@ -263,7 +262,10 @@ def _reference_rows(
 
 
 def _stamp(row: dict[str, Any]) -> dict[str, Any]:
+    """When the row was measured, and whether with the CPU allocation cache (its children
+    run with this process's setting)."""
     row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["cpu_cache"] = "on" if cpu_cache.enabled() else "off"
     return row
 
 
