@@ -48,6 +48,22 @@ def text_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def train_cli(tmp_path: Path, text_folder: Path):
+    """``longrange train`` in this process: the tiny preset at 32 tokens on ``text_folder``, 3
+    steps, into ``tmp_path/runs/cli``; the flags given are appended (a repeated one wins).
+    Returns the exit code."""
+    from longrange.cli import main
+
+    def run(*extra: str) -> int:
+        args = ["train", "--preset", "tiny", "--set", "max_seq_len=32", "--data", str(text_folder)]
+        args += ["--steps", "3", "--batch-size", "2", "--eval-every", "3", "--eval-tokens", "128"]
+        args += ["--out", str(tmp_path / "runs"), "--name", "cli", "--no-progress", "--device", "cpu"]
+        return main([*args, *extra])
+
+    return run
+
+
+@pytest.fixture
 def no_knn_files_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Temporary files go under a root of the test's own (so memories made by other processes
     on the machine cannot be mistaken for ones this test leaked), and no kNN memory file may

@@ -6,37 +6,8 @@ from longrange.cli import main
 from longrange.models.registry import create_model
 
 
-def _train(tmp_path, text_folder, *extra):
-    args = [
-        "train",
-        "--preset",
-        "tiny",
-        "--set",
-        "max_seq_len=32",
-        "--data",
-        str(text_folder),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--eval-every",
-        "3",
-        "--eval-tokens",
-        "128",
-        "--out",
-        str(tmp_path / "runs"),
-        "--name",
-        "cli",
-        "--no-progress",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    return main(args)
-
-
-def test_train_generate_eval(tmp_path, text_folder, capsys):
-    assert _train(tmp_path, text_folder, "--set", "depth=1") == 0
+def test_train_generate_eval(tmp_path, text_folder, train_cli, capsys):
+    assert train_cli("--set", "depth=1") == 0
     run = tmp_path / "runs" / "cli"
     assert json.loads((run / "config.json").read_text())["depth"] == 1
     out = capsys.readouterr().out
@@ -56,8 +27,8 @@ def test_train_generate_eval(tmp_path, text_folder, capsys):
     ],
     ids=["unknown-key", "bad-value", "no-equals"],
 )
-def test_bad_set(tmp_path, text_folder, capsys, setting, message):
-    assert _train(tmp_path, text_folder, "--set", setting) == 2
+def test_bad_set(train_cli, capsys, setting, message):
+    assert train_cli("--set", setting) == 2
     assert message in capsys.readouterr().err
 
 
@@ -108,9 +79,9 @@ def test_help_documents_every_train_option(capsys):
         assert option in text
 
 
-def test_eval_and_generate_change_settings_that_keep_the_weights(tmp_path, text_folder, capsys):
+def test_eval_and_generate_change_settings_that_keep_the_weights(tmp_path, text_folder, train_cli, capsys):
     settings = ["--set", "num_retrieved_memories=2", "--set", "max_knn_memories=64"]
-    assert _train(tmp_path, text_folder, "--model", "memorizing", *settings) == 0
+    assert train_cli("--model", "memorizing", *settings) == 0
     run = tmp_path / "runs" / "cli"
     capsys.readouterr()
 
@@ -231,8 +202,8 @@ def test_refusals_are_one_line_before_any_work(trained, capsys, argv, message):
     assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before  # nothing written
 
 
-def test_resume_applies_the_options_it_may_change_and_says_so(tmp_path, text_folder, capsys):
-    assert _train(tmp_path, text_folder, "--save-every", "3") == 0
+def test_resume_applies_the_options_it_may_change_and_says_so(tmp_path, train_cli, capsys):
+    assert train_cli("--save-every", "3") == 0
     run = tmp_path / "runs" / "cli"
     capsys.readouterr()
     assert (

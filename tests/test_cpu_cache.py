@@ -14,7 +14,6 @@ import pytest
 
 from longrange import cpu_cache
 from longrange.bench.memory import run_child
-from longrange.cli import main
 
 needs_compiler = pytest.mark.skipif(
     not sys.platform.startswith("linux") or cpu_cache.compiler() is None,
@@ -184,24 +183,11 @@ def test_bad_sizes_are_refused(value):
         cpu_cache.enable(min_bytes=value)
 
 
-def test_train_without_the_cache_says_so_in_one_line_and_trains(tmp_path, text_folder, monkeypatch, capsys):
+def test_train_without_the_cache_says_so_in_one_line_and_trains(tmp_path, train_cli, monkeypatch, capsys):
     monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_cache, "_library", None)  # as if not yet built in this process
-    args = [
-        "train",
-        "--preset",
-        "tiny",
-        "--set",
-        "max_seq_len=32",
-        "--set",
-        "depth=1",
-        "--data",
-        str(text_folder),
-    ]
-    args += ["--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "64"]
-    args += ["--out", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
-    assert main(args) == 0
+    assert train_cli("--set", "depth=1") == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "CPU allocation cache off" in line]
     missing = tmp_path / "no-such-compiler"
@@ -209,7 +195,7 @@ def test_train_without_the_cache_says_so_in_one_line_and_trains(tmp_path, text_f
         f"longrange train: CPU allocation cache off (no C++ compiler found ({missing})); "
         "--no-cpu-cache hides this"
     ]
-    assert main([*args, "--name", "quiet", "--no-cpu-cache"]) == 0
+    assert train_cli("--set", "depth=1", "--name", "quiet", "--no-cpu-cache") == 0
     assert "CPU allocation cache" not in capsys.readouterr().err
     assert not cpu_cache.enabled()
 
