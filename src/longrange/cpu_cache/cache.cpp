@@ -104,7 +104,9 @@ void release(void* ptr) {
   report(ptr, -static_cast<int64_t>(size), live, mapped);
 }
 
-void* take(State& s, size_t size) {
+// A block of at least `size` bytes; `size` becomes the block's own size (a whole cached block
+// may be up to 1.25x larger).
+void* take(State& s, size_t& size) {
   void* ptr = nullptr;
   auto it = s.cached.lower_bound(size);  // the smallest cached block that is large enough
   if (it != s.cached.end()) {
@@ -160,7 +162,6 @@ struct CachingAllocator final : c10::Allocator {
       std::lock_guard<std::mutex> lock(s.mu);
       ptr = take(s, size);
       if (ptr != nullptr) {
-        size = s.live[ptr];
         if (s.live_bytes > s.live_peak) s.live_peak = s.live_bytes;
         trim(s);
         live = s.live_bytes;
