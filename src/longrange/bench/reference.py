@@ -16,17 +16,19 @@ backward per chunk, through kNN memories that start empty (``fill=None``), or pe
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import shutil
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from longrange.bench.speed import steps_in_turn
 
 SIZE = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4}
 SOURCES = ("reference", "longrange", "exact")
@@ -181,14 +183,7 @@ def time_in_turn(
         model.zero_grad(set_to_none=True)
         reference_step(model, tokens)
 
-    for model in models:
-        step(model)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for model, spent in zip(models, times):
-            start = time.perf_counter()
-            step(model)
-            spent.append(time.perf_counter() - start)
+    times = steps_in_turn([functools.partial(step, model) for model in models], repeats)
     timed = _ChunkedMemorizing.chunk if fill is not None else length
     rows = []
     for source, model, spent in zip(sources, models, times):

@@ -167,6 +167,35 @@ def _rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str
     return "\n".join(out)
 
 
+def _growth_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per base length: a family per row, tokens/s at the base, then tokens/s and
+    the paired ratio at each longer length ("fails" where the family could not run)."""
+    tables = []
+    for base in sorted({r["base_length"] for r in rows}):
+        mine = [r for r in rows if r["base_length"] == base]
+        longer = sorted({r["length"] for r in mine} - {base})
+        head = [f"{_length_label(base)} tok/s"] + [
+            f"{_length_label(n)} tok/s (vs {_length_label(base)})" for n in longer
+        ]
+        out = ["| family | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for family in sorted({r["family"] for r in mine}):
+            at = {r["length"]: r for r in mine if r["family"] == family}
+            cells = []
+            for n in [base, *longer]:
+                r = at.get(n)
+                if r is None:
+                    cells.append("-")
+                elif "error" in r:
+                    cells.append("fails")
+                elif n == base:
+                    cells.append(f"{r['tokens_per_s']:,.0f}")
+                else:
+                    cells.append(f"{r['tokens_per_s']:,.0f} ({r['vs_base']:.2f})")
+            out.append(f"| {family} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(out))
+    return "\n\n".join(tables)
+
+
 def _length_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 else str(n)
 
@@ -206,6 +235,18 @@ def markdown_for_device(folder: Path) -> str:
         parts.append(_speed_markdown(ours, _throughput_cell) + "\n")
         if (folder / "speed.png").is_file():
             parts.append(f"![speed](benchmarks/results/{folder.name}/speed.png)\n")
+    growth = load_suite(folder, "growth")
+    if growth:
+        parts.append(
+            "Throughput at long inputs against a shorter base length, paired (`longrange bench "
+            "growth`: each length of a family in one process, a forward + backward of each in "
+            "turn, the ratio the median of the rounds' tokens/s ratios; the growth exponents above "
+            "come from lengths timed one after another):\n"
+        )
+        parts.append(_growth_markdown(growth["results"]) + "\n")
+        cached = _cached_points(growth["results"])
+        if cached:
+            parts.append(f"Lengths timed with the CPU allocation cache: {cached}.\n")
     defaults = load_suite(folder, "reference_defaults")
     if defaults:
         from longrange.bench.reference import reference_defaults_markdown

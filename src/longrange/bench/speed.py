@@ -79,6 +79,22 @@ def _fwd_bwd_chunks(model, tokens: torch.Tensor, forward) -> None:
         state = model.detach_state(out.state)
 
 
+def steps_in_turn(steps, repeats: int, device: str = "cpu") -> list[list[float]]:
+    """A warm-up call of each of ``steps``, then ``repeats`` rounds that time one call of each
+    in turn, so that the machine's drift reaches them alike: the times, one list per step."""
+    for step in steps:
+        step()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, spent in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            spent.append(time.perf_counter() - start)
+    return times
+
+
 def _timed(fn, device: str, repeats: int, *, warmed: bool = False) -> float:
     if not warmed:
         fn()
@@ -248,7 +264,7 @@ def _reference_rows(
         row = _reference_point_in_fresh_process(family, length, repeats)
         if "error" not in row and memory:
             row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
-        out.append(_stamp(row))
+        out.append(stamp(row))
         print(format_table([row]).splitlines()[-1], flush=True)
     pairs = compare_at_defaults(
         family,
@@ -258,10 +274,10 @@ def _reference_rows(
         timer=_reference_point_in_fresh_process,
         timer_in_turn=_in_turn_in_fresh_process,
     )
-    return out, [_stamp(p) for p in pairs]
+    return out, [stamp(p) for p in pairs]
 
 
-def _stamp(row: dict[str, Any]) -> dict[str, Any]:
+def stamp(row: dict[str, Any]) -> dict[str, Any]:
     """When the row was measured, and whether with the CPU allocation cache (its children
     run with this process's setting)."""
     row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -346,7 +362,7 @@ def run_speed_suite(
                     row["peak_mb"] = memory_in_fresh_process(
                         family, length, device=device, batch_size=batch_size
                     )
-            family_rows.append(_stamp(row))
+            family_rows.append(stamp(row))
             rows.append(row)
             print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
         timed = [r for r in family_rows if "fwd_bwd_s" in r]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,10 @@ from longrange.bench.speed import (
     merge_results,
     results_path,
     run_speed_suite,
+    stamp,
 )
 
-SUITES = ("speed", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report")
-
-
-def _stamp(row: dict[str, Any]) -> dict[str, Any]:
-    row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return row
+SUITES = ("speed", "growth", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report")
 
 
 def run_memory_suite(families, lengths, *, device, batch_size=1, out_dir="benchmarks/results"):
@@ -32,7 +27,7 @@ def run_memory_suite(families, lengths, *, device, batch_size=1, out_dir="benchm
             row = {"family": family, "length": length, "batch_size": batch_size, "peak_mb": mb}
             if mb is None:
                 row["error"] = "failed (out of memory or a length the configuration refuses)"
-            rows.append(_stamp(row))
+            rows.append(stamp(row))
             print(f"{family:<16}{length:>8}{'-' if mb is None else f'{mb:.0f} MB':>12}", flush=True)
     path = results_path(out_dir, device, "memory")
     merge_results(path, environment(device), rows)
@@ -49,7 +44,7 @@ def run_generate_suite(families, *, device, prompt_len=1024, new_tokens=1024, ou
             row = generate_point(family, device=device, prompt_len=prompt_len, new_tokens=new_tokens)
         except (RuntimeError, ValueError) as err:
             row = {"family": family, "error": str(err)[:200]}
-        rows.append(_stamp(row))
+        rows.append(stamp(row))
         print(format_generate_table([row]).splitlines()[-1], flush=True)
     path = results_path(out_dir, device, "generate")
     merge_results(path, environment(device), rows, keys=("family", "prompt_len", "new_tokens"))
@@ -67,7 +62,7 @@ def run_recall_suite(families, *, device, tasks=None, steps=300, out_dir="benchm
                 row = train_on_task(family, task, steps=steps, device=device)
             except (RuntimeError, ValueError) as err:
                 row = {"family": family, "task": task, "error": str(err)[:200]}
-            rows.append(_stamp(row))
+            rows.append(stamp(row))
             acc = row.get("accuracy")
             print(f"{family:<16}{task:<10}{'-' if acc is None else f'{100 * acc:.1f}%':>8}", flush=True)
     path = results_path(out_dir, device, "recall")
@@ -85,7 +80,7 @@ def run_quality_suite(families, *, device, steps=200, preset="tiny", out_dir="be
             row = quality_point(family, steps=steps, preset=preset, device=device)
         except (RuntimeError, ValueError) as err:
             row = {"family": family, "error": str(err)[:200]}
-        rows.append(_stamp(row))
+        rows.append(stamp(row))
     path = results_path(out_dir, device, "quality")
     merge_results(path, environment(device), rows, keys=("family",))
     print(format_quality_table(rows) + f"\nwritten: {path}")
@@ -105,7 +100,7 @@ def run_listops_suite(
             )
         except (RuntimeError, ValueError) as err:
             row = {"family": family, "task": "listops", "max_length": max_length, "error": str(err)[:200]}
-        rows.append(_stamp(row))
+        rows.append(stamp(row))
         acc = row.get("accuracy")
         print(f"{family:<16}listops {min_length}-{max_length}", end="", flush=True)
         print(f"{'-' if acc is None else f'{100 * acc:.1f}%':>8}", flush=True)
@@ -129,6 +124,12 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             compare_reference=options.get("compare_reference", False),
             reference_lengths=options.get("reference_lengths"),
             compile=options.get("compile", False),
+        )
+    if suite == "growth":
+        from longrange.bench.growth import run_growth_suite
+
+        return run_growth_suite(
+            families, lengths, device=device, repeats=options.get("repeats", 3), out_dir=out_dir
         )
     if suite == "memory":
         return run_memory_suite(

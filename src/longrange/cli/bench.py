@@ -58,8 +58,20 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmarks: speed, memory, generation, recall, quality; report")
     b.add_argument(
         "suite",
-        choices=["speed", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report"],
-        help="speed (time, tokens/s, MFU, growth, peak memory), memory, generate (decoding tokens/s), "
+        choices=[
+            "speed",
+            "growth",
+            "memory",
+            "generate",
+            "recall",
+            "quality",
+            "listops",
+            "context",
+            "knn",
+            "report",
+        ],
+        help="speed (time, tokens/s, MFU, growth, peak memory), growth (tokens/s at each of --lengths "
+        "against the first, measured in turn in one process), memory, generate (decoding tokens/s), "
         "recall (synthetic tasks), quality (bits per byte after a fixed budget), "
         "listops (Long Range Arena classification), context (long-context evidence: loss by "
         "position, ablations, recall at distance, equal compute), knn (memorizing's chunk cost and "
@@ -70,7 +82,9 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="comma-separated families, or 'all' (default vanilla; context: all)",
     )
-    b.add_argument("--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, memory)")
+    b.add_argument(
+        "--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, growth, memory)"
+    )
     b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda")
