@@ -364,17 +364,3 @@ def test_lookup_scores_are_the_inner_products_of_the_pairs_it_names(tmp_path):
     kv, mask = memory.search(queries, 4)
     assert torch.equal(mask, found) and _matched(kv, mask)
     memory.close()
-
-
-@pytest.mark.parametrize(("cells", "k"), [(1448, 24), (2896, 24), (383, 24), (384, 24), (1000, 7), (64, 24)])
-def test_best_cells_are_the_top_k_set(cells, k):
-    from longrange.memory.knn.adaptive import best_cells
-
-    g = torch.Generator().manual_seed(cells)
-    scores = torch.randn(300, cells, generator=g)
-    scores[0, -k:] += 100  # the best all in the last, padded group
-    scores[1, ::8] += 100  # all in one strided group
-    got = best_cells(scores, k)
-    want = scores.topk(k, dim=1).indices
-    assert got.shape == (300, k) and got.dtype == torch.long
-    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)

@@ -27,11 +27,12 @@ Per batch row:
   scan is bound by the bytes it reads, so half-width codes cut it by about a quarter at the
   same recall (250,000 entries, 2048 queries: 54 -> 40 ms, recall@32 0.939 -> 0.938);
 - a search scores the queries against the centroids with one torch matmul and picks each
-  query's cells with a top-k (:func:`best_cells`; faiss's own quantizer search heap-sorts
-  every centroid of every query; numpy's argpartition took twice as long as torch's topk over
-  2048 x 2896 scores), hands them to ``search_preassigned``, then scores the K picks of each
-  query again against the store's float32 keys, so the scores it returns are the exact inner
-  products.
+  query's cells with a top-k (:func:`~longrange.ops.select.top_k_columns`; faiss's own
+  quantizer search heap-sorts every centroid of every query; numpy's argpartition took twice
+  as long as torch's topk over 2048 x 2896 scores), hands them to ``search_preassigned``,
+  then scores the K picks of each query again against the store's float32 keys, so the
+  scores it returns are the exact inner products;
+- keys go to their cells (training and adding) by :func:`~longrange.ops.select.argmax_last`.
 
 ``longrange bench knn`` measures the recall@k of this index against exact search on a
 model's own keys and queries, and the per-chunk cost as the memory fills.
@@ -56,6 +57,7 @@ from longrange.memory.knn.exact import exact_search
 from longrange.memory.knn.faiss_index import alive_slots
 from longrange.memory.knn.interface import KNNIndex
 from longrange.memory.knn.store import MemmapStore
+from longrange.ops.select import argmax_last, top_k_columns
 
 # A cell holds at least this many keys on average: with few keys per cell, nprobe cells hold
 # too few candidates for a top-32 while the memory is small.
@@ -71,35 +73,8 @@ def nearest_cells(keys: Tensor, centroids: Tensor, *, block: int = 1024) -> Tens
     cells = torch.empty(keys.shape[0], dtype=torch.long)
     by_column = centroids.T.contiguous()
     for start in range(0, keys.shape[0], block):
-        torch.argmax(keys[start : start + block] @ by_column, dim=1, out=cells[start : start + block])
+        cells[start : start + block] = argmax_last(keys[start : start + block] @ by_column)
     return cells
-
-
-# best_cells' strides: a query's scores are cut into CELL_STRIDES interleaved runs
-CELL_STRIDES = 8
-
-
-def best_cells(scores: Tensor, k: int) -> Tensor:
-    """The columns of the k largest of each row of scores [Q, C], in no order: the set of
-    ``scores.topk(k, sorted=False)`` (which of equal scores is taken may differ).
-
-    torch's CPU top-k over a long row costs about twice as much at k = 24 as at k = 16
-    (2048 x 1448 scores: 13-15 ms, the largest single kernel of a memorizing chunk at 32K
-    memories). Instead, with the row laid out as CELL_STRIDES runs of G = C / CELL_STRIDES,
-    the columns j, j + G, j + 2G, ... form a group, whose maximum is one vectorised max over
-    the runs: a top-k of the G group maxima picks k groups, and a top-k of their k x
-    CELL_STRIDES scores picks the answer (an entry of any other group has k groups of larger
-    maxima, so k larger scores, above it). 2048 x 1448 at k = 24: 5.8 ms."""
-    q, c = scores.shape
-    if scores.device.type != "cpu" or c < 16 * k:
-        return scores.topk(k, dim=1, sorted=False).indices
-    if c % CELL_STRIDES:  # -inf padding: never above a real score, as k <= C
-        scores = torch.nn.functional.pad(scores, (0, -c % CELL_STRIDES), value=-math.inf)
-    runs = scores.view(q, CELL_STRIDES, -1)  # [Q, S, G]
-    groups = runs.amax(dim=1).topk(k, dim=1, sorted=False).indices  # [Q, k]
-    picked = runs.gather(2, groups[:, None, :].expand(q, CELL_STRIDES, k)).view(q, -1)
-    best = picked.topk(k, dim=1, sorted=False).indices  # into [S, k], run-major
-    return (best // k) * runs.shape[2] + groups.gather(1, best % k)
 
 
 def train_centroids(keys: Tensor, cells: int, *, iterations: int = 6, seed: int = 0) -> Tensor:
@@ -234,7 +209,7 @@ class AdaptiveIndex(KNNIndex):
         q = queries.detach().to("cpu", torch.float32).contiguous()
         probes = min(self.nprobe, centroids.shape[0])
         # The probed cells in any order (the scan merges them).
-        cells = best_cells(q @ centroids.T, probes).numpy()
+        cells = top_k_columns(q @ centroids.T, probes).numpy()
         index.nprobe = probes
         faiss.omp_set_num_threads(max(self.threads, torch.get_num_threads()))
         # Scans of codes stored without residual ignore the coarse scores.

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longrange.ops.select import argmax_last
+
 KMEANS_INIT_ITERS = 10
 
 
@@ -37,27 +39,6 @@ def _point_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
 def similarities(x: Tensor, means: Tensor) -> Tensor:
     """Dot products of points x [B, H, N, D] with centroids means [H, C, D] -> [B, H, N, C]."""
     return torch.einsum("bhnd,hcd->bhnc", x, means.to(x.dtype))
-
-
-# rows at least this wide (a multiple of ARGMAX_GROUP) take :func:`argmax_last`'s grouped path
-ARGMAX_GROUPED_FROM = 256
-ARGMAX_GROUP = 32
-
-
-def argmax_last(x: Tensor) -> Tensor:
-    """``x.argmax(dim=-1)``, the same indices (the first of equal maxima), faster for the wide
-    rows of many clusters on CPU, where torch's argmax over the last dimension runs about 10x
-    slower than its amax (4.9 against 0.5 ms for [4, 4096, 256] on this project's CPU): the
-    maximum of each group of ARGMAX_GROUP entries, the first group holding the row's maximum,
-    then the first index of it inside that group. Every earlier group's maximum is smaller, so
-    the index is argmax's. 1.8 against 3.8 ms for [2, 4096, 512]."""
-    width = x.shape[-1]
-    if x.device.type != "cpu" or width < ARGMAX_GROUPED_FROM or width % ARGMAX_GROUP:
-        return x.argmax(dim=-1)
-    groups = x.unflatten(-1, (width // ARGMAX_GROUP, ARGMAX_GROUP))
-    top = groups.amax(dim=-1).argmax(dim=-1, keepdim=True)  # [..., 1]
-    picked = groups.gather(-2, top[..., None].expand(*top.shape, ARGMAX_GROUP)).squeeze(-2)
-    return top.squeeze(-1) * ARGMAX_GROUP + picked.argmax(dim=-1)
 
 
 def nearest(x: Tensor, means: Tensor) -> Tensor:

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from longrange.ops.select import argmax_last, top_k_columns
+
+
+@pytest.mark.parametrize("width", [64, 255, 256, 288, 512])
+def test_grouped_argmax_is_torch_argmax_ties_and_nan_included(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randint(-3, 4, (2, 3, 257, width), generator=g).float()  # many ties per row
+    x[0, 0, 0] = float("-inf")
+    x[0, 0, 1, width // 2] = float("nan")
+    x[1, 2, 5, -1] = 9.0  # the maximum in the last group
+    for t in (x, x.transpose(1, 2), -x, torch.randn(4, width, generator=g)):
+        assert torch.equal(argmax_last(t), t.argmax(dim=-1))
+
+
+@pytest.mark.parametrize(("cells", "k"), [(1448, 24), (2896, 24), (383, 24), (384, 24), (1000, 7), (64, 24)])
+def test_top_k_columns_are_the_top_k_set(cells, k):
+    g = torch.Generator().manual_seed(cells)
+    scores = torch.randn(300, cells, generator=g)
+    scores[0, -k:] += 100  # the best k together at the end, next to the padding
+    scores[1, :: cells // 8] += 100  # the best spread over the strided runs
+    got = top_k_columns(scores, k)
+    want = scores.topk(k, dim=1).indices
+    assert got.shape == (300, k) and got.dtype == torch.long
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
