@@ -364,3 +364,18 @@ def test_lookup_scores_are_the_inner_products_of_the_pairs_it_names(tmp_path):
     kv, mask = memory.search(queries, 4)
     assert torch.equal(mask, found) and _matched(kv, mask)
     memory.close()
+
+
+def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_path, monkeypatch):
+    from longrange.memory.knn import adaptive
+
+    memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 64, "nprobe": 4}, max_memories=4096, rows=1)
+    memory.add(_pairs(_keys(3000, rows=1)))
+    assert memory.index.indexes[0] is not None
+    queries = _keys(700, rows=1, seed=5)
+    across = memory.search(queries, 8)
+    assert adaptive.SEARCH_PARALLEL_MODE != 0
+    monkeypatch.setattr(adaptive, "SEARCH_PARALLEL_MODE", 0)  # faiss's default: one thread here
+    for got, want in zip(across, memory.search(queries, 8), strict=True):
+        assert torch.equal(got, want)
+    memory.close()

@@ -62,6 +62,10 @@ from longrange.ops.select import argmax_last, top_k_columns
 # A cell holds at least this many keys on average: with few keys per cell, nprobe cells hold
 # too few candidates for a top-32 while the memory is small.
 MIN_CELL_KEYS = 16
+# faiss's parallel mode for search_preassigned: in the default (0) a direct call runs on one
+# thread (search() splits the queries itself); 3 splits the queries across the threads. 2048
+# queries at 32K entries, 2 threads: 25 -> 15 ms, the same results.
+SEARCH_PARALLEL_MODE = 3
 META_FILE = "knn.index.auto.json"
 INDEX_FILE = "knn.index.row{row}.ivf"
 
@@ -211,6 +215,7 @@ class AdaptiveIndex(KNNIndex):
         # The probed cells in any order (the scan merges them).
         cells = top_k_columns(q @ centroids.T, probes).numpy()
         index.nprobe = probes
+        index.parallel_mode = SEARCH_PARALLEL_MODE
         faiss.omp_set_num_threads(max(self.threads, torch.get_num_threads()))
         # Scans of codes stored without residual ignore the coarse scores.
         unused = np.zeros(cells.shape, np.float32)
