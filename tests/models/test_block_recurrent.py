@@ -11,7 +11,6 @@ import torch
 from longrange.models.block_recurrent import BlockRecurrentLM
 from longrange.models.block_recurrent.compat import BlockRecurrentTransformer
 from longrange.models.block_recurrent.config import block_recurrent_bench
-from longrange.models.block_recurrent.layers import GatedFeedForward
 from longrange.models.registry import create_model
 from longrange.testing import assert_causal, assert_close, assert_compiles_whole, assert_padding_ignored
 
@@ -215,11 +214,8 @@ def test_memory_lean_functions_have_exact_gradients():
     def f64(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    x, w1, w2, gain = f64(2, 3, 6), f64(8, 6), f64(5, 4), f64(6)
-    assert torch.autograd.gradcheck(GatedFeedForward.apply, (x, w1, w2))
+    x, gain = f64(2, 3, 6), f64(6)
     assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (x, gain))
-    a, b = (x @ w1.T).chunk(2, dim=-1)
-    assert_close(GatedFeedForward.apply(x, w1, w2), (torch.nn.functional.gelu(a) * b) @ w2.T)
     assert_close(_ScaledL2Norm.apply(x, gain), torch.nn.functional.normalize(x, dim=-1) * gain)
 
 

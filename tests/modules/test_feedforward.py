@@ -87,3 +87,68 @@ def test_lean_path_steps_aside_under_autocast():
         grads.append(torch.autograd.grad(out.float().sum(), list(ff.parameters())))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("keep", ["hidden", "pre", "input"])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_lean_layer_equals_the_plain_layers_whatever_it_keeps(keep, glu, with_norm, monkeypatch):
+    import longrange.modules.feedforward as feedforward
+
+    monkeypatch.setattr(feedforward, "SLICE_ROWS", 4)  # 3 slices of 10 rows
+    torch.manual_seed(0)
+    ff = FeedForward(6, mult=2, glu=glu).double()
+    norm = nn.LayerNorm(6).double() if with_norm else None
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, *ff.parameters(), *(norm.parameters() if norm else [])]
+    out = feedforward.lean_feed_forward(ff, x, norm=norm, keep=keep)
+    want = ff(norm(x) if norm else x)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, g)
+    for a, b in zip(got, torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_lean_geglu_keeping_the_pre_activation_has_exact_gradients():
+    from longrange.modules.feedforward import _LeanFeedForward
+
+    def f64(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    def geglu(x, w1, w2):
+        return _LeanFeedForward.apply(x, None, None, None, w1, None, w2, None, True, "none", 1, "pre")
+
+    torch.manual_seed(0)
+    x, w1, w2 = f64(2, 3, 6), f64(8, 6), f64(5, 4)
+    assert torch.autograd.gradcheck(geglu, (x, w1, w2))
+    a, b = (x @ w1.T).chunk(2, dim=-1)
+    assert_close(geglu(x, w1, w2), (torch.nn.functional.gelu(a) * b) @ w2.T)
+
+
+def test_lean_layer_without_a_norm_runs_under_autocast():
+    from longrange.modules.feedforward import lean_applies, lean_feed_forward
+
+    torch.manual_seed(0)
+    ff = GEGLUFeedForward(8, mult=2)
+    x = torch.randn(2, 10, 8)
+    grads = []
+    for lean in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lean_applies(ff)
+            out = lean_feed_forward(ff, x, keep="pre") if lean else ff(x)
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(out.float().sum(), list(ff.parameters())))
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_lean_layer_refuses_an_unknown_keep():
+    from longrange.modules.feedforward import lean_feed_forward
+
+    ff, x = FeedForward(4), torch.randn(1, 2, 4)
+    with pytest.raises(ValueError, match="keep must be one of"):
+        lean_feed_forward(ff, x, keep="everything")
+    with pytest.raises(ValueError, match="recompute=True keeps the input only"):
+        lean_feed_forward(ff, x, recompute=True, keep="pre")

@@ -9,10 +9,12 @@
   speed for a peak activation memory divided by ``chunks``.
 - :func:`lean_feed_forward` is a GELU :class:`FeedForward` (optionally behind its pre-norm
   ``nn.LayerNorm``) in one autograd function that keeps less for backward than the plain
-  layers: the input, the pre-activation and the hidden activations (``recompute=False``;
-  backward forms the normalised input again, an elementwise pass), or the input only
-  (``recompute=True``: backward forms the hidden activations again, a slice at a time, so
-  that they never exist for the whole sequence). It works on slices of at most
+  layers: the input, the pre-activation and the hidden activations (``keep="hidden"``;
+  backward forms the normalised input again, an elementwise pass), the input and the
+  pre-activation (``keep="pre"``: backward forms the activation again, a GEGLU's product
+  included), or the input only (``keep="input"``, ``recompute=True``: backward forms the
+  hidden activations again, a slice at a time, so that they never exist for the whole
+  sequence). It works on slices of at most
   ``SLICE_ROWS`` positions (at least ``chunks`` slices), so that a slice's activations are
   still in cache when the next step reads them, at any length. Outputs and gradients are the
   plain layers'.
@@ -163,12 +165,12 @@ class Chunk(nn.Module):
 
 def lean_applies(ff: FeedForward, norm: nn.Module | None = None) -> bool:
     """Whether :func:`lean_feed_forward` computes ``ff`` (after ``norm``) exactly: a GELU
-    layer without active dropout, a LayerNorm (or no norm) in front, gradients wanted, no
-    autocast (its backward would meet reduced-precision activations with full-precision
-    weights)."""
+    layer without active dropout, a LayerNorm (or no norm) in front, gradients wanted, and no
+    autocast with a norm (the norm's backward would meet reduced-precision activations with
+    full-precision weights)."""
     return (
         torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(ff.w1.weight.device.type)
+        and (norm is None or not torch.is_autocast_enabled(ff.w1.weight.device.type))
         and type(ff.act) is nn.GELU
         and (ff.dropout.p == 0 or not ff.training)
         and (norm is None or type(norm) is nn.LayerNorm)
@@ -176,10 +178,24 @@ def lean_applies(ff: FeedForward, norm: nn.Module | None = None) -> bool:
 
 
 def lean_feed_forward(
-    ff: FeedForward, x: Tensor, *, norm: nn.LayerNorm | None = None, chunks: int = 1, recompute: bool = False
+    ff: FeedForward,
+    x: Tensor,
+    *,
+    norm: nn.LayerNorm | None = None,
+    chunks: int = 1,
+    recompute: bool = False,
+    keep: str | None = None,
 ) -> Tensor:
     """``ff(norm(x))`` for x [B, N, D] (see the module docstring and :func:`lean_applies`);
-    ``chunks`` slices along N when forming the hidden activations."""
+    ``chunks`` slices along N when forming the hidden activations. ``keep`` (one of
+    :data:`KEEPS`) says what backward keeps of each slice: "hidden" (the pre-activation and
+    the hidden activations; the default), "pre" (the pre-activation only: backward forms the
+    activation again, one elementwise pass) or "input" (nothing: ``recompute=True``)."""
+    if recompute and keep not in (None, "input"):
+        raise ValueError(f"recompute=True keeps the input only, got keep={keep!r}")
+    keep = keep or ("input" if recompute else "hidden")
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
     ln = (None, None, None) if norm is None else (norm.weight, norm.bias, norm.eps)
     return _LeanFeedForward.apply(
         x,
@@ -191,7 +207,7 @@ def lean_feed_forward(
         ff.glu,
         ff.act.approximate,
         chunks,
-        recompute,
+        keep,
     )
 
 
@@ -214,10 +230,24 @@ def _act_backward(d_hidden: Tensor, pre: Tensor, glu: bool, approximate: str) ->
 SLICE_ROWS = 4096
 
 
+# what the lean layer keeps of each slice for backward (the rest is formed again there)
+KEEPS = ("hidden", "pre", "input")
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """total += a @ b, also when autocast made a and b narrower than total."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += (a @ b).to(total.dtype)
+
+
 class _LeanFeedForward(torch.autograd.Function):
     """(LayerNorm ->) w1 -> GELU (or GEGLU) -> w2 over the rows of x [..., D], in slices of at
-    most :data:`SLICE_ROWS` rows (at least ``chunks`` slices); what backward keeps is kept per
-    slice (no copy into whole-length tensors)."""
+    most :data:`SLICE_ROWS` rows (at least ``chunks`` slices); what backward keeps (``keep``,
+    one of :data:`KEEPS`) is kept per slice (no copy into whole-length tensors). Without a
+    norm it also runs under autocast: backward then works in the forward's compute dtype and
+    sums the weight gradients in the weights' own."""
 
     @staticmethod
     def _normed(x, ln_w, ln_b, eps: float | None, with_stats: bool = False):
@@ -228,7 +258,7 @@ class _LeanFeedForward(torch.autograd.Function):
         return out if with_stats else out[0]
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, glu, approximate, chunks, recompute):
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, glu, approximate, chunks, keep):
         rows = x.reshape(-1, x.shape[-1])
         size = max(1, min(SLICE_ROWS, -(-rows.shape[0] // max(chunks, 1))))
         outs, kept = [], []
@@ -236,35 +266,40 @@ class _LeanFeedForward(torch.autograd.Function):
             pre = F.linear(_LeanFeedForward._normed(xs, ln_w, ln_b, eps), w1, b1)
             hidden = _act(pre, glu, approximate)
             outs.append(F.linear(hidden, w2, b2))
-            if not recompute:
-                kept += [pre, hidden]
+            kept += {"hidden": [pre, hidden], "pre": [pre], "input": []}[keep]
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
-        ctx.eps, ctx.glu, ctx.approximate, ctx.size = eps, glu, approximate, size
+        ctx.eps, ctx.glu, ctx.approximate, ctx.size, ctx.keep = eps, glu, approximate, size, keep
+        ctx.dtype = pre.dtype  # the compute dtype: lower than the weights' under autocast
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, ln_w, ln_b, w1, b1, w2, b2, *kept = ctx.saved_tensors
-        xs_all = x.reshape(-1, x.shape[-1]).split(ctx.size)
-        ds_all = d_out.reshape(-1, d_out.shape[-1]).split(ctx.size)
         grads = {name: None if t is None else torch.zeros_like(t) for name, t in (
             ("ln_w", ln_w), ("ln_b", ln_b), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)
         )}  # fmt: skip
+        dt = ctx.dtype
+        if dt != w1.dtype:
+            w1, b1, w2, b2 = (None if t is None else t.to(dt) for t in (w1, b1, w2, b2))
+        xs_all = x.reshape(-1, x.shape[-1]).split(ctx.size)
+        ds_all = d_out.to(dt).reshape(-1, d_out.shape[-1]).split(ctx.size)
         dxs = []
         for i, (xs, ds) in enumerate(zip(xs_all, ds_all)):
             normed, mean, rstd = _LeanFeedForward._normed(xs, ln_w, ln_b, ctx.eps, with_stats=True)
-            if kept:
+            normed = normed.to(dt)
+            if ctx.keep == "hidden":
                 pre, hidden = kept[2 * i], kept[2 * i + 1]
             else:
-                pre = F.linear(normed, w1, b1)
+                pre = kept[i] if ctx.keep == "pre" else F.linear(normed, w1, b1)
                 hidden = _act(pre, ctx.glu, ctx.approximate)
-            grads["w2"].addmm_(ds.T, hidden)
+            _add_product(grads["w2"], ds.T, hidden)
+            del hidden
             if b2 is not None:
                 grads["b2"] += ds.sum(0)
             d_pre = _act_backward(ds @ w2, pre, ctx.glu, ctx.approximate)
-            grads["w1"].addmm_(d_pre.T, normed)
+            _add_product(grads["w1"], d_pre.T, normed)
             if b1 is not None:
                 grads["b1"] += d_pre.sum(0)
             d_normed = d_pre @ w1
@@ -280,6 +315,6 @@ class _LeanFeedForward(torch.autograd.Function):
                 grads["ln_w"] += d_lnw
             if ln_b is not None:
                 grads["ln_b"] += d_lnb
-        dx = (torch.cat(dxs) if len(dxs) > 1 else dxs[0]).view(x.shape)
+        dx = (torch.cat(dxs) if len(dxs) > 1 else dxs[0]).view(x.shape).to(x.dtype)
         g = grads
         return dx, g["ln_w"], g["ln_b"], None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None
