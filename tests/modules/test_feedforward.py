@@ -111,13 +111,13 @@ def test_lean_layer_equals_the_plain_layers_whatever_it_keeps(keep, glu, with_no
 
 
 def test_lean_geglu_keeping_the_pre_activation_has_exact_gradients():
-    from longrange.modules.feedforward import _LeanFeedForward
+    from longrange.ops.mlp.chunked import sliced_mlp
 
     def f64(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     def geglu(x, w1, w2):
-        return _LeanFeedForward.apply(x, None, None, None, w1, None, w2, None, True, "none", 1, "pre")
+        return sliced_mlp(x, w1, None, w2, None, activation="gelu", rows=2, keep="pre", glu=True)
 
     torch.manual_seed(0)
     x, w1, w2 = f64(2, 3, 6), f64(8, 6), f64(5, 4)

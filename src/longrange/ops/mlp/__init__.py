@@ -2,11 +2,14 @@
 
 - :mod:`~longrange.ops.mlp.naive`: the plain composition of ``F.linear`` and the activation
   (autograd keeps the inner activations, 2 x the inner width per position);
-- :mod:`~longrange.ops.mlp.chunked`: the same maths over chunks of positions, keeping only
-  the input for backward and recomputing each chunk's inner activations there. The inner
-  activations exist one chunk at a time (a few megabytes that the allocator reuses), so
-  memory per position is the input's width instead of twice the inner width, for one more
-  ``w1`` product in backward.
+- :mod:`~longrange.ops.mlp.chunked`: the same maths over slices of positions in one autograd
+  function (:func:`~longrange.ops.mlp.chunked.sliced_mlp`; also with a LayerNorm in front
+  and a gated unit, the lean feed-forward of ``modules/feedforward.py``) that keeps less for
+  backward. :func:`mlp_chunked` keeps only the input and recomputes each slice's inner
+  activations there: they exist one slice at a time (a few megabytes that the allocator
+  reuses), so memory per position is the input's width instead of twice the inner width,
+  for one more ``w1`` product in backward. Under autocast its products run in autocast's
+  dtype.
 
 :func:`mlp` picks: ``chunked`` for the activations it knows (:data:`CHUNKED_ACTIVATIONS`),
 ``naive`` otherwise.
@@ -16,7 +19,6 @@ Dimensions: N positions (all leading dimensions), D input width, F inner width, 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from longrange.ops.mlp.chunked import CHUNKED_ACTIVATIONS, mlp_chunked
@@ -41,8 +43,6 @@ def mlp(
     :data:`CHUNKED_ACTIVATIONS` (any name works with ``naive``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # under autocast the plain composition lets autocast pick each product's precision
-    plain = activation not in CHUNKED_ACTIVATIONS or torch.is_autocast_enabled(x.device.type)
-    if backend == "naive" or (backend == "auto" and plain):
+    if backend == "naive" or (backend == "auto" and activation not in CHUNKED_ACTIVATIONS):
         return mlp_naive(x, w1, b1, w2, b2, activation=activation)
     return mlp_chunked(x, w1, b1, w2, b2, activation=activation)

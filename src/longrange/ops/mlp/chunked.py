@@ -1,11 +1,23 @@
-"""The MLP over chunks of positions with a recomputing backward (see the package docstring).
+"""The MLP over slices of positions with a lean backward (see the package docstring).
 
-Forward: per chunk of C positions, ``h = x W1^T + b1``, ``a = act(h)``, ``y = a W2^T + b2``
-into the output. Backward, per chunk: recompute h and a, then ``dW2 += dy^T a``,
-``dh = act'(h) * (dy W2)``, ``dW1 += dh^T x``, ``dx = dh W1``; weight gradients accumulate
-in place across chunks. Only x is saved.
+Forward, per slice of C positions: x' = LayerNorm(x) when a norm is given (else x), ``h = x'
+W1^T + b1``, ``a = act(h)`` (a gated unit: ``act(h1) * h2`` for the two halves of h), ``y = a
+W2^T + b2`` into the output. What backward keeps of each slice is ``keep``:
 
-Dimensions: N positions, C positions per chunk, D input width, F inner width, O output width.
+- "hidden": h and a;
+- "pre": h only; backward forms a again (one elementwise pass);
+- "input": nothing; backward forms h and a again (one more ``W1`` product).
+
+The input itself is always kept. Backward, per slice: ``dW2 += dy^T a``, ``dh = act'(h) *
+(dy W2)`` (both halves for a gated unit), ``dW1 += dh^T x'``, ``dx' = dh W1``, then through
+the norm; weight gradients accumulate across slices. Slices keep every elementwise pass on
+a few megabytes, which are still in cache when the next step reads them.
+
+Under autocast (without a norm, whose backward would meet reduced-precision activations with
+full-precision weights) the forward's products run in autocast's dtype; backward works in
+that dtype and sums the weight gradients in the weights' own.
+
+Dimensions: N positions, C positions per slice, D input width, F inner width, O output width.
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# inner activations per chunk: about 4 MB at F = 1024 in float32
+# inner activations per slice of :func:`mlp_chunked`: about 4 MB at F = 1024 in float32
 CHUNK_ELEMENTS = 1 << 20
+# what backward keeps of each slice (module docstring)
+KEEPS = ("hidden", "pre", "input")
 
 
 def _relu_backward(grad: Tensor, h: Tensor) -> Tensor:
@@ -40,48 +54,144 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -
     return torch.mm(x, w.t(), out=out)
 
 
-class _ChunkedMLP(torch.autograd.Function):
+def _hidden(h: Tensor, activation: str, glu: bool) -> Tensor:
+    act = CHUNKED_ACTIVATIONS[activation][0]
+    if not glu:
+        return act(h)
+    a, g = h.chunk(2, dim=-1)
+    return act(a) * g
+
+
+def _hidden_backward(d_hidden: Tensor, h: Tensor, activation: str, glu: bool) -> Tensor:
+    act, act_backward = CHUNKED_ACTIVATIONS[activation]
+    if not glu:
+        return act_backward(d_hidden, h)
+    a, g = h.chunk(2, dim=-1)
+    return torch.cat((act_backward(d_hidden * g, a), d_hidden * act(a)), dim=-1)
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """total += a @ b, also when autocast made a and b narrower than total."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += (a @ b).to(total.dtype)
+
+
+def _normed(x: Tensor, ln_w, ln_b, eps: float | None, with_stats: bool = False):
+    """x, or LayerNorm(x) when ``eps`` is given (with its mean and 1 / std if asked)."""
+    if eps is None:
+        return (x, None, None) if with_stats else x
+    out = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
+    return out if with_stats else out[0]
+
+
+class _SlicedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation: str, chunk: int):
-        act = CHUNKED_ACTIVATIONS[activation][0]
-        rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        out = rows.new_empty(n, w2.shape[0])
-        for start in range(0, n, chunk):
-            part = rows[start : start + chunk]
-            _linear(act(_linear(part, w1, b1)), w2, b2, out=out[start : start + chunk])
-        ctx.save_for_backward(rows, w1, b1, w2, b2)
-        ctx.activation, ctx.chunk, ctx.shape = activation, chunk, x.shape
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, activation, glu, rows, keep):
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        out, kept = None, []
+        for start in range(0, n, rows):
+            h = _linear(_normed(flat[start : start + rows], ln_w, ln_b, eps), w1, b1)
+            hidden = _hidden(h, activation, glu)
+            if out is None:  # autocast decides the products' dtype
+                out = h.new_empty(n, w2.shape[0])
+            _linear(
+                hidden,
+                w2.to(hidden.dtype),
+                None if b2 is None else b2.to(hidden.dtype),
+                out=out[start : start + rows],
+            )
+            kept += {"hidden": [h, hidden], "pre": [h], "input": []}[keep]
+        ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
+        ctx.geometry = (eps, activation, glu, rows, keep, out.dtype)
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        rows, w1, b1, w2, b2 = ctx.saved_tensors
-        act, act_backward = CHUNKED_ACTIVATIONS[ctx.activation]
-        chunk = ctx.chunk
-        dy = grad.reshape(-1, grad.shape[-1])
-        n = rows.shape[0]
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        dx = torch.empty_like(rows) if need_x else None
-        dw1 = torch.zeros_like(w1) if need_w1 else None
-        db1 = torch.zeros_like(b1) if b1 is not None and need_b1 else None
-        dw2 = torch.zeros_like(w2) if need_w2 else None
-        db2 = dy.sum(dim=0).to(b2.dtype) if b2 is not None and need_b2 else None
-        for start in range(0, n, chunk):
-            part, g = rows[start : start + chunk], dy[start : start + chunk]
-            h = _linear(part, w1, b1)
-            if dw2 is not None:
-                dw2.addmm_(g.t(), act(h))
-            dh = act_backward(g @ w2, h)
-            if dw1 is not None:
-                dw1.addmm_(dh.t(), part)
-            if db1 is not None:
-                db1 += dh.sum(dim=0)
+    def backward(ctx, d_out: Tensor):
+        x, ln_w, ln_b, w1, b1, w2, b2, *kept = ctx.saved_tensors
+        eps, activation, glu, rows, keep, dt = ctx.geometry
+        need = ctx.needs_input_grad
+        grads = {
+            name: torch.zeros_like(t) if t is not None and need[i] else None
+            for name, i, t in (
+                ("ln_w", 1, ln_w),
+                ("ln_b", 2, ln_b),
+                ("w1", 4, w1),
+                ("b1", 5, b1),
+                ("w2", 6, w2),
+                ("b2", 7, b2),
+            )
+        }
+        if dt != w1.dtype:  # autocast: work in the forward's dtype
+            w1, b1, w2 = w1.to(dt), None if b1 is None else b1.to(dt), w2.to(dt)
+        flat = x.reshape(-1, x.shape[-1])
+        dy_all = d_out.reshape(-1, d_out.shape[-1]).to(dt)
+        dx = torch.empty_like(flat) if need[0] else None
+        per = {"hidden": 2, "pre": 1, "input": 0}[keep]
+        for i, start in enumerate(range(0, flat.shape[0], rows)):
+            xs, dy = flat[start : start + rows], dy_all[start : start + rows]
+            normed, mean, rstd = _normed(xs, ln_w, ln_b, eps, with_stats=True)
+            normed = normed.to(dt)
+            h = kept[per * i] if per else _linear(normed, w1, b1)
+            hidden = kept[2 * i + 1] if per == 2 else None
+            if grads["w2"] is not None:
+                _add_product(grads["w2"], dy.t(), _hidden(h, activation, glu) if hidden is None else hidden)
+            del hidden
+            if grads["b2"] is not None:
+                grads["b2"] += dy.sum(dim=0)
+            dh = _hidden_backward(dy @ w2, h, activation, glu)
+            if grads["w1"] is not None:
+                _add_product(grads["w1"], dh.t(), normed)
+            if grads["b1"] is not None:
+                grads["b1"] += dh.sum(dim=0)
+            if dx is None and mean is None:
+                continue
+            d_normed = dh @ w1
+            if mean is None:
+                dx[start : start + rows] = d_normed
+                continue
+            mask = (need[0], grads["ln_w"] is not None, grads["ln_b"] is not None)
+            d_x, d_lnw, d_lnb = torch.ops.aten.native_layer_norm_backward(
+                d_normed, xs, xs.shape[-1:], mean, rstd, ln_w, ln_b, mask
+            )
             if dx is not None:
-                torch.mm(dh, w1, out=dx[start : start + chunk])
-        dx = None if dx is None else dx.view(ctx.shape)
-        return dx, dw1, db1, dw2, db2, None, None
+                dx[start : start + rows] = d_x
+            if d_lnw is not None:
+                grads["ln_w"] += d_lnw
+            if d_lnb is not None:
+                grads["ln_b"] += d_lnb
+        dx = None if dx is None else dx.view(x.shape)
+        g = grads
+        return dx, g["ln_w"], g["ln_b"], None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None
+
+
+def sliced_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    activation: str,
+    rows: int,
+    keep: str = "input",
+    glu: bool = False,
+    norm: tuple[Tensor | None, Tensor | None, float] | None = None,
+) -> Tensor:
+    """x [..., D] -> [..., O] (module docstring): ``rows`` positions per slice, ``keep`` one of
+    :data:`KEEPS`, ``glu`` gates the two halves of w1's output (w1 [2F, D]), ``norm`` the
+    (weight, bias, eps) of a LayerNorm in front."""
+    if activation not in CHUNKED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(CHUNKED_ACTIVATIONS)}, got {activation!r}")
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int, got {rows!r}")
+    ln_w, ln_b, eps = (None, None, None) if norm is None else norm
+    return _SlicedMLP.apply(x, ln_w, ln_b, eps, w1, b1, w2, b2, activation, glu, rows, keep)
 
 
 def mlp_chunked(
@@ -94,9 +204,8 @@ def mlp_chunked(
     activation: str,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """x [..., D] -> [..., O], as :func:`~longrange.ops.mlp.naive.mlp_naive`; ``chunk_size``
-    positions per chunk (default: about :data:`CHUNK_ELEMENTS` inner activations)."""
-    if activation not in CHUNKED_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(CHUNKED_ACTIVATIONS)}, got {activation!r}")
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // w1.shape[0])
-    return _ChunkedMLP.apply(x, w1, b1, w2, b2, activation, chunk)
+    """x [..., D] -> [..., O], as :func:`~longrange.ops.mlp.naive.mlp_naive`, keeping only x
+    for backward; ``chunk_size`` positions per slice (default: about :data:`CHUNK_ELEMENTS`
+    inner activations)."""
+    rows = chunk_size or max(1, CHUNK_ELEMENTS // w1.shape[0])
+    return sliced_mlp(x, w1, b1, w2, b2, activation=activation, rows=rows, keep="input")
