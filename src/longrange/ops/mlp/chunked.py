@@ -147,12 +147,13 @@ class _SlicedMLP(torch.autograd.Function):
                 _add_product(grads["w1"], dh.t(), normed)
             if grads["b1"] is not None:
                 grads["b1"] += dh.sum(dim=0)
-            if dx is None and mean is None:
+            if mean is None:  # no norm: dx is dh W1
+                if dx is not None and dx.dtype == dh.dtype:
+                    torch.mm(dh, w1, out=dx[start : start + rows])
+                elif dx is not None:
+                    dx[start : start + rows] = dh @ w1
                 continue
             d_normed = dh @ w1
-            if mean is None:
-                dx[start : start + rows] = d_normed
-                continue
             mask = (need[0], grads["ln_w"] is not None, grads["ln_b"] is not None)
             d_x, d_lnw, d_lnb = torch.ops.aten.native_layer_norm_backward(
                 d_normed, xs, xs.shape[-1:], mean, rstd, ln_w, ln_b, mask
