@@ -117,6 +117,7 @@ def test_the_report_names_the_points_timed_with_the_cpu_cache(tmp_path):
     folder = tmp_path / "dev"
     rows = [row("sinkhorn", 512), row("sinkhorn", 65536, "on"), row("sinkhorn", 16384, "on")]
     rows += [row("routing", 16384, "off"), row("routing", 131072, "on")]
+    rows += [{**row("routing", 131072, "on"), "batch_size": 2}]  # a second row at 128K
     merge_results(folder / "speed.json", {"device": "dev"}, rows)
     text = markdown_for_device(folder)
     expected = "CPU allocation cache (`longrange.cpu_cache`): routing at 128K; sinkhorn at 16K, 64K.\n"

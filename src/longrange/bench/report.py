@@ -203,10 +203,10 @@ def _length_label(n: int) -> str:
 def _cached_points(rows: list[dict]) -> str:
     """The points of ``rows`` timed with the CPU allocation cache on, by family ("" if none):
     rows measured before it existed, or with --no-cpu-cache, ran on torch's allocator."""
-    by_family: dict[str, list[int]] = {}
+    by_family: dict[str, set[int]] = {}
     for r in rows:
-        if r.get("cpu_cache") == "on":
-            by_family.setdefault(r["family"], []).append(r["length"])
+        if r.get("cpu_cache") == "on":  # a length once, however many rows it has
+            by_family.setdefault(r["family"], set()).add(r["length"])
     return "; ".join(
         f"{family} at {', '.join(_length_label(n) for n in sorted(lengths))}"
         for family, lengths in sorted(by_family.items())
