@@ -30,6 +30,7 @@ def test_the_ratio_pairs_each_round_with_its_own_base_step(monkeypatch):
     monkeypatch.setattr(growth, "steps_in_turn", lambda steps, repeats, device: [[1, 2, 3], [2, 8, 6]])
     rows = growth.growth_point("vanilla", [32, 64], device="cpu", repeats=3)
     assert rows[1]["vs_base"] == 1.0
+    assert rows[1]["vs_base_range"] == [0.5, 1.0]
     assert rows[1]["tokens_per_s"] == 64 / 6
     assert rows[0]["tokens_per_s"] == 32 / 2
 
@@ -86,10 +87,13 @@ def test_the_report_shows_each_length_against_its_base(tmp_path):
         }
 
     rows = [row("sinkhorn", 16384, 6528, 1.0), {**row("sinkhorn", 65536, 5684, 0.871), "cpu_cache": "on"}]
+    rows += [row("performer", 16384, 6105, 1.0), {**row("performer", 65536, 6055, 0.984), "rounds": 5}]
+    rows[-1]["vs_base_range"] = [0.9412, 1.0263]
     rows += [row("routing", 16384, 6385, 1.0), {**row("routing", 65536, 0, 0), "error": "out of memory"}]
     merge_results(tmp_path / "dev" / "growth.json", {"device": "dev"}, rows, keys=("family", "length"))
     text = markdown_for_device(tmp_path / "dev")
     assert "| family | 16K tok/s | 64K tok/s (vs 16K) |" in text
-    assert "| sinkhorn | 6,528 | 5,684 (0.87) |" in text
+    assert "| sinkhorn | 6,528 | 5,684 (0.87) |" in text  # a row from before the range was kept
+    assert "| performer | 6,105 | 6,055 (0.98, 0.94-1.03) |" in text
     assert "| routing | 6,385 | fails |" in text
     assert "Lengths timed with the CPU allocation cache: sinkhorn at 64K.\n" in text

@@ -7,7 +7,8 @@ between runs, more than the flatness the performance aims ask about). Here every
 family has its own model (the same seed, ``bench_model``) in one process, and each round times
 one forward + backward at every length in turn, after a warm-up step of each. A row's
 ``vs_base`` is the median over rounds of its tokens/s over the base length's (the first of
-``lengths``) in the same round; ``tokens_per_s`` is from the median step time.
+``lengths``) in the same round, ``vs_base_range`` the smallest and largest of those ratios
+(how far the machine's drift moved them); ``tokens_per_s`` is from the median step time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def growth_point(family: str, lengths: list[int], *, device: str, repeats: int) 
     base, base_times = lengths[0], times[0]
     rows = []
     for length, spent in zip(lengths, times):
+        ratios = [length * b / (base * t) for t, b in zip(spent, base_times)]
         rows.append(
             {
                 "family": family,
@@ -58,7 +60,8 @@ def growth_point(family: str, lengths: list[int], *, device: str, repeats: int) 
                 "rounds": repeats,
                 "fwd_bwd_s": statistics.median(spent),
                 "tokens_per_s": length / statistics.median(spent),
-                "vs_base": statistics.median(length * b / (base * t) for t, b in zip(spent, base_times)),
+                "vs_base": statistics.median(ratios),
+                "vs_base_range": [min(ratios), max(ratios)],
             }
         )
     return rows

@@ -190,7 +190,9 @@ def _growth_markdown(rows: list[dict[str, Any]]) -> str:
                 elif n == base:
                     cells.append(f"{r['tokens_per_s']:,.0f}")
                 else:
-                    cells.append(f"{r['tokens_per_s']:,.0f} ({r['vs_base']:.2f})")
+                    spread = r.get("vs_base_range")
+                    within = f", {spread[0]:.2f}-{spread[1]:.2f}" if spread and r.get("rounds", 0) > 1 else ""
+                    cells.append(f"{r['tokens_per_s']:,.0f} ({r['vs_base']:.2f}{within})")
             out.append(f"| {family} | " + " | ".join(cells) + " |")
         tables.append("\n".join(out))
     return "\n\n".join(tables)
@@ -240,8 +242,8 @@ def markdown_for_device(folder: Path) -> str:
         parts.append(
             "Throughput at long inputs against a shorter base length, paired (`longrange bench "
             "growth`: each length of a family in one process, a forward + backward of each in "
-            "turn, the ratio the median of the rounds' tokens/s ratios; the growth exponents above "
-            "come from lengths timed one after another):\n"
+            "turn, the ratio the median of the rounds' tokens/s ratios, then the smallest and largest; "
+            "the growth exponents above come from lengths timed one after another):\n"
         )
         parts.append(_growth_markdown(growth["results"]) + "\n")
         cached = _cached_points(growth["results"])
