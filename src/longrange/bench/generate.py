@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from longrange.bench.speed import _sync, bench_model
+from longrange.bench.speed import bench_model
+from longrange.bench.timing import sync
 
 
 @torch.no_grad()
@@ -33,13 +34,13 @@ def generate_point(
     start = time.perf_counter()
     logits, state = model.prefill(prompt)
     token = logits[:, -1].argmax(-1)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
         logits, state = model.step(token, state)
         token = logits.argmax(-1)
-    _sync(device)
+    sync(device)
     incremental_s = time.perf_counter() - start
 
     seq = prompt
@@ -47,7 +48,7 @@ def generate_point(
     for _ in range(recompute_tokens):
         nxt = model.forward_lm(seq).logits[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-    _sync(device)
+    sync(device)
     recompute_s = time.perf_counter() - start
     return {
         "family": family,

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from longrange.bench.device import environment
-from longrange.bench.speed import bench_model, fwd_bwd, merge_results, results_path, stamp, steps_in_turn
+from longrange.bench.speed import bench_model, fwd_bwd, merge_results, results_path, stamp
+from longrange.bench.timing import steps_in_turn
 
 
 def _check(lengths: list[int], repeats: int) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longrange.bench.speed import steps_in_turn
+from longrange.bench.timing import steps_in_turn
 
 SIZE = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4}
 SOURCES = ("reference", "longrange", "exact")

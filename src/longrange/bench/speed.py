@@ -31,6 +31,7 @@ from longrange import cpu_cache
 from longrange.bench.device import device_slug, environment
 from longrange.bench.flops import count_flops, growth_exponents, matmul_peak
 from longrange.bench.memory import current_rss_kib, peak_rss_kib, reset_peak_rss, run_child
+from longrange.bench.timing import sync
 from longrange.models.registry import get_family
 
 BENCH_SIZE = {"dim": 256, "depth": 4, "heads": 4}
@@ -42,11 +43,6 @@ def bench_model(family: str, length: int, device: str):
     if not getattr(fam.model_class, "bench_feeds_chunks", False):
         config = config.replace(max_seq_len=max(config.max_seq_len, length))
     return fam.model_class(config).to(device)
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def fwd_bwd(model, tokens: torch.Tensor, forward=None) -> None:
@@ -79,31 +75,15 @@ def _fwd_bwd_chunks(model, tokens: torch.Tensor, forward) -> None:
         state = model.detach_state(out.state)
 
 
-def steps_in_turn(steps, repeats: int, device: str = "cpu") -> list[list[float]]:
-    """A warm-up call of each of ``steps``, then ``repeats`` rounds that time one call of each
-    in turn, so that the machine's drift reaches them alike: the times, one list per step."""
-    for step in steps:
-        step()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, spent in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            spent.append(time.perf_counter() - start)
-    return times
-
-
 def _timed(fn, device: str, repeats: int, *, warmed: bool = False) -> float:
     if not warmed:
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -166,7 +146,7 @@ def _compiled_timing(model, train_step, device: str, repeats: int, tokens: int) 
     start = time.perf_counter()
     try:
         train_step(compiled)
-        _sync(device)
+        sync(device)
     except Exception as err:  # a backend that cannot build this model: say so in the row
         return {"compile_error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     first = time.perf_counter() - start
