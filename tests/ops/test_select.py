@@ -4,13 +4,14 @@ import torch
 from longrange.ops.select import argmax_last, top_k_columns
 
 
-@pytest.mark.parametrize("width", [64, 255, 256, 288, 512])
+@pytest.mark.parametrize("width", [64, 255, 256, 288, 300, 512, 1448, 2048])
 def test_grouped_argmax_is_torch_argmax_ties_and_nan_included(width):
     g = torch.Generator().manual_seed(width)
     x = torch.randint(-3, 4, (2, 3, 257, width), generator=g).float()  # many ties per row
     x[0, 0, 0] = float("-inf")
     x[0, 0, 1, width // 2] = float("nan")
-    x[1, 2, 5, -1] = 9.0  # the maximum in the last group
+    x[1, 2, 5, -1] = 9.0  # the maximum in the last group (or the tail)
+    x[1, 2, 6, -1] = float("nan")  # a NaN only in the last column
     for t in (x, x.transpose(1, 2), -x, torch.randn(4, width, generator=g)):
         assert torch.equal(argmax_last(t), t.argmax(dim=-1))
 
