@@ -11,19 +11,10 @@ activation the op does not know.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from longrange.modules.feedforward import FeedForward
-from longrange.ops.mlp import CHUNKED_ACTIVATIONS, mlp
-
-
-def activation_name(act: nn.Module) -> str | None:
-    """The :data:`~longrange.ops.mlp.CHUNKED_ACTIVATIONS` name of an activation module."""
-    if type(act) is nn.GELU:
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    names = {nn.ReLU: "relu", nn.SiLU: "silu"}
-    name = names.get(type(act))
-    return name if name in CHUNKED_ACTIVATIONS else None
+from longrange.modules.feedforward import FeedForward, activation_name
+from longrange.ops.mlp import mlp
 
 
 class ChunkedFeedForward(FeedForward):

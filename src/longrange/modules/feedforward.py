@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from longrange.ops.mlp.chunked import sliced_mlp
+from longrange.ops.mlp.chunked import CHUNKED_ACTIVATIONS, sliced_mlp
 
 
 def make_activation(activation: type[nn.Module] | nn.Module | None) -> nn.Module:
@@ -164,6 +164,15 @@ class Chunk(nn.Module):
         return torch.cat([self.fn(p, **kwargs) for p in pieces], dim=self.along_dim)
 
 
+def activation_name(act: nn.Module) -> str | None:
+    """The :data:`~longrange.ops.mlp.CHUNKED_ACTIVATIONS` name of an activation module."""
+    if type(act) is nn.GELU:
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    names = {nn.ReLU: "relu", nn.SiLU: "silu"}
+    name = names.get(type(act))
+    return name if name in CHUNKED_ACTIVATIONS else None
+
+
 # Rows (positions) per slice of the lean layer, so that its working set stays in cache at any
 # length. On CPU, 1024 rows: a slice's inner activations are a few MB, so that the elementwise
 # passes over them read cache. Training steps in turn against 4096 rows (this project's
@@ -213,7 +222,7 @@ def lean_feed_forward(
         ff.w1.bias,
         ff.w2.weight,
         ff.w2.bias,
-        activation="gelu" if ff.act.approximate == "none" else "gelu_tanh",
+        activation=activation_name(ff.act),
         rows=max(1, min(limit, -(-positions // max(chunks, 1)))),
         keep=keep,
         glu=ff.glu,
