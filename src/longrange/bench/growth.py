@@ -16,10 +16,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-import torch
-
 from longrange.bench.device import environment
-from longrange.bench.speed import bench_model, fwd_bwd, merge_results, results_path, stamp
+from longrange.bench.speed import bench_inputs, fwd_bwd, merge_results, results_path, stamp
 from longrange.bench.timing import steps_in_turn
 
 
@@ -38,9 +36,7 @@ def growth_point(family: str, lengths: list[int], *, device: str, repeats: int) 
     _check(lengths, repeats)
     steps = []
     for length in lengths:
-        torch.manual_seed(0)
-        model = bench_model(family, length, device).train()
-        tokens = torch.randint(0, model.config.vocab_size, (1, length + 1), device=device)
+        model, tokens = bench_inputs(family, length, device)
 
         def step(model=model, tokens=tokens):
             model.zero_grad(set_to_none=True)

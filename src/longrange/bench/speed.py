@@ -45,6 +45,14 @@ def bench_model(family: str, length: int, device: str):
     return fam.model_class(config).to(device)
 
 
+def bench_inputs(family: str, length: int, device: str, batch_size: int = 1):
+    """The bench model of ``family`` for ``length`` in training mode and its tokens [B, N + 1],
+    both from seed 0."""
+    torch.manual_seed(0)
+    model = bench_model(family, length, device).train()
+    return model, torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+
+
 def fwd_bwd(model, tokens: torch.Tensor, forward=None) -> None:
     """One training step's forward and backward over tokens [B, N + 1]; ``forward`` stands in
     for ``model.forward_lm`` (a compiled one)."""
@@ -99,9 +107,7 @@ def time_point(
     compile: bool = False,
 ) -> dict[str, Any]:
     """Time one (family, length) point; the warm-up run is also the one whose FLOPs are counted."""
-    torch.manual_seed(0)
-    model = bench_model(family, length, device).train()
-    tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+    model, tokens = bench_inputs(family, length, device, batch_size)
 
     def train_step(forward=None):
         model.zero_grad(set_to_none=True)
@@ -170,8 +176,7 @@ def memory_point(family: str, length: int, *, device: str, batch_size: int) -> f
         tokens = torch.randint(0, 256, (1, length + 1))
         step = lambda: reference_step(model, tokens)  # noqa: E731
     else:
-        model = bench_model(family, length, device).train()
-        tokens = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+        model, tokens = bench_inputs(family, length, device, batch_size)
         step = lambda: fwd_bwd(model, tokens)  # noqa: E731
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
