@@ -103,13 +103,13 @@ def plot_speed(data: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, rect=(0, 0.05 + 0.045 * math.ceil(len(labels) / 6), 1, 1))  # room for the legend
 
 
-def _speed_markdown(data: dict[str, Any], cell=None) -> str:
+def _speed_markdown(data: dict[str, Any], cell=None, label=None) -> str:
     """One row per family, one column per length; ``cell(row)`` formats a measured point
-    (default: fwd+bwd time / peak memory)."""
+    (default: fwd+bwd time / peak memory), ``label(length)`` a column's head."""
     rows = data["results"]
     lengths = sorted({r["length"] for r in rows})
     families = list(dict.fromkeys(r["family"] for r in rows))
-    out = ["| family | " + " | ".join(map(_length_label, lengths)) + " |"]
+    out = ["| family | " + " | ".join(map(label or _length_label, lengths)) + " |"]
     out.append("|---" * (len(lengths) + 1) + "|")
     for fam in families:
         cells = []
@@ -172,30 +172,22 @@ def _growth_markdown(rows: list[dict[str, Any]]) -> str:
     the paired ratio at each longer length ("fails" where the family could not run)."""
     tables = []
     for base in sorted({r["base_length"] for r in rows}):
-        mine = [r for r in rows if r["base_length"] == base]
-        longer = sorted({r["length"] for r in mine} - {base})
-        head = [f"{_length_label(base)} tok/s"] + [
-            f"{_length_label(n)} tok/s (vs {_length_label(base)})" for n in longer
-        ]
-        out = ["| family | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        for family in sorted({r["family"] for r in mine}):
-            at = {r["length"]: r for r in mine if r["family"] == family}
-            cells = []
-            for n in [base, *longer]:
-                r = at.get(n)
-                if r is None:
-                    cells.append("-")
-                elif "error" in r:
-                    cells.append("fails")
-                elif n == base:
-                    cells.append(f"{r['tokens_per_s']:,.0f}")
-                else:
-                    spread = r.get("vs_base_range")
-                    within = f", {spread[0]:.2f}-{spread[1]:.2f}" if spread and r.get("rounds", 0) > 1 else ""
-                    cells.append(f"{r['tokens_per_s']:,.0f} ({r['vs_base']:.2f}{within})")
-            out.append(f"| {family} | " + " | ".join(cells) + " |")
-        tables.append("\n".join(out))
+
+        def label(n: int, base: int = base) -> str:
+            head = f"{_length_label(n)} tok/s"
+            return head if n == base else f"{head} (vs {_length_label(base)})"
+
+        mine = {"results": [r for r in rows if r["base_length"] == base]}
+        tables.append(_speed_markdown(mine, _growth_cell, label))
     return "\n\n".join(tables)
+
+
+def _growth_cell(r: dict[str, Any]) -> str:
+    if r["length"] == r["base_length"]:
+        return f"{r['tokens_per_s']:,.0f}"
+    spread = r.get("vs_base_range")
+    within = f", {spread[0]:.2f}-{spread[1]:.2f}" if spread and r.get("rounds", 0) > 1 else ""
+    return f"{r['tokens_per_s']:,.0f} ({r['vs_base']:.2f}{within})"
 
 
 def _length_label(n: int) -> str:
