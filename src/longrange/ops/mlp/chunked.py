@@ -95,14 +95,10 @@ class _SlicedMLP(torch.autograd.Function):
         for start in range(0, n, rows):
             h = _linear(_normed(flat[start : start + rows], ln_w, ln_b, eps), w1, b1)
             hidden = _hidden(h, activation, glu)
-            if out is None:  # autocast decides the products' dtype
+            if out is None:  # autocast decides the products' dtype: w2 in it once
                 out = h.new_empty(n, w2.shape[0])
-            _linear(
-                hidden,
-                w2.to(hidden.dtype),
-                None if b2 is None else b2.to(hidden.dtype),
-                out=out[start : start + rows],
-            )
+                w2_in, b2_in = w2.to(hidden.dtype), None if b2 is None else b2.to(hidden.dtype)
+            _linear(hidden, w2_in, b2_in, out=out[start : start + rows])
             kept += {"hidden": [h, hidden], "pre": [h], "input": []}[keep]
         ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, b2, *kept)
         ctx.geometry = (eps, activation, glu, rows, keep, out.dtype)
