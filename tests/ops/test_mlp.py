@@ -60,3 +60,37 @@ def test_autocast_runs_the_sliced_path_in_its_precision():
     for a, b in zip(*grads):  # bf16 products; the sliced op sums its slices' in float32
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_auto_keeps_the_pre_activations_while_small_and_only_the_input_beyond(monkeypatch):
+    """The chunked backend keeps [N, F] pre-activations for backward up to KEEP_PRE_BYTES per
+    call, the input alone above it; the gradients are the naive op's either way."""
+    import longrange.ops.mlp as ops_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(20, 8, generator=gen, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    w2 = torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    weights = [w.requires_grad_() for w in (w1, b1, w2)]
+
+    def run(cap):
+        monkeypatch.setattr(ops_mlp, "KEEP_PRE_BYTES", cap)
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = mlp(x, w1, b1, w2, None, activation="gelu")
+        return saved, torch.autograd.grad(out.square().sum(), [x, *weights])
+
+    kept_small, grads_small = run(150 * 20 * 8)  # exactly the pre-activations' bytes
+    kept_large, grads_large = run(150 * 20 * 8 - 1)
+    assert (150, 20) in kept_small
+    assert (150, 20) not in kept_large
+    out = mlp_naive(x, w1, b1, w2, None, activation="gelu")
+    expected = torch.autograd.grad(out.square().sum(), [x, *weights])
+    for got in (grads_small, grads_large):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

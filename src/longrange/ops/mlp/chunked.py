@@ -200,9 +200,10 @@ def mlp_chunked(
     *,
     activation: str,
     chunk_size: int | None = None,
+    keep: str = "input",
 ) -> Tensor:
     """x [..., D] -> [..., O], as :func:`~longrange.ops.mlp.naive.mlp_naive`, keeping only x
-    for backward; ``chunk_size`` positions per slice (default: about :data:`CHUNK_ELEMENTS`
-    inner activations)."""
+    for backward (or what ``keep`` says, one of :data:`KEEPS`); ``chunk_size`` positions per
+    slice (default: about :data:`CHUNK_ELEMENTS` inner activations)."""
     rows = chunk_size or max(1, CHUNK_ELEMENTS // w1.shape[0])
-    return sliced_mlp(x, w1, b1, w2, b2, activation=activation, rows=rows, keep="input")
+    return sliced_mlp(x, w1, b1, w2, b2, activation=activation, rows=rows, keep=keep)
