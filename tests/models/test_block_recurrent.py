@@ -290,6 +290,38 @@ def test_recomputed_segments_give_the_same_outputs_and_gradients(variant):
             assert_close(grad, results[0][2][name], rtol=1e-4, name=name)
 
 
+def test_recomputed_segments_keep_the_attention_kernels_outputs(monkeypatch):
+    """A recomputed segment's backward re-runs the layers but not the fused attention kernels:
+    their outputs are kept from the forward pass (KEPT_OPS); without the policy the kernels
+    would run again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import longrange.models.block_recurrent.model as block_model
+
+    class KernelCalls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in block_model.KEPT_OPS
+            return func(*args, **(kwargs or {}))
+
+    def calls() -> tuple[int, int]:
+        model = model_for("default", recompute_segment=16).train()
+        forward, backward = KernelCalls(), KernelCalls()
+        with forward:
+            loss = model.forward_lm(tokens(2, 61, seed=21)).logits.square().mean()
+        with backward:
+            loss.backward()
+        return forward.count, backward.count
+
+    kept = calls()
+    monkeypatch.setattr(block_model, "keep_attention", lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    plain = calls()
+    assert kept[0] > 0 and kept[1] == 0
+    assert plain[0] == kept[0] and plain[1] > 0
+
+
 COMPILED = {
     # the bench preset's options (qk scale 8, states = block width, recomputed segments)
     "bench-options": lambda: BlockRecurrentLM(
