@@ -20,6 +20,7 @@ decoder's padded ``context`` sits in ``state.shared``. The reference-named class
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -54,7 +55,8 @@ def axial_rows(emb: AxialPositionalEmbedding, offset: int, n: int) -> Tensor:
     for size, weight in zip(emb.axial_shape, emb.weights):
         stride //= size
         parts.append(F.embedding((pos // stride) % size, weight.reshape(size, weight.shape[-1])))
-    out = torch.stack(parts).sum(dim=0) if emb.summed else torch.cat(parts, dim=-1)
+    # summed: one add per axis, not a stacked copy of every part and its sum
+    out = functools.reduce(torch.add, parts) if emb.summed else torch.cat(parts, dim=-1)
     return out[None]
 
 
