@@ -4,7 +4,9 @@ chunks of positions that keeps only its input for backward and recomputes the in
 activations there.
 
 At long lengths the inner activations (twice the inner width per position, per layer) are
-most of a model's activation memory; here they exist one chunk at a time. The plain path
+most of a model's activation memory; here they exist one chunk at a time. Short calls, whose
+pre-activations take at most :data:`~longrange.ops.mlp.KEEP_PRE_BYTES`, keep those instead
+and skip the second ``w1`` product. The plain path
 runs where the chunked one does not apply: a gated (GLU) layer, dropout in training, or an
 activation the op does not know.
 """
