@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from longrange.ops.select import argmax_last, top_k_columns
+from longrange.ops.select import argmax_last, top_k, top_k_columns
 
 
 @pytest.mark.parametrize("width", [64, 255, 256, 288, 300, 512, 1448, 2048])
@@ -26,3 +26,17 @@ def test_top_k_columns_are_the_top_k_set(cells, k):
     want = scores.topk(k, dim=1).indices
     assert got.shape == (300, k) and got.dtype == torch.long
     assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+
+
+@pytest.mark.parametrize(("cells", "k"), [(1024, 32), (4097, 32), (100, 32), (32, 32)])
+def test_top_k_is_torch_topk_best_first(cells, k):
+    g = torch.Generator().manual_seed(cells)
+    scores = torch.randn(2, 150, cells, generator=g)
+    scores[0, 0, k // 2 :] = float("-inf")  # fewer finite scores than k
+    scores[1, 3] = scores[1, 3].round()  # ties
+    values, indices = top_k(scores, k)
+    want = scores.topk(k, dim=-1)
+    assert indices.shape == (2, 150, k) and indices.dtype == torch.long
+    assert torch.equal(values, want.values)
+    assert torch.equal(scores.gather(-1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices.flatten(0, 1))  # k distinct columns

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from longrange.memory.knn.interface import KNNIndex, pad_slots
 from longrange.memory.knn.store import MemmapStore
+from longrange.ops.select import top_k
 
 # Score matrices are built for blocks of queries of at most this many elements, so a large
 # memory never needs a Q x M matrix at once.
@@ -48,10 +49,9 @@ def exact_search(keys: Tensor, filled: np.ndarray, queries: Tensor, k: int) -> t
         sim = torch.bmm(queries[:, start : start + block], keys.transpose(1, 2))  # [R, Qb, F]
         if beyond is not None:
             sim.masked_fill_(beyond, float("-inf"))
-        top = sim.topk(kk, dim=-1)
-        dead = top.values == float("-inf")
-        slots.append(top.indices.masked_fill(dead, -1))
-        scores.append(top.values)
+        values, indices = top_k(sim, kk)
+        slots.append(indices.masked_fill(values == float("-inf"), -1))
+        scores.append(values)
     return pad_slots(torch.cat(slots, dim=1), torch.cat(scores, dim=1), k)
 
 
