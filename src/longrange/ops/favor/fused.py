@@ -228,7 +228,7 @@ def softmax_causal_attention(
     projection: Tensor,
     *,
     mask: Tensor | None = None,
-    chunk_size: int = 128,
+    chunk_size: int = 64,
     state: FavorState | None = None,
     keep_bytes: int = KEEP_BYTES,
     segment_bytes: int = SEGMENT_BYTES,
