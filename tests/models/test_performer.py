@@ -300,3 +300,15 @@ def test_inductor_compiled_training_step_equals_eager():
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
 
     assert_compiled_step_equals_eager(model, loss, seq)
+
+
+def test_the_chunk_size_default_is_the_fused_ops():
+    """The config (which imports no torch) writes out the FAVOR+ chunk default; it must stay
+    the op's CHUNK_SIZE, as FastAttention's does."""
+    import inspect
+
+    from longrange.models.performer.fast_attention import FastAttention
+    from longrange.ops.favor import CHUNK_SIZE
+
+    assert PerformerConfig().chunk_size == CHUNK_SIZE
+    assert inspect.signature(FastAttention).parameters["chunk_size"].default == CHUNK_SIZE

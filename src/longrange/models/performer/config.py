@@ -74,8 +74,8 @@ class PerformerConfig(ModelConfig):
     qkv_bias: bool = False
     attn_out_bias: bool = False
     shift_tokens: bool = False
-    # positions per causal FAVOR+ chunk: at the reference defaults (266 features) 64 runs
-    # 1.04-1.09x faster than 128 from 4K to 16K tokens on CPU; 32 and 96 are slower than 64
+    # positions per causal FAVOR+ chunk: the op's CHUNK_SIZE (ops/favor/fused.py, where the
+    # choice is measured), written out because configs import no torch
     chunk_size: PositiveInt = 64
     attn_backend: Literal["auto", "fused", "chunk", "naive"] = "auto"
     recompute_attention: bool = False

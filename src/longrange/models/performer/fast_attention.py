@@ -92,7 +92,7 @@ class FastAttention(nn.Module):
         kernel_fn: str | Callable | None = None,
         no_projection: bool = False,
         *,
-        chunk_size: int = 64,
+        chunk_size: int = favor.CHUNK_SIZE,
         backend: str = "auto",
         feature_eps: float = 1e-4,
         kernel_eps: float = 1e-3,

@@ -26,7 +26,7 @@ from longrange.ops.favor.features import (
     softmax_key_features,
     softmax_query_features,
 )
-from longrange.ops.favor.fused import softmax_causal_attention
+from longrange.ops.favor.fused import CHUNK_SIZE, softmax_causal_attention
 from longrange.ops.favor.linear import key_value_sums, linear_attention
 from longrange.ops.favor.naive import linear_attention_naive
 
@@ -34,6 +34,7 @@ BACKENDS = ("auto", "fused", "chunk", "naive")
 
 __all__ = [
     "BACKENDS",
+    "CHUNK_SIZE",
     "EMPTY_LOG_SCALE",
     "FavorState",
     "causal_linear_attention",
