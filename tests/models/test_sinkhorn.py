@@ -307,6 +307,34 @@ def test_recomputed_attention_gives_the_same_step():
             assert_close(a, b, rtol=1e-5)
 
 
+def test_auto_recompute_keeps_the_last_attention_branch(monkeypatch):
+    """Above the position limit, "auto" recomputes every attention branch but the last block's
+    (whose backward runs first); the step is the plain one."""
+    import longrange.models.config as model_config
+
+    monkeypatch.setattr(model_config, "RECOMPUTE_POSITIONS", 64)
+    torch.manual_seed(0)
+    plain = create_model("sinkhorn", "tiny", recompute_attention="never").train()
+    auto = create_model("sinkhorn", "tiny").train()
+    auto.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, auto):
+        out = model.forward_lm(x).logits
+        out.logsumexp(-1).mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    flags = [block.f.recompute for block in auto.body.layers.blocks]
+    assert len(flags) > 1 and flags == [True] * (len(flags) - 1) + [False]
+    assert_close(results[1][0], results[0][0], rtol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        if b is not None:
+            assert_close(a, b, rtol=1e-5)
+    auto.forward_lm(x[:, :20])  # at or below the limit nothing is recomputed
+    assert not any(block.f.recompute for block in auto.body.layers.blocks)
+    with pytest.raises(ValueError, match="keep_last"):
+        auto.body.layers.set_f_recompute(True, keep_last=-1)
+
+
 def test_recompute_rule():
     config = SinkhornConfig(dim=32, depth=1, heads=4, bucket_size=8, max_seq_len=64)
     assert not config.recompute_for(16384) and config.recompute_for(2 * 16384)

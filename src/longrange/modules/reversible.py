@@ -157,13 +157,17 @@ class _Stack(nn.Module):
             routed.append((f_kw, g_kw))
         return routed
 
-    def set_f_recompute(self, on: bool) -> None:
+    def set_f_recompute(self, on: bool, *, keep_last: int = 0) -> None:
         """Set ``recompute`` on every block's ``f`` branch (a branch with that flag keeps only
-        its input for backward and runs again there); unchanged flags are not written, so a
-        compiled graph guarding on them is not invalidated."""
-        for block in self.blocks:
-            if block.f.recompute != on:
-                block.f.recompute = on
+        its input for backward and runs again there) but the last ``keep_last`` blocks', which
+        keep their activations; unchanged flags are not written, so a compiled graph guarding
+        on them is not invalidated."""
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
+        for i, block in enumerate(self.blocks):
+            flag = on and i < len(self.blocks) - keep_last
+            if block.f.recompute != flag:
+                block.f.recompute = flag
 
     def forward_cached(self, x: Tensor, layers: Sequence[dict], **kwargs) -> Tensor:
         """Decoding: the stack's maths on new positions x [B, n, D], block by block, each

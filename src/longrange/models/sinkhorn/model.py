@@ -40,6 +40,12 @@ from longrange.modules.project import ProjectInOut
 from longrange.modules.reversible import ReversibleSequence, SequentialSequence
 
 CONTEXT_KEYS = ("context", "context_mask")
+# Under recompute_attention="auto", the last block's attention branch keeps its activations:
+# its backward runs first and frees them before any other branch runs again, so the peak does
+# not grow (bench preset, 64K tokens: 1,751 -> 1,737 MB; two blocks kept: 2,130 MB) and its
+# forward runs once: steps in turn, 1.037x at 64K (8 rounds), 1.02x at 32K. Routing measured
+# no gain from the same (and 93 MB more at 64K), so it recomputes every branch.
+KEEP_LAST_ATTENTION = 1
 
 
 def axial_rows(emb: AxialPositionalEmbedding, offset: int, n: int) -> Tensor:
@@ -217,7 +223,9 @@ class SinkhornLM(LongRangeLM):
     ) -> Tensor:
         """tokens [B, N] (any N <= max_seq_len) -> logits [B, N, V]; padding handled here."""
         n = tokens.shape[1]
-        self.body.layers.set_f_recompute(self.training and self.config.recompute_for(tokens.numel()))
+        on = self.training and self.config.recompute_for(tokens.numel())
+        auto = self.config.recompute_attention == "auto"
+        self.body.layers.set_f_recompute(on, keep_last=KEEP_LAST_ATTENTION if auto else 0)
         pad = self._padded_length(n) - n
         if pad:
             tokens = F.pad(tokens, (0, pad))
