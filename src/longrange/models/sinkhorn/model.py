@@ -42,9 +42,9 @@ from longrange.modules.reversible import ReversibleSequence, SequentialSequence
 CONTEXT_KEYS = ("context", "context_mask")
 # Under recompute_attention="auto", the last block's attention branch keeps its activations:
 # its backward runs first and frees them before any other branch runs again, so the peak does
-# not grow (bench preset, 64K tokens: 1,751 -> 1,737 MB; two blocks kept: 2,130 MB) and its
-# forward runs once: steps in turn, 1.037x at 64K (8 rounds), 1.02x at 32K. Routing measured
-# no gain from the same (and 93 MB more at 64K), so it recomputes every branch.
+# not grow (bench preset, 64K tokens, the bench's live peak: 1,639 -> 1,645 MB; two blocks
+# kept: 2,043 MB) and its forward runs once: steps in turn, 1.037x at 64K (8 rounds), 1.02x at
+# 32K. Routing measured no gain from the same, for 157 MB more at 64K: it recomputes them all.
 KEEP_LAST_ATTENTION = 1
 
 
