@@ -338,11 +338,13 @@ def test_auto_index_is_exact_while_small_then_retrains_as_it_grows_and_turns_ove
     queries = _keys(9, rows=1, seed=2)
     trained = []
     for start in range(0, 150, 10):
+        before = auto.index.trained_count[0]
         for memory in (auto, exact):
             memory.add(_pairs(keys[:, start : start + 10]))
-        trained.append(auto.index.trained_count[0])
+        assert auto.index.trained_count[0] == before  # an add never trains: the next search does
         for got, want in zip(auto.search(queries, 5), exact.search(queries, 5), strict=True):
             torch.testing.assert_close(got, want)
+        trained.append(auto.index.trained_count[0])
     assert auto.index.indexes[0] is not None
     # exact until 16 entries, trained at 20 (fill 20), 40 (fill 40), then when 48 new entries
     # have replaced the 48 of the last training (count 40 + 48 -> at 90)
@@ -350,6 +352,30 @@ def test_auto_index_is_exact_while_small_then_retrains_as_it_grows_and_turns_ove
     auto.clear()
     assert auto.index.indexes[0] is None
     auto.close()
+    exact.close()
+
+
+def test_auto_index_saved_while_due_for_training_loads_and_searches_exactly(tmp_path):
+    """A row saved between the add that made it due for training and its next search is
+    written without its (outdated) index; the loaded memory trains it and searches as the
+    exact backend does."""
+    options = {"exact_limit": 16, "cells_per_root": 1.0, "nprobe": 64}
+    auto = _memory(tmp_path, "faiss", "auto", options, max_memories=48, rows=1, name="auto")
+    exact = _memory(tmp_path, "exact", "flat", None, max_memories=48, rows=1, name="exact")
+    keys, queries = _keys(40, rows=1), _keys(9, rows=1, seed=2)
+    for memory in (auto, exact):
+        memory.add(_pairs(keys[:, :20]))
+    auto.search(queries, 5)  # trained at 20 entries
+    for memory in (auto, exact):
+        memory.add(_pairs(keys[:, 20:]))  # 40: due again
+    auto.save(tmp_path / "saved")
+    auto.close()
+    loaded = _memory(tmp_path, "faiss", "auto", options, max_memories=48, rows=1, name="loaded")
+    loaded.load(tmp_path / "saved")
+    for got, want in zip(loaded.search(queries, 5), exact.search(queries, 5), strict=True):
+        torch.testing.assert_close(got, want)
+    assert loaded.index.trained_count[0] == 40
+    loaded.close()
     exact.close()
 
 
@@ -371,9 +397,9 @@ def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_pa
 
     memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 64, "nprobe": 4}, max_memories=4096, rows=1)
     memory.add(_pairs(_keys(3000, rows=1)))
-    assert memory.index.indexes[0] is not None
     queries = _keys(700, rows=1, seed=5)
     across = memory.search(queries, 8)
+    assert memory.index.indexes[0] is not None  # trained by that first search
     assert adaptive.SEARCH_PARALLEL_MODE != 0
     monkeypatch.setattr(adaptive, "SEARCH_PARALLEL_MODE", 0)  # faiss's default: one thread here
     for got, want in zip(across, memory.search(queries, 8), strict=True):

@@ -20,7 +20,11 @@ Per batch row:
   0.941 with 12 iterations over 32 keys per cell, and a training takes 1.2 s instead of 5.0;
 - the row is re-trained (new centroids, every alive entry re-added) when its fill has doubled
   since the last training (the cells would grow) and when the whole memory has been
-  overwritten since (the keys drift as the model trains, the centroids would go stale);
+  overwritten since (the keys drift as the model trains, the centroids would go stale). An
+  add that makes the row due for it only stops indexing (the store holds every entry); the
+  row's next search trains it from the store, on the same entries an eager training would
+  have seen, so a training whose row is never searched again (a memory's last chunk) is not
+  paid for;
 - evicted ids are removed by id (a hash-table direct map), so every id still names the pair
   in its slot;
 - the index stores each key as float16 codes, scored against the raw key (no residual): the
@@ -175,15 +179,12 @@ class AdaptiveIndex(KNNIndex):
     # --- the interface ----------------------------------------------------------------------
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, evicted: np.ndarray) -> None:
         index = self.indexes[row]
-        if index is not None:
-            if evicted.size:
-                evicted = np.ascontiguousarray(evicted, dtype=np.int64)
-                index.remove_ids(faiss.IDSelectorArray(len(evicted), faiss.swig_ptr(evicted)))
-            if not self._stale(row):
-                self._add(row, ids, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
-                return
-        if self._stale(row):
-            self._train(row)
+        if index is None or self._stale(row):
+            return  # the next search of the row (re)trains it from the store
+        if evicted.size:
+            evicted = np.ascontiguousarray(evicted, dtype=np.int64)
+            index.remove_ids(faiss.IDSelectorArray(len(evicted), faiss.swig_ptr(evicted)))
+        self._add(row, ids, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
 
     def reset(self, row: int) -> None:
         self.indexes[row] = self.centroids[row] = None
@@ -199,6 +200,8 @@ class AdaptiveIndex(KNNIndex):
         slots, scores = [], []
         for i, row in enumerate(rows):
             q = queries[i : i + 1]
+            if self._stale(row):
+                self._train(row)
             if self.indexes[row] is None:
                 filled = np.minimum(self.store.counts[[row]], self.store.capacity)
                 found = exact_search(self.keys[row : row + 1, : int(filled[0])], filled, q, k)
@@ -239,7 +242,7 @@ class AdaptiveIndex(KNNIndex):
     def save(self, directory: Path) -> None:
         meta = []
         for row, index in enumerate(self.indexes):
-            if index is None:
+            if index is None or self._stale(row):  # stale: the loaded row is re-trained
                 meta.append(None)
                 continue
             faiss.write_index(index, str(directory / INDEX_FILE.format(row=row)))
