@@ -288,23 +288,29 @@ def test_inductor_compiled_loss_and_gradients_equal_eager():
     assert_compiled_step_equals_eager(model, loss, seq)
 
 
-def test_recomputed_attention_gives_the_same_step():
-    torch.manual_seed(0)
-    plain = create_model("sinkhorn", "tiny").train()
-    again = create_model("sinkhorn", "tiny", recompute_attention="always").train()
-    again.load_state_dict(plain.state_dict())
-    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+def _assert_same_step(plain, other, x):
+    """``other``, given ``plain``'s weights, gives its logits and gradients on tokens x."""
+    other.load_state_dict(plain.state_dict())
     results = []
-    for model in (plain, again):
+    for model in (plain, other):
         out = model.forward_lm(x).logits
         out.logsumexp(-1).mean().backward()
         results.append((out, [p.grad for p in model.parameters()]))
-    assert all(block.f.recompute for block in again.body.layers.blocks)
-    assert not any(block.f.recompute for block in plain.body.layers.blocks)
     assert_close(results[1][0], results[0][0], rtol=1e-6)
     for a, b in zip(results[1][1], results[0][1]):
         if b is not None:
             assert_close(a, b, rtol=1e-5)
+
+
+def test_recomputed_attention_gives_the_same_step():
+    torch.manual_seed(0)
+    plain = create_model("sinkhorn", "tiny").train()
+    again = create_model("sinkhorn", "tiny", recompute_attention="always").train()
+    _assert_same_step(
+        plain, again, torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    )
+    assert all(block.f.recompute for block in again.body.layers.blocks)
+    assert not any(block.f.recompute for block in plain.body.layers.blocks)
 
 
 def test_auto_recompute_keeps_the_last_attention_branch(monkeypatch):
@@ -316,19 +322,10 @@ def test_auto_recompute_keeps_the_last_attention_branch(monkeypatch):
     torch.manual_seed(0)
     plain = create_model("sinkhorn", "tiny", recompute_attention="never").train()
     auto = create_model("sinkhorn", "tiny").train()
-    auto.load_state_dict(plain.state_dict())
     x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
-    results = []
-    for model in (plain, auto):
-        out = model.forward_lm(x).logits
-        out.logsumexp(-1).mean().backward()
-        results.append((out, [p.grad for p in model.parameters()]))
+    _assert_same_step(plain, auto, x)
     flags = [block.f.recompute for block in auto.body.layers.blocks]
     assert len(flags) > 1 and flags == [True] * (len(flags) - 1) + [False]
-    assert_close(results[1][0], results[0][0], rtol=1e-6)
-    for a, b in zip(results[1][1], results[0][1]):
-        if b is not None:
-            assert_close(a, b, rtol=1e-5)
     auto.forward_lm(x[:, :20])  # at or below the limit nothing is recomputed
     assert not any(block.f.recompute for block in auto.body.layers.blocks)
     with pytest.raises(ValueError, match="keep_last"):
