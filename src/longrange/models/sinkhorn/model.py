@@ -44,7 +44,9 @@ CONTEXT_KEYS = ("context", "context_mask")
 # its backward runs first and frees them before any other branch runs again, so the peak does
 # not grow (bench preset, 64K tokens, the bench's live peak: 1,639 -> 1,645 MB; two blocks
 # kept: 2,043 MB) and its forward runs once: steps in turn, 1.037x at 64K (8 rounds), 1.02x at
-# 32K. Routing measured no gain from the same, for 157 MB more at 64K: it recomputes them all.
+# 32K. Routing gains 1.046x from the same (twice 6 rounds), but its 64K peak goes 1,691 ->
+# 1,848 MB (1,948 MB in the bench's memory pass), too near the 2 GB it is held to: it
+# recomputes every branch.
 KEEP_LAST_ATTENTION = 1
 
 
