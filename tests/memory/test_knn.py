@@ -379,6 +379,31 @@ def test_auto_index_saved_while_due_for_training_loads_and_searches_exactly(tmp_
     exact.close()
 
 
+def test_auto_index_training_sample_does_not_alias_with_the_slot_order(tmp_path, monkeypatch):
+    """The k-means sample must represent the memory whatever its order: with keys alternating
+    between two groups, a fill where an evenly strided sample takes every other slot (1,024
+    entries, 32 cells, 512 sampled) would train every centroid on one group only."""
+    from longrange.memory.knn import adaptive
+
+    samples = []
+    train = adaptive.train_centroids
+    monkeypatch.setattr(
+        adaptive, "train_centroids", lambda keys, *a, **k: samples.append(keys) or train(keys, *a, **k)
+    )
+    options = {"exact_limit": 16, "cells_per_root": 1.0, "nprobe": 4}
+    memory = _memory(tmp_path, "faiss", "auto", options, max_memories=1024, rows=1)
+    keys = _keys(1024, rows=1)
+    keys[:, 0::2] = F.normalize(keys[:, 0::2] * 0.3 + 1.0, dim=-1)  # even slots: near +(1, ..., 1)
+    keys[:, 1::2] = F.normalize(keys[:, 1::2] * 0.3 - 1.0, dim=-1)  # odd slots: near -(1, ..., 1)
+    memory.add(_pairs(keys))
+    memory.search(_keys(4, rows=1, seed=1), 4)  # trains the row
+    (sample,) = samples
+    assert sample.shape == (512, DIM)
+    odd = (sample.sum(-1) < 0).float().mean().item()
+    assert 0.4 < odd < 0.6, odd
+    memory.close()
+
+
 def test_lookup_scores_are_the_inner_products_of_the_pairs_it_names(tmp_path):
     memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 8, "nprobe": 2}, max_memories=64)
     memory.add(_pairs(_keys(40)))
