@@ -76,6 +76,27 @@ def test_training_step_with_kNN_memories_compiles_without_graph_breaks(build):
     assert got_memory[0] == want_memory[0] and torch.equal(got_memory[1], want_memory[1])
 
 
+def test_a_fresh_memory_reuses_the_compiled_graph():
+    """The memory's handle reaches the graph as a tensor input: a sequence through a new
+    state (new kNN memories) runs the graphs the first one compiled (one for a state's first
+    chunk, one for the next) instead of compiling again."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = BUILD["bench-options"]().train()
+    counter = CompileCounter()
+    step = torch.compile(model.forward_lm, backend=counter)
+    compiled = []
+    for seed in (1, 2, 3):
+        state = model.init_state(2)
+        for start in range(0, 48, 16):
+            with torch.no_grad():
+                step(_tokens(48, seed)[:, start : start + 16], state=state)
+        compiled.append(counter.frame_count)
+        state.close()
+    assert compiled[0] >= 1 and compiled[1:] == [compiled[0]] * 2, compiled
+
+
 def test_a_call_without_state_compiles_with_tensor_memories_and_matches_eager():
     torch.manual_seed(0)
     model = BUILD["bench-options"]().eval()

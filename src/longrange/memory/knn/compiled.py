@@ -2,8 +2,10 @@
 
 A memory's work happens on the host: faiss searches, numpy writes into memory-mapped
 files, per-row counters. ``torch.compile`` cannot trace that, so a compiled graph calls it
-through three ``torch.library`` custom operators, each naming its memory by an integer
-handle (``memory.op_handle``, see :func:`register`), with static output shapes:
+through three ``torch.library`` custom operators, each naming its memory by a handle: an
+integer held in a 0-d tensor (``memory.op_handle``, see :func:`register`), so that a graph
+takes it as an input and serves every memory (a Python integer would be baked into the graph,
+and each fresh memory would compile it again). The outputs have static shapes:
 
 - ``longrange::knn_retrieve(queries [B, ..., D], handle, k)`` -> scores and found
   [B, ..., K] and the found pairs' keys and values, gathered [B * ... * K, D] (a graph
@@ -33,15 +35,17 @@ _NEXT = itertools.count(1)
 
 
 def register(memory) -> int:
-    """Give ``memory`` the integer that names it to the operators (``memory.op_handle``)."""
+    """Give ``memory`` the integer that names it to the operators, as ``memory.op_handle`` (a
+    0-d int64 tensor)."""
     handle = next(_NEXT)
-    memory.op_handle = handle
+    memory.op_handle = torch.tensor(handle)
     _MEMORIES[handle] = weakref.ref(memory)
     weakref.finalize(memory, _MEMORIES.pop, handle, None)
     return handle
 
 
-def _memory(handle: int):
+def _memory(handle: Tensor):
+    handle = int(handle)
     memory = _MEMORIES.get(handle, lambda: None)()
     if memory is None:
         raise ValueError(f"the kNN memory of handle {handle} no longer exists")
@@ -49,7 +53,7 @@ def _memory(handle: int):
 
 
 @torch.library.custom_op("longrange::knn_retrieve", mutates_args=())
-def _retrieve(queries: Tensor, handle: int, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _retrieve(queries: Tensor, handle: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     memory = _memory(handle)
     ids, scores, found = memory.lookup(queries, k)
     flat = ids.reshape(-1).to(memory.key_table().device)
@@ -59,7 +63,7 @@ def _retrieve(queries: Tensor, handle: int, k: int) -> tuple[Tensor, Tensor, Ten
 
 
 @_retrieve.register_fake
-def _(queries: Tensor, handle: int, k: int):
+def _(queries: Tensor, handle: Tensor, k: int):
     lead = (*queries.shape[:-1], k)
     rows = (queries[..., 0].numel() * k, queries.shape[-1])
     return (
@@ -71,22 +75,22 @@ def _(queries: Tensor, handle: int, k: int):
 
 
 @torch.library.custom_op("longrange::knn_add", mutates_args=())
-def _add(pairs: Tensor, mask: Tensor | None, handle: int) -> None:
+def _add(pairs: Tensor, mask: Tensor | None, handle: Tensor) -> None:
     add(_memory(handle), pairs, mask)
 
 
 @_add.register_fake
-def _(pairs: Tensor, mask: Tensor | None, handle: int) -> None:
+def _(pairs: Tensor, mask: Tensor | None, handle: Tensor) -> None:
     return None
 
 
 @torch.library.custom_op("longrange::knn_clear", mutates_args=())
-def _clear(rows: Tensor, handle: int) -> None:
+def _clear(rows: Tensor, handle: Tensor) -> None:
     clear(_memory(handle), rows)
 
 
 @_clear.register_fake
-def _(rows: Tensor, handle: int) -> None:
+def _(rows: Tensor, handle: Tensor) -> None:
     return None
 
 
