@@ -146,16 +146,16 @@ class AdaptiveIndex(KNNIndex):
         """(Re)build the row's IVF from its alive entries."""
         ids = self.store.alive_ids(row)
         keys = torch.from_numpy(self.store.read_keys(row, ids))
-        cells, seed = self.cells(len(ids)), int(self.store.counts[row])
+        cells, count = self.cells(len(ids)), int(self.store.counts[row])  # count: the seed too
         sample = keys
         if len(ids) > cells * self.train_points:
             # a random sample: an evenly strided one aliases with keys periodic in slot order
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(count)
             sample = keys[torch.randperm(len(ids), generator=gen)[: cells * self.train_points]]
-        centroids = train_centroids(sample, cells, seed=seed)
+        centroids = train_centroids(sample, cells, seed=count)
         self._install(row, centroids)
         self._add(row, ids, keys)
-        self.trained_count[row], self.trained_filled[row] = int(self.store.counts[row]), len(ids)
+        self.trained_count[row], self.trained_filled[row] = count, len(ids)
 
     def _install(self, row: int, centroids: Tensor) -> None:
         quantizer = faiss.IndexFlatIP(centroids.shape[1])

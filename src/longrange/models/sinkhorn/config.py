@@ -55,8 +55,9 @@ class SinkhornConfig(ModelConfig):
     return_embeddings: bool = False
     axial_shape: tuple[int, ...] | None = None
     attn_backend: Literal["auto", "naive"] = "auto"
-    # Recompute every attention branch in backward, keeping only its input (models.config:
-    # RECOMPUTE_POSITIONS, recomputes)
+    # Recompute attention branches in backward, keeping only their input (models.config:
+    # RECOMPUTE_POSITIONS, recomputes); under "auto" the last block keeps its activations
+    # (model.KEEP_LAST_ATTENTION), "always" recomputes every block
     recompute_attention: RecomputeRule = "auto"
 
     def check(self) -> None:
