@@ -92,12 +92,14 @@ def test_lean_path_steps_aside_under_autocast():
 @pytest.mark.parametrize("keep", ["hidden", "pre", "input"])
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_lean_layer_equals_the_plain_layers_whatever_it_keeps(keep, glu, with_norm, monkeypatch):
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_lean_layer_equals_the_plain_layers_whatever_it_keeps(keep, glu, with_norm, approximate, monkeypatch):
     import longrange.modules.feedforward as feedforward
 
     monkeypatch.setattr(feedforward, "SLICE_ROWS", 4)  # 3 slices of 10 rows
     torch.manual_seed(0)
-    ff = FeedForward(6, mult=2, glu=glu).double()
+    ff = FeedForward(6, mult=2, glu=glu, activation=nn.GELU(approximate=approximate)).double()
+    assert feedforward.lean_applies(ff)
     norm = nn.LayerNorm(6).double() if with_norm else None
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     params = [x, *ff.parameters(), *(norm.parameters() if norm else [])]

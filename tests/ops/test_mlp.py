@@ -34,6 +34,30 @@ def test_chunked_matches_naive(activation, n, bias):
     assert_same_forward_backward(fast, naive, inputs, rtol=1e-10)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("keep", ["hidden", "pre", "input"])
+def test_sliced_gated_unit_matches_naive(activation, keep):
+    """act(h1) * h2 with h1, h2 the halves of x W1^T + b1 (computed as two products)."""
+    from longrange.ops.mlp.chunked import sliced_mlp
+    from longrange.ops.mlp.naive import ACTIVATIONS
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = [rand(2, 37, 8), rand(20, 8), rand(20), rand(6, 10), rand(6)]
+
+    def fast(x, w1, b1, w2, b2):
+        return sliced_mlp(x, w1, b1, w2, b2, activation=activation, rows=16, keep=keep, glu=True)
+
+    def naive(x, w1, b1, w2, b2):
+        h1, h2 = (x @ w1.T + b1).chunk(2, dim=-1)
+        return (ACTIVATIONS[activation](h1) * h2) @ w2.T + b2
+
+    assert_same_forward_backward(fast, naive, inputs, rtol=1e-10)
+
+
 def test_auto_falls_back_to_naive_and_refuses_unknown_names():
     x, w1, w2 = torch.randn(5, 4), torch.randn(6, 4), torch.randn(3, 6)
     assert torch.allclose(mlp(x, w1, None, w2, None, activation="tanh"), torch.tanh(x @ w1.t()) @ w2.t())
