@@ -214,9 +214,11 @@ def test_memory_lean_functions_have_exact_gradients():
     def f64(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    x, gain = f64(2, 3, 6), f64(6)
-    assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (x, gain))
-    assert_close(_ScaledL2Norm.apply(x, gain), torch.nn.functional.normalize(x, dim=-1) * gain)
+    gain = f64(6)
+    heads_split = f64(2, 5, 3, 6).transpose(1, 2)  # [B, H, N, D] view of [B, N, H, D], as the layers pass
+    for x in (f64(2, 3, 6), heads_split):
+        assert torch.autograd.gradcheck(_ScaledL2Norm.apply, (x, gain))
+        assert_close(_ScaledL2Norm.apply(x, gain), torch.nn.functional.normalize(x, dim=-1) * gain)
 
 
 def test_save_load_and_half_precision(tmp_path):
