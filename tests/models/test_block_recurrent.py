@@ -267,11 +267,16 @@ def test_bad_calls():
         model.forward_lm(tokens(2, 5), state=vanilla)
 
 
+@pytest.mark.parametrize("keeping", ["at-call", "policy"])
 @pytest.mark.parametrize("variant", ["default", "compressed-mem", "read-below-write"])
-def test_recomputed_segments_give_the_same_outputs_and_gradients(variant):
+def test_recomputed_segments_give_the_same_outputs_and_gradients(variant, keeping, monkeypatch):
     """A long training call in recomputed segments (of 2 and of 3 blocks, the last one partial,
     continuing a given state whose block is half full) equals the call without recomputation,
-    outputs, carried state and every gradient."""
+    outputs, carried state and every gradient; whichever way the segments keep the attention
+    kernels' outputs (recorded at the call in eager CPU mode, else a checkpoint policy)."""
+    import longrange.models.block_recurrent.model as block_model
+
+    monkeypatch.setattr(block_model, "KEEP_AT_CALL", [keeping == "at-call"])
     x = tokens(2, 61, seed=21)
     mask = torch.rand(2, 61, generator=torch.Generator().manual_seed(21)) < 0.9
     results = []
@@ -292,10 +297,11 @@ def test_recomputed_segments_give_the_same_outputs_and_gradients(variant):
             assert_close(grad, results[0][2][name], rtol=1e-4, name=name)
 
 
-def test_recomputed_segments_keep_the_attention_kernels_outputs(monkeypatch):
+@pytest.mark.parametrize("keeping", ["at-call", "policy"])
+def test_recomputed_segments_keep_the_attention_kernels_outputs(keeping, monkeypatch):
     """A recomputed segment's backward re-runs the layers but not the fused attention kernels:
-    their outputs are kept from the forward pass (KEPT_OPS); without the policy the kernels
-    would run again."""
+    their outputs are kept from the forward pass (recorded at the call, or by the checkpoint
+    policy's KEPT_OPS); without that the kernels would run again."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.checkpoint import CheckpointPolicy
 
@@ -317,7 +323,9 @@ def test_recomputed_segments_keep_the_attention_kernels_outputs(monkeypatch):
             loss.backward()
         return forward.count, backward.count
 
+    monkeypatch.setattr(block_model, "KEEP_AT_CALL", [keeping == "at-call"])
     kept = calls()
+    monkeypatch.setattr(block_model, "KEEP_AT_CALL", [False])
     monkeypatch.setattr(block_model, "keep_attention", lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
     plain = calls()
     assert kept[0] > 0 and kept[1] == 0

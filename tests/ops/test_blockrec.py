@@ -48,6 +48,49 @@ def test_sdpa_matches_naive(batch, heads, n, m, dim, causal, padded):
     assert_same_forward_backward(run(shared_kv_attention_sdpa), run(shared_kv_attention_naive), [q, k, v])
 
 
+@pytest.mark.parametrize(
+    "batch, heads, n, m, dim, causal, padded", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_kept_kernel_outputs_are_recorded_then_taken(batch, heads, n, m, dim, causal, padded):
+    """Inside a checkpoint's forward context the call equals the plain one and records the
+    kernel's output; inside its recomputation context the same call takes it (the kernel does
+    not run) and the backward pass gives the plain call's gradients; a call more than were
+    recorded is refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longrange.ops.blockrec import kept_kernel_contexts
+
+    class KernelCalls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_inputs(batch, heads, n, m, dim, seed=n + m)
+    key_mask = key_padding(batch, m, seed=m) if padded else None
+    args = dict(key_mask=key_mask, causal=causal, scale=0.3)
+    grad = torch.randn(batch, heads, n, dim, generator=torch.Generator().manual_seed(5))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = shared_kv_attention(*inputs, **args)
+    want_grads = torch.autograd.grad(want, inputs, grad)
+
+    recording, replaying = kept_kernel_contexts()
+    with recording:
+        first = shared_kv_attention(q, k, v, **args)
+    assert_close(first, want)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    calls = KernelCalls()
+    with replaying, calls:
+        again = shared_kv_attention(*inputs, **args)
+    assert calls.count == 0 and torch.equal(again, first)
+    for got, expected in zip(torch.autograd.grad(again, inputs, grad), want_grads, strict=True):
+        assert_close(got, expected)
+    with replaying, pytest.raises(RuntimeError, match="more attention calls"):
+        shared_kv_attention(q, k, v, **args)
+        shared_kv_attention(q, k, v, **args)
+
+
 def test_shared_head_equals_repeated_heads():
     q, k, v = make_inputs(2, 3, 20, 31, 8, seed=1)
     ours = shared_kv_attention(q, k, v, causal=True)

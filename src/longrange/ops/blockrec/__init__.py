@@ -3,6 +3,17 @@ layers use it: queries of a block against [XL memory ; this block] (causal, alig
 last keys), tokens against states, states against states and states against a block."""
 
 from longrange.ops.blockrec.naive import shared_kv_attention_naive
-from longrange.ops.blockrec.sdpa import shared_kv_attention, shared_kv_attention_sdpa
+from longrange.ops.blockrec.sdpa import (
+    kept_kernel_contexts,
+    kept_kernels_apply,
+    shared_kv_attention,
+    shared_kv_attention_sdpa,
+)
 
-__all__ = ["shared_kv_attention", "shared_kv_attention_naive", "shared_kv_attention_sdpa"]
+__all__ = [
+    "kept_kernel_contexts",
+    "kept_kernels_apply",
+    "shared_kv_attention",
+    "shared_kv_attention_naive",
+    "shared_kv_attention_sdpa",
+]

@@ -10,6 +10,13 @@ Two layouts, chosen by batch size (the number of blocks run together):
 The causal band is cached per shape (in eager mode), so that the many calls of one forward
 share one mask tensor (and autograd saves it once).
 
+Kept kernel outputs (:func:`kept_kernel_contexts`, the ``context_fn`` of an eager CPU
+activation checkpoint): inside its forward pass every CPU flash call records its output and
+log-sum-exp; inside its recomputation the same calls, in the same order, take them instead of
+running the kernel, and the backward pass runs the kernel's backward on them. This is what
+selective checkpointing with a policy that saves the kernel's outputs does, without its
+dispatch mode's Python hook on every operator of both passes.
+
 Dimensions: B batch, H query heads, N queries, M keys, D head width.
 """
 
@@ -42,6 +49,90 @@ def _bias(n: int, m: int, repeats: int, device: torch.device, dtype: torch.dtype
 # graph builds them once per graph anyway (and cannot trace a cache).
 causal_band = functools.lru_cache(maxsize=16)(_band)
 causal_bias = functools.lru_cache(maxsize=16)(_bias)
+
+
+class KeptKernels:
+    """The (output, log-sum-exp) pairs of the flash calls of one checkpointed forward pass, in
+    call order; ``replaying`` while its recomputation takes them back."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.replaying = False
+        self.next = 0
+
+    def take(self) -> tuple[Tensor, Tensor]:
+        if self.next >= len(self.pairs):
+            raise RuntimeError("a recomputation made more attention calls than its forward pass")
+        pair = self.pairs[self.next]
+        self.next += 1
+        return pair
+
+
+# The KeptKernels of the checkpointed pass running now (None outside one). A plain global, as
+# modules.reversible's flag: eager only (a compiled graph uses selective checkpointing).
+_ACTIVE: list[KeptKernels | None] = [None]
+
+
+class _Kept:
+    """Makes ``kept`` the active record (reusable: a second backward pass recomputes again)."""
+
+    def __init__(self, kept: KeptKernels, replaying: bool) -> None:
+        self.kept, self.replaying, self.previous = kept, replaying, None
+
+    def __enter__(self) -> None:
+        self.previous, _ACTIVE[0] = _ACTIVE[0], self.kept
+        self.kept.replaying, self.kept.next = self.replaying, 0
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE[0] = self.previous
+
+
+def kept_kernel_contexts():
+    """The (forward, recomputation) context managers of one activation checkpoint whose CPU
+    flash attention outputs are kept from its forward pass (module docstring)."""
+    kept = KeptKernels()
+    return _Kept(kept, False), _Kept(kept, True)
+
+
+def kept_kernels_apply(q: Tensor) -> bool:
+    """Whether :func:`kept_kernel_contexts` keeps the kernel outputs for tensors like ``q``: the
+    CPU flash kernel, in eager mode."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
+class _KeptFlash(torch.autograd.Function):
+    """The CPU flash kernel with its output recorded (forward pass) or taken (recomputation)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale, kept: KeptKernels):
+        if kept.replaying:
+            out, lse = kept.take()
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, attn_mask=mask, scale=scale
+            )
+            kept.pairs.append((out.detach(), lse))
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    kept = _ACTIVE[0]
+    if kept is None or torch.compiler.is_compiling() or not kept_kernels_apply(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask is not None and mask.dtype == torch.bool:  # as the fused call turns it additive
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return _KeptFlash.apply(q, k, v, mask, scale, kept)
 
 
 def shared_kv_attention_sdpa(
@@ -78,7 +169,7 @@ def shared_kv_attention_sdpa(
         if compiling or not bool(any_key.all()):
             empty_rows = ~any_key
             mask = mask | empty_rows
-    out = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask, scale=scale)
+    out = _attend(q_in, k_in, v_in, mask, scale)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out.view(b, h, n, d)
