@@ -107,6 +107,7 @@ class _KeptFlash(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale, kept: KeptKernels):
         if kept.replaying:
             out, lse = kept.take()
+            out = out.detach()  # a fresh tensor object: a second recomputation takes it again
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, attn_mask=mask, scale=scale
