@@ -61,7 +61,8 @@ from longrange.models.flow import Piece, SegmentedLM
 from longrange.models.state import State, state_entry
 from longrange.modules.norms import LayerNorm
 from longrange.modules.rotary import RotaryEmbedding
-from longrange.ops.blockrec import kept_kernel_contexts, kept_kernels_apply, shared_kv_attention
+from longrange.ops.blockrec import kept_kernel_contexts, shared_kv_attention
+from longrange.ops.dense import cpu_flash_supported
 
 state_entry(ReadCache)
 
@@ -272,7 +273,7 @@ class BlockRecurrentLM(SegmentedLM):
         """How a recomputed segment keeps the attention kernels' outputs: recorded at the call
         (``kept_kernel_contexts``) in eager mode on the CPU, else a selective-checkpoint policy
         (compiled graphs trace it; the GPU kernels have other signatures)."""
-        if not torch.compiler.is_compiling() and KEEP_AT_CALL[0] and kept_kernels_apply(self.embed.weight):
+        if not torch.compiler.is_compiling() and KEEP_AT_CALL[0] and cpu_flash_supported(self.embed.weight):
             return kept_kernel_contexts
         return functools.partial(create_selective_checkpoint_contexts, keep_attention)
 

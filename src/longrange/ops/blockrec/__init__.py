@@ -5,14 +5,12 @@ last keys), tokens against states, states against states and states against a bl
 from longrange.ops.blockrec.naive import shared_kv_attention_naive
 from longrange.ops.blockrec.sdpa import (
     kept_kernel_contexts,
-    kept_kernels_apply,
     shared_kv_attention,
     shared_kv_attention_sdpa,
 )
 
 __all__ = [
     "kept_kernel_contexts",
-    "kept_kernels_apply",
     "shared_kv_attention",
     "shared_kv_attention_naive",
     "shared_kv_attention_sdpa",

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.ops.dense import additive_mask, cpu_flash_supported
+
 FOLD_MIN_BATCH = 4
 
 
@@ -40,8 +42,7 @@ def _band(n: int, m: int, repeats: int, device: torch.device) -> Tensor:
 
 def _bias(n: int, m: int, repeats: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The band as an additive mask (0 / -inf)."""
-    band = _band(n, m, repeats, device)
-    return torch.zeros(band.shape, device=device, dtype=dtype).masked_fill(~band, float("-inf"))
+    return additive_mask(_band(n, m, repeats, device), dtype)
 
 
 # Cached per shape in eager mode: the kernel turns a boolean mask into an additive one on every
@@ -94,12 +95,6 @@ def kept_kernel_contexts():
     return _Kept(kept, False), _Kept(kept, True)
 
 
-def kept_kernels_apply(q: Tensor) -> bool:
-    """Whether :func:`kept_kernel_contexts` keeps the kernel outputs for tensors like ``q``: the
-    CPU flash kernel, in eager mode."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
-
-
 class _KeptFlash(torch.autograd.Function):
     """The CPU flash kernel with its output recorded (forward pass) or taken (recomputation)."""
 
@@ -129,10 +124,10 @@ class _KeptFlash(torch.autograd.Function):
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
     kept = _ACTIVE[0]
-    if kept is None or torch.compiler.is_compiling() or not kept_kernels_apply(q):
+    if kept is None or torch.compiler.is_compiling() or not cpu_flash_supported(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if mask is not None and mask.dtype == torch.bool:  # as the fused call turns it additive
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = additive_mask(mask, q.dtype)
     return _KeptFlash.apply(q, k, v, mask, scale, kept)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from longrange.ops.dense.masks import causal_mask, merge_masks
+from longrange.ops.dense.masks import additive_mask, causal_mask, merge_masks
 from longrange.ops.dense.naive import dense_attention_naive
-from longrange.ops.dense.sdpa import dense_attention_sdpa
+from longrange.ops.dense.sdpa import cpu_flash_supported, dense_attention_sdpa
 
 
 def dense_attention(
@@ -37,4 +37,12 @@ def dense_attention(
     raise ValueError(f"backend must be 'sdpa' or 'naive', got {backend!r}")
 
 
-__all__ = ["causal_mask", "dense_attention", "dense_attention_naive", "dense_attention_sdpa", "merge_masks"]
+__all__ = [
+    "additive_mask",
+    "causal_mask",
+    "cpu_flash_supported",
+    "dense_attention",
+    "dense_attention_naive",
+    "dense_attention_sdpa",
+    "merge_masks",
+]

@@ -17,6 +17,12 @@ def causal_mask(n: int, m: int, device: torch.device | None = None) -> Tensor:
     return cols <= rows + offset
 
 
+def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as an additive one: 0 where True, -inf where False (what the fused
+    kernels add to the scores)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
 def merge_masks(mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device) -> Tensor | None:
     """Combine a padding/attention mask with the causal band; None when nothing is masked."""
     if mask is not None and mask.dtype != torch.bool:

@@ -20,6 +20,12 @@ from torch import Tensor
 from longrange.ops.dense.masks import merge_masks
 
 
+def cpu_flash_supported(x: Tensor) -> bool:
+    """Whether the CPU flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu`` and
+    its backward, called directly by the blocked attention ops) run for tensors like ``x``."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
 def dense_attention_sdpa(
     q: Tensor,
     k: Tensor,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.ops.dense import additive_mask
 from longrange.ops.routing.order import NO_CLUSTER, default_block_size, sort_by_cluster
 from longrange.ops.routing.spans import causal_routed_attention_spans, span_attention_supported
 
@@ -207,7 +208,7 @@ def causal_routed_attention(
             keep = keep & ~(is_self & others)
         any_key = keep.any(dim=-1, keepdim=True)
         keep = keep | ~any_key  # SDPA gives NaN on a row with no key: open it, zero it below
-    bias = torch.zeros(keep.shape, dtype=q.dtype, device=device).masked_fill_(~keep, float("-inf"))
+    bias = additive_mask(keep, q.dtype)
 
     out = F.scaled_dot_product_attention(
         qs.view(b, h * blocks, block, -1),

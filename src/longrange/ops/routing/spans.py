@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.ops.dense import additive_mask, cpu_flash_supported
 from longrange.ops.routing.order import NO_CLUSTER, default_block_size, sort_by_cluster
 
 # queries per chunk: the masks and span gradients of one chunk stay a few megabytes
@@ -42,7 +43,7 @@ CHUNK_QUERIES = 2048
 
 def span_attention_supported(q: Tensor) -> bool:
     """Whether :func:`span_attention` runs for tensors like ``q`` (the CPU flash kernels)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+    return cpu_flash_supported(q)
 
 
 def _chunk_bias(
@@ -201,7 +202,7 @@ def span_attention(
     (already scaled) and mem_value [R, T, K, E], or None. A query with no key and no memory
     gets zeros.
     """
-    bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
+    bias = additive_mask(band, q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _SpanAttention.apply(q, k, v, mem_logit, mem_value, groups, bias, block, look_back, scale)
 

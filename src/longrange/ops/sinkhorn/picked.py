@@ -23,17 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.ops.dense import cpu_flash_supported
+
 # buckets per chunk: the gathered keys and values of one chunk stay a few megabytes
 CHUNK_QUERIES = 2048
 
 
 def picked_supported(q: Tensor, v: Tensor) -> bool:
     """Whether :func:`causal_picked_attention` runs for tensors like these."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
-        and v.shape[-1] == q.shape[-1]
-    )
+    return cpu_flash_supported(q) and v.shape[-1] == q.shape[-1]
 
 
 def _table(x: Tensor, null: Tensor) -> Tensor:
