@@ -152,6 +152,8 @@ class _SlicedMLP(torch.autograd.Function):
         dx = torch.empty_like(flat) if need[0] else None
         halves = 2 if glu else 1
         per = {"hidden": halves + 1, "pre": halves, "input": 0}[keep]  # tensors kept per slice
+        w1_parts = (None,) * halves if grads["w1"] is None else grads["w1"].chunk(halves)
+        b1_parts = (None,) * halves if grads["b1"] is None else grads["b1"].chunk(halves)
         for i, start in enumerate(range(0, flat.shape[0], rows)):
             xs, dy = flat[start : start + rows], dy_all[start : start + rows]
             normed, mean, rstd = _normed(xs, ln_w, ln_b, eps, with_stats=True)
@@ -165,12 +167,11 @@ class _SlicedMLP(torch.autograd.Function):
                 grads["b2"] += dy.sum(dim=0)
             dh = _hidden_backward(dy @ w2, pre, activation)
             del pre
-            for part, d in enumerate(dh):
-                at = slice(part * w1.shape[0] // halves, (part + 1) * w1.shape[0] // halves)
-                if grads["w1"] is not None:
-                    _add_product(grads["w1"][at], d.t(), normed)
-                if grads["b1"] is not None:
-                    grads["b1"][at] += d.sum(dim=0)
+            for d, gw, gb in zip(dh, w1_parts, b1_parts):  # the row blocks of W1, as in _pre
+                if gw is not None:
+                    _add_product(gw, d.t(), normed)
+                if gb is not None:
+                    gb += d.sum(dim=0)
             if mean is None:  # no norm: dx is dh W1
                 if dx is not None and dx.dtype == dh[0].dtype:
                     _input_grad(dh, w1, out=dx[start : start + rows])
