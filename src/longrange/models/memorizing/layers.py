@@ -19,12 +19,14 @@ from longrange.memory.knn.retrieval import Retrieved, memory_scores, memory_valu
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
+from longrange.ops.dense.bias import toeplitz
 
 
 def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
     """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
-    distinct distances: one small table lookup, then a Toeplitz view, so the backward pass
-    sums diagonals instead of scattering n * m gradients into the table. With ``causal`` the
+    distinct distances: one small table lookup, then a Toeplitz matrix
+    (:func:`~longrange.ops.dense.bias.toeplitz`), so the backward pass sums diagonals instead
+    of scattering n * m gradients into the table. With ``causal`` the
     future gets the most negative finite value (:func:`causal_bias`), set on the n + m - 1
     distances before the view, not on the n x m bias."""
     weight = module.relative_attention_bias.weight
@@ -35,8 +37,8 @@ def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: boo
     per_distance = (module.relative_attention_bias(ids) * module.scale).t()  # [H, n + m - 1]
     if causal:
         per_distance = per_distance.masked_fill(relative > 0, -torch.finfo(per_distance.dtype).max)
-    # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table: a sliding window.
-    return per_distance.unfold(1, m, 1).flip(1)
+    # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table.
+    return toeplitz(per_distance, n, m)
 
 
 def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch.float32) -> Tensor:
