@@ -18,15 +18,22 @@ bench`` enable it on CPU unless given ``--no-cpu-cache``.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+from longrange.native import NativeUnavailable, build_library, cache_dir, compiler
+
+__all__ = [
+    "CacheUnavailable",
+    "build",
+    "cache_dir",
+    "compiler",
+    "disable",
+    "enable",
+    "enabled",
+    "release",
+    "stats",
+]
 
 SOURCE = Path(__file__).with_name("cache.cpp")
 STAT_NAMES = (
@@ -46,83 +53,17 @@ _library: ctypes.CDLL | None = None
 _enabled = False
 
 
-class CacheUnavailable(RuntimeError):
+class CacheUnavailable(NativeUnavailable):
     """The cache cannot be built or loaded here; the message says why."""
 
 
-def compiler() -> str | None:
-    """The C++ compiler to build with: ``$CXX``, else g++, c++ or clang++ on the PATH."""
-    if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"])
-    return next((p for p in map(shutil.which, ("g++", "c++", "clang++")) if p), None)
-
-
-def cache_dir() -> Path:
-    """Where built libraries are kept: ``$LONGRANGE_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/longrange`` (``~/.cache/longrange``)."""
-    if os.environ.get("LONGRANGE_CACHE_DIR"):
-        return Path(os.environ["LONGRANGE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longrange"
-
-
-def _build_command(cxx: str, source: Path, target: Path) -> list[str]:
-    root = Path(torch.__file__).parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [
-        cxx,
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-std=c++17",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        "-I",
-        str(root / "include"),
-        str(source),
-        "-o",
-        str(target),
-        "-L",
-        str(root / "lib"),
-        "-lc10",
-        f"-Wl,-rpath,{root / 'lib'}",
-    ]
-
-
 def build() -> Path:
-    """The shared library for this torch and source, compiled once and reused (written under
-    a temporary name and renamed, so a killed build leaves nothing half-written behind).
-    Raises :class:`CacheUnavailable` when it cannot be built."""
+    """The allocator's shared library for this torch and source (see
+    :func:`longrange.native.build_library`); raises :class:`CacheUnavailable` when it cannot
+    be built."""
     if not sys.platform.startswith("linux"):
         raise CacheUnavailable(f"needs Linux (mremap), not {sys.platform}")
-    cxx = compiler()
-    if cxx is None:
-        wanted = os.environ.get("CXX") or "g++, c++ or clang++"
-        raise CacheUnavailable(f"no C++ compiler found ({wanted})")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), cxx.encode()])).hexdigest()[:16]
-    folder = cache_dir()
-    target = folder / f"cpu_cache-{key}.so"
-    if target.is_file():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=folder, prefix=target.name, suffix=".part")
-        os.close(fd)
-    except OSError as err:
-        raise CacheUnavailable(f"cannot write to {folder}: {err.strerror or err}") from None
-    try:
-        proc = subprocess.run(
-            _build_command(cxx, SOURCE, Path(partial)), capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            lines = proc.stderr.splitlines()
-            first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
-            raise CacheUnavailable(f"{Path(cxx).name} failed: {first[:200]}")
-        os.replace(partial, target)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise CacheUnavailable(f"building with {cxx} failed: {err}") from None
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return target
+    return build_library("cpu_cache", [SOURCE], error=CacheUnavailable)
 
 
 def _load() -> ctypes.CDLL:
