@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longrange.ops.favor.linear import normalise, with_ones
+from longrange.ops.numerics import exp_normal_, masked_exp_
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor | None, state: Fav
 
 def _pairwise(rows: Tensor, cols: Tensor, keep: Tensor) -> Tensor:
     """exp(rows[..., :, None] - cols[..., None, :]) where ``keep``, else 0 (never inf * 0)."""
-    return (rows[..., :, None] - cols[..., None, :]).masked_fill_(~keep, float("-inf")).exp_()
+    return masked_exp_(rows[..., :, None] - cols[..., None, :], keep)
 
 
 def _block_size(g: int) -> int:
@@ -99,14 +100,14 @@ def _scan_plan(c_ref: Tensor, c_end: Tensor, block: int | None):
     cr = c_ref.unflatten(-1, (blocks, size))
     ce = c_end.unflatten(-1, (blocks, size))
     strict = torch.ones(size, size, dtype=torch.bool, device=c_end.device).tril(-1)
-    within = (ce[..., None, :] - cr[..., :, None]).masked_fill_(~strict, float("-inf")).exp_()
+    within = masked_exp_(ce[..., None, :] - cr[..., :, None], strict)
     e = ce[..., -1]
-    to_end = (ce - e[..., None]).exp_()
+    to_end = exp_normal_(ce - e[..., None])
     e_prev = torch.cat((c0, e), dim=-1)
     earlier = torch.ones(blocks + 1, blocks, dtype=torch.bool, device=c_end.device).tril(-1)
-    across = (e[..., None, :] - e_prev[..., :, None]).masked_fill_(~earlier, float("-inf")).exp_()
-    from_start = (c0 - e_prev).exp_()
-    into = (e_prev[..., :-1, None] - cr).exp_()
+    across = masked_exp_(e[..., None, :] - e_prev[..., :, None], earlier)
+    from_start = exp_normal_(c0 - e_prev)
+    into = exp_normal_(e_prev[..., :-1, None] - cr)
     return size, blocks, pad, within, to_end, across, from_start, into
 
 
@@ -169,8 +170,8 @@ def _factors(c: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
     within = _pairwise(c, c, causal.T).transpose(-1, -2)
     c_end = c[..., -1]
     c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
-    to_end = (c - c_end[..., None]).exp_()[..., None]
-    from_ref = (c_ref[..., None] - c).exp_()[..., None]
+    to_end = exp_normal_(c - c_end[..., None])[..., None]
+    from_ref = exp_normal_(c_ref[..., None] - c)[..., None]
     return within, to_end, from_ref, c_ref, c_end
 
 

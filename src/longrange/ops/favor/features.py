@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from longrange.ops.numerics import exp_normal_
+
 # The stabiliser of a prefix with no unmasked key yet: finite, so that differences stay defined.
 EMPTY_LOG_SCALE = -1e30
 
@@ -127,8 +129,8 @@ def running_log_scale(row_max: Tensor, mask: Tensor | None = None, initial: Tens
 def _exp_features(dash: Tensor, shift: Tensor, ratio: float, eps: float) -> Tensor:
     """ratio * (exp(dash - shift) + eps), in as few passes over [B, H, N, M] as possible."""
     if eps:
-        return (torch.exp(dash - shift) + eps) * ratio
-    return (dash - (shift - math.log(ratio))).exp_()
+        return (exp_normal_(dash - shift) + eps) * ratio
+    return exp_normal_(dash - (shift - math.log(ratio)))
 
 
 def softmax_query_features(
@@ -236,7 +238,7 @@ def no_projection_features(
         row_max = k.detach().amax(dim=-1)
         log_scale = running_log_scale(row_max, keep, initial_log_scale)
         shift = torch.maximum(log_scale, row_max) if keep is not None else log_scale
-        k_feats = torch.exp(k - shift[..., None])
+        k_feats = exp_normal_(k - shift[..., None])
         if keep is not None:
             k_feats = k_feats * keep[..., None]
         return q_feats, k_feats, log_scale

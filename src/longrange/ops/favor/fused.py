@@ -32,6 +32,7 @@ from torch import Tensor
 from longrange.ops.favor.chunk import FavorState, scan_sums, scan_sums_backward, split_chunks
 from longrange.ops.favor.features import running_log_scale
 from longrange.ops.favor.linear import with_ones
+from longrange.ops.numerics import exp_normal_, flush_begin, flush_end, masked_exp_
 
 # Up to this many bytes of features and kernel blocks per call are kept for backward (the
 # bench preset's 64K tokens, the reference defaults' 16K); beyond, backward forms them again.
@@ -50,7 +51,7 @@ def _causal(size: int, device: torch.device) -> Tensor:
 
 def _query_features(q: Tensor, weight: Tensor) -> Tensor:
     fq = q @ weight.T
-    return fq.sub_(fq.amax(dim=-1, keepdim=True) + 0.5 * math.log(weight.shape[0])).exp_()
+    return exp_normal_(fq.sub_(fq.amax(dim=-1, keepdim=True) + 0.5 * math.log(weight.shape[0])))
 
 
 def _key_log_features(k: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,7 +64,7 @@ def _key_log_features(k: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor
 def _key_features(dash, half_sq, row_max, c, keep: Tensor | None, features: int) -> Tensor:
     # a masked key may exceed the running max: its own max keeps its (zeroed) features finite
     shift = (c if keep is None else torch.maximum(c, row_max)) + half_sq + 0.5 * math.log(features)
-    fk = dash.sub_(shift[..., None]).exp_()
+    fk = exp_normal_(dash.sub_(shift[..., None]))
     return fk if keep is None else fk.mul_(keep[..., None])
 
 
@@ -75,11 +76,11 @@ def _factors(c: Tensor, c0: Tensor, *, within: bool = True) -> tuple[Tensor | No
     block = None
     if within:
         causal = _causal(c.shape[-1], c.device)
-        block = (c[..., None, :] - c[..., :, None]).masked_fill_(~causal, float("-inf")).exp_()
+        block = masked_exp_(c[..., None, :] - c[..., :, None], causal)
     c_end = c[..., -1]
     c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
-    to_end = (c - c_end[..., None]).exp_()[..., None]
-    from_ref = (c_ref[..., None] - c).exp_()[..., None]
+    to_end = exp_normal_(c - c_end[..., None])[..., None]
+    from_ref = exp_normal_(c_ref[..., None] - c)[..., None]
     return block, to_end, from_ref, c_ref, c_end
 
 
@@ -156,6 +157,16 @@ class _SoftmaxCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
+        flushing = q.device.type == "cpu" and flush_begin()  # ops/numerics.py: subnormals
+        try:
+            return _SoftmaxCausal._forward(
+                ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes
+            )
+        finally:
+            flush_end(flushing)
+
+    @staticmethod
+    def _forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
         b, h, g, size, _ = q.shape
         per_chunk = 2 * (weight.shape[0] + size) * size * b * h * q.element_size()
         ctx.kept = per_chunk * g <= keep_bytes
@@ -185,6 +196,14 @@ class _SoftmaxCausal(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final, _d_c):
+        flushing = d_out.device.type == "cpu" and flush_begin()
+        try:
+            return _SoftmaxCausal._backward(ctx, d_out, d_final)
+        finally:
+            flush_end(flushing)
+
+    @staticmethod
+    def _backward(ctx, d_out, d_final):
         q, k, v1, weight, keep, c, out, den, kv_starts, c_starts, *kept = ctx.saved_tensors
         g, step = q.shape[2], ctx.step
         d_final = torch.zeros_like(kv_starts[0]) if d_final is None else d_final
