@@ -212,3 +212,54 @@ def test_resume_applies_the_options_it_may_change_and_says_so(tmp_path, train_cl
     err = capsys.readouterr().err
     assert f"resuming {run} with --steps 5 (was 3), --lr 0.001 (was 0.002)" in err
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 5
+
+
+def test_cpu_commands_flush_denormals_while_they_run(tmp_path, text_folder, train_cli, monkeypatch, capsys):
+    """train, eval (and generate, bench through the same helper) run with subnormal numbers
+    flushed on every thread unless --keep-denormals, and leave the mode as they found it."""
+    from longrange.ops import numerics
+    from longrange.train import evaluate, trainer
+
+    if numerics.flush_available() is not None:
+        pytest.skip(f"denormal mode: {numerics.flush_available()}")
+    seen = []
+    fit = trainer.Trainer.fit
+
+    def watched_fit(self, *args, **kwargs):
+        seen.append(("train", numerics.denormals_flushed()))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "fit", watched_fit)
+    assert train_cli() == 0
+    assert train_cli("--keep-denormals", "--name", "kept") == 0
+    run = tmp_path / "runs" / "cli"
+    monkeypatch.setattr(
+        evaluate, "evaluate_bpb", lambda *a, **k: seen.append(("eval", numerics.denormals_flushed())) or 1.0
+    )
+    for extra in ([], ["--keep-denormals"]):
+        assert main(["eval", str(run), "--data", str(text_folder), "--device", "cpu", *extra]) == 0
+    assert seen == [("train", True), ("train", False), ("eval", True), ("eval", False)]
+    assert not numerics.denormals_flushed()
+    capsys.readouterr()
+
+
+def test_where_denormals_cannot_be_flushed_a_command_says_so_and_runs(
+    tmp_path, text_folder, monkeypatch, capsys
+):
+    from longrange.ops import numerics
+    from longrange.train import evaluate
+
+    monkeypatch.setattr(numerics, "flush_available", lambda: "no C++ compiler found (g++, c++ or clang++)")
+    monkeypatch.setattr(evaluate, "evaluate_bpb", lambda *a, **k: 1.0)
+    model = create_model("vanilla", preset="tiny")
+    model.save_pretrained(tmp_path / "m")
+    assert main(["eval", str(tmp_path / "m"), "--data", str(text_folder), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "longrange eval: subnormal numbers kept (no C++ compiler found" in err and "--keep-denormals" in err
+    )
+    assert (
+        main(["eval", str(tmp_path / "m"), "--data", str(text_folder), "--device", "cpu", "--keep-denormals"])
+        == 0
+    )
+    assert capsys.readouterr().err == ""

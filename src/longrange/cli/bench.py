@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from longrange.cli.loading import int_list, pick_device, use_cpu_cache
+from longrange.cli.loading import KEEP_DENORMALS_HELP, flushed_denormals, int_list, pick_device, use_cpu_cache
 from longrange.models.registry import get_family
 
 
@@ -50,7 +50,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }
     device = pick_device(args.device)
     use_cpu_cache(device, not args.no_cpu_cache, "bench")
-    run_suite(args.suite, models, lengths, device=device, options=options)
+    with flushed_denormals(device, not args.keep_denormals, "bench"):
+        run_suite(args.suite, models, lengths, device=device, options=options)
     return 0
 
 
@@ -144,4 +145,5 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="on CPU, keep torch's own allocator (default: cache large blocks, see longrange.cpu_cache)",
     )
+    b.add_argument("--keep-denormals", action="store_true", help=KEEP_DENORMALS_HELP)
     b.set_defaults(func=cmd_bench)

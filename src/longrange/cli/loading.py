@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,28 @@ def use_cpu_cache(device: str, wanted: bool, command: str) -> None:
     except cpu_cache.CacheUnavailable as err:
         note = f"longrange {command}: CPU allocation cache off ({err}); --no-cpu-cache hides this"
         print(note, file=sys.stderr)
+
+
+def flushed_denormals(device: str, wanted: bool, command: str) -> AbstractContextManager:
+    """For a CPU run, unless ``--keep-denormals`` was given: a block in which subnormal numbers
+    are flushed to zero on every thread of torch's pool (``longrange.ops.numerics``: a trained
+    model's tiny attention weights and features otherwise make matmuls up to 100x slower);
+    where that cannot be set here, say so in one line and go on without it."""
+    if not wanted or torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    from longrange.ops import numerics
+
+    reason = numerics.flush_available()
+    if reason is not None:
+        note = f"longrange {command}: subnormal numbers kept ({reason}); --keep-denormals hides this"
+        print(note, file=sys.stderr)
+        return contextlib.nullcontext()
+    return numerics.flushed_denormals()
+
+
+KEEP_DENORMALS_HELP = (
+    "on CPU, keep subnormal numbers (default: flush them to zero on every thread, see longrange.ops.numerics)"
+)
 
 
 def check_number(flag: str, value: float | None, *, low: float, high: float | None = None, open_low=False):

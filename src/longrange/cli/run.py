@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from longrange.cli.loading import KEEP_WEIGHTS_SET_HELP, check_number, load_model, pick_device
+from longrange.cli.loading import (
+    KEEP_DENORMALS_HELP,
+    KEEP_WEIGHTS_SET_HELP,
+    check_number,
+    flushed_denormals,
+    load_model,
+    pick_device,
+)
 from longrange.models.registry import get_family
 
 
@@ -30,16 +37,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    new = model.generate(
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token=args.eos_token,
-        repetition_penalty=args.repetition_penalty,
-        generator=gen,
-    )
+    with flushed_denormals(device, not args.keep_denormals, "generate"):
+        new = model.generate(
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token=args.eos_token,
+            repetition_penalty=args.repetition_penalty,
+            generator=gen,
+        )
     sys.stdout.write(args.prompt + tok.decode(new) + "\n")
     return 0
 
@@ -61,7 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problem = corpus.validation_problem()
     if problem is not None:
         raise ValueError(f"no validation tokens: {problem}")
-    bpb = evaluate_bpb(model, corpus.val, seq_len=seq_len, max_tokens=args.max_tokens, device=device)
+    with flushed_denormals(device, not args.keep_denormals, "eval"):
+        bpb = evaluate_bpb(model, corpus.val, seq_len=seq_len, max_tokens=args.max_tokens, device=device)
     print(f"validation bits per byte: {bpb:.4f}  ({corpus.summary()})")
     return 0
 
@@ -95,6 +104,7 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help=KEEP_WEIGHTS_SET_HELP)
+    g.add_argument("--keep-denormals", action="store_true", help=KEEP_DENORMALS_HELP)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="validation bits per byte of a run folder or checkpoint")
@@ -106,6 +116,7 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted bytes")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=KEEP_WEIGHTS_SET_HELP)
+    e.add_argument("--keep-denormals", action="store_true", help=KEEP_DENORMALS_HELP)
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list families, presets and parameter counts")

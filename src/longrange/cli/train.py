@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrange.cli.loading import model_settings, use_cpu_cache
+from longrange.cli.loading import KEEP_DENORMALS_HELP, flushed_denormals, model_settings, use_cpu_cache
 from longrange.models.registry import FAMILIES, get_family
 
 # ``longrange train`` flag -> TrainConfig field. Every flag defaults to None (or False), so a
@@ -85,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             print(f"longrange train: resuming {args.resume} with {listed}", file=sys.stderr)
         use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
-        trainer.fit()
+        with flushed_denormals(str(trainer.device), not args.keep_denormals, "train"):
+            trainer.fit()
         return 0
     family_name = args.model or "vanilla"
     family = get_family(family_name)
@@ -95,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         fields["preset"] = "small" if "small" in family.presets else next(iter(family.presets), None)
     trainer = Trainer(TrainConfig(**fields))
     use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
-    trainer.fit()
+    with flushed_denormals(str(trainer.device), not args.keep_denormals, "train"):
+        trainer.fit()
     return 0
 
 
@@ -153,4 +155,5 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="on CPU, keep torch's own allocator (default: cache large blocks, see longrange.cpu_cache)",
     )
+    t.add_argument("--keep-denormals", action="store_true", help=KEEP_DENORMALS_HELP)
     t.set_defaults(func=cmd_train)
