@@ -153,3 +153,16 @@ def test_each_family_keeps_one_colour_on_every_panel():
     assert len(set(ours)) == len(ours)
     # a panel that leaves the reference series out must not shift any colour
     assert series_styles(["vanilla", "routing", "sinkhorn", "performer"])["sinkhorn"] == styles["sinkhorn"]
+
+
+def test_mfu_is_against_the_peak_measured_around_the_point(monkeypatch):
+    """The best of the matmul rates measured just before and just after the timed steps, not
+    the run's first reading (this CPU's speed drifts within minutes)."""
+    from longrange.bench import speed
+
+    readings = iter([2e9, 3e9])
+    monkeypatch.setattr(speed, "matmul_peak", lambda device, repeats: next(readings))
+    row = speed.time_point("vanilla", 32, device="cpu", repeats=1, batch_size=1, mfu=True)
+    assert row["matmul_peak_gflops"] == 3.0
+    assert row["mfu"] == pytest.approx(row["fwd_bwd_flops"] / row["fwd_bwd_s"] / 3e9)
+    assert "mfu" not in speed.time_point("vanilla", 32, device="cpu", repeats=1, batch_size=1)

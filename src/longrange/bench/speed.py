@@ -103,10 +103,12 @@ def time_point(
     device: str,
     repeats: int,
     batch_size: int,
-    peak_flops: float | None = None,
+    mfu: bool = False,
     compile: bool = False,
 ) -> dict[str, Any]:
-    """Time one (family, length) point; the warm-up run is also the one whose FLOPs are counted."""
+    """Time one (family, length) point; the warm-up run is also the one whose FLOPs are counted.
+    With ``mfu`` the row's MFU is against the best matmul rate measured just before and just
+    after the timed steps."""
     model, tokens = bench_inputs(family, length, device, batch_size)
 
     def train_step(forward=None):
@@ -120,7 +122,13 @@ def time_point(
             model.forward_lm(tokens[:, :-1])
 
     flops = count_flops(train_step)
+    # MFU against the peak around this point's own steps, measured just before and just after
+    # them: this CPU's speed drifts by up to 30-40% within minutes, so a peak measured once
+    # at the start of a long run read 258 GFLOP/s in one phase and 365 in another, and the
+    # same memorizing 16K throughput (5.1K tok/s) came out at 33% or 45% MFU
+    before = matmul_peak(device, repeats=5) if mfu else None
     fwd_bwd_s = _timed(train_step, device, repeats, warmed=True)
+    point_peak = max(before, matmul_peak(device, repeats=5)) if mfu else None
     model.eval()
     fwd = _timed(forward, device, repeats)
     row = {
@@ -133,9 +141,9 @@ def time_point(
         "tokens_per_s": batch_size * length / fwd_bwd_s,
         "fwd_bwd_flops": flops,
     }
-    if peak_flops:
-        row["mfu"] = flops / fwd_bwd_s / peak_flops
-        row["matmul_peak_gflops"] = peak_flops / 1e9  # per row: merged runs may measure differently
+    if point_peak:
+        row["mfu"] = flops / fwd_bwd_s / point_peak
+        row["matmul_peak_gflops"] = point_peak / 1e9  # per row: measured around the point
     if compile:
         model.train()
         row.update(_compiled_timing(model, train_step, device, repeats, batch_size * length))
@@ -337,7 +345,7 @@ def run_speed_suite(
                     device=device,
                     repeats=repeats,
                     batch_size=batch_size,
-                    peak_flops=peak,
+                    mfu=True,
                     compile=compile,
                 )
             except (RuntimeError, ValueError) as err:  # out of memory, or a length the config refuses
