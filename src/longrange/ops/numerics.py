@@ -66,8 +66,8 @@ def exp_normal_(x: Tensor) -> Tensor:
 
 def masked_exp_(x: Tensor, keep: Tensor) -> Tensor:
     """exp(x) where ``keep`` (True), exactly 0 elsewhere, in place, for x <= 0 where kept (a
-    stabiliser ratio; an entry elsewhere may be anything but NaN: it is clamped to 0 before the
-    exponential, so that it never overflows)."""
+    stabiliser ratio; an entry elsewhere may be anything, inf included: it is clamped to 0
+    before the exponential, so that it never overflows, then zeroed)."""
     return x.clamp_(exp_floor(x.dtype), 0.0).exp_().masked_fill_(~keep, 0.0)
 
 
