@@ -223,13 +223,13 @@ def test_cpu_commands_flush_denormals_while_they_run(tmp_path, text_folder, trai
     if numerics.flush_available() is not None:
         pytest.skip(f"denormal mode: {numerics.flush_available()}")
     seen = []
-    fit = trainer.Trainer.fit
+    fit = trainer.Trainer._fit
 
     def watched_fit(self, *args, **kwargs):
         seen.append(("train", numerics.denormals_flushed()))
         return fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.Trainer, "fit", watched_fit)
+    monkeypatch.setattr(trainer.Trainer, "_fit", watched_fit)
     assert train_cli() == 0
     assert train_cli("--keep-denormals", "--name", "kept") == 0
     run = tmp_path / "runs" / "cli"

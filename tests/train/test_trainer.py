@@ -175,3 +175,28 @@ def test_weight_decay_spares_per_head_scalars_biases_and_norms(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for group in optimizer.param_groups for p in group["params"]
     )
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_fit_on_cpu_flushes_denormals_unless_told_not_to(tmp_path, text_folder, monkeypatch, flush):
+    """The Python trainer runs with subnormal numbers flushed on every thread (its default, as
+    ``longrange train``), or keeps them with ``flush_denormals=False``; either way the mode is
+    as before once fit returns."""
+    from longrange.ops import numerics
+    from longrange.train import trainer
+
+    if numerics.flush_available() is not None:
+        pytest.skip(f"denormal mode: {numerics.flush_available()}")
+    seen = []
+    fit = trainer.Trainer._fit
+    monkeypatch.setattr(
+        trainer.Trainer, "_fit", lambda self, *a: seen.append(numerics.denormals_flushed()) or fit(self, *a)
+    )
+    cfg = _cfg(tmp_path, steps=2, eval_every=2, flush_denormals=flush)
+    Trainer(cfg, corpus=load_corpus(text_folder)).fit()
+    assert seen == [flush] and not numerics.denormals_flushed()
+
+
+def test_flush_denormals_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="flush_denormals must be a bool, got int"):
+        _cfg(tmp_path, flush_denormals=1)

@@ -70,20 +70,29 @@ def use_cpu_cache(device: str, wanted: bool, command: str) -> None:
         print(note, file=sys.stderr)
 
 
-def flushed_denormals(device: str, wanted: bool, command: str) -> AbstractContextManager:
-    """For a CPU run, unless ``--keep-denormals`` was given: a block in which subnormal numbers
-    are flushed to zero on every thread of torch's pool (``longrange.ops.numerics``: a trained
-    model's tiny attention weights and features otherwise make matmuls up to 100x slower);
-    where that cannot be set here, say so in one line and go on without it."""
+def denormals_flushable(device: str, wanted: bool, command: str) -> bool:
+    """Whether a run on ``device`` flushes subnormal numbers to zero on every thread of torch's
+    pool (``longrange.ops.numerics``: a trained model's tiny attention weights and features
+    otherwise make matmuls up to 100x slower): on CPU unless ``--keep-denormals`` was given,
+    where the helper can be built; where it cannot, say so in one line."""
     if not wanted or torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
+        return False
     from longrange.ops import numerics
 
     reason = numerics.flush_available()
     if reason is not None:
         note = f"longrange {command}: subnormal numbers kept ({reason}); --keep-denormals hides this"
         print(note, file=sys.stderr)
+        return False
+    return True
+
+
+def flushed_denormals(device: str, wanted: bool, command: str) -> AbstractContextManager:
+    """A block run with subnormal numbers flushed where :func:`denormals_flushable` says so."""
+    if not denormals_flushable(device, wanted, command):
         return contextlib.nullcontext()
+    from longrange.ops import numerics
+
     return numerics.flushed_denormals()
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrange.cli.loading import KEEP_DENORMALS_HELP, flushed_denormals, model_settings, use_cpu_cache
+from longrange.cli.loading import KEEP_DENORMALS_HELP, denormals_flushable, model_settings, use_cpu_cache
 from longrange.models.registry import FAMILIES, get_family
 
 # ``longrange train`` flag -> TrainConfig field. Every flag defaults to None (or False), so a
@@ -35,6 +35,7 @@ TRAIN_FLAGS = {
     "fsdp": "--fsdp",
     "compile": "--compile",
     "progress": "--no-progress",
+    "flush_denormals": "--keep-denormals",
 }
 
 
@@ -48,6 +49,9 @@ def _train_fields(args: argparse.Namespace, family: str) -> dict[str, Any]:
         elif name == "progress":
             if args.no_progress:
                 fields["progress"] = False
+        elif name == "flush_denormals":
+            if args.keep_denormals:
+                fields["flush_denormals"] = False
         elif name in ("fsdp", "compile"):
             if getattr(args, name):
                 fields[name] = True
@@ -85,8 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             print(f"longrange train: resuming {args.resume} with {listed}", file=sys.stderr)
         use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
-        with flushed_denormals(str(trainer.device), not args.keep_denormals, "train"):
-            trainer.fit()
+        denormals_flushable(str(trainer.device), trainer.cfg.flush_denormals, "train")  # the note, if any
+        trainer.fit()
         return 0
     family_name = args.model or "vanilla"
     family = get_family(family_name)
@@ -96,8 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         fields["preset"] = "small" if "small" in family.presets else next(iter(family.presets), None)
     trainer = Trainer(TrainConfig(**fields))
     use_cpu_cache(str(trainer.device), not args.no_cpu_cache, "train")
-    with flushed_denormals(str(trainer.device), not args.keep_denormals, "train"):
-        trainer.fit()
+    denormals_flushable(str(trainer.device), trainer.cfg.flush_denormals, "train")  # the note, if any
+    trainer.fit()
     return 0
 
 

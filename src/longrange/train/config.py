@@ -33,6 +33,7 @@ RESUME_SAFE = frozenset(
         "progress",
         "max_nonfinite_steps",
         "compile",
+        "flush_denormals",
     }
 )
 
@@ -71,6 +72,10 @@ class TrainConfig:
     # A step whose loss or gradients are not finite is skipped (no optimizer update); this
     # many in a row stop the run with an error.
     max_nonfinite_steps: int = 5
+    # On CPU, fit() runs with subnormal numbers flushed to zero on every thread of torch's pool
+    # (longrange.ops.numerics; a trained model's tiny attention weights otherwise make matmuls
+    # up to 100x slower); the results differ only where a value was subnormal.
+    flush_denormals: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -101,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be an integer >= 0, got {self.sample_tokens!r}")
+        for name in ("fsdp", "compile", "progress", "flush_denormals"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
 

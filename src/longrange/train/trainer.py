@@ -21,9 +21,11 @@ Faults:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from longrange.data.samplers import IGNORE_INDEX, DocumentChunks, RandomWindows
 from longrange.data.tokenizer import ByteTokenizer
 from longrange.models.base import LongRangeLM
 from longrange.models.registry import create_model, get_family
+from longrange.ops.numerics import flushed_denormals
 from longrange.train import distributed as dist_util
 from longrange.train.checkpoint import CHECKPOINTS, POINTER, Checkpoint, remove_unpublished
 from longrange.train.config import TrainConfig
@@ -274,7 +277,7 @@ class Trainer:
         however fit ends. After a normal end ``self.state`` stays open for inspection (its
         files go when it is closed or collected)."""
         try:
-            with self.stop:
+            with self.stop, self._flushed():
                 return self._fit(stop_after)
         except BaseException:
             close_state(self.state)
@@ -282,6 +285,13 @@ class Trainer:
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+    def _flushed(self) -> AbstractContextManager:
+        """``cfg.flush_denormals`` on CPU: subnormals flushed to zero for the run (see
+        :mod:`longrange.ops.numerics`; nothing where its helper cannot be built)."""
+        if not self.cfg.flush_denormals or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return flushed_denormals()
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.cfg
