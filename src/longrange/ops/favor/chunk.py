@@ -68,11 +68,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor | None, state: Fav
             )
 
 
-def _pairwise(rows: Tensor, cols: Tensor, keep: Tensor) -> Tensor:
-    """exp(rows[..., :, None] - cols[..., None, :]) where ``keep``, else 0 (never inf * 0)."""
-    return masked_exp_(rows[..., :, None] - cols[..., None, :], keep)
-
-
 def _block_size(g: int) -> int:
     """About sqrt(g) chunks per block, a divisor of g where one is near (no padding)."""
     root = math.isqrt(g - 1) + 1 if g > 1 else 1
@@ -162,17 +157,17 @@ def _tril(size: int, device: torch.device) -> Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
-def _factors(c: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
+def chunk_factors(c: Tensor, c0: Tensor, *, within: bool = True) -> tuple[Tensor | None, ...]:
     """The stabiliser ratios of a chunked pass, all <= 1: within [B, H, G, C, C] exp(c_i - c_t)
-    for i <= t (else 0); to_end [B, H, G, C, 1] exp(c_i - c_end); from_ref exp(c_ref - c_t);
-    and c_ref, c_end [B, H, G] (the stabilisers of the sums before and after each chunk)."""
-    causal = _tril(c.shape[-1], c.device)
-    within = _pairwise(c, c, causal.T).transpose(-1, -2)
+    for i <= t (row t, column i; else 0; None unless ``within``); to_end [B, H, G, C, 1]
+    exp(c_i - c_end); from_ref exp(c_ref - c_t); and c_ref, c_end [B, H, G] (the stabilisers
+    of the sums before and after each chunk)."""
+    block = masked_exp_(c[..., None, :] - c[..., :, None], _tril(c.shape[-1], c.device)) if within else None
     c_end = c[..., -1]
     c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
     to_end = exp_normal_(c - c_end[..., None])[..., None]
     from_ref = exp_normal_(c_ref[..., None] - c)[..., None]
-    return within, to_end, from_ref, c_ref, c_end
+    return block, to_end, from_ref, c_ref, c_end
 
 
 def chunk_forward(q: Tensor, k: Tensor, v1: Tensor, c: Tensor, kv0: Tensor, c0: Tensor):
@@ -180,7 +175,7 @@ def chunk_forward(q: Tensor, k: Tensor, v1: Tensor, c: Tensor, kv0: Tensor, c0: 
     c [B, H, G, C] non-decreasing, kv0 [B, H, M, F] relative to c0 [B, H]. Returns the
     unnormalised output [B, H, G, C, F], the final sums [B, H, M, F] (relative to c at the last
     position) and the sums before every chunk [B, H, G, M, F] (kept for the backward pass)."""
-    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    within, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0)
     out = (q @ k.transpose(-1, -2)).mul_(within) @ v1
     kv_chunks = k.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
     befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
@@ -191,7 +186,7 @@ def chunk_forward(q: Tensor, k: Tensor, v1: Tensor, c: Tensor, kv0: Tensor, c0: 
 def chunk_backward(q, k, v1, c, c0, befores, d_out: Tensor, d_final: Tensor | None):
     """Gradients of :func:`chunk_forward`'s output and final sums with respect to q, k, v1 and
     kv0; the C x C blocks are recomputed rather than stored."""
-    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    within, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0)
     d_final = torch.zeros_like(befores[:, :, 0]) if d_final is None else d_final
     d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
     d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g

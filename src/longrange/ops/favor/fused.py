@@ -23,16 +23,15 @@ E value width (F = E + 1 with the normaliser column).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from longrange.ops.favor.chunk import FavorState, scan_sums, scan_sums_backward, split_chunks
+from longrange.ops.favor.chunk import FavorState, chunk_factors, scan_sums, scan_sums_backward, split_chunks
 from longrange.ops.favor.features import running_log_scale
 from longrange.ops.favor.linear import with_ones
-from longrange.ops.numerics import exp_normal_, flush_begin, flush_end, masked_exp_
+from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
 
 # Up to this many bytes of features and kernel blocks per call are kept for backward (the
 # bench preset's 64K tokens, the reference defaults' 16K); beyond, backward forms them again.
@@ -42,11 +41,6 @@ SEGMENT_BYTES = 16 * 2**20
 # Positions per chunk by default: at the Performer's reference defaults (266 features) 64 runs
 # 1.04-1.09x faster than 128 from 4K to 16K tokens on CPU; 32 and 96 are slower than 64.
 CHUNK_SIZE = 64
-
-
-@functools.lru_cache(maxsize=16)
-def _causal(size: int, device: torch.device) -> Tensor:
-    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
 def _query_features(q: Tensor, weight: Tensor) -> Tensor:
@@ -68,22 +62,6 @@ def _key_features(dash, half_sq, row_max, c, keep: Tensor | None, features: int)
     return fk if keep is None else fk.mul_(keep[..., None])
 
 
-def _factors(c: Tensor, c0: Tensor, *, within: bool = True) -> tuple[Tensor | None, ...]:
-    """The stabiliser ratios, all <= 1: within [B, H, G, C, C] exp(c_i - c_t) for i <= t (row
-    t, column i; else 0; None unless ``within``); to_end [B, H, G, C, 1] exp(c_i - c_end);
-    from_ref exp(c_ref - c_t); c_ref, c_end [B, H, G] (the stabilisers of the sums before and
-    after each chunk)."""
-    block = None
-    if within:
-        causal = _causal(c.shape[-1], c.device)
-        block = masked_exp_(c[..., None, :] - c[..., :, None], causal)
-    c_end = c[..., -1]
-    c_ref = torch.cat((c0[..., None], c_end[..., :-1]), dim=-1)
-    to_end = exp_normal_(c - c_end[..., None])[..., None]
-    from_ref = exp_normal_(c_ref[..., None] - c)[..., None]
-    return block, to_end, from_ref, c_ref, c_end
-
-
 def _segment_forward(q, k, v1, weight, keep, kv0, c0):
     """The chunked pass over one segment of whole chunks: q, k [B, H, G, C, D], v1 [B, H, G,
     C, F] (values and a column of ones), keep [B, 1, G, C] or None, kv0 [B, H, M, F] relative
@@ -97,7 +75,7 @@ def _segment_forward(q, k, v1, weight, keep, kv0, c0):
     fk = _key_features(dash, half_sq, row_max, c, keep, weight.shape[0])
     del dash, half_sq, row_max
     c0 = c[:, :, 0, 0] if c0 is None else c0
-    within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+    within, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0)
     scores = (fq @ fk.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
     out = scores @ v1
     kv_chunks = fk.transpose(-1, -2) @ (v1 * to_end)  # [B, H, G, M, F], relative to c_end
@@ -115,11 +93,11 @@ def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, k
     are formed again from q, k, v1, kv0 and the saved stabiliser c)."""
     if kept:
         fq, fk, scores, within, befores = kept
-        _, to_end, from_ref, c_ref, c_end = _factors(c, c0, within=False)
+        _, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0, within=False)
     else:
         fq = _query_features(q, weight)
         fk = _key_features(*_key_log_features(k, weight), c, keep, weight.shape[0])
-        within, to_end, from_ref, c_ref, c_end = _factors(c, c0)
+        within, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0)
         befores, _ = scan_sums(fk.transpose(-1, -2) @ (v1 * to_end), c_ref, c_end, kv0)
         scores = None
     # through out = numerator / den: the gradient of the unnormalised [numerator, den]
