@@ -8,6 +8,7 @@ caller keeps torch's own behaviour.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -106,3 +107,11 @@ def build_library(
     finally:
         Path(partial).unlink(missing_ok=True)
     return target
+
+
+def load_library(path: Path, error: type[NativeUnavailable] = NativeUnavailable) -> ctypes.CDLL:
+    """The built library at ``path``, loaded; raises ``error`` when it cannot be."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as err:
+        raise error(f"cannot load the built library: {err}") from None

@@ -21,7 +21,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-from longrange.native import NativeUnavailable, build_library, cache_dir, compiler
+from longrange.native import NativeUnavailable, build_library, cache_dir, compiler, load_library
 
 __all__ = [
     "CacheUnavailable",
@@ -69,10 +69,7 @@ def build() -> Path:
 def _load() -> ctypes.CDLL:
     global _library
     if _library is None:
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except OSError as err:
-            raise CacheUnavailable(f"cannot load the built library: {err}") from None
+        lib = load_library(build(), CacheUnavailable)
         lib.longrange_cache_enable.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
         lib.longrange_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
         _library = lib

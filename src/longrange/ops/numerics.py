@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from longrange.native import NativeUnavailable, build_library
+from longrange.native import NativeUnavailable, build_library, load_library
 
 SOURCE = Path(__file__).with_name("denormals.cpp")
 
@@ -75,9 +75,8 @@ def _load() -> ctypes.CDLL | None:
     global _library, _unavailable
     if _library is None and _unavailable is None:
         try:
-            lib = ctypes.CDLL(
-                str(build_library("denormals", [SOURCE], libraries=("c10", "torch_cpu"), openmp=True))
-            )
+            built = build_library("denormals", [SOURCE], libraries=("c10", "torch_cpu"), openmp=True)
+            lib = load_library(built)
             lib.longrange_set_flush_denormals.argtypes = [ctypes.c_int]
             if lib.longrange_flush_denormals_supported():
                 _library = lib
@@ -85,8 +84,6 @@ def _load() -> ctypes.CDLL | None:
                 _unavailable = "the denormal mode is set for x86 CPUs only"
         except NativeUnavailable as err:
             _unavailable = str(err)
-        except OSError as err:
-            _unavailable = f"cannot load the built library: {err}"
     return _library
 
 
