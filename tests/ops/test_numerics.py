@@ -70,6 +70,9 @@ def test_flushed_denormals_reaches_every_thread_and_restores_the_mode():
         assert numerics.denormals_flushed()
         assert _halved_tiny_zeros() == 1 << 22
     assert not numerics.denormals_flushed() and _halved_tiny_zeros() == 0
+    for other in (numerics.flushed_denormals("meta"), numerics.flushed_denormals(enabled=False)):
+        with other:  # work on another device, or switched off: the block runs as it is
+            assert not numerics.denormals_flushed()
     # a block entered with the mode on leaves it on
     assert numerics.set_flush_denormals(True) == torch.get_num_threads()
     try:

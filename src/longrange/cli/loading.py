@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from contextlib import AbstractContextManager
@@ -89,11 +88,9 @@ def denormals_flushable(device: str, wanted: bool, command: str) -> bool:
 
 def flushed_denormals(device: str, wanted: bool, command: str) -> AbstractContextManager:
     """A block run with subnormal numbers flushed where :func:`denormals_flushable` says so."""
-    if not denormals_flushable(device, wanted, command):
-        return contextlib.nullcontext()
     from longrange.ops import numerics
 
-    return numerics.flushed_denormals()
+    return numerics.flushed_denormals(device, denormals_flushable(device, wanted, command))
 
 
 KEEP_DENORMALS_HELP = (

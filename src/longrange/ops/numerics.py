@@ -133,10 +133,14 @@ def flush_end(was_set: bool) -> None:
 class flushed_denormals:
     """``with flushed_denormals():`` runs the block between :func:`flush_begin` and
     :func:`flush_end`: subnormal numbers flushed to zero on every thread of torch's pool, the
-    mode found restored after."""
+    mode found restored after. Only for work on the CPU and where ``enabled``: with another
+    ``device`` or ``enabled=False`` the block runs as it is."""
+
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True) -> None:
+        self.wanted = enabled and torch.device(device).type == "cpu"
 
     def __enter__(self) -> None:
-        self.was_set = flush_begin()
+        self.was_set = self.wanted and flush_begin()
 
     def __exit__(self, *exc) -> None:
         flush_end(self.was_set)

@@ -21,11 +21,9 @@ Faults:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +275,7 @@ class Trainer:
         however fit ends. After a normal end ``self.state`` stays open for inspection (its
         files go when it is closed or collected)."""
         try:
-            with self.stop, self._flushed():
+            with self.stop, flushed_denormals(self.device, self.cfg.flush_denormals):
                 return self._fit(stop_after)
         except BaseException:
             close_state(self.state)
@@ -285,13 +283,6 @@ class Trainer:
         finally:
             if self.lock is not None:
                 self.lock.release()
-
-    def _flushed(self) -> AbstractContextManager:
-        """``cfg.flush_denormals`` on CPU: subnormals flushed to zero for the run (see
-        :mod:`longrange.ops.numerics`; nothing where its helper cannot be built)."""
-        if not self.cfg.flush_denormals or self.device.type != "cpu":
-            return contextlib.nullcontext()
-        return flushed_denormals()
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.cfg
