@@ -37,6 +37,8 @@ TRAIN_FLAGS = {
     "progress": "--no-progress",
     "flush_denormals": "--keep-denormals",
 }
+# TrainConfig fields (on by default) -> the argparse name of the flag that turns them off
+SWITCHED_OFF = {"progress": "no_progress", "flush_denormals": "keep_denormals"}
 
 
 def _train_fields(args: argparse.Namespace, family: str) -> dict[str, Any]:
@@ -46,12 +48,9 @@ def _train_fields(args: argparse.Namespace, family: str) -> dict[str, Any]:
         if name == "set":
             if args.set:
                 fields["set"] = model_settings(family, args.set)
-        elif name == "progress":
-            if args.no_progress:
-                fields["progress"] = False
-        elif name == "flush_denormals":
-            if args.keep_denormals:
-                fields["flush_denormals"] = False
+        elif name in SWITCHED_OFF:  # a --no-... style flag turns a field that defaults on off
+            if getattr(args, SWITCHED_OFF[name]):
+                fields[name] = False
         elif name in ("fsdp", "compile"):
             if getattr(args, name):
                 fields[name] = True
