@@ -74,3 +74,15 @@ def no_knn_files_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield
     gc.collect()
     assert not list(root.glob("longrange-knn-*")), "kNN memory files were left behind"
+
+
+@pytest.fixture
+def denormal_switch():
+    """``longrange.ops.numerics``, whose denormal mode the test checks; skips where its helper
+    cannot be built here (no compiler, not Linux, not x86)."""
+    from longrange.ops import numerics
+
+    reason = numerics.flush_available()
+    if reason is not None:
+        pytest.skip(f"denormal mode: {reason}")
+    return numerics

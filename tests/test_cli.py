@@ -214,14 +214,14 @@ def test_resume_applies_the_options_it_may_change_and_says_so(tmp_path, train_cl
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 5
 
 
-def test_cpu_commands_flush_denormals_while_they_run(tmp_path, text_folder, train_cli, monkeypatch, capsys):
+def test_cpu_commands_flush_denormals_while_they_run(
+    tmp_path, text_folder, train_cli, monkeypatch, capsys, denormal_switch
+):
     """train, eval (and generate, bench through the same helper) run with subnormal numbers
     flushed on every thread unless --keep-denormals, and leave the mode as they found it."""
-    from longrange.ops import numerics
     from longrange.train import evaluate, trainer
 
-    if numerics.flush_available() is not None:
-        pytest.skip(f"denormal mode: {numerics.flush_available()}")
+    numerics = denormal_switch
     seen = []
     fit = trainer.Trainer._fit
 

@@ -52,19 +52,13 @@ def test_set_flush_denormals_takes_a_bool():
         numerics.set_flush_denormals(1)
 
 
-needs_flush = pytest.mark.skipif(
-    numerics.flush_available() is not None, reason=f"denormal mode: {numerics.flush_available()}"
-)
-
-
 def _halved_tiny_zeros() -> int:
     """How many of 4M halvings of the smallest normal float32 come out zero: all with the
     mode on every thread of the pool, none without (they are subnormal)."""
     return int((torch.full((1 << 22,), TINY) * 0.5 == 0).sum())
 
 
-@needs_flush
-def test_flushed_denormals_reaches_every_thread_and_restores_the_mode():
+def test_flushed_denormals_reaches_every_thread_and_restores_the_mode(denormal_switch):
     assert not numerics.denormals_flushed() and _halved_tiny_zeros() == 0
     with numerics.flushed_denormals():
         assert numerics.denormals_flushed()
@@ -84,8 +78,7 @@ def test_flushed_denormals_reaches_every_thread_and_restores_the_mode():
     assert _halved_tiny_zeros() == 0
 
 
-@needs_flush
-def test_causal_favor_with_a_trained_models_norms_equals_the_float64_reference():
+def test_causal_favor_with_a_trained_models_norms_equals_the_float64_reference(denormal_switch):
     """Queries and keys of norm about 64 (std 8): most features far below the smallest normal
     float32, where the op clamps its exponentials and flushes subnormals; the output and the
     input gradients still match the float64 features-then-kernel reference, and the mode is

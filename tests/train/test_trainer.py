@@ -178,15 +178,15 @@ def test_weight_decay_spares_per_head_scalars_biases_and_norms(tmp_path):
 
 
 @pytest.mark.parametrize("flush", [True, False])
-def test_fit_on_cpu_flushes_denormals_unless_told_not_to(tmp_path, text_folder, monkeypatch, flush):
+def test_fit_on_cpu_flushes_denormals_unless_told_not_to(
+    tmp_path, text_folder, monkeypatch, flush, denormal_switch
+):
     """The Python trainer runs with subnormal numbers flushed on every thread (its default, as
     ``longrange train``), or keeps them with ``flush_denormals=False``; either way the mode is
     as before once fit returns."""
-    from longrange.ops import numerics
     from longrange.train import trainer
 
-    if numerics.flush_available() is not None:
-        pytest.skip(f"denormal mode: {numerics.flush_available()}")
+    numerics = denormal_switch
     seen = []
     fit = trainer.Trainer._fit
     monkeypatch.setattr(
