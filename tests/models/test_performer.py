@@ -226,18 +226,20 @@ def _compile_cases():
     defaults = PerformerLM(
         num_tokens=256, max_seq_len=256, dim=32, depth=2, heads=2, dim_head=16, causal=True
     )
+    noncausal = PerformerLM(num_tokens=256, max_seq_len=256, dim=32, depth=2, heads=2, dim_head=16)
     return {
         "bench": PerformerModel(bench),
         "reference-defaults": defaults,
+        "reference-defaults-noncausal": noncausal,
         "small": create_model("performer", "small"),
     }
 
 
-@pytest.mark.parametrize("case", ["bench", "reference-defaults", "small"])
+@pytest.mark.parametrize("case", ["bench", "reference-defaults", "reference-defaults-noncausal", "small"])
 def test_training_step_compiles_without_graph_breaks(case):
     """fullgraph tracing of forward and backward: the bench preset's options (recomputed
     attention, chunked lean feed-forward, a length that pads the last chunk), the reference
-    defaults, and local heads with token shift."""
+    defaults (causal, and the package's own non-causal), and local heads with token shift."""
     from longrange.testing import assert_compiles_whole
 
     model = _compile_cases()[case].train()

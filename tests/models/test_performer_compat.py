@@ -232,6 +232,30 @@ def test_non_causal_parity_with_reference(kw):
         assert relative_error(ours(x, **extra), theirs(x, **extra)) < 1e-4
 
 
+def test_non_causal_training_gradients_equal_the_reference():
+    """The reference's own defaults (non-causal, softmax kernel with its epsilon) in training:
+    the loss and every parameter's gradient equal performer_pytorch's, converted like weights."""
+    ref = import_reference("performer_pytorch")
+    torch.manual_seed(0)
+    theirs = ref.PerformerLM(**SMALL).train()
+    ours = PerformerLM(**SMALL).train()
+    load_reference(ours, theirs.state_dict())
+    x = tokens(2, 65, seed=7)
+    losses = []
+    for model in (ours, theirs):
+        logits = model(x[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    assert_close(losses[0], losses[1], 1e-5)
+    grads = dict(theirs.state_dict())
+    grads.update((n, torch.zeros_like(p) if p.grad is None else p.grad) for n, p in theirs.named_parameters())
+    expected = dict(load_reference(PerformerLM(**SMALL), grads).named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, expected[name].detach(), 1e-4, name=name)
+
+
 def test_causal_difference_from_reference_is_the_stabiliser_defect():
     """Same weights and projections: the causal outputs differ only by the reference's global
     key max and feature epsilon (about 3e-4 relative here); with the future fixed, swapping in

@@ -26,6 +26,7 @@ from longrange.ops.favor import (
 )
 from longrange.ops.favor.chunk import scan_sums, scan_sums_backward
 from longrange.ops.favor.fused import softmax_causal_attention
+from longrange.ops.favor.fused_noncausal import softmax_noncausal_attention
 from longrange.testing import assert_close, assert_same_forward_backward, relative_error
 
 
@@ -143,6 +144,81 @@ def test_fused_softmax_paths_equal_the_kernel_matrix(keep, segment, with_state):
     q0, k0, v0 = q, k, v
     new = [t[:, :, 10:] for t in (q, k, v)]
     assert_same_forward_backward(fused, reference, new, rtol=1e-9)
+
+
+# (id, eps, masked, key length, keep_bytes): the reference's epsilon or none, key padding,
+# cross attention over fewer keys, the feature tensors kept or formed again in backward
+NONCAUSAL_CASES = [
+    ("eps", 1e-4, False, 37, None),
+    ("no-eps", 0.0, False, 37, None),
+    ("eps-masked", 1e-4, True, 37, None),
+    ("no-eps-masked-recomputed", 0.0, True, 37, 0),
+    ("eps-cross-recomputed", 1e-4, False, 20, 0),
+    ("eps-cross-masked", 1e-4, True, 20, None),
+]
+
+
+@pytest.mark.parametrize(
+    "eps,masked,keys,keep", [c[1:] for c in NONCAUSAL_CASES], ids=[c[0] for c in NONCAUSAL_CASES]
+)
+def test_fused_noncausal_equals_the_feature_maps(eps, masked, keys, keep):
+    """Forward and every gradient equal the feature maps then linear attention (the plain
+    path), epsilon, padding, cross attention and both backward modes included; a fully masked
+    row gives zeros."""
+    proj = projection(24, 16).double()
+    mask = None
+    if masked:
+        mask = torch.ones(2, keys, dtype=torch.bool)
+        mask[0, :5] = False
+        mask[1, :] = False  # no key at all: zeros
+    options = {} if keep is None else {"keep_bytes": keep}
+
+    def fused(q, k, v):
+        return softmax_noncausal_attention(q, k, v, proj, mask=mask, eps=eps, **options)
+
+    def plain(q, k, v):
+        fq = softmax_query_features(q, proj, eps=eps)
+        fk, _ = softmax_key_features(k, proj, causal=False, mask=mask, eps=eps)
+        return linear_attention(fq, fk, v)
+
+    gen = torch.Generator().manual_seed(keys)
+    q = torch.randn(2, 3, 37, 16, generator=gen, dtype=torch.float64) * 2
+    k, v = (torch.randn(2, 3, keys, 16, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
+    assert_same_forward_backward(fused, plain, [q, k, v], rtol=1e-9)
+    if masked:
+        assert torch.equal(fused(q, k, v)[1], torch.zeros_like(q[1]))
+
+
+def test_fused_noncausal_large_inputs_and_half_precision():
+    """Queries and keys of std 6 (log-features far apart): finite and equal to the float64
+    maps; bfloat16 inputs are computed in float32 and returned in bfloat16."""
+    proj = projection(32, 16)
+    q, k, v = qkv(1, 2, 50, 16, seed=3, scale=6.0)
+    got = softmax_noncausal_attention(q, k, v, proj, eps=1e-4)
+    fq = softmax_query_features(q.double(), proj.double(), eps=1e-4)
+    fk, _ = softmax_key_features(k.double(), proj.double(), causal=False, eps=1e-4)
+    assert torch.isfinite(got).all()
+    assert_close(got, linear_attention(fq, fk, v.double()).float(), 1e-4)
+    half = softmax_noncausal_attention(*(t.bfloat16() for t in (q, k, v)), proj, eps=1e-4)
+    assert half.dtype == torch.bfloat16
+    full = softmax_noncausal_attention(*(t.bfloat16().float() for t in (q, k, v)), proj, eps=1e-4)
+    assert_close(half.float(), full, 1e-2)
+
+
+def test_fused_noncausal_bad_inputs_raise_before_work():
+    proj = projection(8, 16)
+    q, k, v = qkv(1, 2, 10, 16, seed=0)
+    cases = [
+        ((q[0], k, v, proj), {}, "q must be"),
+        ((q, k, v[:, :, :7], proj), {}, "v must be"),
+        ((q, k, v, proj[:, :8]), {}, "projection must be"),
+        ((q, k, v, proj), {"eps": -1.0}, "eps must be"),
+        ((q, k, v, proj), {"mask": torch.ones(1, 9, dtype=torch.bool)}, "mask must be"),
+        ((q, k, v, proj), {"mask": torch.ones(1, 10)}, "mask must be"),
+    ]
+    for args, kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            softmax_noncausal_attention(*args, **kw)
 
 
 @pytest.mark.parametrize("chunks", [1, 7, 12, 64, 97])

@@ -78,7 +78,9 @@ class FastAttention(nn.Module):
     ``no_projection`` uses softmax-ed queries and keys without random features.
     Non-causal softmax features carry the reference's epsilon ``feature_eps`` (1e-4); causal
     ones none. ``chunk_size`` and ``backend`` ("auto", "fused", "chunk", "naive") pick the
-    causal op ("auto": fused for the softmax kernel, chunked for the others).
+    causal op ("auto": fused for the softmax kernel, chunked for the others); non-causal, the
+    softmax kernel runs fused for "auto" and "fused", the feature maps then
+    :func:`~longrange.ops.favor.linear_attention` otherwise.
     The projection matrix is a buffer, so it is saved and loaded with the weights.
     """
 
@@ -179,14 +181,17 @@ class FastAttention(nn.Module):
             raise ValueError(
                 f"q, k, v must be [B, H, N, {self.dim_heads}], got {list(q.shape)}, {list(k.shape)}"
             )
+        softmax_kernel = not (self.no_projection or self.generalized_attention)
         if not self.causal:
             if state is not None:
                 raise ValueError("only causal attention continues from a state")
+            if softmax_kernel and self.backend in ("auto", "fused"):
+                proj = self.projection_matrix
+                return favor.softmax_noncausal_attention(q, k, v, proj, mask=mask, eps=self.feature_eps), None
             fq, fk, _ = self.features(q, k, mask)
             return favor.linear_attention(fq, fk, v).to(v.dtype), None
         if k.shape[-2] != q.shape[-2]:
             raise ValueError("causal attention needs as many keys as queries")
-        softmax_kernel = not (self.no_projection or self.generalized_attention)
         one_step = state is not None and q.shape[-2] == 1 and not torch.is_grad_enabled()
         if softmax_kernel and self.backend in ("auto", "fused") and not one_step:
             return favor.softmax_causal_attention(

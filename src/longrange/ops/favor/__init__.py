@@ -6,10 +6,12 @@
 - ``linear``: non-causal linear attention;
 - ``chunk``: causal linear attention in chunks with running sums, and the decoding step;
 - ``fused``: causal FAVOR+ with the softmax kernel formed inside the chunked products (and
-  formed again in backward), so the feature tensors are never stored.
+  formed again in backward), so the feature tensors are never stored;
+- ``fused_noncausal``: non-causal FAVOR+ with the softmax kernel in one autograd function.
 
 :func:`causal_linear_attention` is the one choice point between the chunked and naive paths
-over given features; FAVOR+ layers call :func:`softmax_causal_attention` for the softmax kernel.
+over given features; FAVOR+ layers call :func:`softmax_causal_attention` and
+:func:`softmax_noncausal_attention` for the softmax kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from longrange.ops.favor.features import (
     softmax_query_features,
 )
 from longrange.ops.favor.fused import CHUNK_SIZE, softmax_causal_attention
+from longrange.ops.favor.fused_noncausal import softmax_noncausal_attention
 from longrange.ops.favor.linear import key_value_sums, linear_attention
 from longrange.ops.favor.naive import linear_attention_naive
 
@@ -49,6 +52,7 @@ __all__ = [
     "running_log_scale",
     "softmax_causal_attention",
     "softmax_key_features",
+    "softmax_noncausal_attention",
     "softmax_query_features",
 ]
 
