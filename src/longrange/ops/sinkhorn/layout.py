@@ -138,7 +138,8 @@ class _GatherWeighted(torch.autograd.Function):
         g_sorted = grad[:, :, : k * x].reshape(r, u, k, x)
         grad_w = None
         if ctx.needs_input_grad[4]:
-            grad_w = torch.einsum("rukx,rukx->ruk", g_sorted, _picked(src, null, picks)).to(weights.dtype)
+            # vecdot, not einsum: einsum's batched [1 x X] x [X x 1] products ran 4x slower on CPU
+            grad_w = torch.linalg.vecdot(g_sorted, _picked(src, null, picks)).to(weights.dtype)
         g_picked = (g_sorted * weights[..., None].to(grad.dtype)).reshape(-1, x)
         flat = picks.reshape(-1)
         real = flat >= 0
