@@ -97,9 +97,14 @@ def test_reference_lengths_restrict_the_reference_pass(tmp_path):
         ("performer", 64),
         ("performer (reference)", 64),
     ]
-    # the reference-defaults pairs: PerformerLM against the package and against exact attention
+    # the reference-defaults pairs: causal PerformerLM against the package and against exact
+    # attention, the package's own non-causal default against the package
     pairs = json.loads(next(tmp_path.glob("*/reference_defaults.json")).read_text())["results"]
-    assert sorted(p["against"] for p in pairs) == ["exact SDPA attention", "reference package"]
+    assert sorted((p["setting"], p["against"]) for p in pairs) == [
+        ("causal, 266 features", "exact SDPA attention"),
+        ("causal, 266 features", "reference package"),
+        ("non-causal, 266 features", "reference package"),
+    ]
     for pair in pairs:
         assert pair["class"] == "PerformerLM" and pair["length"] == 64
         assert pair["speedup"] == pytest.approx(pair["other_s"] / pair["longrange_s"])
@@ -157,6 +162,33 @@ def test_each_class_and_its_comparison_are_timed_in_turn():
     ]
     pairs = compare_at_defaults("routing", [64], table, repeats=1, timer=timer, timer_in_turn=timer_in_turn)
     assert alone == [("longrange", None)] and pairs[0]["speedup"] == 3.0
+
+
+def test_package_defaults_without_causal_are_compared_against_the_package():
+    """PerformerLM, RoutingTransformerLM and SinkhornTransformerLM are non-causal by their
+    packages' defaults: each family has that variant, built without ``causal`` on both sides
+    and paired with the reference package (the Performer's too), in one process."""
+    from longrange.bench.reference import build, compare_at_defaults, variants
+
+    assert variants("performer") == ["performer/noncausal"]
+    assert variants("memorizing") == [] and variants("block_recurrent") == []
+    ours = build("routing/noncausal", 256, "longrange")
+    assert type(ours).__name__ == "RoutingTransformerLM" and not ours.config.causal
+    assert not build("performer/noncausal", 64, "longrange").config.causal
+    assert not build("sinkhorn/noncausal", 256, "longrange").config.causal
+    in_turn = []
+
+    def timer_in_turn(family, length, repeats, sources, fill=None):
+        in_turn.append((family, sources))
+        return [{"length": length, "fwd_bwd_s": 1.0}, {"fwd_bwd_s": 2.0, "paired_speedup": 1.9}]
+
+    pairs = compare_at_defaults(
+        "performer/noncausal", [64], [], repeats=1, timer=None, timer_in_turn=timer_in_turn
+    )
+    assert in_turn == [("performer/noncausal", ("longrange", "reference"))]
+    assert [(p["class"], p["setting"], p["against"], p["speedup"]) for p in pairs] == [
+        ("PerformerLM", "non-causal, 266 features", "reference package", 1.9)
+    ]
 
 
 def test_memorizing_per_chunk_with_filled_memories():

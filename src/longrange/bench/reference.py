@@ -8,6 +8,8 @@ runtime dependency) or from longrange's class of the same name and keywords
 (``source="longrange"``). The Performer reference cannot run 8K causal tokens, so
 ``source="exact"`` also builds longrange's ``PerformerLM`` with every FAVOR+ attention swapped
 for exact causal softmax attention (the fused SDPA kernel): the same model, exact attention.
+PerformerLM, RoutingTransformerLM and SinkhornTransformerLM are non-causal by their packages'
+defaults, so each also has a "family/noncausal" setting, paired with its package.
 
 The memorizing models are measured as they train: chunks of 512 tokens, a forward and a
 backward per chunk, through kNN memories that start empty (``fill=None``), or per chunk once
@@ -62,7 +64,24 @@ CLASSES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         "chunks of 512",
     ),
 }
+# The packages' own default is non-causal for these three classes: the same pairs without
+# ``causal`` (the Performer's against its reference package, which runs non-causal 8K).
+# A variant is named "family/noncausal" wherever a family name goes.
+for _family in ("performer", "routing", "sinkhorn"):
+    _package, _name, _keywords, _setting = CLASSES[_family]
+    CLASSES[f"{_family}/noncausal"] = (
+        _package,
+        _name,
+        {k: v for k, v in _keywords.items() if k != "causal"},
+        _setting.replace("causal", "non-causal", 1),
+    )
 BUILDERS = CLASSES  # the families with a reference package
+
+
+def variants(family: str) -> list[str]:
+    """The other settings of ``family`` compared at its package's defaults ("performer" ->
+    ["performer/noncausal"])."""
+    return [name for name in CLASSES if name.startswith(f"{family}/")]
 
 
 def _first(out: Any) -> Tensor:
@@ -127,7 +146,7 @@ def build(family: str, length: int, source: str = "reference", *, fill: int | No
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source == "exact" and family != "performer":
-        raise ValueError("source='exact' is the Performer's comparison only")
+        raise ValueError("source='exact' is the causal Performer's comparison only")
     package, name, keywords, _ = CLASSES[family]
     module = importlib.import_module(package if source == "reference" else "longrange")
     cls = getattr(module, name)

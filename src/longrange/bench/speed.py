@@ -9,7 +9,8 @@ same process (the compile time reported apart), beside the eager numbers.
 ``compare_reference`` adds, at ``reference_lengths``, the reference packages
 (``bench/reference.py``) and the reference-defaults comparison: longrange's reference-named
 class against the package with the same keywords, each in a fresh process, and for the
-Performer also against the same model with exact SDPA attention; these pairs are written to
+Performer also against the same model with exact SDPA attention; the classes that are
+non-causal by their package's default are also paired that way. These pairs are written to
 ``reference_defaults.json`` beside ``speed.json``.
 """
 
@@ -248,7 +249,7 @@ def _reference_rows(
 ) -> tuple[list[dict], list[dict]]:
     """The reference package's rows at ``lengths`` and the reference-defaults pairs
     (:func:`~longrange.bench.reference.compare_at_defaults`): (speed rows, pairs)."""
-    from longrange.bench.reference import compare_at_defaults, reference_available
+    from longrange.bench.reference import compare_at_defaults, reference_available, variants
 
     if torch.device(device).type != "cpu" or not reference_available(family):
         return [], []
@@ -259,14 +260,16 @@ def _reference_rows(
             row["peak_mb"] = memory_in_fresh_process(f"ref:{family}", length, device=device, batch_size=1)
         out.append(stamp(row))
         print(format_table([row]).splitlines()[-1], flush=True)
-    pairs = compare_at_defaults(
-        family,
-        lengths,
-        out,
-        repeats=repeats,
-        timer=_reference_point_in_fresh_process,
-        timer_in_turn=_in_turn_in_fresh_process,
-    )
+    pairs = []
+    for setting, rows in ((family, out), *((name, []) for name in variants(family))):
+        pairs += compare_at_defaults(
+            setting,
+            lengths,
+            rows,
+            repeats=repeats,
+            timer=_reference_point_in_fresh_process,
+            timer_in_turn=_in_turn_in_fresh_process,
+        )
     return out, [stamp(p) for p in pairs]
 
 
