@@ -41,11 +41,18 @@ def cluster_topk(dists: Tensor, size: int) -> Tensor:
     return dists.topk(size, dim=-2).indices.transpose(-1, -2)
 
 
+def _rows(index: Tensor, n: int) -> Tensor:
+    """index [B, H, C, W] of positions in [0, N) -> rows of a flat [B * H * N, F] table, [B*H*C*W]."""
+    b, h = index.shape[:2]
+    return (torch.arange(b * h, device=index.device).view(b, h, 1, 1) * n + index).reshape(-1)
+
+
 def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, H, N, F] at index [B, H, C, W] -> [B, H, C, W, F]."""
-    b, h, c, w = index.shape
-    flat = index.reshape(b, h, c * w, 1).expand(-1, -1, -1, x.shape[-1])
-    return x.gather(2, flat).view(b, h, c, w, x.shape[-1])
+    """x [B, H, N, F] at index [B, H, C, W] -> [B, H, C, W, F]: one ``index_select`` of rows
+    (whose backward is an ``index_add``): 2.8x faster forward + backward than ``gather`` with
+    the index expanded over F (and ``scatter_add`` back) at [1, 2, 8192, 64]."""
+    b, h, n, f = x.shape
+    return x.reshape(b * h * n, f).index_select(0, _rows(index, n)).view(*index.shape, f)
 
 
 def _with_memory(keys: Tensor, mem: Tensor | None) -> Tensor:
@@ -118,11 +125,9 @@ def balanced_routed_attention(
             others = (keep & ~is_self).any(dim=-1, keepdim=True)
             keep = keep & ~(is_self & others)
     out = _sdpa_rows(qg, kg, vg, keep, scale, dropout)  # [B, H, C, Wq, E]
-    flat_index = q_index.reshape(b, h, -1)
-    total = q.new_zeros(b, h, n, e).scatter_add(
-        2, flat_index[..., None].expand(-1, -1, -1, e), out.view(b, h, -1, e)
-    )
-    count = q.new_zeros(b, h, n).scatter_add(2, flat_index, torch.ones_like(flat_index, dtype=q.dtype))
+    rows = _rows(q_index, n)
+    total = q.new_zeros(b * h * n, e).index_add(0, rows, out.reshape(-1, e)).view(b, h, n, e)
+    count = q.new_zeros(b * h * n).index_add_(0, rows, q.new_ones(rows.shape)).view(b, h, n)
     out = total / count.clamp_min(1.0)[..., None]
     return out if q_mask is None else out.masked_fill(~q_mask[:, None, :, None], 0.0)
 
