@@ -22,7 +22,7 @@ from longrange.ops.routing import (
     ring_buffers,
 )
 from longrange.ops.routing.kmeans import commitment_loss, ema_, init_means, lloyd_step, nearest
-from longrange.ops.routing.spans import causal_local_attention_spans, span_attention
+from longrange.ops.routing.spans import causal_local_attention_spans, local_attention_spans, span_attention
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -120,24 +120,35 @@ def test_causal_auto_backend_picks_spans_only_where_they_apply():
 
 
 @pytest.mark.parametrize(
-    "n, window, look_back, dtype",
-    [(300, 16, 1, torch.float64), (256, 32, 2, torch.float64), (7, 16, 1, torch.float64),
-     (4500, 128, 1, torch.float32)],
-    ids=["odd", "look-back-2", "shorter-than-window", "chunks-fp32"],
+    "n, window, look_back, look_ahead, dtype",
+    [(300, 16, 1, None, torch.float64), (256, 32, 2, None, torch.float64), (7, 16, 1, None, torch.float64),
+     (4500, 128, 1, None, torch.float32), (300, 16, 1, 1, torch.float64), (256, 32, 2, 1, torch.float64),
+     (70, 16, 1, 2, torch.float64), (7, 16, 1, 1, torch.float64), (4500, 128, 1, 1, torch.float32)],
+    ids=["odd", "look-back-2", "shorter-than-window", "chunks-fp32", "non-causal-odd",
+         "non-causal-look-back-2", "non-causal-look-ahead-2", "non-causal-shorter-than-window",
+         "non-causal-chunks-fp32"],
 )  # fmt: skip
-def test_causal_local_spans_match_local_attention(n, window, look_back, dtype):
-    """Local heads on the span kernels equal the local-attention op (rotary positions applied
-    at absolute positions beforehand, which only position differences can tell apart)."""
+def test_local_spans_match_local_attention(n, window, look_back, look_ahead, dtype):
+    """Local heads on the span kernels equal the local-attention op, causal (look_ahead None)
+    and not (rotary positions applied at absolute positions beforehand, which only position
+    differences can tell apart); padding at either end is masked."""
     from longrange.ops.local import local_attention
 
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 2, n, 8, generator=gen, dtype=dtype) for _ in range(3))
+    causal = look_ahead is None
 
     def fast(q, k, v):
-        return causal_local_attention_spans(q, k, v, window_size=window, look_backward=look_back)
+        if causal:
+            return causal_local_attention_spans(q, k, v, window_size=window, look_backward=look_back)
+        return local_attention_spans(
+            q, k, v, window_size=window, causal=False, look_backward=look_back, look_forward=look_ahead
+        )
 
     def reference(q, k, v):
-        return local_attention(q, k, v, window_size=window, causal=True, look_backward=look_back)
+        return local_attention(
+            q, k, v, window_size=window, causal=causal, look_backward=look_back, look_forward=look_ahead or 0
+        )
 
     rtol = 1e-9 if dtype == torch.float64 else 2e-5
     assert_same_forward_backward(fast, reference, [q, k, v], rtol=rtol)

@@ -38,7 +38,7 @@ from longrange.modules.norms import ScaleNorm
 from longrange.modules.reversible import in_recomputation
 from longrange.modules.rotary import RotaryEmbedding, rotate_half
 from longrange.modules.shift import shift_tokens
-from longrange.ops.routing.spans import causal_local_attention_spans, span_attention_supported
+from longrange.ops.routing.spans import local_attention_spans, span_attention_supported
 
 # config name -> the activation class (the names RoutingConfig.ff_activation accepts)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -230,11 +230,10 @@ class SelfAttention(nn.Module):
         return self.dropout(self.to_out(out)), loss
 
     def _local_spans_apply(self, q: Tensor, mask: Tensor | None) -> bool:
-        """Whether the local heads run on the span kernels (causal, unmasked, CPU, no dropout)."""
+        """Whether the local heads run on the span kernels (unmasked, CPU, no dropout)."""
         la = self.local_attn
         return (
-            la.causal
-            and mask is None
+            mask is None
             and (la.dropout == 0 or not self.training)
             and not (la.use_xpos or la.shared_qk or la.exact_windowsize or la.scale is not None)
             and la.backend == "auto"
@@ -244,18 +243,24 @@ class SelfAttention(nn.Module):
 
     def _local_spans(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # Rotating at absolute positions gives the same scores as rotating inside each span
-        # (only differences of positions matter); the angles are reduced modulo 2 pi in
-        # float64 so that they stay exact at long positions.
-        rot = self.local_attn.rel_pos
+        # (only differences of positions matter), once the queries are moved to where the span
+        # puts them: its last window, look_forward windows after their own. The angles are
+        # reduced modulo 2 pi in float64 so that they stay exact at long positions.
+        la = self.local_attn
+        rot = la.rel_pos
         if rot is not None:
-            positions = torch.arange(q.shape[2], device=q.device, dtype=torch.float64)
+            ahead = la.look_forward * la.window_size
+            positions = torch.arange(q.shape[2] + ahead, device=q.device, dtype=torch.float64)
             angles = torch.remainder(positions[:, None] * rot.inv_freq.double()[None, :], 2 * math.pi)
             angles = rot._expand(angles if q.dtype == torch.float64 else angles.float())
             cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-            q, k = (torch.addcmul(t * cos, rotate_half(t), sin) for t in (q, k))
-        return causal_local_attention_spans(
-            q, k, v, window_size=self.local_attn.window_size, look_backward=self.local_attn.look_backward
-        )
+            n = q.shape[2]
+            q = torch.addcmul(q * cos[ahead:], rotate_half(q), sin[ahead:])
+            k = torch.addcmul(k * cos[:n], rotate_half(k), sin[:n])
+        return local_attention_spans(
+            q, k, v, window_size=la.window_size, causal=la.causal, look_backward=la.look_backward,
+            look_forward=la.look_forward,
+        )  # fmt: skip
 
     def _local(self, q, k, v, mask, cache: AttentionCache | None, step: bool) -> Tensor:
         if cache is None:

@@ -9,7 +9,7 @@
   (each cluster takes its top-W queries and keys), and assigned routing (each query goes to its
   nearest cluster and meets the keys that cluster took) for cross attention in causal models;
 - :mod:`~longrange.ops.routing.spans`: the CPU fast path of causal routing and of the
-  family's causal local heads: blocked attention over strided key spans, memory keys merged
+  family's local heads (causal or not): blocked attention over strided key spans, memory keys merged
   by log-sum-exp, a chunked lean backward;
 - :mod:`~longrange.ops.routing.order`: the (cluster, position) order;
 - :mod:`~longrange.ops.routing.naive`: the dense masked references of all three.
@@ -37,6 +37,7 @@ from longrange.ops.routing.order import sort_by_cluster
 from longrange.ops.routing.spans import (
     causal_local_attention_spans,
     causal_routed_attention_spans,
+    local_attention_spans,
     span_attention,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "causal_routed_step",
     "cluster_keys",
     "cluster_topk",
+    "local_attention_spans",
     "push_ring",
     "ring_buffers",
     "sort_by_cluster",

@@ -47,27 +47,43 @@ def span_attention_supported(q: Tensor) -> bool:
 
 
 def _chunk_bias(
-    groups: Tensor | None, band: Tensor, start: int, count: int, block: int, span: int, front: int
+    groups: Tensor | None,
+    band: Tensor,
+    start: int,
+    count: int,
+    block: int,
+    span: int,
+    front: int,
+    valid: int | None,
 ) -> Tensor:
     """The additive mask (0 or -inf) of blocks start .. start + count, [R or 1, G or 1, Q, S];
     ``band`` is the [R or 1, Q, S] additive pattern of allowed distances. Without groups only
-    the front padding is masked (in the first look-back blocks)."""
+    the padding is masked: the front (in the first look-back blocks) and, when ``valid`` is
+    given, the keys from ``front + valid`` on (in the last blocks)."""
     if groups is None:
-        if start * block >= front:
+        end = None if valid is None else front + valid
+        edges = [
+            p
+            for p in range(start, start + count)
+            if p * block < front or (end is not None and p * block + span > end)
+        ]
+        if not edges:
             return band[:, None]
         bias = band[:, None].repeat(1, count, 1, 1)
-        for p in range(start, min(start + count, front // block)):
-            bias[:, p - start, :, : front - p * block] = float("-inf")
+        for p in edges:
+            bias[:, p - start, :, : max(0, front - p * block)] = float("-inf")
+            if end is not None:
+                bias[:, p - start, :, max(0, end - p * block) :] = float("-inf")
         return bias
     r = groups.shape[0]
     g_q = groups[:, front + start * block : front + (start + count) * block].view(r, count, block, 1)
-    g_k = groups[:, start * block : start * block + front + count * block].unfold(1, span, block)
+    g_k = _spans(groups[..., None], start, count, block, span)[..., 0]
     return torch.where(g_q == g_k[:, :, None, :], band[:, None], float("-inf"))
 
 
-def _spans(x: Tensor, start: int, count: int, block: int, span: int, front: int) -> Tensor:
+def _spans(x: Tensor, start: int, count: int, block: int, span: int) -> Tensor:
     """The key spans of blocks start .. start + count as a strided view [R, G, S, X]."""
-    part = x[:, start * block : start * block + front + count * block]
+    part = x[:, start * block : start * block + span + (count - 1) * block]
     return part.unfold(1, span, block).transpose(-1, -2)
 
 
@@ -87,10 +103,10 @@ def _shares(lse: Tensor, has: Tensor | None, mem_logit: Tensor | None) -> tuple[
 
 class _SpanAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mem_logit, mem_value, groups, band, block, look_back, scale):
+    def forward(ctx, q, k, v, mem_logit, mem_value, groups, band, block, look_back, look_ahead, valid, scale):
         r, t, _ = q.shape
         e = v.shape[-1]
-        span, front = (look_back + 1) * block, look_back * block
+        span, front = (look_back + 1 + look_ahead) * block, look_back * block
         blocks = t // block
         step = max(1, CHUNK_QUERIES // block)
         out = q.new_empty(r, t, e)
@@ -99,11 +115,11 @@ class _SpanAttention(torch.autograd.Function):
         for start in range(0, blocks, step):
             count = min(step, blocks - start)
             rows = slice(start * block, (start + count) * block)
-            bias = _chunk_bias(groups, band, start, count, block, span, front)
+            bias = _chunk_bias(groups, band, start, count, block, span, front, valid)
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q[:, rows].view(r, count, block, -1),
-                _spans(k, start, count, block, span, front),
-                _spans(v, start, count, block, span, front),
+                _spans(k, start, count, block, span),
+                _spans(v, start, count, block, span),
                 attn_mask=bias,
                 scale=scale,
             )
@@ -122,17 +138,17 @@ class _SpanAttention(torch.autograd.Function):
                 mem = (mem_share[..., None] * mem_value[:, rows].to(share.dtype)).sum(dim=-2)
                 out[:, rows] = o.to(share.dtype) * share[..., None] + mem
         ctx.save_for_backward(q, k, v, mem_logit, mem_value, groups, band, out, lse, has)
-        ctx.geometry = (block, look_back, scale)
+        ctx.geometry = (block, look_back, look_ahead, valid, scale)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, mem_logit, mem_value, groups, band, out, lse, has = ctx.saved_tensors
-        block, look_back, scale = ctx.geometry
+        block, look_back, look_ahead, valid, scale = ctx.geometry
         r, t, _ = q.shape
         e = v.shape[-1]
-        span, front = (look_back + 1) * block, look_back * block
+        span, front = (look_back + 1 + look_ahead) * block, look_back * block
         blocks = t // block
         step = max(1, CHUNK_QUERIES // block)
         grad_out = grad_out.contiguous()
@@ -145,7 +161,7 @@ class _SpanAttention(torch.autograd.Function):
         for start in range(0, blocks, step):
             count = min(step, blocks - start)
             rows = slice(start * block, (start + count) * block)
-            bias = _chunk_bias(groups, band, start, count, block, span, front)
+            bias = _chunk_bias(groups, band, start, count, block, span, front, valid)
             l = lse[:, rows]
             share, mem_share = _shares(
                 l, None if has is None else has[:, rows], mem_logit[:, rows] if with_mem else None
@@ -163,8 +179,8 @@ class _SpanAttention(torch.autograd.Function):
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 g.view(r, count, block, e),
                 q[:, rows].view(r, count, block, -1),
-                _spans(k, start, count, block, span, front),
-                _spans(v, start, count, block, span, front),
+                _spans(k, start, count, block, span),
+                _spans(v, start, count, block, span),
                 out[:, rows].view(r, count, block, e),
                 l.view(r, count, block),
                 0.0,
@@ -173,11 +189,11 @@ class _SpanAttention(torch.autograd.Function):
                 scale=scale,
             )
             grad_q[:, rows].view(gq.shape).copy_(gq)
-            for j in range(look_back + 1):
+            for j in range(span // block):
                 at = slice(start * block + j * block, (start + count) * block + j * block)
                 grad_k[:, at].view(r, count, block, -1).add_(gk[:, :, j * block : (j + 1) * block])
                 grad_v[:, at].view(r, count, block, -1).add_(gv[:, :, j * block : (j + 1) * block])
-        return grad_q, grad_k, grad_v, grad_logit, grad_value, None, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_logit, grad_value, *[None] * 7
 
 
 def span_attention(
@@ -192,19 +208,27 @@ def span_attention(
     scale: float,
     mem_logit: Tensor | None = None,
     mem_value: Tensor | None = None,
+    look_ahead: int = 0,
+    valid: int | None = None,
 ) -> Tensor:
     """Blocked span attention (module docstring); returns [R, T, E].
 
-    q [R, T, D] (T a multiple of ``block``); k [R, F + T, D], v [R, F + T, E] with F =
-    ``look_back * block`` front positions (masked); groups [R, F + T] int (the queries' groups
-    are ``groups[:, F:]``; None: one group, every query must see a key through the band, e.g.
-    itself); band [R or 1, Q, S] bool; mem_logit [R, T, K]
+    q [R, T, D] (T a multiple of ``block``); k [R, F + T + A, D], v [R, F + T + A, E] with F =
+    ``look_back * block`` front positions (masked) and A = ``look_ahead * block`` positions
+    after the last block (S = F + Q + A); groups [R, F + T] int (the queries' groups are
+    ``groups[:, F:]``; None: one group, every query must see a key through the band, e.g.
+    itself; groups need ``look_ahead`` 0); ``valid``: without groups, the keys from F +
+    ``valid`` on are padding too (masked); band [R or 1, Q, S] bool; mem_logit [R, T, K]
     (already scaled) and mem_value [R, T, K, E], or None. A query with no key and no memory
     gets zeros.
     """
+    if groups is not None and look_ahead:
+        raise ValueError("span_attention: groups take look_ahead=0")
     bias = additive_mask(band, q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _SpanAttention.apply(q, k, v, mem_logit, mem_value, groups, bias, block, look_back, scale)
+    return _SpanAttention.apply(
+        q, k, v, mem_logit, mem_value, groups, bias, block, look_back, look_ahead, valid, scale
+    )
 
 
 class _Reorder(torch.autograd.Function):
@@ -306,22 +330,48 @@ def causal_routed_attention_spans(
     return out
 
 
-def causal_local_attention_spans(
-    q: Tensor, k: Tensor, v: Tensor, *, window_size: int, look_backward: int = 1, scale: float | None = None
+def local_attention_spans(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    causal: bool,
+    look_backward: int = 1,
+    look_forward: int = 0,
+    scale: float | None = None,
 ) -> Tensor:
-    """Causal local attention (:func:`longrange.ops.local.local_attention` with
-    ``causal=True``, no mask, no rotary inside the op: rotate q and k at their absolute
-    positions first) on :func:`span_attention`: q, k, v [B, H, N, D] -> [B, H, N, D]."""
+    """Local attention (:func:`longrange.ops.local.local_attention`, causal or not, not
+    ``exact_windowsize``, no mask, no rotary inside the op: rotate q and k at their absolute
+    positions first) on :func:`span_attention`: q, k, v [B, H, N, D] -> [B, H, N, D]. A causal
+    one looks forward no window."""
+    if causal and look_forward:
+        raise ValueError("causal local attention looks forward no window (look_forward=0)")
     b, h, n, d = q.shape
     c = window_size
     blocks = -(-n // c)
-    t, front = blocks * c, look_backward * c
+    t, front, ahead = blocks * c, look_backward * c, look_forward * c
     r = b * h
     qs = F.pad(q, (0, 0, 0, t - n)).reshape(r, t, d)
-    ks = F.pad(k, (0, 0, front, t - n)).reshape(r, front + t, d)
-    vs = F.pad(v, (0, 0, front, t - n)).reshape(r, front + t, v.shape[-1])
-    cols = torch.arange((look_backward + 1) * c, device=q.device)
-    band = front + torch.arange(c, device=q.device)[:, None] - cols >= 0
+    ks = F.pad(k, (0, 0, front, t - n + ahead)).reshape(r, front + t + ahead, d)
+    vs = F.pad(v, (0, 0, front, t - n + ahead)).reshape(r, front + t + ahead, v.shape[-1])
+    cols = torch.arange((look_backward + 1 + look_forward) * c, device=q.device)
+    if causal:
+        band = front + torch.arange(c, device=q.device)[:, None] - cols >= 0
+    else:
+        band = torch.ones(c, cols.shape[0], dtype=torch.bool, device=q.device)
     scale = d**-0.5 if scale is None else scale
-    out = span_attention(qs, ks, vs, None, band[None], block=c, look_back=look_backward, scale=scale)
+    out = span_attention(
+        qs, ks, vs, None, band[None], block=c, look_back=look_backward, scale=scale,
+        look_ahead=look_forward, valid=None if causal else n,
+    )  # fmt: skip
     return out.view(b, h, t, -1)[:, :, :n]
+
+
+def causal_local_attention_spans(
+    q: Tensor, k: Tensor, v: Tensor, *, window_size: int, look_backward: int = 1, scale: float | None = None
+) -> Tensor:
+    """:func:`local_attention_spans` with ``causal=True``."""
+    return local_attention_spans(
+        q, k, v, window_size=window_size, causal=True, look_backward=look_backward, scale=scale
+    )
