@@ -305,13 +305,19 @@ def _seconds(value: float | None, error: str | None) -> str:
 
 def format_pairs(pairs: list[dict[str, Any]]) -> str:
     """The reference-defaults pairs as a text table."""
-    head = f"{'class':<28}{'length':>8}  {'against':<22}{'longrange':>12}{'other':>12}{'speed-up':>10}"
+    head = (
+        f"{'class':<24}{'setting':<38}{'length':>8}  {'against':<22}{'longrange':>12}{'other':>12}"
+        f"{'speed-up':>10}"
+    )
     lines = [head, "-" * len(head)]
     for p in pairs:
         ours = _seconds(p.get("longrange_s"), p.get("longrange_error"))
         other = _seconds(p.get("other_s"), p.get("other_error"))
         ratio = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
-        lines.append(f"{p['class']:<28}{p['length']:>8}  {p['against']:<22}{ours:>12}{other:>12}{ratio:>10}")
+        lines.append(
+            f"{p['class']:<24}{p.get('setting', ''):<38}{p['length']:>8}  {p['against']:<22}{ours:>12}"
+            f"{other:>12}{ratio:>10}"
+        )
     return "\n".join(lines)
 
 
