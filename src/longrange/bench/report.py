@@ -248,7 +248,9 @@ def markdown_for_device(folder: Path) -> str:
         parts.append(
             "Reference-named classes at the reference's defaults, forward + backward, same run "
             "(each class and its comparison in one process, a step of each in turn, the speed-up "
-            "the median of the rounds' ratios; the Performer reference's own row is timed alone):\n"
+            "the median of the rounds' ratios; the causal Performer reference's own row is timed "
+            "alone). PerformerLM, RoutingTransformerLM and SinkhornTransformerLM are non-causal by "
+            "their packages' defaults, so they are paired both ways:\n"
         )
         parts.append(reference_defaults_markdown(defaults) + "\n")
         cached = _cached_points(defaults["results"])
