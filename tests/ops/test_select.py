@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from longrange.ops.select import argmax_last, top_k, top_k_columns
+from longrange.ops.select import argmax_last, top_k, top_k_columns, top_k_rows
 
 
 @pytest.mark.parametrize("width", [64, 255, 256, 288, 300, 512, 1448, 2048])
@@ -40,3 +40,22 @@ def test_top_k_is_torch_topk_best_first(cells, k):
     assert torch.equal(values, want.values)
     assert torch.equal(scores.gather(-1, indices), values)
     assert all(len(set(row.tolist())) == k for row in indices.flatten(0, 1))  # k distinct columns
+
+
+@pytest.mark.parametrize(("rows", "k"), [(8192, 64), (1030, 64), (1021, 16), (300, 32), (64, 64)])
+def test_top_k_rows_is_torch_topk_along_rows_best_first(rows, k):
+    """Per column: the same values best first (ties and -inf padding included) and k distinct
+    rows holding them; the strided groups' edge cases (the best together at the end, next to
+    the -inf padding rows; spread one per slab)."""
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.randn(2, 3, rows, 40, generator=g)
+    scores[0, 0, -k:, 0] += 100
+    scores[0, 0, :: max(1, rows // 8), 1] += 100
+    scores[0, 1, k // 2 :, 2] = float("-inf")  # fewer finite scores than k
+    scores[1, 2, :, 3] = scores[1, 2, :, 3].round()  # ties
+    got = top_k_rows(scores, k)
+    want = scores.topk(k, dim=-2)
+    assert got.shape == (2, 3, k, 40) and got.dtype == torch.long
+    assert torch.equal(scores.gather(-2, got), want.values)
+    distinct = got.transpose(-1, -2).flatten(0, 2)
+    assert all(len(set(column.tolist())) == k for column in distinct)

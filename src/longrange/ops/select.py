@@ -83,3 +83,34 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     columns = top_k_columns(flat, k)
     values, order = flat.gather(1, columns).sort(dim=1, descending=True)
     return values.view(*lead, k), columns.gather(1, order).view(*lead, k)
+
+
+# top_k_rows' slabs: the N rows of a column are cut into ROW_SLABS contiguous slabs
+ROW_SLABS = 8
+
+
+def top_k_rows(scores: Tensor, k: int) -> Tensor:
+    """``scores.topk(k, dim=-2).indices`` for scores [..., N, C]: the rows of the k largest of
+    each column, best first ([..., k, C]; which of equal scores is taken may differ).
+
+    The balanced Routing Transformer takes, for each cluster (a column), its window of nearest
+    tokens (rows): torch's CPU top-k along a dimension that is not the last ran 21 ms for
+    [1, 4, 8192, 128] at k = 64 (13% of the step at the package's defaults), and laying the
+    columns out as rows first costs 15 ms more (a transposing copy). Instead, with the rows
+    cut into ROW_SLABS contiguous slabs of G = N / ROW_SLABS, rows j, j + G, j + 2G, ... form
+    a group whose maximum is one contiguous max over the slabs: a top-k of the G group maxima
+    picks k groups, and a top-k of their k x ROW_SLABS scores the answer (as in
+    :func:`top_k_columns`). 21.5 -> 5 ms."""
+    n = scores.shape[-2]
+    if scores.device.type != "cpu" or n < 16 * k:
+        return scores.topk(k, dim=-2).indices
+    if n % ROW_SLABS:  # -inf padding rows: never above a real score, as k <= N
+        scores = torch.nn.functional.pad(scores, (0, 0, 0, -n % ROW_SLABS), value=-math.inf)
+    lead, c = scores.shape[:-2], scores.shape[-1]
+    slabs = scores.reshape(-1, ROW_SLABS, scores.shape[-2] // ROW_SLABS, c)  # [P, S, G, C]
+    p, g = slabs.shape[0], slabs.shape[2]
+    groups = slabs.amax(dim=1).topk(k, dim=1, sorted=False).indices  # [P, k, C]
+    picked = slabs.gather(2, groups[:, None].expand(p, ROW_SLABS, k, c)).view(p, ROW_SLABS * k, c)
+    best = picked.topk(k, dim=1).indices  # into [S, k], slab-major, best first
+    rows = (best // k) * g + groups.gather(1, best % k)
+    return rows.view(*lead, k, c)
