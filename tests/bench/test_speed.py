@@ -103,7 +103,7 @@ def test_reference_lengths_restrict_the_reference_pass(tmp_path):
     assert sorted((p["setting"], p["against"]) for p in pairs) == [
         ("causal, 266 features", "exact SDPA attention"),
         ("causal, 266 features", "reference package"),
-        ("non-causal, 266 features", "reference package"),
+        ("package defaults: non-causal, 266 features", "reference package"),
     ]
     for pair in pairs:
         assert pair["class"] == "PerformerLM" and pair["length"] == 64
@@ -166,14 +166,15 @@ def test_each_class_and_its_comparison_are_timed_in_turn():
 
 def test_package_defaults_without_causal_are_compared_against_the_package():
     """PerformerLM, RoutingTransformerLM and SinkhornTransformerLM are non-causal by their
-    packages' defaults: each family has that variant, built without ``causal`` on both sides
-    and paired with the reference package (the Performer's too), in one process."""
+    packages' defaults: each family has that variant, every keyword at the package's default
+    on both sides, paired with the reference package (the Performer's too), in one process."""
     from longrange.bench.reference import build, compare_at_defaults, variants
 
     assert variants("performer") == ["performer/noncausal"]
     assert variants("memorizing") == [] and variants("block_recurrent") == []
     ours = build("routing/noncausal", 256, "longrange")
     assert type(ours).__name__ == "RoutingTransformerLM" and not ours.config.causal
+    assert ours.config.window_size == 64 and ours.config.n_local_attn_heads == 0
     assert not build("performer/noncausal", 64, "longrange").config.causal
     assert not build("sinkhorn/noncausal", 256, "longrange").config.causal
     in_turn = []
@@ -187,7 +188,7 @@ def test_package_defaults_without_causal_are_compared_against_the_package():
     )
     assert in_turn == [("performer/noncausal", ("longrange", "reference"))]
     assert [(p["class"], p["setting"], p["against"], p["speedup"]) for p in pairs] == [
-        ("PerformerLM", "non-causal, 266 features", "reference package", 1.9)
+        ("PerformerLM", "package defaults: non-causal, 266 features", "reference package", 1.9)
     ]
 
 
