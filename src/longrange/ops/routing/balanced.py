@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.ops.dense import dense_attention_sdpa
 from longrange.ops.routing.causal import check_routing_inputs
 from longrange.ops.select import top_k_rows
 
@@ -67,6 +68,9 @@ def _with_memory(keys: Tensor, mem: Tensor | None) -> Tensor:
 def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale, dropout) -> Tensor:
     """SDPA over [B, H, G, Q, *] groups; rows without any key give zeros."""
     b, h, g = q.shape[:3]
+    if keep is None and not dropout:
+        out = dense_attention_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), scale=scale)
+        return out.view(b, h, g, q.shape[3], v.shape[-1])
     any_key = None
     if keep is not None:
         any_key = keep.any(dim=-1, keepdim=True)
