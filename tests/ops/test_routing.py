@@ -376,6 +376,25 @@ def test_empty_cluster_keeps_its_mean():
     assert torch.equal(new[:, 1:], means[:, 1:])
 
 
+def test_lloyd_step_is_each_clusters_normalised_weighted_sum():
+    """Against a loop over batch rows, heads and clusters: the sum of each cluster's weighted
+    points over the batch, normalised; a cluster with no (weighted) point keeps its mean."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(3, 2, 40, 8, generator=gen), dim=-1)
+    means = torch.nn.functional.normalize(torch.randn(2, 6, 8, generator=gen), dim=-1)
+    buckets = torch.randint(0, 5, (3, 2, 40), generator=gen)  # cluster 5 stays empty
+    weights = torch.rand(3, 40, generator=gen) > 0.3
+    got = lloyd_step(x, means, buckets, weights)
+    want = means.clone()
+    for h in range(2):
+        for c in range(6):
+            rows = [(b, i) for b in range(3) for i in range(40) if buckets[b, h, i] == c and weights[b, i]]
+            picked = [x[b, h, i] for b, i in rows]
+            if picked:
+                want[h, c] = torch.nn.functional.normalize(torch.stack(picked).sum(0), dim=-1)
+    assert_close(got, want, 1e-6)
+
+
 @pytest.mark.parametrize("paired", [False, True], ids=["points", "pairs"])
 def test_nearest_in_pieces_equals_the_whole_matrix(paired, monkeypatch):
     monkeypatch.setattr(kmeans, "NEAREST_PIECE", 7)
