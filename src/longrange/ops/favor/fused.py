@@ -30,7 +30,7 @@ from torch import Tensor
 
 from longrange.ops.favor.chunk import FavorState, chunk_factors, scan_sums, scan_sums_backward, split_chunks
 from longrange.ops.favor.features import running_log_scale
-from longrange.ops.favor.linear import with_ones
+from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
 from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
 
 # Up to this many bytes of features and kernel blocks per call are kept for backward (the
@@ -82,8 +82,7 @@ def _segment_forward(q, k, v1, weight, keep, kv0, c0):
     befores, final = scan_sums(kv_chunks, c_ref, c_end, kv0)
     del kv_chunks
     out.addcmul_(fq @ befores, from_ref)
-    den = out[..., -1:]
-    den = torch.where(den > 0, den, torch.ones_like(den))  # rows with no key give zeros
+    den = normaliser(out)
     return out[..., :-1] / den, den, final, c, c0, (fq, fk, scores, within, befores)
 
 
@@ -100,8 +99,7 @@ def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, k
         within, to_end, from_ref, c_ref, c_end = chunk_factors(c, c0)
         befores, _ = scan_sums(fk.transpose(-1, -2) @ (v1 * to_end), c_ref, c_end, kv0)
         scores = None
-    # through out = numerator / den: the gradient of the unnormalised [numerator, den]
-    d_out = torch.cat((d_out, (d_out * out).sum(-1, keepdim=True).neg_()), dim=-1).div_(den)
+    d_out = normalise_backward(d_out, out, den)
     d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
     d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
     dfq = d_scores @ fk

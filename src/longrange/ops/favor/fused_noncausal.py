@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from longrange.ops.favor.fused import KEEP_BYTES
-from longrange.ops.favor.linear import with_ones
+from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
 from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
 
 
@@ -97,8 +97,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
         full = e_q @ kv
         if eps:
             full += kv.sum(dim=-2, keepdim=True).mul_(eps_r)
-        den = full[..., -1:]
-        den = torch.where(den > 0, den, torch.ones_like(den))  # a row with no key gives zeros
+        den = normaliser(full)
         out = full[..., :-1].div_(den)
         ctx.kept = (e_q.numel() + e_k.numel()) * e_q.element_size() <= keep_bytes
         kept = (e_q, e_k) if ctx.kept else (shift_q, shift_k)
@@ -123,8 +122,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             e_q, e_k = a, b
         else:
             e_q, e_k = _exp(q @ weight.T, a, None), _exp(k @ weight.T, b, keep)
-        # through out = numerator / den: the gradient of the unnormalised [numerator, den]
-        d_full = torch.cat((d_out, (d_out * out).sum(-1, keepdim=True).neg_()), dim=-1).div_(den)
+        d_full = normalise_backward(d_out, out, den)
         d_kv = e_q.transpose(-1, -2) @ d_full
         if eps_r:
             d_kv += d_full.sum(dim=-2, keepdim=True).mul_(eps_r)

@@ -17,10 +17,22 @@ def with_ones(v: Tensor) -> Tensor:
     return torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
 
 
+def normaliser(out: Tensor) -> Tensor:
+    """The kernel sums (last column) of [..., E + 1] as divisors [..., 1]: 1 where a row has no
+    key (its numerator is zero too, so it gives zeros)."""
+    den = out[..., -1:]
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
 def normalise(out: Tensor) -> Tensor:
     """[..., E + 1] (numerator, kernel sum) -> numerator / kernel sum; zero rows stay zero."""
-    num, den = out[..., :-1], out[..., -1:]
-    return num / torch.where(den > 0, den, torch.ones_like(den))
+    return out[..., :-1] / normaliser(out)
+
+
+def normalise_backward(d_out: Tensor, out: Tensor, den: Tensor) -> Tensor:
+    """The gradient of [numerator, kernel sum] [..., E + 1] from that of out = numerator / den
+    [..., E] (den from :func:`normaliser`)."""
+    return torch.cat((d_out, (d_out * out).sum(-1, keepdim=True).neg_()), dim=-1).div_(den)
 
 
 def key_value_sums(k: Tensor, v: Tensor) -> Tensor:
