@@ -200,7 +200,9 @@ def _cached_points(rows: list[dict]) -> str:
     by_family: dict[str, set[int]] = {}
     for r in rows:
         if r.get("cpu_cache") == "on":  # a length once, however many rows it has
-            by_family.setdefault(r["family"], set()).add(r["length"])
+            # a reference-defaults setting "family/noncausal" reads as the package's defaults
+            name = r["family"].replace("/noncausal", " (package defaults)")
+            by_family.setdefault(name, set()).add(r["length"])
     return "; ".join(
         f"{family} at {', '.join(_length_label(n) for n in sorted(lengths))}"
         for family, lengths in sorted(by_family.items())
