@@ -168,14 +168,14 @@ def test_many_small_problems_take_the_matmul_path_and_equal_naive(monkeypatch):
     from longrange.ops.dense import sdpa
 
     q, k, v = make_inputs(2, 16, 64, 192, 16, seed=3)
-    assert sdpa._small_tiles(q, k, None)
+    assert sdpa._small_tiles(q, k)
     assert_same_forward_backward(dense_attention_sdpa, dense_attention_naive, [q, k, v], rtol=1e-5)
     for queries, keys in ((65, 192), (64, 257)):
         big_q, big_k, _ = make_inputs(1, 2, queries, keys, 16, seed=4)
-        assert not sdpa._small_tiles(big_q, big_k, None)
-    assert not sdpa._small_tiles(q.bfloat16(), k.bfloat16(), None)
+        assert not sdpa._small_tiles(big_q, big_k)
+    assert not sdpa._small_tiles(q.bfloat16(), k.bfloat16())
     monkeypatch.setattr(sdpa, "SMALL_SCORE_BYTES", 2 * 16 * 64 * 192 * 4 - 1)
-    assert not sdpa._small_tiles(q, k, None)
+    assert not sdpa._small_tiles(q, k)
     calls = []
     monkeypatch.setattr(sdpa, "small_tile_attention", lambda *a, **kw: calls.append(1))
     dense_attention_sdpa(q, k, v)

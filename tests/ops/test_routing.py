@@ -154,6 +154,16 @@ def test_local_spans_match_local_attention(n, window, look_back, look_ahead, dty
     assert_same_forward_backward(fast, reference, [q, k, v], rtol=rtol)
 
 
+def test_span_arguments_that_do_not_go_together_raise():
+    q = torch.randn(1, 1, 32, 8)
+    with pytest.raises(ValueError, match="look_forward=0"):
+        local_attention_spans(q, q, q, window_size=8, causal=True, look_forward=1)
+    groups = torch.zeros(1, 40, dtype=torch.int32)
+    band = torch.ones(1, 8, 24, dtype=torch.bool)
+    with pytest.raises(ValueError, match="look_ahead=0"):
+        span_attention(q[0], q[0], q[0], groups, band, block=8, look_back=1, scale=1.0, look_ahead=1)
+
+
 def test_span_attention_without_any_key_gives_zeros():
     """A query whose group has no key in its span (and no memory key) gets zeros, no NaN."""
     q = torch.randn(1, 8, 4, dtype=torch.float64, requires_grad=True)

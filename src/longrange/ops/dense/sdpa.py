@@ -38,7 +38,7 @@ SMALL_KEYS = 256
 SMALL_SCORE_BYTES = 64 * 2**20
 
 
-def _small_tiles(q: Tensor, k: Tensor, scale: float | None) -> bool:
+def _small_tiles(q: Tensor, k: Tensor) -> bool:
     n, m = q.shape[-2], k.shape[-2]
     return (
         q.device.type == "cpu"
@@ -73,7 +73,7 @@ def dense_attention_sdpa(
     """
     n, m = q.shape[-2], k.shape[-2]
     if mask is None and bias is None and (not causal or n == m):
-        if not causal and not dropout and _small_tiles(q, k, scale):
+        if not causal and not dropout and _small_tiles(q, k):
             return small_tile_attention(q, k, v, scale)
         # The flash / memory-efficient kernels only run without an explicit mask.
         return F.scaled_dot_product_attention(
