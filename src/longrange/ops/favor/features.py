@@ -84,8 +84,9 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
-    """mask [B, N] (True = keep) -> [B, 1, N] broadcastable over heads."""
+def check_key_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A key padding mask [B, N] (True = keep) for keys x [B, H, N, D], checked -> [B, 1, N]
+    broadcastable over heads (None stays None)."""
     if mask is None:
         return None
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape != (x.shape[0], x.shape[-2]):
@@ -162,7 +163,7 @@ def softmax_key_features(
     mask: [B, N], True = keep; masked keys get zero features and never raise the stabiliser.
     initial_log_scale: [B, H], the stabiliser of the running sums a causal sequence continues.
     """
-    keep = _check_mask(mask, k)
+    keep = check_key_mask(mask, k)
     dash, half_sq = _projected(k, projection, normalize)
     ratio = projection.shape[0] ** -0.5
     if causal:
@@ -209,7 +210,7 @@ def generalized_features(
 
     mask: [B, N] (keys only), True = keep; masked positions get zero features.
     """
-    keep = _check_mask(mask, x)
+    keep = check_key_mask(mask, x)
     if projection is None:
         x = _upcast(x)
         feats = kernel_fn(x * x.shape[-1] ** -0.25 if normalize else x) + eps
@@ -231,7 +232,7 @@ def no_projection_features(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(phi(q), phi(k), log_scale) without random features: q softmax over D; k softmax over N
     (non-causal, unmasked keys only) or exp(k - c_t) with the running max c_t (causal)."""
-    keep = _check_mask(mask, k)
+    keep = check_key_mask(mask, k)
     q, k = _upcast(q), _upcast(k)
     q_feats = q.softmax(dim=-1)
     if causal:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from longrange.ops.favor.chunk import FavorState, chunk_factors, scan_sums, scan_sums_backward, split_chunks
-from longrange.ops.favor.features import running_log_scale
+from longrange.ops.favor.features import check_key_mask, running_log_scale
 from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
 from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
 
@@ -247,8 +247,7 @@ def softmax_causal_attention(
     b, h, n, d = q.shape
     dtype = torch.promote_types(v.dtype, torch.float32)
     m, e1 = projection.shape[0], v.shape[-1] + 1
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (b, n)):
-        raise ValueError(f"mask must be a bool tensor [B, N] = {[b, n]}, got {mask.dtype} {list(mask.shape)}")
+    check_key_mask(mask, k)
     if state is not None and (state.kv.shape != (b, h, m, e1) or state.log_scale.shape != (b, h)):
         raise ValueError(f"state must hold kv [{b}, {h}, {m}, {e1}] and log_scale [{b}, {h}]")
     size = min(chunk_size, n)

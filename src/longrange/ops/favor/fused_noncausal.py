@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from longrange.ops.favor.features import check_key_mask
 from longrange.ops.favor.fused import KEEP_BYTES
 from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
 from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
@@ -164,14 +165,9 @@ def softmax_noncausal_attention(
         raise ValueError(f"projection must be [M, D = {q.shape[-1]}], got {list(projection.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    b, _, length, d = k.shape
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (b, length)):
-        raise ValueError(
-            f"mask must be a bool tensor [B, L] = {[b, length]}, got {mask.dtype} {list(mask.shape)}"
-        )
+    keep = check_key_mask(mask, k)
     dtype = torch.promote_types(v.dtype, torch.float32)
-    keep = None if mask is None else mask[:, None, :]
-    weight = projection.to(dtype) * d**-0.25
+    weight = projection.to(dtype) * q.shape[-1] ** -0.25
     out = _SoftmaxNoncausal.apply(
         q.to(dtype), k.to(dtype), with_ones(v.to(dtype)), weight, keep, float(eps), keep_bytes
     )
