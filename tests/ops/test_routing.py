@@ -22,7 +22,7 @@ from longrange.ops.routing import (
     ring_buffers,
 )
 from longrange.ops.routing.kmeans import commitment_loss, ema_, init_means, lloyd_step, nearest
-from longrange.ops.routing.spans import causal_local_attention_spans, local_attention_spans, span_attention
+from longrange.ops.routing.spans import local_attention_spans, span_attention
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -139,10 +139,8 @@ def test_local_spans_match_local_attention(n, window, look_back, look_ahead, dty
     causal = look_ahead is None
 
     def fast(q, k, v):
-        if causal:
-            return causal_local_attention_spans(q, k, v, window_size=window, look_backward=look_back)
         return local_attention_spans(
-            q, k, v, window_size=window, causal=False, look_backward=look_back, look_forward=look_ahead
+            q, k, v, window_size=window, causal=causal, look_backward=look_back, look_forward=look_ahead or 0
         )
 
     def reference(q, k, v):

@@ -35,7 +35,6 @@ from longrange.ops.routing.naive import (
 )
 from longrange.ops.routing.order import sort_by_cluster
 from longrange.ops.routing.spans import (
-    causal_local_attention_spans,
     causal_routed_attention_spans,
     local_attention_spans,
     span_attention,
@@ -47,7 +46,6 @@ __all__ = [
     "assigned_routed_step",
     "balanced_routed_attention",
     "balanced_routed_attention_naive",
-    "causal_local_attention_spans",
     "causal_routed_attention",
     "causal_routed_attention_naive",
     "causal_routed_attention_spans",

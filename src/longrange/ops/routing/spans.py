@@ -366,12 +366,3 @@ def local_attention_spans(
         look_ahead=look_forward, valid=None if causal else n,
     )  # fmt: skip
     return out.view(b, h, t, -1)[:, :, :n]
-
-
-def causal_local_attention_spans(
-    q: Tensor, k: Tensor, v: Tensor, *, window_size: int, look_backward: int = 1, scale: float | None = None
-) -> Tensor:
-    """:func:`local_attention_spans` with ``causal=True``."""
-    return local_attention_spans(
-        q, k, v, window_size=window_size, causal=True, look_backward=look_backward, scale=scale
-    )
