@@ -38,6 +38,18 @@ def tokens(batch, n, seed=0, vocab=VOCAB):
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def converted_lms(train: bool = False, **kw) -> tuple[nn.Module, PerformerLM]:
+    """performer_pytorch's PerformerLM(**kw) from seed 0 (its causal warning silenced) and ours
+    with its weights converted, both in training or eval mode."""
+    ref = import_reference("performer_pytorch")
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = ref.PerformerLM(**kw).train(train)
+    ours = PerformerLM(**kw).train(train)
+    load_reference(ours, theirs.state_dict())
+    return theirs, ours
+
+
 def lm(**overrides) -> PerformerLM:
     torch.manual_seed(0)
     return PerformerLM(**{**SMALL, "causal": True, "nb_features": 24, **overrides}).eval()
@@ -45,13 +57,7 @@ def lm(**overrides) -> PerformerLM:
 
 def test_reference_leaks_the_future_and_we_do_not():
     """performer_pytorch's sequence-wide key max lets later tokens change earlier logits."""
-    ref = import_reference("performer_pytorch")
-    kw = {**SMALL, "causal": True, "nb_features": 24}
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = ref.PerformerLM(**kw).eval()
-    ours = PerformerLM(**kw).eval()
-    load_reference(ours, theirs.state_dict())
+    theirs, ours = converted_lms(**SMALL, causal=True, nb_features=24)
     x = tokens(1, 48, seed=3)
     with pytest.raises(AssertionError, match="not causal"):
         assert_causal(theirs, x, VOCAB, positions=[10, 30], atol=1e-6)
@@ -60,11 +66,7 @@ def test_reference_leaks_the_future_and_we_do_not():
 
 def test_reference_padding_leaks_and_ours_does_not():
     """performer_pytorch zeroes masked values but keeps masked keys in the normaliser."""
-    ref = import_reference("performer_pytorch")
-    torch.manual_seed(0)
-    theirs = ref.PerformerLM(**SMALL).eval()
-    ours = PerformerLM(**SMALL).eval()
-    load_reference(ours, theirs.state_dict())
+    theirs, ours = converted_lms(**SMALL)
     x = tokens(2, 30, seed=4)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[:, 20:] = False
@@ -221,11 +223,7 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("kw", [c[1] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
 def test_non_causal_parity_with_reference(kw):
-    ref = import_reference("performer_pytorch")
-    torch.manual_seed(0)
-    theirs = ref.PerformerLM(**SMALL, **kw).eval()
-    ours = PerformerLM(**SMALL, **kw).eval()
-    load_reference(ours, theirs.state_dict())
+    theirs, ours = converted_lms(**SMALL, **kw)
     x = tokens(2, 64, seed=6)
     extra = {"context": torch.randn(2, 10, 32)} if kw.get("cross_attend") else {}
     with torch.no_grad():
@@ -235,11 +233,7 @@ def test_non_causal_parity_with_reference(kw):
 def test_non_causal_training_gradients_equal_the_reference():
     """The reference's own defaults (non-causal, softmax kernel with its epsilon) in training:
     the loss and every parameter's gradient equal performer_pytorch's, converted like weights."""
-    ref = import_reference("performer_pytorch")
-    torch.manual_seed(0)
-    theirs = ref.PerformerLM(**SMALL).train()
-    ours = PerformerLM(**SMALL).train()
-    load_reference(ours, theirs.state_dict())
+    theirs, ours = converted_lms(train=True, **SMALL)
     x = tokens(2, 65, seed=7)
     losses = []
     for model in (ours, theirs):
@@ -260,12 +254,7 @@ def test_causal_difference_from_reference_is_the_stabiliser_defect():
     """Same weights and projections: the causal outputs differ only by the reference's global
     key max and feature epsilon (about 3e-4 relative here); with the future fixed, swapping in
     the reference's stabiliser on our side would be exact."""
-    ref = import_reference("performer_pytorch")
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = ref.PerformerLM(**SMALL, causal=True).eval()
-    ours = PerformerLM(**SMALL, causal=True).eval()
-    load_reference(ours, theirs.state_dict())
+    theirs, ours = converted_lms(**SMALL, causal=True)
     x = tokens(2, 64, seed=6)
     with torch.no_grad():
         err = relative_error(ours(x), theirs(x))
