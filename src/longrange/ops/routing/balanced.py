@@ -66,19 +66,18 @@ def _with_memory(keys: Tensor, mem: Tensor | None) -> Tensor:
 
 
 def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale, dropout) -> Tensor:
-    """SDPA over [B, H, G, Q, *] groups; rows without any key give zeros."""
+    """Attention over [B, H, G, Q, *] groups (the groups as heads of the dense op, which zeroes
+    rows without any key); keep [B, H, G, Q, K] or None."""
     b, h, g = q.shape[:3]
-    if keep is None and not dropout:
-        out = dense_attention_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), scale=scale)
-        return out.view(b, h, g, q.shape[3], v.shape[-1])
-    any_key = None
-    if keep is not None:
-        any_key = keep.any(dim=-1, keepdim=True)
-        keep = (keep | ~any_key).flatten(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), attn_mask=keep, dropout_p=dropout, scale=scale
-    ).view(b, h, g, q.shape[3], v.shape[-1])
-    return out if any_key is None else out.masked_fill(~any_key, 0.0)
+    out = dense_attention_sdpa(
+        q.flatten(1, 2),
+        k.flatten(1, 2),
+        v.flatten(1, 2),
+        mask=None if keep is None else keep.flatten(1, 2),
+        scale=scale,
+        dropout=dropout,
+    )
+    return out.view(b, h, g, q.shape[3], v.shape[-1])
 
 
 def balanced_routed_attention(
