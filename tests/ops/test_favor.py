@@ -24,7 +24,7 @@ from longrange.ops.favor import (
     softmax_key_features,
     softmax_query_features,
 )
-from longrange.ops.favor.chunk import scan_sums, scan_sums_backward
+from longrange.ops.favor.chunk import _block_size, scan_sums, scan_sums_backward
 from longrange.ops.favor.fused import softmax_causal_attention
 from longrange.ops.favor.fused_noncausal import softmax_noncausal_attention
 from longrange.testing import assert_close, assert_same_forward_backward, relative_error
@@ -221,15 +221,18 @@ def test_fused_noncausal_bad_inputs_raise_before_work():
             softmax_noncausal_attention(*args, **kw)
 
 
+@pytest.mark.parametrize("form", ["default", "blocks"])
 @pytest.mark.parametrize("chunks", [1, 7, 12, 64, 97])
-def test_scan_block_sizes_equal_the_sequential_sums(chunks):
-    """The default block (a divisor of G near sqrt(G), or sqrt(G) with padding for a prime)."""
+def test_scan_block_sizes_equal_the_sequential_sums(chunks, form):
+    """The default (on CPU chunk after chunk, in place) and the two-level form at its default
+    block (a divisor of G near sqrt(G), or sqrt(G) with padding for a prime)."""
+    block = None if form == "default" else _block_size(chunks)
     gen = torch.Generator().manual_seed(chunks)
     x = torch.randn(1, 2, chunks, 3, 2, generator=gen, dtype=torch.float64)
     init = torch.randn(1, 2, 3, 2, generator=gen, dtype=torch.float64)
     c_end = (torch.randn(1, 2, chunks, generator=gen, dtype=torch.float64) * 3).cummax(-1).values
     c_ref = torch.cat(((c_end[..., :1] - 1.0), c_end[..., :-1]), dim=-1)
-    befores, final = scan_sums(x, c_ref, c_end, init)
+    befores, final = scan_sums(x, c_ref, c_end, init, block)
     running, expected = init, []
     for g in range(chunks):
         expected.append(running)
@@ -243,7 +246,7 @@ def test_scan_block_sizes_equal_the_sequential_sums(chunks):
         outs.append(running)
         running = running * (c_ref[..., g] - c_end[..., g]).exp()[..., None, None] + x_leaf[:, :, g]
     want = torch.autograd.grad((torch.stack(outs, 2), running), (x_leaf, init_leaf), (d_before, d_final))
-    got = scan_sums_backward(d_before, c_ref, c_end, d_final)
+    got = scan_sums_backward(d_before, c_ref, c_end, d_final, block)
     assert_close(got[0], want[0], 1e-12)
     assert_close(got[1], want[1], 1e-12)
 
