@@ -200,6 +200,36 @@ def test_memorizing_per_chunk_with_filled_memories():
     assert row["tokens_per_s"] == pytest.approx(512 / row["fwd_bwd_s"])
 
 
+def test_chunked_memorizing_cleans_up_when_dropped_and_at_exit():
+    """Its memory folder goes when the model is collected, and at interpreter exit with no
+    traceback (a __del__ there once ran after the module's globals were gone)."""
+    import gc
+    import os
+    import subprocess
+    import sys
+
+    from longrange.bench.reference import build, reference_step
+
+    model = build("memorizing", 512, "longrange", fill=512)
+    reference_step(model, torch.randint(0, 256, (1, 513)))
+    folder = model.directory
+    assert os.path.isdir(folder)
+    del model
+    gc.collect()
+    assert not os.path.exists(folder)
+    script = (
+        "import torch\n"
+        "from longrange.bench import reference as R\n"
+        "m = R.build('memorizing', 512, 'longrange', fill=512)\n"
+        "R.reference_step(m, torch.randint(0, 256, (1, 513)))\n"
+        "print(m.directory)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not os.path.exists(done.stdout.strip())
+
+
 def test_compiled_speed_is_reported_beside_eager(tmp_path, monkeypatch):
     calls = []
 

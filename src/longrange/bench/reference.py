@@ -25,6 +25,7 @@ import importlib.util
 import shutil
 import statistics
 import tempfile
+import weakref
 from typing import Any
 
 import torch
@@ -110,9 +111,13 @@ class _ChunkedMemorizing(nn.Module):
     def __init__(self, cls: type, fill: int | None, **keywords: Any) -> None:
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="longrange-bench-ref-")
+        # a finalizer, not __del__: at interpreter exit __del__ may run after this module's
+        # globals (shutil) are gone, and it printed a traceback instead of cleaning up
+        self._contexts: list = []
+        weakref.finalize(self, _close, self._contexts, self.directory)
         self.model = cls(knn_memories_directory=self.directory, **SIZE, **keywords)
         self.fill = fill
-        self._context = self._memories = None
+        self._memories = None
 
     def _step(self, piece: Tensor, memories) -> None:
         logits = _first(self.model(piece[:, :-1], knn_memories=memories))
@@ -125,8 +130,9 @@ class _ChunkedMemorizing(nn.Module):
                     self._step(tokens[:, start : start + self.chunk + 1], memories)
             return
         if self._memories is None:
-            self._context = self.model.knn_memories_context(batch_size=tokens.shape[0])
-            self._memories = self._context.__enter__()
+            context = self.model.knn_memories_context(batch_size=tokens.shape[0])
+            self._memories = context.__enter__()
+            self._contexts.append(context)
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for _ in range(0, self.fill, self.chunk):
@@ -136,10 +142,12 @@ class _ChunkedMemorizing(nn.Module):
                     self.model(filler, knn_memories=self._memories)
         self._step(tokens[:, : self.chunk + 1], self._memories)
 
-    def __del__(self) -> None:
-        if getattr(self, "_context", None) is not None:
-            self._context.__exit__(None, None, None)
-        shutil.rmtree(getattr(self, "directory", ""), ignore_errors=True)
+
+def _close(contexts: list, directory: str) -> None:
+    """Close a :class:`_ChunkedMemorizing`'s memories and remove their folder."""
+    for context in contexts:
+        context.__exit__(None, None, None)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def build(family: str, length: int, source: str = "reference", *, fill: int | None = None) -> nn.Module:
