@@ -417,16 +417,18 @@ def test_lookup_scores_are_the_inner_products_of_the_pairs_it_names(tmp_path):
     memory.close()
 
 
-def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_path, monkeypatch):
-    from longrange.memory.knn import adaptive
-
+def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_path):
     memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 64, "nprobe": 4}, max_memories=4096, rows=1)
     memory.add(_pairs(_keys(3000, rows=1)))
     queries = _keys(700, rows=1, seed=5)
     across = memory.search(queries, 8)
     assert memory.index.indexes[0] is not None  # trained by that first search
-    assert adaptive.SEARCH_PARALLEL_MODE != 0
-    monkeypatch.setattr(adaptive, "SEARCH_PARALLEL_MODE", 0)  # faiss's default: one thread here
-    for got, want in zip(across, memory.search(queries, 8), strict=True):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = memory.search(queries, 8)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(across, alone, strict=True):
         assert torch.equal(got, want)
     memory.close()

@@ -126,8 +126,8 @@ def _fill_ours(model, memories, tokens: torch.Tensor, fill: int) -> dict[str, An
     index = memory.index
     kind = "exact"
     ivf = getattr(index, "indexes", [None])[0]
-    if ivf is not None and hasattr(ivf, "nlist"):
-        kind = f"ivf {ivf.nlist} cells, {min(index.nprobe, ivf.nlist)} probed"
+    if ivf is not None and hasattr(ivf, "cells"):
+        kind = f"ivf {ivf.cells} cells, {min(index.nprobe, ivf.cells)} probed"
     return {"fill": fill, "recall_at_k": recall, "k": TOP_K, "index": kind}
 
 

@@ -8,13 +8,14 @@ cells whose centroids score best, so it reads about ``nprobe / nlist`` of the me
 Per batch row:
 - below ``exact_limit`` filled slots the search is exact (torch, :func:`exact.exact_search` on
   the store's key table) and there is no index;
-- at ``exact_limit`` the row gets a faiss IVF index keyed by entry id, its centroids
-  trained on the row's keys (spherical k-means in torch: unit keys, inner-product cells) with
-  ``nlist = cells_per_root * sqrt(F)`` cells (a cell holds about sqrt(F) / 8 keys), but no
-  more than F / 16 cells. At 250,000 entries, 8 cells per root against 4 scans half as
-  many keys per query at the same ``nprobe`` (recall@32 0.94 against 0.96, search time
-  down by a third); at 32K the search costs about the same either way, by probe more than
-  by key;
+- at ``exact_limit`` the row gets an inverted file (:class:`~longrange.memory.knn.cells.CellLists`,
+  keys in float32 grouped by cell, scanned by our own kernel: ``cells.py`` says why not
+  faiss's), its centroids trained on the row's keys (spherical k-means in torch: unit keys,
+  inner-product cells) with ``nlist = cells_per_root * sqrt(F)`` cells (a cell holds about
+  sqrt(F) / 8 keys), but no more than F / 16 cells. At 250,000 entries, 8 cells per root
+  against 4 scans half as many keys per query at the same ``nprobe`` (recall@32 0.94 against
+  0.96, search time down by a third); at 32K the search costs about the same either way, by
+  probe more than by key;
 - k-means runs 6 iterations over a random sample of 16 keys per cell (seeded by the row's
   count of entries written, so a training is reproducible; an evenly strided sample aliased
   with keys periodic in slot order and left one cell with a sixteenth of them): on the bench
@@ -27,18 +28,17 @@ Per batch row:
   row's next search trains it from the store, on the same entries an eager training would
   have seen, so a training whose row is never searched again (a memory's last chunk) is not
   paid for;
-- evicted ids are removed by id (a hash-table direct map), so every id still names the pair
-  in its slot;
-- the index stores each key as float16 codes, scored against the raw key (no residual): the
-  scan is bound by the bytes it reads, so half-width codes cut it by about a quarter at the
-  same recall (250,000 entries, 2048 queries: 54 -> 40 ms, recall@32 0.939 -> 0.938);
+- the lists hold store slots: an overwritten slot leaves its cell as its new key enters one,
+  so every slot found holds the key it was scored against;
 - a search scores the queries against the centroids with one torch matmul and picks each
-  query's cells with a top-k (:func:`~longrange.ops.select.top_k_columns`; faiss's own
-  quantizer search heap-sorts every centroid of every query; numpy's argpartition took twice
-  as long as torch's topk over 2048 x 2896 scores), hands them to ``search_preassigned``,
-  then scores the K picks of each query again against the store's float32 keys, so the
-  scores it returns are the exact inner products;
-- keys go to their cells (training and adding) by :func:`~longrange.ops.select.argmax_last`.
+  query's cells (:func:`~longrange.memory.knn.cells.probe_cells`, compiled beside the scan;
+  faiss's own quantizer search heap-sorts every centroid of every query; numpy's
+  argpartition took twice as long as torch's topk over 2048 x 2896 scores), then scans them
+  (:meth:`~longrange.memory.knn.cells.CellLists.search`): the scores it returns are the exact
+  inner products;
+- keys go to their cells (training and adding) by :func:`~longrange.ops.select.argmax_last`;
+- saved, a row keeps its centroids (``knn.index.row{row}.centroids.npy``); loading assigns the
+  stored keys to them again.
 
 ``longrange bench knn`` measures the recall@k of this index against exact search on a
 model's own keys and queries, and the per-chunk cost as the memory fills.
@@ -54,37 +54,20 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
+from longrange.memory.knn.cells import CellLists, nearest_cells, probe_cells
 from longrange.memory.knn.exact import exact_search
-from longrange.memory.knn.faiss_index import alive_slots
 from longrange.memory.knn.interface import KNNIndex
 from longrange.memory.knn.store import MemmapStore
-from longrange.ops.select import argmax_last, top_k_columns
 
 # A cell holds at least this many keys on average: with few keys per cell, nprobe cells hold
 # too few candidates for a top-32 while the memory is small.
 MIN_CELL_KEYS = 16
-# faiss's parallel mode for search_preassigned: in the default (0) a direct call runs on one
-# thread (search() splits the queries itself); 3 splits the queries across the threads. 2048
-# queries at 32K entries, 2 threads: 25 -> 15 ms, the same results.
-SEARCH_PARALLEL_MODE = 3
 META_FILE = "knn.index.auto.json"
-INDEX_FILE = "knn.index.row{row}.ivf"
-
-
-def nearest_cells(keys: Tensor, centroids: Tensor, *, block: int = 1024) -> Tensor:
-    """The cell of each key [F, D]: the centroid [C, D] with the largest inner product, as int64
-    [F]. Scored ``block`` keys at a time, so the scores never exceed a [block, C] tile (at
-    250,000 keys and 4,000 cells the whole [F, C] matrix would take 4 GB)."""
-    cells = torch.empty(keys.shape[0], dtype=torch.long)
-    by_column = centroids.T.contiguous()
-    for start in range(0, keys.shape[0], block):
-        cells[start : start + block] = argmax_last(keys[start : start + block] @ by_column)
-    return cells
+CENTROIDS_FILE = "knn.index.row{row}.centroids.npy"
 
 
 def train_centroids(keys: Tensor, cells: int, *, iterations: int = 6, seed: int = 0) -> Tensor:
@@ -125,7 +108,7 @@ class AdaptiveIndex(KNNIndex):
         self.exact_limit, self.cells_per_root = exact_limit, float(cells_per_root)
         self.nprobe, self.train_points, self.threads = nprobe, train_points, threads
         rows = store.rows
-        self.indexes: list = [None] * rows  # per row: None (exact) or a faiss IVF index
+        self.indexes: list[CellLists | None] = [None] * rows  # per row: None (exact) or its inverted file
         self.centroids: list[Tensor | None] = [None] * rows
         self.trained_count = [0] * rows  # the row's count (entries written) at its training
         self.trained_filled = [0] * rows  # and its filled slots then
@@ -153,42 +136,26 @@ class AdaptiveIndex(KNNIndex):
             gen = torch.Generator().manual_seed(count)
             sample = keys[torch.randperm(len(ids), generator=gen)[: cells * self.train_points]]
         centroids = train_centroids(sample, cells, seed=count)
-        self._install(row, centroids)
-        self._add(row, ids, keys)
+        self._install(row, centroids, ids, keys)
         self.trained_count[row], self.trained_filled[row] = count, len(ids)
 
-    def _install(self, row: int, centroids: Tensor) -> None:
-        quantizer = faiss.IndexFlatIP(centroids.shape[1])
-        quantizer.add(centroids.numpy())
-        cells, dim = centroids.shape
-        # Half-precision codes, scored against the raw key (no residual): the scan reads half
-        # the bytes of float32 codes at the same recall; the search re-scores its picks exactly.
-        index = faiss.IndexIVFScalarQuantizer(
-            quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
-        )
-        index.train(centroids.numpy())  # the quantizer holds its cells already; fp16 codes need no ranges
-        index.own_fields = True  # the index keeps (and frees) its quantizer
-        quantizer.this.disown()
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        self.indexes[row], self.centroids[row] = index, centroids
-
-    def _add(self, row: int, ids: np.ndarray, keys: Tensor) -> None:
-        if not len(ids):
-            return
-        cells = nearest_cells(keys, self.centroids[row]).numpy()
-        x = np.ascontiguousarray(keys.numpy(), dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self.indexes[row].add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(cells))
+    def _install(self, row: int, centroids: Tensor, ids: np.ndarray, keys: Tensor) -> None:
+        """The row's inverted file around ``centroids``, holding the entries ``ids`` (keys [F, D])."""
+        lists = CellLists(centroids, self.store.capacity)
+        slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % self.store.capacity)
+        lists.build(slots, keys, nearest_cells(keys, lists.centroids))
+        self.indexes[row], self.centroids[row] = lists, lists.centroids
 
     # --- the interface ----------------------------------------------------------------------
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, evicted: np.ndarray) -> None:
-        index = self.indexes[row]
-        if index is None or self._stale(row):
+        lists = self.indexes[row]
+        if lists is None or self._stale(row):
             return  # the next search of the row (re)trains it from the store
+        capacity = self.store.capacity
         if evicted.size:
-            evicted = np.ascontiguousarray(evicted, dtype=np.int64)
-            index.remove_ids(faiss.IDSelectorArray(len(evicted), faiss.swig_ptr(evicted)))
-        self._add(row, ids, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
+            lists.remove(torch.from_numpy(np.asarray(evicted, dtype=np.int64) % capacity))
+        slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % capacity)
+        lists.add(slots, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
 
     def reset(self, row: int) -> None:
         self.indexes[row] = self.centroids[row] = None
@@ -216,46 +183,25 @@ class AdaptiveIndex(KNNIndex):
         return torch.cat(slots), torch.cat(scores)
 
     def _search_ivf(self, row: int, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        index, centroids = self.indexes[row], self.centroids[row]
+        lists, centroids = self.indexes[row], self.centroids[row]
         q = queries.detach().to("cpu", torch.float32).contiguous()
         probes = min(self.nprobe, centroids.shape[0])
-        # The probed cells in any order (the scan merges them).
-        cells = top_k_columns(q @ centroids.T, probes).numpy()
-        index.nprobe = probes
-        index.parallel_mode = SEARCH_PARALLEL_MODE
-        faiss.omp_set_num_threads(max(self.threads, torch.get_num_threads()))
-        # Scans of codes stored without residual ignore the coarse scores.
-        unused = np.zeros(cells.shape, np.float32)
-        dist, ids = index.search_preassigned(q.numpy(), k, cells, unused)
-        count, capacity = int(self.store.counts[row]), self.store.capacity
-        slots, _ = alive_slots(ids, dist, count, capacity, k, reorder=False)
-        slots, scores = self._rescore(row, q, torch.from_numpy(slots))
+        threads = max(self.threads, torch.get_num_threads())
+        # The probed cells in any order (the scan reads them cell by cell).
+        cells = probe_cells(q @ centroids.T, probes, threads=threads)
+        slots, scores = lists.search(q, cells, k, threads=threads)
         device = queries.device
         return slots[None].to(device), scores[None].to(device)
-
-    def _rescore(self, row: int, q: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """The exact inner products q [Q, D] . key[slot] of the chosen slots [Q, K] (-1: none,
-        scored -inf), best first: the codes the scan read are rounded. One fused call reads
-        each chosen key in place (``embedding_bag``'s per-sample-weight gradient is exactly
-        these products), with no [Q, K, D] gather: a chunk at 32K memories 1.02x."""
-        found = slots >= 0
-        n, k = slots.shape
-        bags = torch.arange(n)
-        scores = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            q, self.keys[row], slots.clamp_min(0).flatten(), bags * k, bags.repeat_interleave(k), 0
-        )
-        scores = scores.view(n, k).masked_fill_(~found, -math.inf)
-        scores, order = scores.sort(dim=1, descending=True)
-        return slots.gather(1, order), scores
 
     # --- persistence ------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         meta = []
-        for row, index in enumerate(self.indexes):
-            if index is None or self._stale(row):  # stale: the loaded row is re-trained
+        for row, centroids in enumerate(self.centroids):
+            if centroids is None or self._stale(row):  # stale: the loaded row is re-trained
                 meta.append(None)
                 continue
-            faiss.write_index(index, str(directory / INDEX_FILE.format(row=row)))
+            with open(directory / CENTROIDS_FILE.format(row=row), "wb") as f:
+                np.save(f, centroids.numpy(), allow_pickle=False)
             meta.append({"count": self.trained_count[row], "filled": self.trained_filled[row]})
         (directory / META_FILE).write_text(json.dumps({"rows": meta}))
 
@@ -270,17 +216,20 @@ class AdaptiveIndex(KNNIndex):
                 self.rebuild(row)  # missing, foreign or stale: re-index from the store
 
     def _load_row(self, row: int, directory: Path, saved: dict) -> bool:
+        """The row's saved centroids, its stored entries assigned to them again; False when
+        they are missing or do not fit this store."""
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE.format(row=row)))  # owns its quantizer
-            quantizer = faiss.downcast_index(index.quantizer)
-            centroids = torch.from_numpy(quantizer.reconstruct_n(0, quantizer.ntotal))
-        except (RuntimeError, AttributeError):
+            centroids = np.load(directory / CENTROIDS_FILE.format(row=row), allow_pickle=False)
+            count, filled = int(saved["count"]), int(saved["filled"])
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        if index.d != self.store.dim or index.ntotal != self.store.filled(row):
+        if centroids.dtype != np.float32 or centroids.ndim != 2 or centroids.shape[1] != self.store.dim:
             return False
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        self.indexes[row], self.centroids[row] = index, centroids
-        self.trained_count[row], self.trained_filled[row] = int(saved["count"]), int(saved["filled"])
+        if not len(centroids) or not np.isfinite(centroids).all():
+            return False
+        ids = self.store.alive_ids(row)
+        self._install(row, torch.from_numpy(centroids), ids, torch.from_numpy(self.store.read_keys(row, ids)))
+        self.trained_count[row], self.trained_filled[row] = count, filled
         return True
 
     def close(self) -> None:
