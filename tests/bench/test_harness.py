@@ -166,3 +166,15 @@ def test_mfu_is_against_the_peak_measured_around_the_point(monkeypatch):
     assert row["matmul_peak_gflops"] == 3.0
     assert row["mfu"] == pytest.approx(row["fwd_bwd_flops"] / row["fwd_bwd_s"] / 3e9)
     assert "mfu" not in speed.time_point("vanilla", 32, device="cpu", repeats=1, batch_size=1)
+
+
+def test_the_report_gives_the_matmul_peaks_its_mfu_figures_use():
+    """Each row's MFU is against the peak measured around its point; the header gives their
+    range, not the peak of whichever run wrote the file last."""
+    from longrange.bench.report import _peaks
+
+    env = {"environment": {"matmul_peak_gflops": "349.7"}}
+    rows = [{"matmul_peak_gflops": 297.6}, {"matmul_peak_gflops": 367.9}, {"family": "x"}]
+    assert _peaks({**env, "results": rows}) == "matmul peak measured around each point, 298-368 GFLOP/s"
+    assert _peaks({**env, "results": rows[:1]}) == "matmul peak 298 GFLOP/s"
+    assert _peaks({**env, "results": []}) == "matmul peak 349.7 GFLOP/s"

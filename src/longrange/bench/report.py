@@ -209,6 +209,18 @@ def _cached_points(rows: list[dict]) -> str:
     )
 
 
+def _peaks(speed: dict) -> str:
+    """The matmul peak the MFU figures are relative to: each row's own, measured around its
+    point (rows come from runs on different days; the machine's peak drifts between them)."""
+    peaks = [r["matmul_peak_gflops"] for r in speed["results"] if r.get("matmul_peak_gflops")]
+    if not peaks:
+        return f"matmul peak {speed.get('environment', {}).get('matmul_peak_gflops', '?')} GFLOP/s"
+    low, high = min(peaks), max(peaks)
+    if round(low) == round(high):
+        return f"matmul peak {low:.0f} GFLOP/s"
+    return f"matmul peak measured around each point, {low:.0f}-{high:.0f} GFLOP/s"
+
+
 def markdown_for_device(folder: Path) -> str:
     parts = []
     speed = load_suite(folder, "speed")
@@ -217,14 +229,15 @@ def markdown_for_device(folder: Path) -> str:
     if speed:
         parts.append(
             "Forward + backward time / peak memory, batch 1, dim 256, depth 4, heads 4 "
-            f"(torch {env.get('torch', '?')}; matmul peak {env.get('matmul_peak_gflops', '?')} GFLOP/s):\n"
+            f"(torch {env.get('torch', '?')}; {_peaks(speed)}):\n"
         )
         parts.append(_speed_markdown(speed) + "\n")
         cached = _cached_points(speed["results"])
         if cached:
             parts.append(f"Points timed with the CPU allocation cache (`longrange.cpu_cache`): {cached}.\n")
         parts.append(
-            "Training throughput, model FLOP utilisation (of the measured matmul peak) and the "
+            "Training throughput, model FLOP utilisation (of the matmul peak measured around each "
+            "point) and the "
             "growth exponent of the time from the previous length:\n"
         )
         ours = {**speed, "results": [r for r in speed["results"] if "(reference)" not in r["family"]]}
