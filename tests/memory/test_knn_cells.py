@@ -101,12 +101,15 @@ def test_adds_removes_and_overflow_rebuilds_keep_exactly_the_held_keys():
         torch.testing.assert_close(got[1][found], (asked * named).sum(-1))
 
 
-def test_without_the_compiled_scan_the_reference_answers(monkeypatch):
+@pytest.mark.parametrize("budget", [32 << 20, 1])
+def test_without_the_compiled_scan_the_reference_answers(monkeypatch, budget):
+    """Also with the queries in blocks of one (a tiny gathering budget)."""
     lists, held = _lists(300, 32, 10, 512, seed=5)
     queries = _unit(40, 32, seed=6)
     probes = _probes(queries, lists.centroids, 3)
     want = _oracle(held, lists.centroids, queries, probes, 8)
     monkeypatch.setattr(cells_module, "_load", lambda: None)
+    monkeypatch.setattr(cells_module, "REFERENCE_BYTES", budget)
     _same(lists.search(queries, probes, 8), want)
 
 
