@@ -1,19 +1,6 @@
-// The inverted file's scan of longrange/memory/knn/cells.py (which builds and loads this
-// file; its docstring says why the scan is ours and how the keys are laid out).
-//
-// keys: [blocks][D][16] float32, each block 16 keys of one cell as columns; slots:
-// [blocks * 16] int64, the store slot of each column (-1: empty); first / used: [C] the first
-// block of each cell and how many of its blocks hold keys. queries [Q][D], probes [Q][P]
-// (cells; -1: none). Writes each query's K best (slot, score) pairs, best first (-1 and
-// -inf past the candidates found).
-//
-// longrange_top_columns: the columns of each row's k largest scores (in no order), the
-// probed cells of a search (top_of_row says how).
-//
-// Cell-major: every cell's blocks are read once for all the queries that probe it (they stay
-// in L1), the queries split between the threads by index (no two threads touch one query).
-// Per query, candidates above its running threshold go to a buffer of 2K; a full buffer is
-// cut back to its best K and the threshold becomes the K-th best score.
+// The inverted file's scan and its choice of cells, for longrange/memory/knn/cells.py (which
+// builds and loads this file; its docstring says why the scan is ours and how the keys are
+// laid out).
 #pragma GCC optimize("O3")  // the build's -O2 leaves the reductions below scalar
 #include <algorithm>
 #include <cstdint>
@@ -26,7 +13,7 @@ namespace {
 
 struct Candidate {
   float score;
-  int64_t slot;
+  int64_t index;
 };
 
 bool better(const Candidate& a, const Candidate& b) { return a.score > b.score; }
@@ -37,8 +24,10 @@ bool better(const Candidate& a, const Candidate& b) { return a.score > b.score; 
 #define LONGRANGE_CLONES
 #endif
 
-// 16 scores of one query against one block; four partial sums so that the multiply-adds of
-// consecutive dimensions do not wait on each other.
+constexpr int kRuns = 16;
+
+// 16 scores of one query against one block [dim][16]; four partial sums so that the
+// multiply-adds of consecutive dimensions do not wait on each other.
 LONGRANGE_CLONES void score_block(const float* q, const float* block, int64_t dim, float* out) {
   float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
   int64_t d = 0;
@@ -62,91 +51,16 @@ LONGRANGE_CLONES void score_block(const float* q, const float* block, int64_t di
   for (int l = 0; l < 16; ++l) out[l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
 }
 
-}  // namespace
-
-extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, const int64_t* first,
-                                      const int64_t* used, int64_t cells, const float* queries,
-                                      const int64_t* probes, int64_t nq, int64_t np, int64_t dim, int64_t k,
-                                      int64_t* out_slots, float* out_scores, int threads) {
-  const float none = -std::numeric_limits<float>::infinity();
-  if (k <= 0) return 0;
-  try {
-    // the queries of every cell, cell by cell
-    std::vector<int64_t> start(cells + 1, 0);
-    for (int64_t i = 0; i < nq * np; ++i)
-      if (probes[i] >= 0 && probes[i] < cells) start[probes[i] + 1]++;
-    for (int64_t c = 0; c < cells; ++c) start[c + 1] += start[c];
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    std::vector<int32_t> members(start[cells]);
-    for (int64_t i = 0; i < nq * np; ++i)
-      if (probes[i] >= 0 && probes[i] < cells) members[fill[probes[i]]++] = int32_t(i / np);
-    const int64_t cap = 2 * k;
-    std::vector<Candidate> buffer(size_t(nq) * cap);
-    std::vector<int64_t> count(nq, 0);
-    std::vector<float> threshold(nq, none);
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      alignas(64) float scores[16];
-      for (int64_t c = 0; c < cells; ++c) {
-        for (int64_t j = start[c]; j < start[c + 1]; ++j) {
-          const int64_t qi = members[j];
-          if (qi % nt != t) continue;
-          const float* q = queries + qi * dim;
-          Candidate* found = buffer.data() + size_t(qi) * cap;
-          int64_t n = count[qi];
-          float bar = threshold[qi];
-          for (int64_t b = first[c]; b < first[c] + used[c]; ++b) {
-            score_block(q, keys + b * dim * 16, dim, scores);
-            const int64_t* owner = slots + b * 16;
-            for (int l = 0; l < 16; ++l) {
-              if (!(scores[l] > bar) || owner[l] < 0) continue;
-              found[n++] = Candidate{scores[l], owner[l]};
-              if (n == cap) {
-                std::nth_element(found, found + (k - 1), found + n, better);
-                n = k;
-                bar = found[k - 1].score;
-              }
-            }
-          }
-          count[qi] = n;
-          threshold[qi] = bar;
-        }
-      }
-#pragma omp barrier
-#pragma omp for
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        Candidate* found = buffer.data() + size_t(qi) * cap;
-        const int64_t n = count[qi], m = std::min(n, k);
-        std::partial_sort(found, found + m, found + n, better);
-        for (int64_t j = 0; j < k; ++j) {
-          out_scores[qi * k + j] = j < m ? found[j].score : none;
-          out_slots[qi * k + j] = j < m ? found[j].slot : -1;
-        }
-      }
-    }
-  } catch (...) {
-    return 1;
-  }
-  return 0;
-}
-
-namespace {
-
-constexpr int kRuns = 16;
-
-// The k best columns of one row [columns] into found[0 .. k), in no order; maxima holds
-// columns / kRuns floats, found up to columns candidates. The row is cut into kRuns runs of
-// `width` columns, group j being columns j, j + width, ...: the group maxima (a vertical max
-// over the runs), then v, bisected, the largest value found with at least k maxima >= v (so at
-// least k columns reach v: the k-th best is at least v), then the columns >= v of the groups
-// whose maximum reaches v (about k of them), cut to the best k.
-LONGRANGE_CLONES void top_of_row(const float* row, int64_t columns, int64_t k, float* maxima, Candidate* found) {
-  const int64_t width = columns / kRuns;
-  int64_t n = 0;
-  if (width < k) {  // too few groups to bound with: every column is a candidate
-    for (int64_t c = 0; c < columns; ++c) found[n++] = Candidate{row[c], c};
-  } else {
+// The k best of row[0 .. n) into found[0 .. min(k, n)), best first (index: the position in
+// the row); maxima holds n / kRuns floats, found n candidates. The row is cut into kRuns runs
+// of `width`, group j being positions j, j + width, ...: the group maxima (a vertical max over
+// the runs), then v, bisected, the largest value tried with at least k maxima >= v (so at
+// least k positions reach v: the k-th best is at least v), then the positions >= v of the
+// groups whose maximum reaches v (about k of them), cut to the best k. Returns how many.
+LONGRANGE_CLONES int64_t top_of_row(const float* row, int64_t n, int64_t k, float* maxima, Candidate* found) {
+  const int64_t width = n / kRuns;
+  int64_t m = 0;
+  if (width >= k) {
     for (int64_t j = 0; j < width; ++j) maxima[j] = row[j];
     for (int r = 1; r < kRuns; ++r) {
       const float* run = row + r * width;
@@ -173,21 +87,28 @@ LONGRANGE_CLONES void top_of_row(const float* row, int64_t columns, int64_t k, f
       if (!(maxima[j] >= lo)) continue;
       for (int r = 0; r < kRuns; ++r) {
         const int64_t c = r * width + j;
-        if (row[c] >= lo) found[n++] = Candidate{row[c], c};
+        if (row[c] >= lo) found[m++] = Candidate{row[c], c};
       }
     }
-    for (int64_t c = kRuns * width; c < columns; ++c)
-      if (row[c] >= lo) found[n++] = Candidate{row[c], c};
+    for (int64_t c = kRuns * width; c < n; ++c)
+      if (row[c] >= lo) found[m++] = Candidate{row[c], c};
   }
-  if (n < k) {  // only with NaN scores, which compare false: take every column then
-    n = 0;
-    for (int64_t c = 0; c < columns; ++c) found[n++] = Candidate{row[c], c};
+  if (m < std::min(k, n)) {  // few positions, or NaN scores (which compare false): take all
+    m = 0;
+    for (int64_t c = 0; c < n; ++c) found[m++] = Candidate{row[c], c};
   }
-  if (n > k) std::nth_element(found, found + (k - 1), found + n, better);
+  if (m > k) {
+    std::nth_element(found, found + (k - 1), found + m, better);
+    m = k;
+  }
+  std::sort(found, found + m, better);
+  return m;
 }
 
 }  // namespace
 
+// The columns of each row's k largest scores [rows][columns], best first: the probed cells of
+// a search.
 extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t columns, int64_t k,
                                      int64_t* out, int threads) {
   if (k <= 0) return 0;
@@ -199,8 +120,79 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
 #pragma omp for
     for (int64_t r = 0; r < rows; ++r) {
       top_of_row(scores + r * columns, columns, k, maxima.data(), found.data());
-      for (int64_t j = 0; j < k; ++j) out[r * k + j] = found[j].slot;
+      for (int64_t j = 0; j < k; ++j) out[r * k + j] = found[j].index;
     }
+  }
+  return 0;
+}
+
+// keys: [blocks][dim][16] float32, each block 16 keys of one cell as columns; slots:
+// [blocks * 16] int64, the store slot of each column (-1: empty); first / used: [cells] the
+// first block of each cell and how many of its blocks hold keys. queries [nq][dim], probes
+// [nq][np] (distinct cells; -1: none). scratch / columns: room for every query's candidates,
+// sum over its probes of used * 16, laid out query after query (scratch_at [nq + 1] the
+// offsets). Writes each query's k best (slot, score) pairs, best first (-1 and -inf past the
+// candidates found).
+//
+// Cell-major: every cell's blocks are read once for all the queries that probe it (they stay
+// in L1), the queries split between the threads by index (no two threads write one query's
+// candidates); each query's scores go to its part of the scratch, then one selection per query
+// (top_of_row) picks its best k.
+extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, const int64_t* first,
+                                      const int64_t* used, int64_t cells, const float* queries,
+                                      const int64_t* probes, int64_t nq, int64_t np, int64_t dim, int64_t k,
+                                      float* scratch, int64_t* columns, const int64_t* scratch_at,
+                                      int64_t* out_slots, float* out_scores, int threads) {
+  const float none = -std::numeric_limits<float>::infinity();
+  if (k <= 0) return 0;
+  try {
+    // the queries of every cell, cell by cell
+    std::vector<int64_t> start(cells + 1, 0);
+    for (int64_t i = 0; i < nq * np; ++i)
+      if (probes[i] >= 0 && probes[i] < cells) start[probes[i] + 1]++;
+    for (int64_t c = 0; c < cells; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    std::vector<int32_t> members(start[cells]);
+    for (int64_t i = 0; i < nq * np; ++i)
+      if (probes[i] >= 0 && probes[i] < cells) members[fill[probes[i]]++] = int32_t(i / np);
+    std::vector<int64_t> cursor(scratch_at, scratch_at + nq);
+    int64_t widest = 0;
+    for (int64_t qi = 0; qi < nq; ++qi) widest = std::max(widest, scratch_at[qi + 1] - scratch_at[qi]);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      for (int64_t c = 0; c < cells; ++c) {
+        for (int64_t j = start[c]; j < start[c + 1]; ++j) {
+          const int64_t qi = members[j];
+          if (qi % nt != t) continue;
+          const float* q = queries + qi * dim;
+          int64_t at = cursor[qi];
+          for (int64_t b = first[c]; b < first[c] + used[c]; ++b, at += 16) {
+            score_block(q, keys + b * dim * 16, dim, scratch + at);
+            for (int l = 0; l < 16; ++l) {
+              columns[at + l] = b * 16 + l;
+              if (slots[b * 16 + l] < 0) scratch[at + l] = none;
+            }
+          }
+          cursor[qi] = at;
+        }
+      }
+#pragma omp barrier
+      std::vector<float> maxima(widest / kRuns + 1);
+      std::vector<Candidate> found(widest + 1);
+#pragma omp for
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t at = scratch_at[qi];
+        const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, maxima.data(), found.data());
+        for (int64_t j = 0; j < k; ++j) {
+          const bool real = j < m && found[j].score > none;
+          out_scores[qi * k + j] = real ? found[j].score : none;
+          out_slots[qi * k + j] = real ? slots[columns[at + found[j].index]] : -1;
+        }
+      }
+    }
+  } catch (...) {
+    return 1;
   }
   return 0;
 }

@@ -13,12 +13,14 @@ top-32 in a heap, and its rounded scores had to be re-scored exactly (2.5 ms mor
   AVX2 clones on x86) runs cell by cell: a cell's blocks are read once for all the queries
   probing it, which keeps them in L1 (query by query, the same scan waited on L3: 6.8
   against 3.6 ms for the scores alone);
-- each query keeps the candidates above its running threshold in a buffer of 2K and cuts it
-  back to the best K when it fills (inserting into a sorted top-K cost as much as the
-  scores).
+- the scores go to a scratch buffer, query after query, and each query's best K are picked
+  once at the end with a bound from the maxima of interleaved groups (``top_of_row``, shared
+  with :func:`probe_cells`): inserting into a sorted top-K as the scores came cost as much as
+  the scores; a buffer of 2K candidates above a running threshold, cut back whenever full,
+  2 ms more than picking at the end.
 
-At 32K entries of the bench model (1,448 cells, 24 probes, K = 32): 8.5-9.5 ms against
-faiss's 16 plus the re-scoring, the same neighbours (recall@32 0.969 against exact search,
+At 32K entries of the bench model (1,448 cells, 24 probes, K = 32): 7.2 ms against faiss's
+16 plus the re-scoring, the same neighbours (recall@32 0.969 against exact search,
 faiss's 0.968). Where the scan cannot be built (no compiler, not Linux) :meth:`CellLists.search`
 runs :func:`search_reference`, the same result in torch ops (slower; also what tests compare
 the scan with).
@@ -87,7 +89,7 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
 
 def probe_cells(scores: Tensor, k: int, *, threads: int = 1) -> Tensor:
     """The cells a search probes: the columns of each row's k largest centroid scores
-    [Q, C] -> [Q, k], in no order (the set of :func:`~longrange.ops.select.top_k_columns`,
+    [Q, C] -> [Q, k] (best first compiled; the set of :func:`~longrange.ops.select.top_k_columns`,
     which answers where the scan is not built). Compiled (``top_of_row`` in ``cells.cpp``):
     the maxima of 16 interleaved groups of columns bound the k-th best from below, and only the
     columns of the groups reaching that bound are ranked; 2048 x 1448 scores at k = 24, 4.4-5.8
@@ -216,11 +218,20 @@ class CellLists:
         slots = torch.empty(n, k, dtype=torch.long)
         scores = torch.empty(n, k, dtype=self.keys.dtype)
         used = self.used()
+        # every query's candidates, query after query: the scan scores into this scratch
+        # (from torch's allocator, which reuses it) and then picks each query's best
+        room = torch.where(probes >= 0, used[probes.clamp_min(0)], 0).sum(dim=1) * BLOCK
+        scratch_at = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(room, 0, out=scratch_at[1:])
+        total = int(scratch_at[-1])
+        scratch = torch.empty(total, dtype=self.keys.dtype)
+        columns = torch.empty(total, dtype=torch.long)
         ptr = _ptr
         status = lib.longrange_cells_search(
             ptr(self.keys), ptr(self.slots), ptr(self.first), ptr(used), ctypes.c_int64(self.cells),
             ptr(q), ptr(probes), ctypes.c_int64(n), ctypes.c_int64(probes.shape[1]),
-            ctypes.c_int64(self.dim), ctypes.c_int64(k), ptr(slots), ptr(scores), ctypes.c_int(threads),
+            ctypes.c_int64(self.dim), ctypes.c_int64(k), ptr(scratch), ptr(columns), ptr(scratch_at),
+            ptr(slots), ptr(scores), ctypes.c_int(threads),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the kNN scan could not allocate its buffers")
