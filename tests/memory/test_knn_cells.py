@@ -154,13 +154,13 @@ def test_probe_cells_with_nan_scores_still_name_distinct_columns():
 
 
 def test_a_scan_that_cannot_be_built_says_why_once_and_the_reference_answers(tmp_path, monkeypatch):
+    lists, held = _lists(200, 16, 6, 256, seed=9)
+    queries = _unit(20, 16, seed=10)
+    probes = _probes(queries, lists.centroids, 2)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cells_module, "_library", None)
     monkeypatch.setattr(cells_module, "_unavailable", None)
-    lists, held = _lists(200, 16, 6, 256, seed=9)
-    queries = _unit(20, 16, seed=10)
-    probes = _probes(queries, lists.centroids, 2)
     with pytest.warns(RuntimeWarning, match="compiled scan is unavailable .*compiler"):
         got = lists.search(queries, probes, 5)
     assert not scan_available() and "compiler" in cells_module._unavailable
