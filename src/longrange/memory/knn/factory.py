@@ -42,7 +42,8 @@ def make_index(
     """Build the index for ``store``; ``keys`` is the [R, M, D] key table the exact search reads.
 
     ``kind="auto"`` is the exact search with the exact backend, and the size-adaptive index
-    (exact while small, an inverted file beyond) with faiss."""
+    (exact while small, an inverted file beyond: our own, ``cells.py``, not faiss's) with the
+    faiss backend, beside faiss's own kinds."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {kind!r}")
     options = dict(options or {})

@@ -8,7 +8,8 @@ the memory reads the (key, value) pairs from there. Backends:
   every filled slot plus top-k, on the model's device; the reference for tests and the default
   on GPU.
 - ``faiss``: index ``auto`` (the default, :class:`~longrange.memory.knn.adaptive.AdaptiveIndex`)
-  chooses by size: the exact search while a row is small, an inverted-file index beyond;
+  chooses by size: the exact search while a row is small, an inverted file beyond (our own,
+  :mod:`~longrange.memory.knn.cells`, with a compiled scan);
   ``flat``, ``hnsw`` and ``ivf`` (:class:`~longrange.memory.knn.faiss_index.FaissIndex`) fix one
   kind of faiss index per batch row, keyed by entry id; faiss-gpu's flat index when it is
   installed and the memory lives on a GPU.
