@@ -432,3 +432,33 @@ def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_pa
     for got, want in zip(across, alone, strict=True):
         assert torch.equal(got, want)
     memory.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "wrong width"])
+def test_auto_index_with_damaged_centroids_retrains_from_the_store(tmp_path, damage):
+    """A row's saved centroids that cannot be read (cut short, gone, or for another key width)
+    are not trusted: the loaded row is trained again from the stored pairs and searches as
+    the exact backend does."""
+    options = {"exact_limit": 16, "cells_per_root": 1.0, "nprobe": 64}
+    auto = _memory(tmp_path, "faiss", "auto", options, max_memories=48, rows=1, name="auto")
+    exact = _memory(tmp_path, "exact", "flat", None, max_memories=48, rows=1, name="exact")
+    keys, queries = _keys(30, rows=1), _keys(9, rows=1, seed=2)
+    for memory in (auto, exact):
+        memory.add(_pairs(keys))
+    auto.search(queries, 5)  # trained
+    auto.save(tmp_path / "saved")
+    auto.close()
+    centroids = tmp_path / "saved" / "knn.index.row0.centroids.npy"
+    if damage == "truncated":
+        centroids.write_bytes(centroids.read_bytes()[:-7])
+    elif damage == "missing":
+        centroids.unlink()
+    else:
+        np.save(centroids, np.zeros((3, DIM + 1), dtype=np.float32), allow_pickle=False)
+    loaded = _memory(tmp_path, "faiss", "auto", options, max_memories=48, rows=1, name="loaded")
+    loaded.load(tmp_path / "saved")
+    assert loaded.index.indexes[0] is not None
+    for got, want in zip(loaded.search(queries, 5), exact.search(queries, 5), strict=True):
+        torch.testing.assert_close(got, want)
+    loaded.close()
+    exact.close()

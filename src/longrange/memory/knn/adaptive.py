@@ -49,6 +49,7 @@ K neighbours.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longrange.atomic import atomic_write_bytes
 from longrange.memory.knn.cells import CellLists, nearest_cells, probe_cells
 from longrange.memory.knn.exact import exact_search
 from longrange.memory.knn.interface import KNNIndex
@@ -200,8 +202,9 @@ class AdaptiveIndex(KNNIndex):
             if centroids is None or self._stale(row):  # stale: the loaded row is re-trained
                 meta.append(None)
                 continue
-            with open(directory / CENTROIDS_FILE.format(row=row), "wb") as f:
-                np.save(f, centroids.numpy(), allow_pickle=False)
+            buffer = io.BytesIO()
+            np.save(buffer, centroids.numpy(), allow_pickle=False)
+            atomic_write_bytes(directory / CENTROIDS_FILE.format(row=row), buffer.getvalue())
             meta.append({"count": self.trained_count[row], "filled": self.trained_filled[row]})
         (directory / META_FILE).write_text(json.dumps({"rows": meta}))
 
