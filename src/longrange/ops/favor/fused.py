@@ -103,11 +103,11 @@ def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, k
     d_scores = (d_out @ v1.transpose(-1, -2)).mul_(within)  # [B, H, G, C, C]
     d_read = d_out * from_ref  # the gradient reaching the state reads q_g S_g
     dfq = d_scores @ fk
-    dfq += d_read @ befores.transpose(-1, -2)
+    _add_product(dfq, d_read, befores.transpose(-1, -2))
     d_after, d_kv0 = scan_sums_backward(fq.transpose(-1, -2) @ d_read, c_ref, c_end, d_final)
     del d_read
     dfk = d_scores.transpose(-1, -2) @ fq
-    dfk.addcmul_(v1 @ d_after.transpose(-1, -2), to_end)
+    _add_product(dfk, v1 * to_end, d_after.transpose(-1, -2))  # to_end scales rows: the small side
     del d_scores
     if scores is None:
         scores = (fq @ fk.transpose(-1, -2)).mul_(within)
@@ -117,6 +117,12 @@ def _segment_backward(d_out, out, den, d_final, q, k, v1, weight, keep, c, c0, k
     d_dash = dfk.mul_(fk)
     dk = (d_dash @ weight).sub_(k * (d_dash.sum(-1, keepdim=True) * weight.shape[-1] ** -0.5))
     return dq, dk, dv1, d_kv0
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b in place for batches [..., R, S] of matrices: the product accumulates as
+    it is written (no [..., R, S] temporary, no extra pass over ``out``)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
 
 
 class _SoftmaxCausal(torch.autograd.Function):
