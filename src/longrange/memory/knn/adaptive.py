@@ -143,9 +143,8 @@ class AdaptiveIndex(KNNIndex):
 
     def _install(self, row: int, centroids: Tensor, ids: np.ndarray, keys: Tensor) -> None:
         """The row's inverted file around ``centroids``, holding the entries ``ids`` (keys [F, D])."""
-        lists = CellLists(centroids, self.store.capacity)
         slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % self.store.capacity)
-        lists.build(slots, keys, nearest_cells(keys, lists.centroids))
+        lists = CellLists(centroids, self.store.capacity, slots, keys)
         self.indexes[row], self.centroids[row] = lists, lists.centroids
 
     # --- the interface ----------------------------------------------------------------------

@@ -128,13 +128,19 @@ class CellLists:
     (module docstring). ``build`` lays keys out from scratch, ``add`` / ``remove`` change it
     by slot, ``search`` answers queries."""
 
-    def __init__(self, centroids: Tensor, capacity: int) -> None:
+    def __init__(
+        self, centroids: Tensor, capacity: int, slots: Tensor | None = None, keys: Tensor | None = None
+    ) -> None:
+        """Lists over ``capacity`` slots holding keys [F, D] of ``slots`` [F] (none when not
+        given), each assigned to its nearest centroid."""
         self.centroids = centroids.contiguous()
         cells, dim = self.centroids.shape
         self.cells, self.dim = cells, dim
         self.cell_of = torch.full((capacity,), -1, dtype=torch.long)  # slot -> cell
         self.column = torch.full((capacity,), -1, dtype=torch.long)  # slot -> column of the layout
-        self.build(torch.empty(0, dtype=torch.long), torch.empty(0, dim), torch.empty(0, dtype=torch.long))
+        if slots is None or keys is None:
+            slots, keys = torch.empty(0, dtype=torch.long), torch.empty(0, dim)
+        self.build(slots, keys, nearest_cells(keys, self.centroids))
 
     def __len__(self) -> int:
         return int(self.filled.sum()) - self.holes
