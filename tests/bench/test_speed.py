@@ -131,7 +131,7 @@ def test_each_class_and_its_comparison_are_timed_in_turn():
     """One process, a step of each per round: a pair's speed-up is the median of the rounds'
     ratios (the Performer against its exact twin, the others against their reference), and
     neither is timed again on its own; where that child fails, each is timed alone."""
-    from longrange.bench.reference import compare_at_defaults, time_in_turn
+    from longrange.bench.reference import CHUNK_ROUNDS, compare_at_defaults, time_in_turn
 
     ours, exact = time_in_turn("performer", 64, repeats=3, sources=("longrange", "exact"))
     assert ours["family"] == "performer (reference defaults)" and "paired_speedup" not in ours
@@ -144,10 +144,12 @@ def test_each_class_and_its_comparison_are_timed_in_turn():
 
     def timer_in_turn(family, length, repeats, sources, fill=None):
         in_turn.append((family, sources, fill))
+        rounds.append(repeats)
         if family == "routing":
             return [{"length": length, "error": "killed"}, {"length": length, "error": "killed"}]
         return [{"length": length, "fwd_bwd_s": 1.0}, {"fwd_bwd_s": 2.0, "paired_speedup": 2.5}]
 
+    rounds = []
     table = [{"length": 64, "fwd_bwd_s": 3.0}]
     pairs = compare_at_defaults("performer", [64], table, repeats=1, timer=timer, timer_in_turn=timer_in_turn)
     assert [(p["against"], p["speedup"]) for p in pairs] == [
@@ -160,6 +162,7 @@ def test_each_class_and_its_comparison_are_timed_in_turn():
         ("performer", ("longrange", "exact"), None),
         ("memorizing", ("longrange", "reference"), 32768),
     ]
+    assert rounds == [1, CHUNK_ROUNDS]  # the cheap per-chunk pair takes more rounds
     pairs = compare_at_defaults("routing", [64], table, repeats=1, timer=timer, timer_in_turn=timer_in_turn)
     assert alone == [("longrange", None)] and pairs[0]["speedup"] == 3.0
 

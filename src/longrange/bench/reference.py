@@ -37,6 +37,10 @@ from longrange.bench.timing import steps_in_turn
 SIZE = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4}
 SOURCES = ("reference", "longrange", "exact")
 MEMORY_FILL = 32768
+# rounds of the per-chunk memorizing pair at least: a chunk is a tenth of a second, and the
+# reference's chunk time drifts 155-232 ms between runs (2 rounds read 2.35x, 10 and 16 read
+# 1.80-1.81x)
+CHUNK_ROUNDS = 10
 
 # family -> (reference package, class name, keywords beyond SIZE, the setting in words)
 CLASSES: dict[str, tuple[str, str, dict[str, Any], str]] = {
@@ -246,7 +250,7 @@ def compare_at_defaults(
     """The reference-defaults pairs of ``family``: at every length, longrange's class against
     the reference package and, for the Performer, against the same model with exact SDPA
     attention; memorizing once, per chunk after :data:`MEMORY_FILL` tokens filled both
-    models' memories.
+    models' memories, over at least :data:`CHUNK_ROUNDS` rounds.
 
     ``timer_in_turn(family, length, repeats, sources, fill)``, when given, times longrange's
     model and its comparison in one process, step for step in turn (:func:`time_in_turn`),
@@ -258,17 +262,19 @@ def compare_at_defaults(
     _, name, _, setting = CLASSES[family]
     twin = "exact" if family == "performer" else "reference"
 
-    def measure(length: int, fill: int | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def measure(
+        length: int, fill: int | None = None, rounds: int = repeats
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         if timer_in_turn is not None:
-            ours, other = timer_in_turn(family, length, repeats, ("longrange", twin), fill)
+            ours, other = timer_in_turn(family, length, rounds, ("longrange", twin), fill)
             if "error" not in ours:
                 return ours, other
-        return timer(family, length, repeats, "longrange", fill), None
+        return timer(family, length, rounds, "longrange", fill), None
 
     if family == "memorizing":
-        chunk = _ChunkedMemorizing.chunk
-        ours, theirs = measure(chunk, MEMORY_FILL)
-        theirs = theirs or timer(family, chunk, repeats, "reference", MEMORY_FILL)
+        chunk, rounds = _ChunkedMemorizing.chunk, max(repeats, CHUNK_ROUNDS)
+        ours, theirs = measure(chunk, MEMORY_FILL, rounds)
+        theirs = theirs or timer(family, chunk, rounds, "reference", MEMORY_FILL)
         words = f"per {chunk}-token chunk, {MEMORY_FILL // 1024}K memories filled"
         return [_pair(family, name, words, ours, theirs, "reference package")]
     by_length = {r["length"]: r for r in reference_rows}
