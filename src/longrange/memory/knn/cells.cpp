@@ -129,10 +129,11 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
 // keys: [blocks][dim][16] float32, each block 16 keys of one cell as columns; slots:
 // [blocks * 16] int64, the store slot of each column (-1: empty); first / used: [cells] the
 // first block of each cell and how many of its blocks hold keys. queries [nq][dim], probes
-// [nq][np] (distinct cells; -1: none). scratch / columns: room for every query's candidates,
-// sum over its probes of used * 16, laid out query after query (scratch_at [nq + 1] the
-// offsets). Writes each query's k best (slot, score) pairs, best first (-1 and -inf past the
-// candidates found).
+// [nq][np] (distinct cells; -1: none). scratch: room for every query's candidate scores, sum
+// over its probes of used * 16, laid out query after query (scratch_at [nq + 1] the offsets),
+// a query's cells in increasing order (the order of the scan), so a position there names its
+// column without storing it. Writes each query's k best (slot, score) pairs, best first (-1
+// and -inf past the candidates found).
 //
 // Cell-major: every cell's blocks are read once for all the queries that probe it (they stay
 // in L1), the queries split between the threads by index (no two threads write one query's
@@ -141,7 +142,7 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
 extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, const int64_t* first,
                                       const int64_t* used, int64_t cells, const float* queries,
                                       const int64_t* probes, int64_t nq, int64_t np, int64_t dim, int64_t k,
-                                      float* scratch, int64_t* columns, const int64_t* scratch_at,
+                                      float* scratch, const int64_t* scratch_at,
                                       int64_t* out_slots, float* out_scores, int threads) {
   const float none = -std::numeric_limits<float>::infinity();
   if (k <= 0) return 0;
@@ -169,10 +170,8 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
           int64_t at = cursor[qi];
           for (int64_t b = first[c]; b < first[c] + used[c]; ++b, at += 16) {
             score_block(q, keys + b * dim * 16, dim, scratch + at);
-            for (int l = 0; l < 16; ++l) {
-              columns[at + l] = b * 16 + l;
+            for (int l = 0; l < 16; ++l)
               if (slots[b * 16 + l] < 0) scratch[at + l] = none;
-            }
           }
           cursor[qi] = at;
         }
@@ -180,14 +179,30 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
 #pragma omp barrier
       std::vector<float> maxima(widest / kRuns + 1);
       std::vector<Candidate> found(widest + 1);
+      std::vector<int64_t> order(np);
 #pragma omp for
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t at = scratch_at[qi];
         const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, maxima.data(), found.data());
+        int64_t probed = 0;  // the query's cells in the order the scan filled its scratch
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t c = probes[qi * np + p];
+          if (c >= 0 && c < cells) order[probed++] = c;
+        }
+        std::sort(order.begin(), order.begin() + probed);
         for (int64_t j = 0; j < k; ++j) {
           const bool real = j < m && found[j].score > none;
+          int64_t column = -1;
+          for (int64_t p = 0, position = real ? found[j].index : -1; position >= 0 && p < probed; ++p) {
+            const int64_t width = used[order[p]] * 16;
+            if (position < width) {
+              column = first[order[p]] * 16 + position;
+              break;
+            }
+            position -= width;
+          }
           out_scores[qi * k + j] = real ? found[j].score : none;
-          out_slots[qi * k + j] = real ? slots[columns[at + found[j].index]] : -1;
+          out_slots[qi * k + j] = column >= 0 ? slots[column] : -1;
         }
       }
     }

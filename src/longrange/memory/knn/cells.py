@@ -231,12 +231,11 @@ class CellLists:
         torch.cumsum(room, 0, out=scratch_at[1:])
         total = int(scratch_at[-1])
         scratch = torch.empty(total, dtype=self.keys.dtype)
-        columns = torch.empty(total, dtype=torch.long)
         ptr = _ptr
         status = lib.longrange_cells_search(
             ptr(self.keys), ptr(self.slots), ptr(self.first), ptr(used), ctypes.c_int64(self.cells),
             ptr(q), ptr(probes), ctypes.c_int64(n), ctypes.c_int64(probes.shape[1]),
-            ctypes.c_int64(self.dim), ctypes.c_int64(k), ptr(scratch), ptr(columns), ptr(scratch_at),
+            ctypes.c_int64(self.dim), ctypes.c_int64(k), ptr(scratch), ptr(scratch_at),
             ptr(slots), ptr(scores), ctypes.c_int(threads),
         )  # fmt: skip
         if status != 0:
