@@ -111,7 +111,6 @@ class AdaptiveIndex(KNNIndex):
         self.nprobe, self.train_points, self.threads = nprobe, train_points, threads
         rows = store.rows
         self.indexes: list[CellLists | None] = [None] * rows  # per row: None (exact) or its inverted file
-        self.centroids: list[Tensor | None] = [None] * rows
         self.trained_count = [0] * rows  # the row's count (entries written) at its training
         self.trained_filled = [0] * rows  # and its filled slots then
 
@@ -145,7 +144,7 @@ class AdaptiveIndex(KNNIndex):
         """The row's inverted file around ``centroids``, holding the entries ``ids`` (keys [F, D])."""
         slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % self.store.capacity)
         lists = CellLists(centroids, self.store.capacity, slots, keys)
-        self.indexes[row], self.centroids[row] = lists, lists.centroids
+        self.indexes[row] = lists
 
     # --- the interface ----------------------------------------------------------------------
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, evicted: np.ndarray) -> None:
@@ -159,7 +158,7 @@ class AdaptiveIndex(KNNIndex):
         lists.add(slots, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
 
     def reset(self, row: int) -> None:
-        self.indexes[row] = self.centroids[row] = None
+        self.indexes[row] = None
         self.trained_count[row] = self.trained_filled[row] = 0
 
     def rebuild(self, row: int) -> None:
@@ -184,7 +183,8 @@ class AdaptiveIndex(KNNIndex):
         return torch.cat(slots), torch.cat(scores)
 
     def _search_ivf(self, row: int, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        lists, centroids = self.indexes[row], self.centroids[row]
+        lists = self.indexes[row]
+        centroids = lists.centroids
         q = queries.detach().to("cpu", torch.float32).contiguous()
         probes = min(self.nprobe, centroids.shape[0])
         threads = max(self.threads, torch.get_num_threads())
@@ -197,12 +197,12 @@ class AdaptiveIndex(KNNIndex):
     # --- persistence ------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         meta = []
-        for row, centroids in enumerate(self.centroids):
-            if centroids is None or self._stale(row):  # stale: the loaded row is re-trained
+        for row, lists in enumerate(self.indexes):
+            if lists is None or self._stale(row):  # stale: the loaded row is re-trained
                 meta.append(None)
                 continue
             buffer = io.BytesIO()
-            np.save(buffer, centroids.numpy(), allow_pickle=False)
+            np.save(buffer, lists.centroids.numpy(), allow_pickle=False)
             atomic_write_bytes(directory / CENTROIDS_FILE.format(row=row), buffer.getvalue())
             meta.append({"count": self.trained_count[row], "filled": self.trained_filled[row]})
         (directory / META_FILE).write_text(json.dumps({"rows": meta}))
@@ -236,4 +236,3 @@ class AdaptiveIndex(KNNIndex):
 
     def close(self) -> None:
         self.indexes = [None] * self.store.rows
-        self.centroids = [None] * self.store.rows
