@@ -17,9 +17,11 @@ top-32 in a heap, and its rounded scores had to be re-scored exactly (2.5 ms mor
   once at the end with a bound from the maxima of interleaved groups (``top_of_row``, shared
   with :func:`probe_cells`): inserting into a sorted top-K as the scores came cost as much as
   the scores; a buffer of 2K candidates above a running threshold, cut back whenever full,
-  2 ms more than picking at the end.
+  2 ms more than picking at the end; a candidate's column follows from its place in the
+  scratch (the query's cells in increasing order), not stored beside it (that store cost 2.9
+  of 10.3 ms in the model).
 
-At 32K entries of the bench model (1,448 cells, 24 probes, K = 32): 7.2 ms against faiss's
+At 32K entries of the bench model (1,448 cells, 24 probes, K = 32): 6.9 ms against faiss's
 16 plus the re-scoring, the same neighbours (recall@32 0.969 against exact search,
 faiss's 0.968). Where the scan cannot be built (no compiler, not Linux) :meth:`CellLists.search`
 runs :func:`search_reference`, the same result in torch ops (slower; also what tests compare
