@@ -105,6 +105,18 @@ LONGRANGE_CLONES int64_t top_of_row(const float* row, int64_t n, int64_t k, floa
   return m;
 }
 
+// The buffers of top_of_row for each thread, for rows of up to `width` entries: made before a
+// parallel region, where a failed allocation would end the process instead of returning.
+struct RowBuffers {
+  RowBuffers(int threads, int64_t width)
+      : groups(width / kRuns + 1), span(width + 1), maxima(size_t(threads) * groups), found(size_t(threads) * span) {}
+  float* maxima_of(int t) { return maxima.data() + size_t(t) * groups; }
+  Candidate* found_of(int t) { return found.data() + size_t(t) * span; }
+  int64_t groups, span;
+  std::vector<float> maxima;
+  std::vector<Candidate> found;
+};
+
 }  // namespace
 
 // The columns of each row's k largest scores [rows][columns], best first: the probed cells of
@@ -113,15 +125,21 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
                                      int64_t* out, int threads) {
   if (k <= 0) return 0;
   if (k > columns) return 2;
+  threads = std::max(threads, 1);
+  try {
+    RowBuffers buffers(threads, columns);
 #pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> maxima(columns / kRuns + 1);
-    std::vector<Candidate> found(columns);
+    {
+      const int t = omp_get_thread_num();
+      Candidate* found = buffers.found_of(t);
 #pragma omp for
-    for (int64_t r = 0; r < rows; ++r) {
-      top_of_row(scores + r * columns, columns, k, maxima.data(), found.data());
-      for (int64_t j = 0; j < k; ++j) out[r * k + j] = found[j].index;
+      for (int64_t r = 0; r < rows; ++r) {
+        top_of_row(scores + r * columns, columns, k, buffers.maxima_of(t), found);
+        for (int64_t j = 0; j < k; ++j) out[r * k + j] = found[j].index;
+      }
     }
+  } catch (...) {
+    return 1;
   }
   return 0;
 }
@@ -146,6 +164,7 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
                                       int64_t* out_slots, float* out_scores, int threads) {
   const float none = -std::numeric_limits<float>::infinity();
   if (k <= 0) return 0;
+  threads = std::max(threads, 1);
   try {
     // the queries of every cell, cell by cell
     std::vector<int64_t> start(cells + 1, 0);
@@ -159,6 +178,8 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
     std::vector<int64_t> cursor(scratch_at, scratch_at + nq);
     int64_t widest = 0;
     for (int64_t qi = 0; qi < nq; ++qi) widest = std::max(widest, scratch_at[qi + 1] - scratch_at[qi]);
+    RowBuffers buffers(threads, widest);
+    std::vector<int64_t> orders(size_t(threads) * np);
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -177,19 +198,18 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
         }
       }
 #pragma omp barrier
-      std::vector<float> maxima(widest / kRuns + 1);
-      std::vector<Candidate> found(widest + 1);
-      std::vector<int64_t> order(np);
+      Candidate* found = buffers.found_of(t);
+      int64_t* order = orders.data() + size_t(t) * np;
 #pragma omp for
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t at = scratch_at[qi];
-        const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, maxima.data(), found.data());
+        const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, buffers.maxima_of(t), found);
         int64_t probed = 0;  // the query's cells in the order the scan filled its scratch
         for (int64_t p = 0; p < np; ++p) {
           const int64_t c = probes[qi * np + p];
           if (c >= 0 && c < cells) order[probed++] = c;
         }
-        std::sort(order.begin(), order.begin() + probed);
+        std::sort(order, order + probed);
         for (int64_t j = 0; j < k; ++j) {
           const bool real = j < m && found[j].score > none;
           int64_t column = -1;

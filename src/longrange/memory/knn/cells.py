@@ -108,7 +108,7 @@ def probe_cells(scores: Tensor, k: int, *, threads: int = 1) -> Tensor:
     out = torch.empty(n, k, dtype=torch.long)
     sizes = (ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(k))
     if lib.longrange_top_columns(_ptr(scores), *sizes, _ptr(out), ctypes.c_int(threads)) != 0:
-        raise ValueError(f"k must be in [1, {c}], got {k}")
+        raise MemoryError("the kNN cell choice could not allocate its buffers")
     return out
 
 
