@@ -166,6 +166,17 @@ def _scan_in_turn(x: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Te
     return out, torch.addcmul(x[:, :, -1], out[:, :, -1], decay[:, :, -1])
 
 
+def _scan_in_turn_backward(grads: Tensor, decay: Tensor, d_final: Tensor) -> tuple[Tensor, Tensor]:
+    """The adjoint of :func:`_scan_in_turn`, chunk after chunk backwards:
+    dX_{g-1} = grads_g + decay_g dX_g, from dX_{G-1} = d_final."""
+    g = grads.shape[2]
+    dx = torch.empty_like(grads)
+    dx[:, :, -1] = d_final
+    for j in range(g - 1, 0, -1):
+        torch.addcmul(grads[:, :, j], dx[:, :, j], decay[:, :, j], out=dx[:, :, j - 1])
+    return dx, torch.addcmul(grads[:, :, 0], dx[:, :, 0], decay[:, :, 0])
+
+
 def scan_sums_backward(
     grads: Tensor, c_ref: Tensor, c_end: Tensor, d_final: Tensor, block: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -174,12 +185,7 @@ def scan_sums_backward(
     c_end_last) d_final) and of ``initial``; chunk after chunk backwards where
     :func:`scan_sums` runs in turn (dX_{g-1} = grads_g + decay_g dX_g)."""
     if _in_turn(grads, d_final, block):
-        decay, g = _decay(c_ref, c_end), grads.shape[2]
-        dx = torch.empty_like(grads)
-        dx[:, :, -1] = d_final
-        for j in range(g - 1, 0, -1):
-            torch.addcmul(grads[:, :, j], dx[:, :, j], decay[:, :, j], out=dx[:, :, j - 1])
-        return dx, torch.addcmul(grads[:, :, 0], dx[:, :, 0], decay[:, :, 0])
+        return _scan_in_turn_backward(grads, _decay(c_ref, c_end), d_final)
     b, h, g, m, f = grads.shape
     size, blocks, pad, within, to_end, across, from_start, into = _scan_plan(c_ref, c_end, block)
     flat = grads.reshape(b, h, g, m * f)
