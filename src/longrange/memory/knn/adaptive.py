@@ -151,10 +151,9 @@ class AdaptiveIndex(KNNIndex):
         lists = self.indexes[row]
         if lists is None or self._stale(row):
             return  # the next search of the row (re)trains it from the store
-        capacity = self.store.capacity
-        if evicted.size:
-            lists.remove(torch.from_numpy(np.asarray(evicted, dtype=np.int64) % capacity))
-        slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % capacity)
+        # The lists hold slots: the evicted entries' slots are among those written now (the
+        # store is a ring), and an add replaces what its slots held.
+        slots = torch.from_numpy(np.asarray(ids, dtype=np.int64) % self.store.capacity)
         lists.add(slots, torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)))
 
     def reset(self, row: int) -> None:
