@@ -1,10 +1,11 @@
 """Small C++ helpers compiled on first use against the installed torch with the system's C++
 compiler, and kept in a per-user cache folder keyed by the sources, the torch version and the
 compiler: the CPU allocation cache (``cpu_cache/cache.cpp``), the denormal switch of
-:mod:`longrange.ops.numerics` (``ops/denormals.cpp``) and the kNN inverted file's scan
-(``memory/knn/cells.cpp``). Where a helper cannot be built (no
-compiler, not Linux) :func:`build_library` raises the caller's error saying why, and the
-caller keeps torch's own behaviour.
+:mod:`longrange.ops.numerics` (``ops/denormals.cpp``), the diagonal sums of the shared-head
+attention's bias gradient (``ops/shared_kv/diagonal.cpp``) and the kNN inverted file's scan
+(``memory/knn/cells.cpp``). Where a helper cannot be built (no compiler, not Linux)
+:func:`build_library` raises the caller's error saying why, and the caller keeps torch's own
+behaviour.
 """
 
 from __future__ import annotations

@@ -435,3 +435,37 @@ def test_gated_combine_is_checked_and_saved(tmp_path):
     assert loaded.config.knn_combine == "gate"
     tokens = _tokens(2, CHUNK, seed=41)
     assert_close(loaded.eval()(tokens), model(tokens), 1e-6)
+
+
+@pytest.mark.parametrize("xl", [0, 8], ids=["chunk-keys", "xl-window"])
+def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, xl):
+    """The attention through ops/shared_kv (the default: no key padding, no attention dropout)
+    gives the logits and every parameter gradient of the layers' own score-matrix path, over
+    chunks that retrieve from a filled memory."""
+    from longrange.models.memorizing.layers import Attention
+
+    torch.manual_seed(7)
+    model = _model(xl_max_memories=xl).double().train()
+    tokens = _tokens(2, 4 * CHUNK, seed=50)
+
+    def run(by_op):
+        if not by_op:
+            monkeypatch.setattr(Attention, "by_op", lambda self, key_valid: False)
+        model.zero_grad(set_to_none=True)
+        state, logits = model.init_state(2), []
+        for i in range(0, tokens.shape[1], CHUNK):
+            out = model.forward_lm(tokens[:, i : i + CHUNK], state=state)
+            out.logits.pow(2).mean().backward()
+            logits.append(out.logits.detach())
+            state = model.detach_state(out.state)
+        state.close()
+        monkeypatch.undo()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.cat(logits, 1), grads
+
+    fast_logits, fast_grads = run(True)
+    own_logits, own_grads = run(False)
+    assert_close(fast_logits, own_logits, 1e-10)
+    assert fast_grads.keys() == own_grads.keys() and any("rel_pos" in name for name in own_grads)
+    for name, grad in own_grads.items():
+        assert_close(fast_grads[name], grad, 1e-9, name=name)

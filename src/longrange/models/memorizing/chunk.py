@@ -50,9 +50,10 @@ from longrange.memory.knn import compiled as knn_ops
 from longrange.memory.knn.retrieval import Retrieved
 from longrange.memory.xl import XLMemory, cat_masks, hide_rows
 from longrange.models.flow import Piece, SegmentedLM, layer_entry
-from longrange.models.memorizing.layers import Attention, relative_bias
+from longrange.models.memorizing.layers import Attention, relative_bias_values
 from longrange.models.state import State
 from longrange.modules.shift import shift_tokens
+from longrange.ops.dense.bias import ToeplitzBias
 
 LONG_MIN = torch.iinfo(torch.long).min
 
@@ -176,7 +177,8 @@ def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) ->
         m = keys.shape[1]
         if (attn.knn, m) not in biases:  # shared by the layers of a kind: built once per piece
             table = model.knn_rel_pos if attn.knn else model.rel_pos
-            biases[(attn.knn, m)] = relative_bias(table, n, m, causal=True)
+            per_distance = relative_bias_values(table, n, m, causal=True)
+            biases[(attn.knn, m)] = ToeplitzBias(per_distance, n, m, causal=True)
         if attn.knn:
             j = model.knn_source[i]
             found = retrieved(attn, knn[j] if j < len(knn) else None, q, after_start)

@@ -19,16 +19,17 @@ from longrange.memory.knn.retrieval import Retrieved, memory_scores, memory_valu
 from longrange.models.memorizing.config import MemorizingConfig
 from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
-from longrange.ops.dense.bias import toeplitz
+from longrange.ops.dense.bias import ToeplitzBias, toeplitz
+from longrange.ops.shared_kv import shared_kv_attention
+
+Bias = Tensor | ToeplitzBias  # [H, N, M]
 
 
-def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
-    """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
-    distinct distances: one small table lookup, then a Toeplitz matrix
-    (:func:`~longrange.ops.dense.bias.toeplitz`), so the backward pass sums diagonals instead
-    of scattering n * m gradients into the table. With ``causal`` the
-    future gets the most negative finite value (:func:`causal_bias`), set on the n + m - 1
-    distances before the view, not on the n x m bias."""
+def relative_bias_values(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
+    """The n + m - 1 distinct values [H, n + m - 1] of ``module(n, m)`` (queries the last n
+    of m positions), value t for the key t - (m - 1) positions after its query: one small
+    table lookup. With ``causal`` the future gets the most negative finite value
+    (:func:`causal_bias`), set on the values, not on the n x m bias."""
     weight = module.relative_attention_bias.weight
     relative = torch.arange(n + m - 1, device=weight.device) - (m - 1)  # key minus query position
     ids = t5_relative_position_bucket(
@@ -37,8 +38,16 @@ def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: boo
     per_distance = (module.relative_attention_bias(ids) * module.scale).t()  # [H, n + m - 1]
     if causal:
         per_distance = per_distance.masked_fill(relative > 0, -torch.finfo(per_distance.dtype).max)
-    # Row i of the bias reads distances n-1-i .. n-1-i+m-1 of the table.
-    return toeplitz(per_distance, n, m)
+    return per_distance
+
+
+def relative_bias(module: T5RelativePositionBias, n: int, m: int, *, causal: bool = False) -> Tensor:
+    """``module(n, m)`` ([H, n, m], queries the last n of m positions) built from its n + m - 1
+    distinct values (:func:`relative_bias_values`) as a Toeplitz matrix
+    (:func:`~longrange.ops.dense.bias.toeplitz`), so the backward pass sums diagonals instead
+    of scattering n * m gradients into the table."""
+    # Row i of the bias reads values n-1-i .. n-1-i+m-1.
+    return toeplitz(relative_bias_values(module, n, m, causal=causal), n, m)
 
 
 def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch.float32) -> Tensor:
@@ -104,15 +113,25 @@ class Attention(nn.Module):
         k, v = self.to_kv(x).chunk(2, dim=-1)
         return k, v
 
-    def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Tensor) -> Tensor:
-        return _mask_keys(shared_kv_scores(q * self.dim_head**-0.5, keys, bias), key_valid)
+    def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Bias) -> Tensor:
+        return _mask_keys(shared_kv_scores(q * self.dim_head**-0.5, keys, _dense(bias)), key_valid)
 
-    def attend(
-        self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Tensor
-    ) -> Tensor:
+    def by_op(self, key_valid: Tensor | None) -> bool:
+        """Whether attention runs as :func:`~longrange.ops.shared_kv.shared_kv_attention`
+        (which picks its backend): no key padding and no attention dropout to apply."""
+        return key_valid is None and not (self.training and self.attn_drop.p > 0)
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Bias) -> Tensor:
+        if self.by_op(key_valid):
+            out, _ = shared_kv_attention(q, keys, values, bias, scale=self.dim_head**-0.5)
+            return self.to_out(out.flatten(2))
         attn = self.attn_drop(self.logits(q, keys, key_valid, bias).softmax(dim=-1))
         out = shared_kv_output(attn, values)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _dense(bias: Bias) -> Tensor:
+    return bias.dense() if isinstance(bias, ToeplitzBias) else bias
 
 
 def _mask_keys(sim: Tensor, key_valid: Tensor | None) -> Tensor:
@@ -169,10 +188,41 @@ class KNNAttention(Attention):
         keys: Tensor,
         values: Tensor,
         key_valid: Tensor | None,
-        bias: Tensor,
+        bias: Bias,
         retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
+        if self.by_op(key_valid) and self.memory_gate is None:
+            out = self._attend_by_op(q, keys, values, bias, retrieved, scale)
+        else:
+            out = self._attend(q, keys, values, key_valid, _dense(bias), retrieved, scale)
+        out = self.to_out(out.flatten(2))
+        if self.output_gate is not None:
+            out = out * self.output_gate.tanh()
+        return out
+
+    def _attend_by_op(
+        self, q: Tensor, keys: Tensor, values: Tensor, bias: Bias, retrieved: Retrieved | None, scale: Tensor
+    ) -> Tensor:
+        """One softmax over the retrieved pairs and the keys -> [B, N, H, D]."""
+        if retrieved is None:
+            return shared_kv_attention(q * scale, keys, values, bias)[0]
+        sim_mem = memory_scores(q, retrieved) * scale  # the search scored the unscaled q
+        sim_mem = sim_mem.masked_fill(~retrieved.found, -torch.finfo(sim_mem.dtype).max)
+        out, weights = shared_kv_attention(q * scale, keys, values, bias, memory_logits=sim_mem)
+        return out + memory_values(weights.transpose(1, 2), retrieved).transpose(1, 2)
+
+    def _attend(
+        self,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        key_valid: Tensor | None,
+        bias: Tensor,
+        retrieved: Retrieved | None,
+        scale: Tensor,
+    ) -> Tensor:
+        """With key padding, attention dropout or the memory gate -> [B, N, H, D]."""
         sim = _mask_keys(shared_kv_scores(q * scale, keys, bias), key_valid)
         if retrieved is None:
             attn = self.attn_drop(sim.softmax(dim=-1))
@@ -194,10 +244,7 @@ class KNNAttention(Attention):
                 # a query that found no memory keeps its local attention whole
                 gate = self.memory_gate.sigmoid() * found.any(dim=-1, keepdim=True)
                 out = local + gate.to(local.dtype) * (remote - local)
-        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
-        if self.output_gate is not None:
-            out = out * self.output_gate.tanh()
-        return out
+        return out.transpose(1, 2)
 
     def forward(
         self,

@@ -57,3 +57,39 @@ def toeplitz(values: Tensor, n: int, m: int) -> Tensor:
     backward that sums the gradient's diagonals in one strided pass."""
     _check(values, n, m)
     return _Toeplitz.apply(values, n, m)
+
+
+class ToeplitzBias:
+    """An additive bias [H, N, M] whose entry (i, j) is ``values[h, j - i + N - 1]``: a
+    relative-position bias given by its N + M - 1 values per head (``values`` [H, N + M - 1],
+    differentiable). With ``causal`` the values of every key after its query (queries the
+    last N of M positions: j - i > M - N) are the most negative finite number, so attention
+    may skip those keys (``ops/shared_kv``).
+
+    ``dense()`` is the matrix [H, N, M] (:func:`toeplitz`, with its gradient to the values);
+    ``rows()`` the same entries laid out [N, H, M], detached, for kernels that read query
+    positions as rows. Each is built once per object.
+    """
+
+    def __init__(self, values: Tensor, n: int, m: int, *, causal: bool = False) -> None:
+        _check(values, n, m)
+        if values.dim() != 2:
+            raise ValueError(f"values must be [H, n + m - 1], got {list(values.shape)}")
+        self.values, self.n, self.m, self.causal = values, n, m, causal
+        self._dense: Tensor | None = None
+        self._rows: Tensor | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.values.shape[0]
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            self._dense = toeplitz(self.values, self.n, self.m)
+        return self._dense
+
+    def rows(self) -> Tensor:
+        if self._rows is None:
+            view = self.values.detach().unfold(-1, self.m, 1).flip(-2)  # [H, N, M]
+            self._rows = view.permute(1, 0, 2).contiguous()
+        return self._rows

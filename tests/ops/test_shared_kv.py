@@ -1,0 +1,225 @@
+"""ops/shared_kv: attention of many query heads against one shared key/value head with a
+Toeplitz bias. The blocked form (blocks of query positions as GEMM rows, keys a causal bias
+hides skipped, extra logits in the same softmax) equals the full score matrix, forward and
+every gradient (the bias values' included); its diagonal sums (compiled and torch) equal a
+plain loop; bad input is refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrange.ops.dense.bias import ToeplitzBias
+from longrange.ops.shared_kv import diagonal as diagonal_module
+from longrange.ops.shared_kv import (
+    diagonal_sums,
+    diagonal_sums_torch,
+    shared_kv_attention,
+    shared_kv_attention_blocked,
+    shared_kv_attention_naive,
+)
+from longrange.testing import assert_close, assert_same_forward_backward
+
+
+def _inputs(b, h, n, m, d, k, causal, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=gen, dtype=dtype).transpose(1, 2)  # as the projection splits it
+    keys, values = (torch.randn(b, m, d, generator=gen, dtype=dtype) for _ in range(2))
+    table = torch.randn(h, n + m - 1, generator=gen, dtype=dtype)
+    if causal:  # the key minus the query position above m - n: the future
+        future = torch.arange(n + m - 1) > m - 1
+        table = table.masked_fill(future, -torch.finfo(dtype).max)
+    memory = torch.randn(b, h, n, k, generator=gen, dtype=dtype) if k else None
+    return q, keys, values, table, memory
+
+
+def _joined(fn, n, m, causal, **keywords):
+    """fn's outputs as one tensor (the output, then the memory weights)."""
+
+    def run(q, keys, values, table, memory=None):
+        out, weights = fn(
+            q, keys, values, ToeplitzBias(table, n, m, causal=causal), memory_logits=memory, **keywords
+        )
+        return out if weights is None else torch.cat([out, weights], dim=-1)
+
+    return run
+
+
+CASES = {
+    "chunk": (1, 4, 64, 64, 16, 0, True),
+    "xl-keys-memory": (2, 3, 63, 100, 8, 5, True),
+    "one-query": (1, 2, 1, 40, 8, 3, True),
+    "not-causal": (2, 2, 50, 50, 8, 0, False),
+    "one-head": (1, 1, 37, 37, 8, 4, True),
+    "more-queries-than-a-block": (1, 2, 45, 45, 4, 2, True),
+}
+
+
+@pytest.mark.parametrize("block_rows", [8, 30, 4096], ids=["small-blocks", "odd-blocks", "one-block"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_blocked_equals_naive(case, block_rows):
+    _, _, n, m, _, _, causal = case
+    inputs = [t for t in _inputs(*case) if t is not None]
+
+    def blocked(q, keys, values, table, memory=None):
+        out, weights = shared_kv_attention_blocked(
+            q,
+            keys,
+            values,
+            table,
+            ToeplitzBias(table, n, m).rows(),
+            scale=0.3,
+            causal=causal,
+            memory_logits=memory,
+            block_rows=block_rows,
+        )
+        return out if weights is None else torch.cat([out, weights], dim=-1)
+
+    naive = _joined(shared_kv_attention_naive, n, m, causal, scale=0.3)
+    assert_same_forward_backward(blocked, naive, inputs)
+
+
+@pytest.mark.parametrize("k", [0, 32], ids=["local", "with-memory"])
+def test_auto_float32_at_the_chunk_size(k):
+    """The size the Memorizing Transformer runs (4 heads, 512 tokens), float32: the compiled
+    diagonal sums give the bias gradient."""
+    inputs = [t for t in _inputs(1, 4, 512, 512, 64, k, True, dtype=torch.float32) if t is not None]
+    fast = _joined(shared_kv_attention, 512, 512, True, scale=0.125)
+    naive = _joined(shared_kv_attention_naive, 512, 512, True, scale=0.125)
+    assert_same_forward_backward(fast, naive, inputs)
+
+
+def test_unused_memory_weights_and_inputs_without_gradients():
+    q, keys, values, table, memory = _inputs(2, 3, 20, 30, 8, 4, True)
+    q.requires_grad_()
+    memory.requires_grad_()
+    bias = ToeplitzBias(table, 20, 30, causal=True)
+    grad = torch.randn(2, 20, 3, 8, dtype=torch.float64)
+    for backend in ("blocked", "naive"):
+        out, _ = shared_kv_attention(q, keys, values, bias, memory_logits=memory, backend=backend)
+        got = torch.autograd.grad(out, (q, memory), grad)
+        if backend == "blocked":
+            fast = got
+    assert_close(fast[0], got[0], name="q")
+    assert_close(fast[1], got[1], name="memory")
+
+
+def test_causal_bias_hides_later_keys():
+    """The keys after a block of queries are skipped, not weighted by zero: NaN values there
+    (blocks of 5 positions at 2 heads; poisoned from position 10 on) leave the first two
+    blocks' outputs exactly as they were."""
+    q, keys, values, table, memory = _inputs(1, 2, 24, 24, 8, 3, True)
+    bias = ToeplitzBias(table, 24, 24, causal=True)
+    out, _ = shared_kv_attention_blocked(
+        q, keys, values, table, bias.rows(), causal=True, memory_logits=memory, block_rows=10
+    )
+    keys2, values2 = keys.clone(), values.clone()
+    keys2[:, 10:] = 1e3
+    values2[:, 10:] = float("nan")
+    out2, _ = shared_kv_attention_blocked(
+        q, keys2, values2, table, bias.rows(), causal=True, memory_logits=memory, block_rows=10
+    )
+    assert torch.equal(out[:, :10], out2[:, :10]) and out2[:, 10:].isnan().any()
+
+
+def test_autocast_bfloat16_matches_naive():
+    q, keys, values, table, memory = _inputs(1, 4, 64, 64, 16, 8, True, dtype=torch.float32)
+    bias = ToeplitzBias(table, 64, 64, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, fast_w = shared_kv_attention(q, keys, values, bias, memory_logits=memory)
+        naive, naive_w = shared_kv_attention(q, keys, values, bias, memory_logits=memory, backend="naive")
+    assert fast.dtype == torch.bfloat16 and torch.isfinite(fast).all()
+    assert_close(fast.float(), naive.float(), 2e-2)
+    assert_close(fast_w.float(), naive_w.float(), 2e-2)
+
+
+def _diagonal_loop(grad, heads, first, n, out):
+    p = grad.shape[0] // heads
+    for i in range(p):
+        for h in range(heads):
+            for j in range(grad.shape[1]):
+                out[h, j - (first + i) + n - 1] += grad[i * heads + h, j]
+
+
+@pytest.mark.parametrize(
+    "p,heads,e,first,n", [(5, 3, 9, 2, 12), (1, 1, 1, 0, 1), (8, 4, 17, 0, 8), (3, 2, 40, 7, 10)]
+)
+def test_diagonal_sums_equal_a_loop(p, heads, e, first, n):
+    gen = torch.Generator().manual_seed(p * e)
+    wide = torch.randn(p * heads, e + 3, generator=gen)
+    grad = wide[:, 3:]  # a row stride wider than the row
+    length = n + max(e, n - first) + 2
+    want = torch.randn(heads, length, generator=gen, dtype=torch.float64)
+    compiled, plain = want.float().clone(), want.float().clone()
+    _diagonal_loop(grad.double(), heads, first, n, want)
+    diagonal_sums(grad, heads, first, n, compiled)
+    diagonal_sums_torch(grad, heads, first, n, plain)
+    assert_close(compiled, want.float(), 1e-6, name="compiled")
+    assert_close(plain, want.float(), 1e-6, name="torch")
+    assert diagonal_module.compiled_available() or diagonal_module._unavailable  # a failed build says why
+
+
+def test_diagonal_sums_refuse_a_block_that_does_not_fit():
+    with pytest.raises(ValueError, match="does not fit n=4"):
+        diagonal_sums(torch.zeros(6, 3), 2, 2, 4, torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"q": torch.zeros(2, 5, 4)}, r"q must be \[B, H, N, D\]"),
+        ({"keys": torch.zeros(1, 7, 3)}, r"keys must be \[B=1, M, D=4\]"),
+        ({"values": torch.zeros(1, 6, 4)}, "keys and values must have the same M"),
+        ({"bias": torch.zeros(2, 5, 8)}, r"bias must be \[H=2 or 1, N=5, M=7\]"),
+        ({"memory_logits": torch.zeros(1, 2, 4, 3)}, r"memory_logits must be \[B=1, H=2, N=5, K\]"),
+        ({"backend": "flash"}, "backend must be one of"),
+        (
+            {"backend": "blocked", "bias": torch.zeros(2, 5, 7)},
+            "backend='blocked' needs the bias as a ToeplitzBias",
+        ),
+    ],
+    ids=["q", "keys", "values", "bias", "memory", "backend", "blocked-dense"],
+)
+def test_bad_input_is_refused(change, match):
+    args = {
+        "q": torch.zeros(1, 2, 5, 4),
+        "keys": torch.zeros(1, 7, 4),
+        "values": torch.zeros(1, 7, 4),
+        "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
+        "memory_logits": None,
+        "backend": "auto",
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        shared_kv_attention(
+            args["q"],
+            args["keys"],
+            args["values"],
+            args["bias"],
+            memory_logits=args["memory_logits"],
+            backend=args["backend"],
+        )
+
+
+def test_toeplitz_bias_rows_and_dense_agree():
+    values = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    bias = ToeplitzBias(values, 4, 6, causal=True)
+    assert bias.dense() is bias.dense() and bias.rows() is bias.rows()  # built once
+    assert torch.equal(bias.rows(), bias.dense().detach().permute(1, 0, 2))
+    assert not bias.rows().requires_grad and bias.dense().requires_grad
+    with pytest.raises(ValueError, match=r"values must be \[H, n \+ m - 1\]"):
+        ToeplitzBias(torch.zeros(9), 4, 6)
+
+
+def test_diagonal_sums_that_cannot_be_built_say_why_once_and_torch_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(diagonal_module, "_library", None)
+    monkeypatch.setattr(diagonal_module, "_unavailable", None)
+    grad = torch.randn(6, 5)
+    want, got = torch.zeros(2, 9), torch.zeros(2, 9)
+    with pytest.warns(RuntimeWarning, match="compiled diagonal sums are unavailable .*compiler"):
+        diagonal_sums(grad, 2, 0, 3, got)
+    assert not diagonal_module.compiled_available() and "compiler" in diagonal_module._unavailable
+    _diagonal_loop(grad, 2, 0, 3, want)
+    assert_close(got, want, 1e-6)
