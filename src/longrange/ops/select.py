@@ -12,8 +12,11 @@ import torch
 from torch import Tensor
 
 # rows at least this wide take :func:`argmax_last`'s grouped path, in groups of ARGMAX_GROUP
-# entries (ARGMAX_WIDE_GROUP from ARGMAX_WIDE on: 0.83 against 0.98 ms for [1024, 2048])
-ARGMAX_GROUPED_FROM = 256
+# entries (ARGMAX_WIDE_GROUP from ARGMAX_WIDE on: 0.83 against 0.98 ms for [1024, 2048]);
+# narrower rows take max's indices, faster below 2048 columns: [512, 1448] (the kNN cells of
+# a chunk's keys) 0.22 against 0.47 ms, [4, 4096, 256] 1.7 against 2.7 ms; at [1024, 2048]
+# the grouped path 0.52 against 0.58, at [1024, 3072] 0.63 against 0.85 ms
+ARGMAX_GROUPED_FROM = 2048
 ARGMAX_GROUP = 32
 ARGMAX_WIDE = 1024
 ARGMAX_WIDE_GROUP = 64
@@ -21,19 +24,20 @@ ARGMAX_WIDE_GROUP = 64
 
 def argmax_last(x: Tensor) -> Tensor:
     """``x.argmax(dim=-1)``, the same indices (the first of equal maxima, NaN counting as the
-    largest), faster for the wide rows of many clusters on CPU, where torch's argmax over the
-    last dimension runs about 10x slower than its amax (4.9 against 0.5 ms for [4, 4096, 256]
-    on this project's CPU): the maximum of each group of entries, the first group holding the
-    row's maximum, then the first index of it inside that group. Every earlier group's
-    maximum is smaller, so the index is argmax's. Columns past the last whole group are a
-    tail of their own, which wins only with a larger maximum (or the row's only NaN).
-    1.8 against 3.8 ms for [2, 4096, 512]."""
+    largest), faster on CPU, where torch's argmax over the last dimension runs 2-3x slower
+    than its max (which also returns indices, argmax's): rows narrower than
+    ARGMAX_GROUPED_FROM take max's indices; wider rows (many clusters or cells) the maximum of
+    each group of entries, the first group holding the row's maximum, then the first index of
+    it inside that group. Every earlier group's maximum is smaller, so the index is argmax's.
+    Columns past the last whole group are a tail of their own, which wins only with a larger
+    maximum (or the row's only NaN). [1024, 3072]: 0.63 ms against max's 0.85 and argmax's
+    2.2."""
     width = x.shape[-1]
     if x.device.type != "cpu":
         return x.argmax(dim=-1)
     if width < ARGMAX_GROUPED_FROM:
-        # max's indices are argmax's (the first maximum, NaN the largest), and torch's CPU
-        # kernel for them runs faster: 8.4 against 12.1 ms for [1, 4, 16384, 128]
+        # max's indices are argmax's (the first maximum, NaN the largest): 4.4 against 8.9 ms
+        # for [1, 4, 16384, 128]
         return x.max(dim=-1).indices
     size = ARGMAX_WIDE_GROUP if width >= ARGMAX_WIDE else ARGMAX_GROUP
     whole = width - width % size
