@@ -434,6 +434,20 @@ def test_auto_index_search_across_threads_equals_the_single_thread_search(tmp_pa
     memory.close()
 
 
+def test_auto_index_chooses_the_same_cells_in_any_blocks_of_queries(tmp_path, monkeypatch):
+    from longrange.memory.knn import adaptive
+
+    memory = _memory(tmp_path, "faiss", "auto", {"exact_limit": 64, "nprobe": 4}, max_memories=4096, rows=1)
+    memory.add(_pairs(_keys(3000, rows=1)))
+    queries = _keys(300, rows=1, seed=6)
+    whole = memory.search(queries, 8)
+    monkeypatch.setattr(adaptive, "PROBE_QUERIES", 7)  # 43 blocks, the last of 6
+    blocks = memory.search(queries, 8)
+    for got, want in zip(blocks, whole, strict=True):
+        assert torch.equal(got, want)
+    memory.close()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "wrong width"])
 def test_auto_index_with_damaged_centroids_retrains_from_the_store(tmp_path, damage):
     """A row's saved centroids that cannot be read (cut short, gone, or for another key width)

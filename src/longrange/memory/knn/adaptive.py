@@ -68,6 +68,10 @@ from longrange.memory.knn.store import MemmapStore
 # A cell holds at least this many keys on average: with few keys per cell, nprobe cells hold
 # too few candidates for a top-32 while the memory is small.
 MIN_CELL_KEYS = 16
+# queries whose cells are chosen at once: 2,048 queries against 1,448 cells took 5.0 ms as one
+# [2048, 1448] score matrix, 4.4 ms in blocks of 256 (1.5 MB, cached between the product and
+# the choice)
+PROBE_QUERIES = 256
 META_FILE = "knn.index.auto.json"
 CENTROIDS_FILE = "knn.index.row{row}.centroids.npy"
 
@@ -187,8 +191,14 @@ class AdaptiveIndex(KNNIndex):
         q = queries.detach().to("cpu", torch.float32).contiguous()
         probes = min(self.nprobe, centroids.shape[0])
         threads = max(self.threads, torch.get_num_threads())
-        # The probed cells in any order (the scan reads them cell by cell).
-        cells = probe_cells(q @ centroids.T, probes, threads=threads)
+        # The probed cells in any order (the scan reads them cell by cell), chosen for
+        # PROBE_QUERIES queries at a time: their centroid scores stay in cache for the choice.
+        cells = torch.empty(q.shape[0], probes, dtype=torch.long)
+        scores = q.new_empty(min(PROBE_QUERIES, q.shape[0]), centroids.shape[0])
+        for start in range(0, q.shape[0], PROBE_QUERIES):
+            part = q[start : start + PROBE_QUERIES]
+            part_scores = torch.mm(part, centroids.T, out=scores[: part.shape[0]])
+            cells[start : start + part.shape[0]] = probe_cells(part_scores, probes, threads=threads)
         slots, scores = lists.search(q, cells, k, threads=threads)
         device = queries.device
         return slots[None].to(device), scores[None].to(device)
