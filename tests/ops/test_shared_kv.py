@@ -223,3 +223,20 @@ def test_diagonal_sums_that_cannot_be_built_say_why_once_and_torch_answers(tmp_p
     assert not diagonal_module.compiled_available() and "compiler" in diagonal_module._unavailable
     _diagonal_loop(grad, 2, 0, 3, want)
     assert_close(got, want, 1e-6)
+
+
+def test_auto_takes_the_blocked_form_from_blocked_from_queries(monkeypatch):
+    import longrange.ops.shared_kv as shared_kv
+
+    calls = []
+    blocked = shared_kv.shared_kv_attention_blocked
+    monkeypatch.setattr(
+        shared_kv, "shared_kv_attention_blocked", lambda *a, **k: calls.append(1) or blocked(*a, **k)
+    )
+    for n in (shared_kv.BLOCKED_FROM - 1, shared_kv.BLOCKED_FROM):
+        q, keys, values, table, _ = _inputs(1, 2, n, n + 4, 8, 0, True)
+        shared_kv_attention(q, keys, values, ToeplitzBias(table, n, n + 4, causal=True))
+    assert calls == [1]  # only the second call
+    dense = ToeplitzBias(table, n, n + 4, causal=True).dense()  # a plain tensor bias: naive
+    shared_kv_attention(q, keys, values, dense)
+    assert calls == [1]
