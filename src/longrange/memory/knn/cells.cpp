@@ -154,8 +154,10 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
 // and -inf past the candidates found).
 //
 // Cell-major: every cell's blocks are read once for all the queries that probe it (they stay
-// in L1), the queries split between the threads by index (no two threads write one query's
-// candidates); each query's scores go to its part of the scratch, then one selection per query
+// in L1), the queries split between the threads in contiguous ranges (no two threads write
+// one query's candidates, nor, but at a range's edge, one cache line of the cursors: split by
+// parity, the two threads' writes to interleaved cursors made them wait on each other's cache
+// lines: 7.5 -> 6.8 ms for 2,048 queries at 32K entries); each query's scores go to its part of the scratch, then one selection per query
 // (top_of_row) picks its best k.
 extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, const int64_t* first,
                                       const int64_t* used, int64_t cells, const float* queries,
@@ -180,13 +182,16 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
     for (int64_t qi = 0; qi < nq; ++qi) widest = std::max(widest, scratch_at[qi + 1] - scratch_at[qi]);
     RowBuffers buffers(threads, widest);
     std::vector<int64_t> orders(size_t(threads) * np);
+    const int64_t most_blocks = widest / 16 + 1;
+    std::vector<int64_t> block_maps(size_t(threads) * most_blocks);
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t mine = nq * t / nt, theirs = nq * (t + 1) / nt;  // this thread's queries
       for (int64_t c = 0; c < cells; ++c) {
         for (int64_t j = start[c]; j < start[c + 1]; ++j) {
           const int64_t qi = members[j];
-          if (qi % nt != t) continue;
+          if (qi < mine || qi >= theirs) continue;
           const float* q = queries + qi * dim;
           int64_t at = cursor[qi];
           for (int64_t b = first[c]; b < first[c] + used[c]; ++b, at += 16) {
@@ -200,6 +205,7 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
 #pragma omp barrier
       Candidate* found = buffers.found_of(t);
       int64_t* order = orders.data() + size_t(t) * np;
+      int64_t* block_map = block_maps.data() + size_t(t) * most_blocks;
 #pragma omp for
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t at = scratch_at[qi];
@@ -210,17 +216,15 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
           if (c >= 0 && c < cells) order[probed++] = c;
         }
         std::sort(order, order + probed);
+        // block b of the query's scratch is block block_map[b] of the layout (looked up, not
+        // found by walking the cells for each of the k best: 6.8 -> 5.9 ms at 32K entries)
+        int64_t mapped = 0;
+        for (int64_t p = 0; p < probed; ++p)
+          for (int64_t b = first[order[p]]; b < first[order[p]] + used[order[p]]; ++b) block_map[mapped++] = b;
         for (int64_t j = 0; j < k; ++j) {
           const bool real = j < m && found[j].score > none;
-          int64_t column = -1;
-          for (int64_t p = 0, position = real ? found[j].index : -1; position >= 0 && p < probed; ++p) {
-            const int64_t width = used[order[p]] * 16;
-            if (position < width) {
-              column = first[order[p]] * 16 + position;
-              break;
-            }
-            position -= width;
-          }
+          const int64_t position = real ? found[j].index : -1;
+          const int64_t column = position >= 0 && position / 16 < mapped ? block_map[position / 16] * 16 + position % 16 : -1;
           out_scores[qi * k + j] = real ? found[j].score : none;
           out_slots[qi * k + j] = column >= 0 ? slots[column] : -1;
         }
