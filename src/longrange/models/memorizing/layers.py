@@ -82,7 +82,10 @@ class Attention(nn.Module):
     ``project(x [B, N, C])`` -> q [B, H, N, D], k [B, N, D], v [B, N, D];
     ``attend(q, keys [B, M, D], values [B, M, D], key_valid [B, M] | None, bias)`` -> [B, N, C]
     with ``bias`` [H, N, M] the relative bias with the causal mask folded in
-    (:func:`causal_bias`). The shared head makes each product one GEMM over all heads.
+    (:func:`causal_bias`), a tensor or a :class:`~longrange.ops.dense.bias.ToeplitzBias` (its
+    values, as the model passes it). The shared head makes each product one GEMM over all
+    heads; without key padding or attention dropout the op ``ops/shared_kv`` runs it (in blocks
+    of query positions where it can), else the score matrix here.
     """
 
     knn = False
