@@ -17,7 +17,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -117,3 +118,38 @@ def load_library(path: Path, error: type[NativeUnavailable] = NativeUnavailable)
         return ctypes.CDLL(str(path))
     except OSError as err:
         raise error(f"cannot load the built library: {err}") from None
+
+
+class OptionalLibrary:
+    """A helper that has a torch fallback: built and loaded on first :meth:`load`, which
+    returns None instead where it cannot be (``unavailable`` then says why, and one
+    RuntimeWarning said it: "``missing`` (why); ``instead``"). ``setup`` declares the loaded
+    library's functions."""
+
+    def __init__(
+        self,
+        name: str,
+        sources: Sequence[Path],
+        *,
+        missing: str,
+        instead: str,
+        setup: Callable[[ctypes.CDLL], None],
+        openmp: bool = False,
+    ) -> None:
+        self.name, self.sources, self.openmp = name, list(sources), openmp
+        self.missing, self.instead, self.setup = missing, instead, setup
+        self.library: ctypes.CDLL | None = None
+        self.unavailable: str | None = None
+
+    def load(self) -> ctypes.CDLL | None:
+        if self.library is None and self.unavailable is None:
+            try:
+                library = load_library(build_library(self.name, self.sources, openmp=self.openmp))
+            except NativeUnavailable as err:
+                self.unavailable = str(err)
+                # stacklevel: past load, the module's own loader and the function that needs it
+                warnings.warn(f"{self.missing} ({err}); {self.instead}", RuntimeWarning, stacklevel=4)
+                return None
+            self.setup(library)
+            self.library = library
+        return self.library

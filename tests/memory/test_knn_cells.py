@@ -53,7 +53,7 @@ def _same(got, want):
 def test_scan_equals_the_reference_and_the_oracle(dim, threads):
     """Both the compiled scan (when it builds here) and the torch reference find each query's
     best keys among its probed cells; dim 10 takes the scan's remainder loop."""
-    assert scan_available() or cells_module._unavailable  # a build failure says why
+    assert scan_available() or cells_module.LIBRARY.unavailable  # a build failure says why
     lists, held = _lists(700, dim, 24, 1024, seed=dim)
     queries = _unit(90, dim, seed=7)
     probes = _probes(queries, lists.centroids, 5)
@@ -159,9 +159,9 @@ def test_a_scan_that_cannot_be_built_says_why_once_and_the_reference_answers(tmp
     probes = _probes(queries, lists.centroids, 2)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cells_module, "_library", None)
-    monkeypatch.setattr(cells_module, "_unavailable", None)
+    monkeypatch.setattr(cells_module.LIBRARY, "library", None)
+    monkeypatch.setattr(cells_module.LIBRARY, "unavailable", None)
     with pytest.warns(RuntimeWarning, match="compiled scan is unavailable .*compiler"):
         got = lists.search(queries, probes, 5)
-    assert not scan_available() and "compiler" in cells_module._unavailable
+    assert not scan_available() and "compiler" in cells_module.LIBRARY.unavailable
     _same(got, _oracle(held, lists.centroids, queries, probes, 5))

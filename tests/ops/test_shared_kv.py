@@ -156,7 +156,9 @@ def test_diagonal_sums_equal_a_loop(p, heads, e, first, n):
     diagonal_sums_torch(grad, heads, first, n, plain)
     assert_close(compiled, want.float(), 1e-6, name="compiled")
     assert_close(plain, want.float(), 1e-6, name="torch")
-    assert diagonal_module.compiled_available() or diagonal_module._unavailable  # a failed build says why
+    assert (
+        diagonal_module.compiled_available() or diagonal_module.LIBRARY.unavailable
+    )  # a failed build says why
 
 
 def test_diagonal_sums_refuse_a_block_that_does_not_fit():
@@ -214,13 +216,13 @@ def test_toeplitz_bias_rows_and_dense_agree():
 def test_diagonal_sums_that_cannot_be_built_say_why_once_and_torch_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LONGRANGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(diagonal_module, "_library", None)
-    monkeypatch.setattr(diagonal_module, "_unavailable", None)
+    monkeypatch.setattr(diagonal_module.LIBRARY, "library", None)
+    monkeypatch.setattr(diagonal_module.LIBRARY, "unavailable", None)
     grad = torch.randn(6, 5)
     want, got = torch.zeros(2, 9), torch.zeros(2, 9)
     with pytest.warns(RuntimeWarning, match="compiled diagonal sums are unavailable .*compiler"):
         diagonal_sums(grad, 2, 0, 3, got)
-    assert not diagonal_module.compiled_available() and "compiler" in diagonal_module._unavailable
+    assert not diagonal_module.compiled_available() and "compiler" in diagonal_module.LIBRARY.unavailable
     _diagonal_loop(grad, 2, 0, 3, want)
     assert_close(got, want, 1e-6)
 

@@ -41,45 +41,36 @@ Dimensions: F keys held, C cells, D key width, Q queries, P probed cells, K neig
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from longrange.native import NativeUnavailable, build_library, load_library
+from longrange.native import OptionalLibrary
 
 SOURCE = Path(__file__).with_name("cells.cpp")
 BLOCK = 16  # keys per block: one AVX-512 register of float32 lanes
 # search_reference gathers at most about this many bytes of keys per probe at once
 REFERENCE_BYTES = 32 << 20
 
-_library: ctypes.CDLL | None = None
-_unavailable: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.longrange_cells_search.restype = ctypes.c_int
+    lib.longrange_top_columns.restype = ctypes.c_int
 
 
-class CellsUnavailable(NativeUnavailable):
-    """The scan cannot be built or loaded here; the message says why."""
+LIBRARY = OptionalLibrary(
+    "knn_cells",
+    [SOURCE],
+    missing="the kNN index's compiled scan is unavailable",
+    instead="it searches with torch ops instead (the same results, slower)",
+    setup=_declare,
+    openmp=True,
+)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _library, _unavailable
-    if _library is None and _unavailable is None:
-        try:
-            lib = load_library(build_library("knn_cells", [SOURCE], openmp=True, error=CellsUnavailable))
-        except CellsUnavailable as err:
-            _unavailable = str(err)
-            warnings.warn(
-                f"the kNN index's compiled scan is unavailable ({err}); it searches with torch ops "
-                "instead (the same results, slower)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        lib.longrange_cells_search.restype = ctypes.c_int
-        lib.longrange_top_columns.restype = ctypes.c_int
-        _library = lib
-    return _library
+    return LIBRARY.load()
 
 
 def scan_available() -> bool:

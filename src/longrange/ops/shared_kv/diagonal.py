@@ -20,44 +20,33 @@ softmax).
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longrange.native import NativeUnavailable, build_library, load_library
+from longrange.native import OptionalLibrary
 
 SOURCE = Path(__file__).with_name("diagonal.cpp")
 
-_library: ctypes.CDLL | None = None
-_unavailable: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.longrange_diagonal_sums.restype = ctypes.c_int
 
 
-class DiagonalUnavailable(NativeUnavailable):
-    """The compiled loop cannot be built or loaded here; the message says why."""
+LIBRARY = OptionalLibrary(
+    "diagonal_sums",
+    [SOURCE],
+    missing="the compiled diagonal sums are unavailable",
+    instead="the attention's bias gradient is summed with torch ops instead (the same sums, slower)",
+    setup=_declare,
+    openmp=True,
+)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _library, _unavailable
-    if _library is None and _unavailable is None:
-        try:
-            lib = load_library(
-                build_library("diagonal_sums", [SOURCE], openmp=True, error=DiagonalUnavailable)
-            )
-        except DiagonalUnavailable as err:
-            _unavailable = str(err)
-            warnings.warn(
-                f"the compiled diagonal sums are unavailable ({err}); the attention's bias "
-                "gradient is summed with torch ops instead (the same sums, slower)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        lib.longrange_diagonal_sums.restype = ctypes.c_int
-        _library = lib
-    return _library
+    return LIBRARY.load()
 
 
 def compiled_available() -> bool:
