@@ -51,34 +51,42 @@ LONGRANGE_CLONES void score_block(const float* q, const float* block, int64_t di
   for (int l = 0; l < 16; ++l) out[l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
 }
 
-// The k best of row[0 .. n) into found[0 .. min(k, n)), best first (index: the position in
-// the row); maxima holds n / kRuns floats, found n candidates. The row is cut into kRuns runs
+// The k best of row[0 .. n) into found[0 .. min(k, n)), best first when `ordered` (else in
+// no order; index: the position in the row); maxima holds n / kRuns floats, found n
+// candidates. The row is cut into kRuns runs
 // of `width`, group j being positions j, j + width, ...: the group maxima (a vertical max over
 // the runs), then v, bisected, the largest value tried with at least k maxima >= v (so at
 // least k positions reach v: the k-th best is at least v), then the positions >= v of the
 // groups whose maximum reaches v (about k of them), cut to the best k. Returns how many.
-LONGRANGE_CLONES int64_t top_of_row(const float* row, int64_t n, int64_t k, float* maxima, Candidate* found) {
+LONGRANGE_CLONES int64_t top_of_row(const float* row, int64_t n, int64_t k, float* maxima, Candidate* found,
+                                    bool ordered) {
   const int64_t width = n / kRuns;
   int64_t m = 0;
   if (width >= k) {
-    for (int64_t j = 0; j < width; ++j) maxima[j] = row[j];
-    for (int r = 1; r < kRuns; ++r) {
-      const float* run = row + r * width;
+    // each vector of group maxima stays in a register over the runs (stored once)
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) maxima[j] = std::max(maxima[j], run[j]);
+    for (int64_t j = 0; j < width; ++j) {
+      float most = row[j];
+      for (int r = 1; r < kRuns; ++r) most = std::max(most, row[r * width + j]);
+      maxima[j] = most;
     }
     float lo = maxima[0], hi = maxima[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
     for (int64_t j = 1; j < width; ++j) {
       lo = std::min(lo, maxima[j]);
       hi = std::max(hi, maxima[j]);
     }
+    // 32-bit counts: 16 lanes a vector, not 8 (and no spilled 64-bit accumulator); a split
+    // that leaves exactly k maxima is as good as it gets
+    const int wanted = int(k);
     for (int step = 0; step < 10 && lo < hi; ++step) {
       const float mid = lo + (hi - lo) * 0.5f;
-      int64_t reach = 0;
+      int reach = 0;
 #pragma omp simd reduction(+ : reach)
-      for (int64_t j = 0; j < width; ++j) reach += maxima[j] >= mid;
-      if (reach >= k) {
+      for (int64_t j = 0; j < width; ++j) reach += maxima[j] >= mid ? 1 : 0;
+      if (reach >= wanted) {
         lo = mid;
+        if (reach == wanted) break;
       } else {
         hi = mid;
       }
@@ -101,7 +109,7 @@ LONGRANGE_CLONES int64_t top_of_row(const float* row, int64_t n, int64_t k, floa
     std::nth_element(found, found + (k - 1), found + m, better);
     m = k;
   }
-  std::sort(found, found + m, better);
+  if (ordered) std::sort(found, found + m, better);
   return m;
 }
 
@@ -119,7 +127,7 @@ struct RowBuffers {
 
 }  // namespace
 
-// The columns of each row's k largest scores [rows][columns], best first: the probed cells of
+// The columns of each row's k largest scores [rows][columns], in no order: the probed cells of
 // a search.
 extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t columns, int64_t k,
                                      int64_t* out, int threads) {
@@ -134,7 +142,7 @@ extern "C" int longrange_top_columns(const float* scores, int64_t rows, int64_t 
       Candidate* found = buffers.found_of(t);
 #pragma omp for
       for (int64_t r = 0; r < rows; ++r) {
-        top_of_row(scores + r * columns, columns, k, buffers.maxima_of(t), found);
+        top_of_row(scores + r * columns, columns, k, buffers.maxima_of(t), found, false);
         for (int64_t j = 0; j < k; ++j) out[r * k + j] = found[j].index;
       }
     }
@@ -209,7 +217,7 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
 #pragma omp for
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t at = scratch_at[qi];
-        const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, buffers.maxima_of(t), found);
+        const int64_t m = top_of_row(scratch + at, scratch_at[qi + 1] - at, k, buffers.maxima_of(t), found, true);
         int64_t probed = 0;  // the query's cells in the order the scan filled its scratch
         for (int64_t p = 0; p < np; ++p) {
           const int64_t c = probes[qi * np + p];

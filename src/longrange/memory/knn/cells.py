@@ -84,11 +84,12 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
 
 def probe_cells(scores: Tensor, k: int, *, threads: int = 1) -> Tensor:
     """The cells a search probes: the columns of each row's k largest centroid scores
-    [Q, C] -> [Q, k] (best first compiled; the set of :func:`~longrange.ops.select.top_k_columns`,
+    [Q, C] -> [Q, k], in no order (the set of :func:`~longrange.ops.select.top_k_columns`,
     which answers where the scan is not built). Compiled (``top_of_row`` in ``cells.cpp``):
     the maxima of 16 interleaved groups of columns bound the k-th best from below, and only the
-    columns of the groups reaching that bound are ranked; 2048 x 1448 scores at k = 24, 4.4-5.8
-    -> 2.1-2.4 ms on 2 threads."""
+    columns of the groups reaching that bound are kept; 2048 x 1448 scores at k = 24, 4.4-5.8
+    ms with torch's top-k, 2.9 ms compiled, 1.7 ms with the group maxima kept in registers, a
+    32-bit count in the bound's bisection and no final sort, on 2 threads."""
     n, c = scores.shape
     if not 0 < k <= c:
         raise ValueError(f"k must be in [1, {c}], got {k}")
