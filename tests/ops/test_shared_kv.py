@@ -242,3 +242,31 @@ def test_auto_takes_the_blocked_form_from_blocked_from_queries(monkeypatch):
     dense = ToeplitzBias(table, n, n + 4, causal=True).dense()  # a plain tensor bias: naive
     shared_kv_attention(q, keys, values, dense)
     assert calls == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocked_on_cuda_equals_naive_on_cpu():
+    """auto keeps GPUs on the naive form (unmeasured there); the blocked form still has to be
+    right on them (its diagonal sums take the torch path)."""
+    inputs = [t for t in _inputs(2, 4, 70, 90, 16, 8, True) if t is not None]
+
+    def blocked_on_cuda(*tensors):
+        out = _joined(shared_kv_attention, 70, 90, True, scale=0.3, backend="blocked")(
+            *(t.cuda() for t in tensors)
+        )
+        return out.cpu()
+
+    assert_same_forward_backward(
+        blocked_on_cuda, _joined(shared_kv_attention_naive, 70, 90, True, scale=0.3), inputs
+    )
+    q, keys, values, table, memory = (t.cuda() for t in inputs)
+    calls = []
+    import longrange.ops.shared_kv as shared_kv
+
+    original = shared_kv.shared_kv_attention_blocked
+    shared_kv.shared_kv_attention_blocked = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        shared_kv_attention(q, keys, values, ToeplitzBias(table, 70, 90, causal=True), memory_logits=memory)
+    finally:
+        shared_kv.shared_kv_attention_blocked = original
+    assert not calls  # auto: the naive form on a GPU

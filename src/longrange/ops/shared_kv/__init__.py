@@ -7,8 +7,10 @@ Backends (one choice point, :func:`shared_kv_attention`):
 - ``blocked``: blocks of query positions as rows of GEMMs, skipping the keys a causal bias
   hides (``blocked.py``); it needs the bias as a :class:`ToeplitzBias` with one row of
   values per head;
-- ``auto``: ``blocked`` where it applies, for at least :data:`BLOCKED_FROM` queries, and not
-  under ``torch.compile`` (which fuses the naive form's passes itself), else ``naive``.
+- ``auto``: ``blocked`` on the CPU where it applies, for at least :data:`BLOCKED_FROM`
+  queries, and not under ``torch.compile`` (which fuses the naive form's passes itself), else
+  ``naive``. On a GPU the blocked form's many small kernels have not been measured against
+  the naive form's few large ones, so GPUs keep the naive form (what the layers ran before).
 
 Dimensions: B batch, H heads, N queries (the last N of M positions), M keys, D head width,
 K extra logits per query.
@@ -69,10 +71,8 @@ def shared_kv_attention(
     blocked_fits = isinstance(bias, ToeplitzBias) and bias.heads == q.shape[1]
     if backend == "blocked" and not blocked_fits:
         raise ValueError("backend='blocked' needs the bias as a ToeplitzBias with one row of values per head")
-    few = q.shape[2] < BLOCKED_FROM
-    if backend == "naive" or (
-        backend == "auto" and (not blocked_fits or few or torch.compiler.is_compiling())
-    ):
+    pays = q.device.type == "cpu" and q.shape[2] >= BLOCKED_FROM and not torch.compiler.is_compiling()
+    if backend == "naive" or (backend == "auto" and not (blocked_fits and pays)):
         return shared_kv_attention_naive(q, keys, values, bias, scale=scale, memory_logits=memory_logits)
     return shared_kv_attention_blocked(
         q,
