@@ -40,7 +40,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NA
 }
 
 $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
-step cuda_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# tests/test_cuda.py, and the CUDA cases kept beside their CPU tests (named for it)
+step cuda_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/ops/test_local.py \
+    tests/ops/test_shared_kv.py tests/modules/test_reversible.py -k cuda
 step speed 300 $PY -m longrange.cli bench speed --device "$DEVICE" --models "$MODELS" \
     --lengths "$LENGTHS" --repeats "$REPEATS"
 step compiled 300 $PY -m longrange.cli bench speed --device "$DEVICE" --models "$MODELS" \
