@@ -165,3 +165,27 @@ def test_a_scan_that_cannot_be_built_says_why_once_and_the_reference_answers(tmp
         got = lists.search(queries, probes, 5)
     assert not scan_available() and "compiler" in cells_module.LIBRARY.unavailable
     _same(got, _oracle(held, lists.centroids, queries, probes, 5))
+
+
+@pytest.mark.parametrize("dim", [64, 10])
+def test_compiled_placement_equals_the_reference(dim):
+    """Keys appended to their cells by the compiled loop land where the torch reference puts
+    them (the layout, the slots, each slot's column and cell, the fills), in their order within
+    a cell; a placement that would overflow a cell writes nothing and says so."""
+    if not scan_available():
+        pytest.skip(f"the compiled kNN helpers cannot be built here: {cells_module.LIBRARY.unavailable}")
+    compiled, _ = _lists(300, dim, 9, 2048, seed=dim)
+    plain, _ = _lists(300, dim, 9, 2048, seed=dim)
+    keys = _unit(40, dim, seed=dim + 1)
+    slots = torch.arange(1500, 1540)
+    cells = nearest_cells(keys, compiled.centroids)
+    assert compiled._place(slots, keys, cells) and plain._place_reference(slots, keys, cells)
+    for name in ("keys", "slots", "column", "cell_of", "filled"):
+        assert torch.equal(getattr(compiled, name), getattr(plain, name)), name
+    crowd = torch.zeros(int(compiled.room[0]) * BLOCK, dtype=torch.long)  # more than cell 0 holds
+    before = [getattr(compiled, name).clone() for name in ("keys", "slots", "column", "cell_of", "filled")]
+    many = _unit(len(crowd), dim, seed=3)
+    assert not compiled._place(torch.arange(len(crowd)) + 1600, many, crowd)
+    assert not plain._place_reference(torch.arange(len(crowd)) + 1600, many, crowd)
+    for name, old in zip(("keys", "slots", "column", "cell_of", "filled"), before, strict=True):
+        assert torch.equal(getattr(compiled, name), old), name

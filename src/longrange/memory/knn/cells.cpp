@@ -243,3 +243,39 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
   }
   return 0;
 }
+
+// Appends n keys [n][dim] to the end of their cells [n] (in [0, cells)), in input order within
+// a cell: the layout's keys [blocks][dim][16] and slots [blocks * 16], the cells' filled
+// columns [cells] (updated), and for each store slot [n] its column and cell ([capacity]
+// each, updated). first / room [cells]: each cell's first block and its blocks. Returns 1
+// (nothing written) when a key's cell is out of range or a cell would overflow.
+extern "C" int longrange_cells_place(const float* keys, const int64_t* key_cells, const int64_t* key_slots, int64_t n,
+                                     int64_t dim, int64_t cells, const int64_t* first, const int64_t* room,
+                                     float* layout, int64_t* slots, int64_t* filled, int64_t* column,
+                                     int64_t* cell_of) {
+  try {
+    std::vector<int64_t> count(cells, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (key_cells[i] < 0 || key_cells[i] >= cells) return 1;
+      count[key_cells[i]]++;
+    }
+    for (int64_t c = 0; c < cells; ++c)
+      if (count[c] && filled[c] + count[c] > room[c] * 16) return 1;
+    // cell by cell (a counting sort, stable): a block's 16 lanes are written together, where
+    // keys in input order would touch a fresh cache line for every dimension of every key
+    std::vector<int64_t> start(cells + 1, 0), order(n);
+    for (int64_t c = 0; c < cells; ++c) start[c + 1] = start[c] + count[c];
+    for (int64_t i = 0; i < n; ++i) order[start[key_cells[i]]++] = i;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = order[j], c = key_cells[i], at = first[c] * 16 + filled[c]++;
+      float* lane = layout + (at / 16) * dim * 16 + at % 16;
+      for (int64_t d = 0; d < dim; ++d) lane[d * 16] = keys[i * dim + d];
+      slots[at] = key_slots[i];
+      column[key_slots[i]] = at;
+      cell_of[key_slots[i]] = c;
+    }
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}

@@ -57,6 +57,7 @@ REFERENCE_BYTES = 32 << 20
 def _declare(lib: ctypes.CDLL) -> None:
     lib.longrange_cells_search.restype = ctypes.c_int
     lib.longrange_top_columns.restype = ctypes.c_int
+    lib.longrange_cells_place.restype = ctypes.c_int
 
 
 LIBRARY = OptionalLibrary(
@@ -158,9 +159,40 @@ class CellLists:
         self._place(slots, keys, cells)
 
     def _place(self, slots: Tensor, keys: Tensor, cells: Tensor) -> bool:
-        """Append keys to the end of their cells; False (nothing written) when one overflows."""
+        """Append keys to the end of their cells (in their order within a cell); False
+        (nothing written) when one overflows. Compiled where the scan is
+        (``longrange_cells_place``, cell by cell: 512 keys 0.27 -> 0.12 ms, a rebuild's 33K
+        keys 5.6 -> 3.2 ms; the memorizing chunk with 32K filled 1.02x), else
+        :meth:`_place_reference`."""
         if not len(slots):
             return True
+        lib = _load()
+        if lib is None:
+            return self._place_reference(slots, keys, cells)
+        keys = keys.to(torch.float32).contiguous()
+        slots, cells = slots.to(torch.long).contiguous(), cells.to(torch.long).contiguous()
+        status = lib.longrange_cells_place(
+            _ptr(keys),
+            _ptr(cells),
+            _ptr(slots),
+            ctypes.c_int64(len(slots)),
+            ctypes.c_int64(self.dim),
+            ctypes.c_int64(self.cells),
+            _ptr(self.first),
+            _ptr(self.room),
+            _ptr(self.keys),
+            _ptr(self.slots),
+            _ptr(self.filled),
+            _ptr(self.column),
+            _ptr(self.cell_of),
+        )
+        if status == 2:
+            raise MemoryError("placing keys in the kNN cells ran out of memory")
+        return status == 0
+
+    def _place_reference(self, slots: Tensor, keys: Tensor, cells: Tensor) -> bool:
+        """:meth:`_place` with torch ops: sorted by cell (stably), each key's rank in its cell
+        gives its column."""
         order = torch.argsort(cells, stable=True)
         slots, keys, cells = slots[order], keys[order], cells[order]
         counts = torch.bincount(cells, minlength=self.cells)
@@ -228,11 +260,23 @@ class CellLists:
         scratch = torch.empty(total, dtype=self.keys.dtype)
         ptr = _ptr
         status = lib.longrange_cells_search(
-            ptr(self.keys), ptr(self.slots), ptr(self.first), ptr(used), ctypes.c_int64(self.cells),
-            ptr(q), ptr(probes), ctypes.c_int64(n), ctypes.c_int64(probes.shape[1]),
-            ctypes.c_int64(self.dim), ctypes.c_int64(k), ptr(scratch), ptr(scratch_at),
-            ptr(slots), ptr(scores), ctypes.c_int(threads),
-        )  # fmt: skip
+            ptr(self.keys),
+            ptr(self.slots),
+            ptr(self.first),
+            ptr(used),
+            ctypes.c_int64(self.cells),
+            ptr(q),
+            ptr(probes),
+            ctypes.c_int64(n),
+            ctypes.c_int64(probes.shape[1]),
+            ctypes.c_int64(self.dim),
+            ctypes.c_int64(k),
+            ptr(scratch),
+            ptr(scratch_at),
+            ptr(slots),
+            ptr(scores),
+            ctypes.c_int(threads),
+        )
         if status != 0:
             raise MemoryError("the kNN scan could not allocate its buffers")
         return slots, scores
