@@ -150,7 +150,7 @@ class CellLists:
         self.first[1:] = room.cumsum(0)[:-1]
         self.room = room
         blocks = int(room.sum())
-        self.keys = torch.zeros(blocks, self.dim, BLOCK)
+        self.keys = torch.zeros(blocks, self.dim, BLOCK, dtype=torch.float32)  # what the loops read
         self.slots = torch.full((blocks * BLOCK,), -1, dtype=torch.long)
         self.filled = torch.zeros(self.cells, dtype=torch.long)  # columns taken in each cell
         self.holes = 0
