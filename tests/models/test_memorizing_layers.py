@@ -5,8 +5,9 @@ key/value head) equal the plain einsum forms, forward and gradients."""
 import pytest
 import torch
 
-from longrange.models.memorizing.layers import causal_bias, relative_bias, shared_kv_output, shared_kv_scores
+from longrange.models.memorizing.layers import causal_bias, relative_bias
 from longrange.modules.positional import T5RelativePositionBias
+from longrange.ops.shared_kv.naive import shared_kv_output, shared_kv_scores
 from longrange.testing import assert_same_forward_backward
 
 

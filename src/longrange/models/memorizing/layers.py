@@ -21,6 +21,7 @@ from longrange.modules.feedforward import FeedForward
 from longrange.modules.positional import T5RelativePositionBias, t5_relative_position_bucket
 from longrange.ops.dense.bias import ToeplitzBias, toeplitz
 from longrange.ops.shared_kv import shared_kv_attention
+from longrange.ops.shared_kv.naive import shared_kv_output, shared_kv_scores
 
 Bias = Tensor | ToeplitzBias  # [H, N, M]
 
@@ -57,23 +58,6 @@ def causal_bias(bias: Tensor | None, n: int, m: int, *, device=None, dtype=torch
     if bias is None:
         bias = torch.zeros(1, n, m, device=device, dtype=dtype)
     return bias.masked_fill(future, -torch.finfo(bias.dtype).max)
-
-
-def shared_kv_scores(q: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
-    """Queries q [B, H, N, D] (scaled) against one key head keys [B, M, D], plus the additive
-    bias [H or 1, N, M] -> [B, H, N, M]: one GEMM over every head, adding the bias as it
-    writes (no separate pass over the scores)."""
-    b, h, n, d = q.shape
-    m = keys.shape[1]
-    bias = bias.to(q.dtype).expand(h, n, m).reshape(1, h * n, m)
-    return torch.baddbmm(bias, q.reshape(b, h * n, d), keys.transpose(1, 2)).view(b, h, n, m)
-
-
-def shared_kv_output(attn: Tensor, values: Tensor) -> Tensor:
-    """Weights attn [B, H, N, M] (rows may be strided) times one value head [B, M, D] ->
-    [B, H, N, D]: one GEMM over every head."""
-    b, h, n, m = attn.shape
-    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, -1)
 
 
 class Attention(nn.Module):

@@ -1,6 +1,8 @@
 """Reference attention of H query heads against one shared key/value head with an additive
 bias [H, N, M] and optional extra logits per query (retrieved memories) in the same softmax:
-the full score matrix, a softmax, two products.
+the full score matrix, a softmax, two products. The products are one GEMM over every head
+each (:func:`shared_kv_scores`, :func:`shared_kv_output`, also what the Memorizing layers use
+with key padding or attention dropout; tests hold them to einsum).
 
 Dimensions: B batch, H heads, N queries, M keys, D head width, K extra logits per query.
 """
@@ -11,6 +13,23 @@ import torch
 from torch import Tensor
 
 from longrange.ops.dense.bias import ToeplitzBias
+
+
+def shared_kv_scores(q: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
+    """Queries q [B, H, N, D] (scaled) against one key head keys [B, M, D], plus the additive
+    bias [H or 1, N, M] -> [B, H, N, M]: one GEMM over every head, adding the bias as it
+    writes (no separate pass over the scores)."""
+    b, h, n, d = q.shape
+    m = keys.shape[1]
+    bias = bias.to(q.dtype).expand(h, n, m).reshape(1, h * n, m)
+    return torch.baddbmm(bias, q.reshape(b, h * n, d), keys.transpose(1, 2)).view(b, h, n, m)
+
+
+def shared_kv_output(attn: Tensor, values: Tensor) -> Tensor:
+    """Weights attn [B, H, N, M] (rows may be strided) times one value head [B, M, D] ->
+    [B, H, N, D]: one GEMM over every head."""
+    b, h, n, m = attn.shape
+    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, -1)
 
 
 def shared_kv_attention_naive(
@@ -27,13 +46,13 @@ def shared_kv_attention_naive(
     memory logits' weights [B, N, H, K] (None without them). Scores are
     ``scale * q . key + bias``."""
     dense = bias.dense() if isinstance(bias, ToeplitzBias) else bias
-    scores = torch.einsum("bhnd,bmd->bhnm", q * scale, keys) + dense.to(q.dtype)
+    scores = shared_kv_scores(q * scale, keys, dense)
     k = 0
     if memory_logits is not None:
         k = memory_logits.shape[-1]
         scores = torch.cat([memory_logits.to(scores.dtype), scores], dim=-1)
     weights = scores.softmax(dim=-1)
-    out = torch.einsum("bhnm,bmd->bnhd", weights[..., k:], values)
+    out = shared_kv_output(weights[..., k:], values).transpose(1, 2)
     if memory_logits is None:
         return out, None
     return out, weights[..., :k].transpose(1, 2)
