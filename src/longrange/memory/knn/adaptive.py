@@ -194,11 +194,11 @@ class AdaptiveIndex(KNNIndex):
         # The probed cells in any order (the scan reads them cell by cell), chosen for
         # PROBE_QUERIES queries at a time: their centroid scores stay in cache for the choice.
         cells = torch.empty(q.shape[0], probes, dtype=torch.long)
-        scores = q.new_empty(min(PROBE_QUERIES, q.shape[0]), centroids.shape[0])
+        by_cell = q.new_empty(min(PROBE_QUERIES, q.shape[0]), centroids.shape[0])  # reused
         for start in range(0, q.shape[0], PROBE_QUERIES):
             part = q[start : start + PROBE_QUERIES]
-            part_scores = torch.mm(part, centroids.T, out=scores[: part.shape[0]])
-            cells[start : start + part.shape[0]] = probe_cells(part_scores, probes, threads=threads)
+            scored = torch.mm(part, centroids.T, out=by_cell[: part.shape[0]])
+            cells[start : start + part.shape[0]] = probe_cells(scored, probes, threads=threads)
         slots, scores = lists.search(q, cells, k, threads=threads)
         device = queries.device
         return slots[None].to(device), scores[None].to(device)
