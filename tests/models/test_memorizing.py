@@ -437,26 +437,40 @@ def test_gated_combine_is_checked_and_saved(tmp_path):
     assert_close(loaded.eval()(tokens), model(tokens), 1e-6)
 
 
-@pytest.mark.parametrize("xl", [0, 8], ids=["chunk-keys", "xl-window"])
-def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, xl):
-    """The attention through ops/shared_kv (the default: no key padding, no attention dropout)
-    gives the logits and every parameter gradient of the layers' own score-matrix path, over
-    chunks that retrieve from a filled memory."""
+SHARED_KV_CASES = {
+    "chunk-keys": ({}, False),
+    "xl-window": ({"xl_max_memories": 8}, False),
+    "padded-documents": ({"xl_max_memories": 8, "clear_memories_on_eos_token_id": EOS}, True),
+}
+
+
+@pytest.mark.parametrize("options, padded", SHARED_KV_CASES.values(), ids=SHARED_KV_CASES.keys())
+def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, options, padded):
+    """The attention through ops/shared_kv (the default without attention dropout) gives the
+    logits and every parameter gradient of the layers' own score-matrix path, over chunks that
+    retrieve from a filled memory; also with key padding (a left-padded row, whose first
+    queries see no real key, and XL windows hidden after a document ends)."""
     from longrange.models.memorizing.layers import Attention
 
     torch.manual_seed(7)
-    model = _model(xl_max_memories=xl).double().train()
+    model = _model(**options).double().train()
     tokens = _tokens(2, 4 * CHUNK, seed=50)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    if padded:
+        tokens[1, CHUNK + 5] = EOS
+        mask[0, 2 * CHUNK : 2 * CHUNK + 6] = False
 
     def run(by_op):
         if not by_op:
-            monkeypatch.setattr(Attention, "by_op", lambda self, key_valid: False)
+            monkeypatch.setattr(Attention, "by_op", lambda self: False)
         model.zero_grad(set_to_none=True)
         state, logits = model.init_state(2), []
         for i in range(0, tokens.shape[1], CHUNK):
-            out = model.forward_lm(tokens[:, i : i + CHUNK], state=state)
-            out.logits.pow(2).mean().backward()
-            logits.append(out.logits.detach())
+            piece = mask[:, i : i + CHUNK] if padded else None
+            out = model.forward_lm(tokens[:, i : i + CHUNK], mask=piece, state=state)
+            kept = out.logits if piece is None else out.logits * piece[..., None]
+            kept.pow(2).mean().backward()
+            logits.append(kept.detach())
             state = model.detach_state(out.state)
         state.close()
         monkeypatch.undo()

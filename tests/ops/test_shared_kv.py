@@ -79,6 +79,71 @@ def test_blocked_equals_naive(case, block_rows):
     assert_same_forward_backward(blocked, naive, inputs)
 
 
+def _key_mask(kind: str, b: int, n: int, m: int) -> torch.Tensor:
+    mask = torch.ones(b, m, dtype=torch.bool)
+    if kind == "left-padding":  # row 0's first queries see no real key: their blocks read all
+        mask[0, : m - n + 11] = False
+    elif kind == "hidden-window":  # a document start: the earlier keys hidden
+        mask[-1, : m - n] = False
+    elif kind == "right-padding":
+        mask[0, m - 7 :] = False
+    elif kind == "scattered":
+        mask = torch.rand(b, m, generator=torch.Generator().manual_seed(3)) > 0.4
+    elif kind == "all-hidden":
+        mask[0] = False
+    return mask
+
+
+MASKED = {
+    "xl-keys-memory": (2, 3, 63, 100, 8, 5, True),
+    "chunk-local": (2, 2, 40, 40, 8, 0, True),
+    "not-causal": (2, 2, 30, 30, 8, 3, False),
+}
+
+
+MASK_KINDS = ["left-padding", "hidden-window", "right-padding", "scattered", "all-hidden"]
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("case", MASKED.values(), ids=MASKED.keys())
+def test_blocked_equals_naive_with_a_key_mask(case, kind):
+    """Hidden keys score the most negative finite number in both forms, forward and every
+    gradient; a query that sees no real key gets the naive form's equal weights over every key
+    (its block reads them all), in blocks of 4 positions at 2-3 heads."""
+    b, _, n, m, _, _, causal = case
+    mask = _key_mask(kind, b, n, m)
+    inputs = [t for t in _inputs(*case) if t is not None]
+    blocked = _joined(shared_kv_attention, n, m, causal, scale=0.3, key_mask=mask, backend="blocked")
+    naive = _joined(shared_kv_attention_naive, n, m, causal, scale=0.3, key_mask=mask)
+    assert_same_forward_backward(blocked, naive, inputs)
+
+
+def test_blocked_with_a_key_mask_in_small_blocks():
+    """Blocks of 2 positions: the first blocks (queries with no real key) read every key, the
+    later ones skip the keys after them, and both agree with the naive form."""
+    case = (2, 2, 24, 30, 4, 3, True)
+    mask = _key_mask("left-padding", 2, 24, 30)
+    inputs = [t for t in _inputs(*case) if t is not None]
+
+    def blocked(q, keys, values, table, memory):
+        out, weights = shared_kv_attention_blocked(
+            q,
+            keys,
+            values,
+            table,
+            ToeplitzBias(table, 24, 30).rows(),
+            scale=0.3,
+            causal=True,
+            memory_logits=memory,
+            key_mask=mask,
+            block_rows=4,
+        )
+        return torch.cat([out, weights], dim=-1)
+
+    naive = _joined(shared_kv_attention_naive, 24, 30, True, scale=0.3, key_mask=mask)
+    assert_same_forward_backward(blocked, naive, inputs)
+
+
 @pytest.mark.parametrize("k", [0, 32], ids=["local", "with-memory"])
 def test_auto_float32_at_the_chunk_size(k):
     """The size the Memorizing Transformer runs (4 heads, 512 tokens), float32: the compiled
@@ -175,12 +240,14 @@ def test_diagonal_sums_refuse_a_block_that_does_not_fit():
         ({"bias": torch.zeros(2, 5, 8)}, r"bias must be \[H=2 or 1, N=5, M=7\]"),
         ({"memory_logits": torch.zeros(1, 2, 4, 3)}, r"memory_logits must be \[B=1, H=2, N=5, K\]"),
         ({"backend": "flash"}, "backend must be one of"),
+        ({"key_mask": torch.ones(1, 7)}, r"key_mask must be a bool tensor \[B=1, M=7\], got torch.float32"),
+        ({"key_mask": torch.ones(1, 5, dtype=torch.bool)}, r"key_mask must be a bool tensor \[B=1, M=7\]"),
         (
             {"backend": "blocked", "bias": torch.zeros(2, 5, 7)},
             "backend='blocked' needs the bias as a ToeplitzBias",
         ),
     ],
-    ids=["q", "keys", "values", "bias", "memory", "backend", "blocked-dense"],
+    ids=["q", "keys", "values", "bias", "memory", "backend", "mask-dtype", "mask-shape", "blocked-dense"],
 )
 def test_bad_input_is_refused(change, match):
     args = {
@@ -189,6 +256,7 @@ def test_bad_input_is_refused(change, match):
         "values": torch.zeros(1, 7, 4),
         "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
         "memory_logits": None,
+        "key_mask": None,
         "backend": "auto",
     }
     args.update(change)
@@ -199,6 +267,7 @@ def test_bad_input_is_refused(change, match):
             args["values"],
             args["bias"],
             memory_logits=args["memory_logits"],
+            key_mask=args["key_mask"],
             backend=args["backend"],
         )
 

@@ -33,7 +33,9 @@ BACKENDS = ("auto", "blocked", "naive")
 BLOCKED_FROM = 16
 
 
-def _check(q: Tensor, keys: Tensor, values: Tensor, bias, memory_logits: Tensor | None) -> None:
+def _check(
+    q: Tensor, keys: Tensor, values: Tensor, bias, memory_logits: Tensor | None, key_mask: Tensor | None
+) -> None:
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, N, D], got {list(q.shape)}")
     b, h, n, d = q.shape
@@ -48,6 +50,10 @@ def _check(q: Tensor, keys: Tensor, values: Tensor, bias, memory_logits: Tensor 
         raise ValueError(f"bias must be [H={h} or 1, N={n}, M={m}], got {list(shape)}")
     if memory_logits is not None and tuple(memory_logits.shape[:3]) != (b, h, n):
         raise ValueError(f"memory_logits must be [B={b}, H={h}, N={n}, K], got {list(memory_logits.shape)}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, m)):
+        raise ValueError(
+            f"key_mask must be a bool tensor [B={b}, M={m}], got {key_mask.dtype} {list(key_mask.shape)}"
+        )
 
 
 def shared_kv_attention(
@@ -58,22 +64,26 @@ def shared_kv_attention(
     *,
     scale: float = 1.0,
     memory_logits: Tensor | None = None,
+    key_mask: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention with scores ``scale * q . key + bias``: q [B, H, N, D], keys /
     values [B, M, D], bias [H or 1, N, M] (a tensor, or a :class:`ToeplitzBias`),
-    memory_logits [B, H, N, K] | None (joined to each query's scores before the softmax) ->
-    out [B, N, H, D] and the weights of the memory logits [B, N, H, K] (None without them).
-    ``backend``: one of :data:`BACKENDS`."""
+    memory_logits [B, H, N, K] | None (joined to each query's scores before the softmax),
+    key_mask [B, M] bool | None (True: a real key; a hidden key scores the most negative
+    finite number) -> out [B, N, H, D] and the weights of the memory logits [B, N, H, K]
+    (None without them). ``backend``: one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check(q, keys, values, bias, memory_logits)
+    _check(q, keys, values, bias, memory_logits, key_mask)
     blocked_fits = isinstance(bias, ToeplitzBias) and bias.heads == q.shape[1]
     if backend == "blocked" and not blocked_fits:
         raise ValueError("backend='blocked' needs the bias as a ToeplitzBias with one row of values per head")
     pays = q.device.type == "cpu" and q.shape[2] >= BLOCKED_FROM and not torch.compiler.is_compiling()
     if backend == "naive" or (backend == "auto" and not (blocked_fits and pays)):
-        return shared_kv_attention_naive(q, keys, values, bias, scale=scale, memory_logits=memory_logits)
+        return shared_kv_attention_naive(
+            q, keys, values, bias, scale=scale, memory_logits=memory_logits, key_mask=key_mask
+        )
     return shared_kv_attention_blocked(
         q,
         keys,
@@ -83,6 +93,7 @@ def shared_kv_attention(
         scale=scale,
         causal=bias.causal,
         memory_logits=memory_logits,
+        key_mask=key_mask,
     )
 
 

@@ -15,6 +15,12 @@ the GEMM through the softmax to the next GEMM. A memorizing chunk at the referen
 (512 tokens, 4 layers of 4 heads), forward and backward on the 2-core CPU, in turn: 89.9 ->
 82.0 ms against one [H, N, M] score matrix per layer.
 
+Key padding: a key mask [B, M] sets the scores of hidden keys to the most negative finite
+number after the bias, as the naive form does, and their gradient to zero. A query that sees
+no unhidden key (every key up to it hidden) gets, in the naive form, equal weights over all M
+keys and the extra logits; a block holding such a query reads every key so that the two forms
+stay equal (the queries before ``bare`` positions of a batch row, found once on the host).
+
 Backward: the weights of each block are kept from the forward pass; the bias's gradient is
 the sum of each head's diagonals of the scores' gradient (:func:`diagonal_sums`).
 
@@ -34,23 +40,35 @@ from longrange.ops.shared_kv.diagonal import diagonal_sums
 BLOCK_ROWS = 512
 
 
-def _blocks(n: int, m: int, block: int, causal: bool):
-    """(first, end, keys) per block of query positions."""
+def _blocks(n: int, m: int, block: int, causal: bool, bare: int = 0):
+    """(first, end, keys) per block of query positions; a block that starts before ``bare``
+    (it holds a query that sees no unhidden key) reads every key."""
     for a in range(0, n, block):
         z = min(n, a + block)
-        yield a, z, m - n + z if causal else m
+        yield a, z, m - n + z if causal and a >= bare else m
+
+
+def _bare_queries(key_mask: Tensor, n: int, m: int, causal: bool) -> list[int]:
+    """Per batch row, how many leading queries see no unhidden key (the queries are the last
+    n of m positions; without ``causal`` a query sees every key)."""
+    shown = key_mask.any(dim=1)
+    first = torch.where(shown, key_mask.int().argmax(dim=1), m)  # the first unhidden key
+    if not causal:
+        return torch.where(shown, 0, n).tolist()
+    return (first - (m - n)).clamp(0, n).tolist()
 
 
 class _SharedKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, keys, values, table, memory, rows, scale, causal, block):
+    def forward(ctx, q, keys, values, table, memory, rows, scale, causal, block, hidden, bare):
         b_, n, h, d = q.shape
         m, k = keys.shape[1], memory.shape[-1]
         out = q.new_empty(b_, n, h, d)
         weights = q.new_empty(b_, n, h, k)
         kept = []
         for b in range(b_):
-            for a, z, e in _blocks(n, m, block, causal):
+            hid = hidden[b]
+            for a, z, e in _blocks(n, m, block, causal, bare[b]):
                 r = (z - a) * h
                 bias = rows[a:z, :, :e].reshape(r, e)  # a view: rows are [N, H, M]
                 qb = q[b, a:z].view(r, d)
@@ -60,13 +78,15 @@ class _SharedKV(torch.autograd.Function):
                     torch.addmm(bias, qb, keys[b, :e].t(), alpha=scale, out=scores[:, k:])
                 else:
                     scores = torch.addmm(bias, qb, keys[b, :e].t(), alpha=scale)
+                if hid is not None:
+                    scores[:, k:].masked_fill_(hid[:e], -torch.finfo(scores.dtype).max)
                 p = scores.softmax(dim=-1)
                 torch.mm(p[:, k:], values[b, :e], out=out[b, a:z].view(r, d))
                 if k:
                     weights[b, a:z].view(r, k).copy_(p[:, :k])
                 kept.append(p)
         ctx.save_for_backward(q, keys, values, *kept)
-        ctx.setup = scale, causal, block, table.shape, table.dtype, k
+        ctx.setup = scale, causal, block, table.shape, table.dtype, k, hidden, bare
         if not k:
             ctx.mark_non_differentiable(weights)
         return out, weights
@@ -79,7 +99,7 @@ class _SharedKV(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, d_weights):
         q, keys, values, *kept = ctx.saved_tensors
-        scale, causal, block, table_shape, table_dtype, k = ctx.setup
+        scale, causal, block, table_shape, table_dtype, k, hidden, bare = ctx.setup
         need_q, need_k, need_v, need_t, need_m = ctx.needs_input_grad[:5]
         b_, n, h, d = q.shape
         m = keys.shape[1]
@@ -92,7 +112,7 @@ class _SharedKV(torch.autograd.Function):
         dm = q.new_zeros(b_, n, h, k) if need_m and k else None
         blocks = iter(kept)
         for b in range(b_):
-            for a, z, e in _blocks(n, m, block, causal):
+            for a, z, e in _blocks(n, m, block, causal, bare[b]):
                 p = next(blocks)
                 r = (z - a) * h
                 g = d_out[b, a:z].view(r, d)
@@ -104,6 +124,8 @@ class _SharedKV(torch.autograd.Function):
                 else:
                     dp = torch.mm(g, values[b, :e].t())
                 ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+                if hidden[b] is not None:  # a hidden key's weight may be non-zero (a bare query)
+                    ds[:, k:].masked_fill_(hidden[b][:e], 0)
                 if dm is not None:
                     dm[b, a:z].view(r, k).copy_(ds[:, :k])
                 local = ds[:, k:]
@@ -117,7 +139,7 @@ class _SharedKV(torch.autograd.Function):
                     diagonal_sums(local, h, a, n, dt)
         if dq is not None:
             dq.mul_(scale)
-        return dq, dk, dv, dt, dm, None, None, None, None
+        return dq, dk, dv, dt, dm, None, None, None, None, None, None
 
 
 def shared_kv_attention_blocked(
@@ -130,14 +152,21 @@ def shared_kv_attention_blocked(
     scale: float = 1.0,
     causal: bool = False,
     memory_logits: Tensor | None = None,
+    key_mask: Tensor | None = None,
     block_rows: int = BLOCK_ROWS,
 ) -> tuple[Tensor, Tensor | None]:
     """q [B, H, N, D] (any strides; no copy when it is a view of [B, N, H, D]), keys / values
     [B, M, D], ``values_table`` [H, L] the bias values, a row per head (their gradient goes
     there), ``rows`` [N, H, M] the same bias laid out by query position
-    (``ToeplitzBias.rows()``), memory_logits [B, H, N, K] | None -> out [B, N, H, D] and the
-    memory logits' weights [B, N, H, K] (None without them)."""
+    (``ToeplitzBias.rows()``), memory_logits [B, H, N, K] | None, key_mask [B, M] bool | None
+    (True: a real key) -> out [B, N, H, D] and the memory logits' weights [B, N, H, K] (None
+    without them)."""
     b, h, n, _ = q.shape
+    m = keys.shape[1]
+    hidden, bare = [None] * b, [0] * b
+    if key_mask is not None:
+        bare = _bare_queries(key_mask, n, m, causal)
+        hidden = [None if bool(row.all()) else ~row for row in key_mask]
     dtype = _dtype(q, keys, values)
     q_rows = q.transpose(1, 2).to(dtype).contiguous()
     if memory_logits is None:
@@ -156,6 +185,8 @@ def shared_kv_attention_blocked(
             scale,
             causal,
             block,
+            hidden,
+            bare,
         )
     return out, None if memory_logits is None else weights
 

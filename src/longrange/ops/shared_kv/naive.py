@@ -40,13 +40,17 @@ def shared_kv_attention_naive(
     *,
     scale: float = 1.0,
     memory_logits: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """q [B, H, N, D], keys / values [B, M, D], bias [H or 1, N, M] (or a
-    :class:`ToeplitzBias`), memory_logits [B, H, N, K] | None -> out [B, N, H, D] and the
-    memory logits' weights [B, N, H, K] (None without them). Scores are
+    :class:`ToeplitzBias`), memory_logits [B, H, N, K] | None, key_mask [B, M] bool | None
+    (True: a real key; a hidden key's score is the most negative finite number) -> out
+    [B, N, H, D] and the memory logits' weights [B, N, H, K] (None without them). Scores are
     ``scale * q . key + bias``."""
     dense = bias.dense() if isinstance(bias, ToeplitzBias) else bias
     scores = shared_kv_scores(q * scale, keys, dense)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], -torch.finfo(scores.dtype).max)
     k = 0
     if memory_logits is not None:
         k = memory_logits.shape[-1]
