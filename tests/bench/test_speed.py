@@ -252,6 +252,39 @@ def test_compiled_speed_is_reported_beside_eager(tmp_path, monkeypatch):
     assert "compiled tok/s" in format_table(rows)
 
 
+def test_a_later_pass_keeps_the_parts_it_did_not_measure(tmp_path):
+    """Re-timing a point eagerly (a partial ``bench speed`` run) keeps its compiled figures and
+    peak from the earlier pass, dated; a pass that measures them replaces them; a failed row
+    keeps nothing of the earlier one."""
+    from longrange.bench.speed import merge_results, results_path
+
+    path = results_path(tmp_path, "cpu", "speed")
+    first = {"family": "vanilla", "length": 64, "batch_size": 1, "fwd_bwd_s": 2.0, "measured_at": "t1"}
+    first.update(compiled_fwd_bwd_s=1.0, compiled_tokens_per_s=64.0, compile_s=3.0, peak_mb=10.0)
+    other = {"family": "vanilla", "length": 32, "batch_size": 1, "fwd_bwd_s": 1.0, "measured_at": "t1"}
+    merge_results(path, {"device": "cpu"}, [first, other])
+
+    def rows():
+        return {r["length"]: r for r in json.loads(path.read_text())["results"]}
+
+    again = {"family": "vanilla", "length": 64, "batch_size": 1, "fwd_bwd_s": 1.5, "measured_at": "t2"}
+    merge_results(path, {"device": "cpu"}, [again])
+    row = rows()[64]
+    assert row["fwd_bwd_s"] == 1.5 and row["measured_at"] == "t2"
+    assert row["compiled_fwd_bwd_s"] == 1.0 and row["compile_s"] == 3.0 and row["peak_mb"] == 10.0
+    assert row["compiled_measured_at"] == "t1" and row["peak_measured_at"] == "t1"
+    assert rows()[32] == other
+    # a pass that compiles replaces the compiled part (and dates it by the row)
+    compiled = {**again, "measured_at": "t3", "compiled_fwd_bwd_s": 0.5, "compile_s": 1.0}
+    merge_results(path, {"device": "cpu"}, [compiled])
+    row = rows()[64]
+    assert row["compiled_fwd_bwd_s"] == 0.5 and "compiled_measured_at" not in row
+    assert row["peak_mb"] == 10.0 and row["peak_measured_at"] == "t1"
+    failed = {"family": "vanilla", "length": 64, "batch_size": 1, "error": "out of memory"}
+    merge_results(path, {"device": "cpu"}, [failed])
+    assert rows()[64] == failed
+
+
 def test_reference_defaults_table_in_the_readme(tmp_path):
     from longrange.bench.report import write_report
     from longrange.bench.speed import merge_results, results_path
