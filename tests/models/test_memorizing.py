@@ -295,6 +295,40 @@ def test_options_run_and_train():
     state.close()
 
 
+def test_attention_dropout_runs_in_the_shared_kv_op(monkeypatch):
+    """In training, attention dropout is applied by ops/shared_kv (its blocked form here: 16
+    queries), not by the layers' score-matrix path: two steps from the same state differ; in
+    evaluation they are equal."""
+    from longrange.models.memorizing.layers import KNNAttention
+    from longrange.ops.shared_kv import blocked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the score-matrix path ran")
+
+    monkeypatch.setattr(KNNAttention, "_attend", refuse)
+    drawn = []
+    keep_mask = blocked.keep_mask
+    monkeypatch.setattr(blocked, "keep_mask", lambda w, rate: drawn.append(rate) or keep_mask(w, rate))
+    model = _model(attn_dropout=0.5)
+    tokens = _tokens(2, CHUNK, seed=60)
+
+    def twice():
+        outs = []
+        for _ in range(2):
+            state = model.init_state(2)
+            outs.append(model.forward_lm(tokens, state=state).logits)
+            state.close()
+        return outs
+
+    model.train()
+    first, second = twice()
+    assert not torch.allclose(first, second) and set(drawn) == {0.5}
+    drawn.clear()
+    model.eval()
+    first, second = twice()
+    assert torch.equal(first, second) and not drawn
+
+
 def test_trainer_and_evaluation_carry_memory(tmp_path, text_folder):
     from longrange.data.corpus import load_corpus
     from longrange.train.config import TrainConfig
@@ -446,7 +480,7 @@ SHARED_KV_CASES = {
 
 @pytest.mark.parametrize("options, padded", SHARED_KV_CASES.values(), ids=SHARED_KV_CASES.keys())
 def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, options, padded):
-    """The attention through ops/shared_kv (the default without attention dropout) gives the
+    """The attention through ops/shared_kv (the default but for the gated combine) gives the
     logits and every parameter gradient of the layers' own score-matrix path, over chunks that
     retrieve from a filled memory; also with key padding (a left-padded row, whose first
     queries see no real key, and XL windows hidden after a document ends)."""

@@ -6,10 +6,13 @@ plain loop; bad input is refused before any work."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from longrange.ops.dense.bias import ToeplitzBias
+from longrange.ops.shared_kv import blocked as blocked_module
 from longrange.ops.shared_kv import diagonal as diagonal_module
 from longrange.ops.shared_kv import (
     diagonal_sums,
@@ -18,6 +21,7 @@ from longrange.ops.shared_kv import (
     shared_kv_attention_blocked,
     shared_kv_attention_naive,
 )
+from longrange.ops.shared_kv import naive as naive_module
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -142,6 +146,69 @@ def test_blocked_with_a_key_mask_in_small_blocks():
 
     naive = _joined(shared_kv_attention_naive, 24, 30, True, scale=0.3, key_mask=mask)
     assert_same_forward_backward(blocked, naive, inputs)
+
+
+@pytest.mark.parametrize(
+    "case", [(2, 3, 21, 33, 8, 5, True), (1, 2, 24, 24, 4, 0, True)], ids=["memory", "local"]
+)
+def test_blocked_dropout_equals_naive_with_the_same_masks(monkeypatch, case):
+    """Attention dropout: with the keep masks of the naive form's weights handed to the blocked
+    form block by block (blocks of 3 positions), outputs, memory weights and every gradient
+    agree; the kept weights are scaled by 1 / (1 - rate) in both."""
+    b, h, n, m, _, k, causal = case
+    rate = 0.3
+    full = torch.rand(b, h, n, k + m, generator=torch.Generator().manual_seed(5)) >= rate
+    inputs = [t for t in _inputs(*case) if t is not None]
+    block = 3
+
+    def blocked(*args):
+        order = iter(
+            [(i, a, z, e) for i in range(b) for a, z, e in blocked_module._blocks(n, m, block, causal)]
+        )
+
+        def handed(weights, given_rate):
+            assert given_rate == rate
+            i, a, z, e = next(order)
+            return full[i, :, a:z, : k + e].transpose(0, 1).reshape(weights.shape)
+
+        monkeypatch.setattr(blocked_module, "keep_mask", handed)
+        return _joined(shared_kv_attention_blocked_rows, n, m, causal, block=block, dropout=rate)(*args)
+
+    def naive(*args):
+        fake = types.SimpleNamespace(dropout=lambda w, p: w * full.to(w.dtype) / (1 - p))
+        monkeypatch.setattr(naive_module, "F", fake)
+        return _joined(shared_kv_attention_naive, n, m, causal, scale=0.3, dropout=rate)(*args)
+
+    assert_same_forward_backward(blocked, naive, inputs)
+
+
+def shared_kv_attention_blocked_rows(q, keys, values, bias, *, block, **keywords):
+    """The blocked form called with a ToeplitzBias, as the dispatcher calls it."""
+    return shared_kv_attention_blocked(
+        q,
+        keys,
+        values,
+        bias.values,
+        bias.rows(),
+        scale=0.3,
+        causal=bias.causal,
+        block_rows=block * q.shape[1],
+        **keywords,
+    )
+
+
+def test_dropout_drops_in_both_forms_and_is_checked():
+    q, keys, values, table, memory = _inputs(1, 2, 40, 40, 8, 3, True)
+    bias = ToeplitzBias(table, 40, 40, causal=True)
+    for backend in ("blocked", "naive"):
+        plain, _ = shared_kv_attention(q, keys, values, bias, memory_logits=memory, backend=backend)
+        dropped, _ = shared_kv_attention(
+            q, keys, values, bias, memory_logits=memory, dropout=0.5, backend=backend
+        )
+        assert not torch.allclose(plain, dropped) and torch.isfinite(dropped).all()
+    for rate in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+            shared_kv_attention(q, keys, values, bias, dropout=rate)
 
 
 @pytest.mark.parametrize("k", [0, 32], ids=["local", "with-memory"])

@@ -68,8 +68,9 @@ class Attention(nn.Module):
     with ``bias`` [H, N, M] the relative bias with the causal mask folded in
     (:func:`causal_bias`), a tensor or a :class:`~longrange.ops.dense.bias.ToeplitzBias` (its
     values, as the model passes it). The shared head makes each product one GEMM over all
-    heads; without attention dropout the op ``ops/shared_kv`` runs it (in blocks of query
-    positions where it can, key padding included), else the score matrix here.
+    heads; the op ``ops/shared_kv`` runs it (in blocks of query positions where it can, key
+    padding and attention dropout included); the score matrix here is the gated combine's
+    (:class:`KNNAttention`) and the tests' reference.
     """
 
     knn = False
@@ -105,12 +106,23 @@ class Attention(nn.Module):
 
     def by_op(self) -> bool:
         """Whether attention runs as :func:`~longrange.ops.shared_kv.shared_kv_attention`
-        (which picks its backend): no attention dropout to apply."""
-        return not (self.training and self.attn_drop.p > 0)
+        (which picks its backend): everything but KNNAttention's gated combine."""
+        return getattr(self, "memory_gate", None) is None
+
+    def dropout_rate(self) -> float:
+        return self.attn_drop.p if self.training else 0.0
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Bias) -> Tensor:
         if self.by_op():
-            out, _ = shared_kv_attention(q, keys, values, bias, scale=self.dim_head**-0.5, key_mask=key_valid)
+            out, _ = shared_kv_attention(
+                q,
+                keys,
+                values,
+                bias,
+                scale=self.dim_head**-0.5,
+                key_mask=key_valid,
+                dropout=self.dropout_rate(),
+            )
             return self.to_out(out.flatten(2))
         attn = self.attn_drop(self.logits(q, keys, key_valid, bias).softmax(dim=-1))
         out = shared_kv_output(attn, values)
@@ -179,7 +191,7 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
-        if self.by_op() and self.memory_gate is None:
+        if self.by_op():
             out = self._attend_by_op(q, keys, values, key_valid, bias, retrieved, scale)
         else:
             out = self._attend(q, keys, values, key_valid, _dense(bias), retrieved, scale)
@@ -199,12 +211,13 @@ class KNNAttention(Attention):
         scale: Tensor,
     ) -> Tensor:
         """One softmax over the retrieved pairs and the keys -> [B, N, H, D]."""
+        rate = self.dropout_rate()
         if retrieved is None:
-            return shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid)[0]
+            return shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
         sim_mem = memory_scores(q, retrieved) * scale  # the search scored the unscaled q
         sim_mem = sim_mem.masked_fill(~retrieved.found, -torch.finfo(sim_mem.dtype).max)
         out, weights = shared_kv_attention(
-            q * scale, keys, values, bias, memory_logits=sim_mem, key_mask=key_valid
+            q * scale, keys, values, bias, memory_logits=sim_mem, key_mask=key_valid, dropout=rate
         )
         return out + memory_values(weights.transpose(1, 2), retrieved).transpose(1, 2)
 
@@ -218,7 +231,7 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None,
         scale: Tensor,
     ) -> Tensor:
-        """With attention dropout or the memory gate -> [B, N, H, D]."""
+        """The score matrix itself (the memory gate's path, and the tests' reference) -> [B, N, H, D]."""
         sim = _mask_keys(shared_kv_scores(q * scale, keys, bias), key_valid)
         if retrieved is None:
             attn = self.attn_drop(sim.softmax(dim=-1))

@@ -65,16 +65,21 @@ def shared_kv_attention(
     scale: float = 1.0,
     memory_logits: Tensor | None = None,
     key_mask: Tensor | None = None,
+    dropout: float = 0.0,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention with scores ``scale * q . key + bias``: q [B, H, N, D], keys /
     values [B, M, D], bias [H or 1, N, M] (a tensor, or a :class:`ToeplitzBias`),
     memory_logits [B, H, N, K] | None (joined to each query's scores before the softmax),
     key_mask [B, M] bool | None (True: a real key; a hidden key scores the most negative
-    finite number) -> out [B, N, H, D] and the weights of the memory logits [B, N, H, K]
-    (None without them). ``backend``: one of :data:`BACKENDS`."""
+    finite number), dropout (the attention dropout rate in [0, 1), applied to the weights
+    after the softmax, memory logits' included) -> out [B, N, H, D] and the weights of the
+    memory logits [B, N, H, K] (after dropout; None without them). ``backend``: one of
+    :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     _check(q, keys, values, bias, memory_logits, key_mask)
     blocked_fits = isinstance(bias, ToeplitzBias) and bias.heads == q.shape[1]
     if backend == "blocked" and not blocked_fits:
@@ -82,7 +87,14 @@ def shared_kv_attention(
     pays = q.device.type == "cpu" and q.shape[2] >= BLOCKED_FROM and not torch.compiler.is_compiling()
     if backend == "naive" or (backend == "auto" and not (blocked_fits and pays)):
         return shared_kv_attention_naive(
-            q, keys, values, bias, scale=scale, memory_logits=memory_logits, key_mask=key_mask
+            q,
+            keys,
+            values,
+            bias,
+            scale=scale,
+            memory_logits=memory_logits,
+            key_mask=key_mask,
+            dropout=dropout,
         )
     return shared_kv_attention_blocked(
         q,
@@ -94,6 +106,7 @@ def shared_kv_attention(
         causal=bias.causal,
         memory_logits=memory_logits,
         key_mask=key_mask,
+        dropout=dropout,
     )
 
 

@@ -10,6 +10,7 @@ Dimensions: B batch, H heads, N queries, M keys, D head width, K extra logits pe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from longrange.ops.dense.bias import ToeplitzBias
@@ -41,11 +42,13 @@ def shared_kv_attention_naive(
     scale: float = 1.0,
     memory_logits: Tensor | None = None,
     key_mask: Tensor | None = None,
+    dropout: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """q [B, H, N, D], keys / values [B, M, D], bias [H or 1, N, M] (or a
     :class:`ToeplitzBias`), memory_logits [B, H, N, K] | None, key_mask [B, M] bool | None
-    (True: a real key; a hidden key's score is the most negative finite number) -> out
-    [B, N, H, D] and the memory logits' weights [B, N, H, K] (None without them). Scores are
+    (True: a real key; a hidden key's score is the most negative finite number), dropout (the
+    attention dropout rate, on the weights after the softmax) -> out [B, N, H, D] and the
+    memory logits' weights [B, N, H, K] (after dropout; None without them). Scores are
     ``scale * q . key + bias``."""
     dense = bias.dense() if isinstance(bias, ToeplitzBias) else bias
     scores = shared_kv_scores(q * scale, keys, dense)
@@ -56,6 +59,8 @@ def shared_kv_attention_naive(
         k = memory_logits.shape[-1]
         scores = torch.cat([memory_logits.to(scores.dtype), scores], dim=-1)
     weights = scores.softmax(dim=-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
     out = shared_kv_output(weights[..., k:], values).transpose(1, 2)
     if memory_logits is None:
         return out, None
