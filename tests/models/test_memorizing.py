@@ -475,12 +475,13 @@ SHARED_KV_CASES = {
     "chunk-keys": ({}, False),
     "xl-window": ({"xl_max_memories": 8}, False),
     "padded-documents": ({"xl_max_memories": 8, "clear_memories_on_eos_token_id": EOS}, True),
+    "gated-combine": ({"knn_combine": "gate", "clear_memories_on_eos_token_id": EOS}, True),
 }
 
 
 @pytest.mark.parametrize("options, padded", SHARED_KV_CASES.values(), ids=SHARED_KV_CASES.keys())
 def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, options, padded):
-    """The attention through ops/shared_kv (the default but for the gated combine) gives the
+    """The attention through ops/shared_kv (the default, the gated combine's included) gives the
     logits and every parameter gradient of the layers' own score-matrix path, over chunks that
     retrieve from a filled memory; also with key padding (a left-padded row, whose first
     queries see no real key, and XL windows hidden after a document ends)."""
@@ -496,7 +497,7 @@ def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, options, padd
 
     def run(by_op):
         if not by_op:
-            monkeypatch.setattr(Attention, "by_op", lambda self: False)
+            monkeypatch.setattr(Attention, "reference_path", True)
         model.zero_grad(set_to_none=True)
         state, logits = model.init_state(2), []
         for i in range(0, tokens.shape[1], CHUNK):

@@ -69,11 +69,14 @@ class Attention(nn.Module):
     (:func:`causal_bias`), a tensor or a :class:`~longrange.ops.dense.bias.ToeplitzBias` (its
     values, as the model passes it). The shared head makes each product one GEMM over all
     heads; the op ``ops/shared_kv`` runs it (in blocks of query positions where it can, key
-    padding and attention dropout included); the score matrix here is the gated combine's
-    (:class:`KNNAttention`) and the tests' reference.
+    padding and attention dropout included). The score matrix formed here is the reference
+    the tests hold the op to (``reference_path``).
     """
 
     knn = False
+    # True: attend through the score matrix formed here instead of ops/shared_kv (the tests'
+    # reference; same results)
+    reference_path = False
 
     def __init__(
         self,
@@ -104,16 +107,11 @@ class Attention(nn.Module):
     def logits(self, q: Tensor, keys: Tensor, key_valid: Tensor | None, bias: Bias) -> Tensor:
         return _mask_keys(shared_kv_scores(q * self.dim_head**-0.5, keys, _dense(bias)), key_valid)
 
-    def by_op(self) -> bool:
-        """Whether attention runs as :func:`~longrange.ops.shared_kv.shared_kv_attention`
-        (which picks its backend): everything but KNNAttention's gated combine."""
-        return getattr(self, "memory_gate", None) is None
-
     def dropout_rate(self) -> float:
         return self.attn_drop.p if self.training else 0.0
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, bias: Bias) -> Tensor:
-        if self.by_op():
+        if not self.reference_path:
             out, _ = shared_kv_attention(
                 q,
                 keys,
@@ -191,7 +189,7 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None = None,
     ) -> Tensor:
         scale = self.scale.exp()
-        if self.by_op():
+        if not self.reference_path:
             out = self._attend_by_op(q, keys, values, key_valid, bias, retrieved, scale)
         else:
             out = self._attend(q, keys, values, key_valid, _dense(bias), retrieved, scale)
@@ -210,12 +208,19 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None,
         scale: Tensor,
     ) -> Tensor:
-        """One softmax over the retrieved pairs and the keys -> [B, N, H, D]."""
+        """One softmax over the retrieved pairs and the keys (or, gated, one each) -> [B, N, H, D]."""
         rate = self.dropout_rate()
         if retrieved is None:
             return shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
         sim_mem = memory_scores(q, retrieved) * scale  # the search scored the unscaled q
         sim_mem = sim_mem.masked_fill(~retrieved.found, -torch.finfo(sim_mem.dtype).max)
+        if self.memory_gate is not None:
+            local = shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
+            remote = F.dropout(sim_mem.softmax(dim=-1), rate).to(values.dtype)
+            remote = memory_values(remote, retrieved).transpose(1, 2)
+            # a query that found no memory keeps its local attention whole
+            gate = self.memory_gate.sigmoid() * retrieved.found.any(dim=-1, keepdim=True)
+            return local + gate.transpose(1, 2).to(local.dtype) * (remote - local)
         out, weights = shared_kv_attention(
             q * scale, keys, values, bias, memory_logits=sim_mem, key_mask=key_valid, dropout=rate
         )
@@ -231,7 +236,7 @@ class KNNAttention(Attention):
         retrieved: Retrieved | None,
         scale: Tensor,
     ) -> Tensor:
-        """The score matrix itself (the memory gate's path, and the tests' reference) -> [B, N, H, D]."""
+        """The same through the score matrix formed here (``reference_path``) -> [B, N, H, D]."""
         sim = _mask_keys(shared_kv_scores(q * scale, keys, bias), key_valid)
         if retrieved is None:
             attn = self.attn_drop(sim.softmax(dim=-1))
