@@ -69,26 +69,35 @@ def keep_mask(weights: Tensor, rate: float) -> Tensor:
     return torch.rand_like(weights) >= rate
 
 
+def _rows(t: Tensor, b: int) -> Tensor:
+    """Batch row b of t [B, N, H, X] as N * H rows of X (a view)."""
+    return t[b].view(t.shape[1] * t.shape[2], t.shape[3])
+
+
 class _SharedKV(torch.autograd.Function):
+    # Each block reads its rows through 2-D views made once per batch row (a slice each),
+    # not by indexing the 4-D tensors again: about 40% fewer operator calls, which at 512
+    # queries are a visible part of the op's time
     @staticmethod
     def forward(ctx, q, keys, values, table, memory, rows, scale, causal, block, hidden, bare, dropout):
         b_, n, h, d = q.shape
         m, k = keys.shape[1], memory.shape[-1]
         out = q.new_empty(b_, n, h, d)
         weights = q.new_empty(b_, n, h, k)
+        bias_rows = rows.view(n * h, m)  # rows are [N, H, M]
         kept, masks = [], []
         for b in range(b_):
-            hid = hidden[b]
+            hid, q_b, out_b, keys_t, values_b = hidden[b], _rows(q, b), _rows(out, b), keys[b].t(), values[b]
+            memory_b, weights_b = _rows(memory, b), _rows(weights, b)
             for a, z, e in _blocks(n, m, block, causal, bare[b]):
-                r = (z - a) * h
-                bias = rows[a:z, :, :e].reshape(r, e)  # a view: rows are [N, H, M]
-                qb = q[b, a:z].view(r, d)
+                lo, hi = a * h, z * h
+                bias = bias_rows[lo:hi, :e]
                 if k:
-                    scores = q.new_empty(r, k + e)
-                    scores[:, :k] = memory[b, a:z].view(r, k)
-                    torch.addmm(bias, qb, keys[b, :e].t(), alpha=scale, out=scores[:, k:])
+                    scores = q.new_empty(hi - lo, k + e)
+                    scores[:, :k] = memory_b[lo:hi]
+                    torch.addmm(bias, q_b[lo:hi], keys_t[:, :e], alpha=scale, out=scores[:, k:])
                 else:
-                    scores = torch.addmm(bias, qb, keys[b, :e].t(), alpha=scale)
+                    scores = torch.addmm(bias, q_b[lo:hi], keys_t[:, :e], alpha=scale)
                 if hid is not None:
                     scores[:, k:].masked_fill_(hid[:e], -torch.finfo(scores.dtype).max)
                 p = scores.softmax(dim=-1)
@@ -96,9 +105,9 @@ class _SharedKV(torch.autograd.Function):
                 if dropout:
                     masks.append(keep_mask(p, dropout))
                     used = _dropped(p, masks[-1], dropout)
-                torch.mm(used[:, k:], values[b, :e], out=out[b, a:z].view(r, d))
+                torch.mm(used[:, k:], values_b[:e], out=out_b[lo:hi])
                 if k:
-                    weights[b, a:z].view(r, k).copy_(used[:, :k])
+                    weights_b[lo:hi].copy_(used[:, :k])
                 kept.append(p)
         ctx.save_for_backward(q, keys, values, *kept, *masks)
         ctx.setup = scale, causal, block, table.shape, table.dtype, k, hidden, bare, dropout, len(kept)
@@ -115,9 +124,9 @@ class _SharedKV(torch.autograd.Function):
     def _backward(ctx, d_out, d_weights):
         q, keys, values, *saved = ctx.saved_tensors
         scale, causal, block, table_shape, table_dtype, k, hidden, bare, dropout, count = ctx.setup
-        kept, masks = saved[:count], iter(saved[count:])
+        kept, masks = iter(saved[:count]), iter(saved[count:])
         need_q, need_k, need_v, need_t, need_m = ctx.needs_input_grad[:5]
-        b_, n, h, d = q.shape
+        b_, n, h, _ = q.shape
         m = keys.shape[1]
         d_out = d_out.to(q.dtype).contiguous()
         d_weights = None if d_weights is None else d_weights.to(q.dtype).contiguous()
@@ -126,36 +135,41 @@ class _SharedKV(torch.autograd.Function):
         dv = torch.zeros_like(values) if need_v else None
         dt = torch.zeros(h, table_shape[-1], dtype=table_dtype, device=q.device) if need_t else None
         dm = q.new_zeros(b_, n, h, k) if need_m and k else None
-        blocks = iter(kept)
         for b in range(b_):
+            hid, g_b, q_b, keys_b, values_t = hidden[b], _rows(d_out, b), _rows(q, b), keys[b], values[b].t()
+            dw_b = None if d_weights is None else _rows(d_weights, b)
+            dq_b = None if dq is None else _rows(dq, b)
+            dm_b = None if dm is None else _rows(dm, b)
+            dk_b = None if dk is None else dk[b]
+            dv_b = None if dv is None else dv[b]
             for a, z, e in _blocks(n, m, block, causal, bare[b]):
-                p = next(blocks)
-                r = (z - a) * h
-                g = d_out[b, a:z].view(r, d)
+                p = next(kept)
+                lo, hi = a * h, z * h
+                g = g_b[lo:hi]
                 if k:
-                    dp = q.new_zeros(r, k + e) if d_weights is None else q.new_empty(r, k + e)
-                    if d_weights is not None:
-                        dp[:, :k] = d_weights[b, a:z].view(r, k)
-                    torch.mm(g, values[b, :e].t(), out=dp[:, k:])
+                    dp = q.new_zeros(hi - lo, k + e) if dw_b is None else q.new_empty(hi - lo, k + e)
+                    if dw_b is not None:
+                        dp[:, :k] = dw_b[lo:hi]
+                    torch.mm(g, values_t[:, :e], out=dp[:, k:])
                 else:
-                    dp = torch.mm(g, values[b, :e].t())
+                    dp = torch.mm(g, values_t[:, :e])
                 used = p
                 if dropout:
                     keep = next(masks)
                     dp = _dropped(dp, keep, dropout)
                     used = _dropped(p, keep, dropout)
                 ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-                if hidden[b] is not None:  # a hidden key's weight may be non-zero (a bare query)
-                    ds[:, k:].masked_fill_(hidden[b][:e], 0)
-                if dm is not None:
-                    dm[b, a:z].view(r, k).copy_(ds[:, :k])
+                if hid is not None:  # a hidden key's weight may be non-zero (a bare query)
+                    ds[:, k:].masked_fill_(hid[:e], 0)
+                if dm_b is not None:
+                    dm_b[lo:hi].copy_(ds[:, :k])
                 local = ds[:, k:]
-                if dv is not None:
-                    dv[b, :e].addmm_(used[:, k:].t(), g)
-                if dq is not None:
-                    torch.mm(local, keys[b, :e], out=dq[b, a:z].view(r, d))
-                if dk is not None:
-                    dk[b, :e].addmm_(local.t(), q[b, a:z].view(r, d), alpha=scale)
+                if dv_b is not None:
+                    dv_b[:e].addmm_(used[:, k:].t(), g)
+                if dq_b is not None:
+                    torch.mm(local, keys_b[:e], out=dq_b[lo:hi])
+                if dk_b is not None:
+                    dk_b[:e].addmm_(local.t(), q_b[lo:hi], alpha=scale)
                 if dt is not None:
                     diagonal_sums(local, h, a, n, dt)
         if dq is not None:
