@@ -52,13 +52,11 @@ def _blocks(n: int, m: int, block: int, causal: bool, bare: int = 0):
         yield a, z, m - n + z if causal and a >= bare else m
 
 
-def _bare_queries(key_mask: Tensor, n: int, m: int, causal: bool) -> list[int]:
-    """Per batch row, how many leading queries see no unhidden key (the queries are the last
-    n of m positions; without ``causal`` a query sees every key)."""
+def _bare_queries(key_mask: Tensor, n: int, m: int) -> list[int]:
+    """Per batch row, how many leading queries see no unhidden key under a causal bias (the
+    queries are the last n of m positions)."""
     shown = key_mask.any(dim=1)
     first = torch.where(shown, key_mask.int().argmax(dim=1), m)  # the first unhidden key
-    if not causal:
-        return torch.where(shown, 0, n).tolist()
     return (first - (m - n)).clamp(0, n).tolist()
 
 
@@ -84,7 +82,7 @@ class _SharedKV(torch.autograd.Function):
         m, k = keys.shape[1], memory.shape[-1]
         out = q.new_empty(b_, n, h, d)
         weights = q.new_empty(b_, n, h, k)
-        bias_rows = rows.view(n * h, m)  # rows are [N, H, M]
+        bias_rows = rows.reshape(n * h, m)  # rows are [N, H, M] (a view when contiguous)
         kept, masks = [], []
         for b in range(b_):
             hid, q_b, out_b, keys_t, values_b = hidden[b], _rows(q, b), _rows(out, b), keys[b].t(), values[b]
@@ -205,7 +203,7 @@ def shared_kv_attention_blocked(
     m = keys.shape[1]
     hidden, bare = [None] * b, [0] * b
     if key_mask is not None:
-        bare = _bare_queries(key_mask, n, m, causal)
+        bare = _bare_queries(key_mask, n, m) if causal else bare  # without causal, every block reads all
         hidden = [None if bool(row.all()) else ~row for row in key_mask]
     dtype = _dtype(q, keys, values)
     q_rows = q.transpose(1, 2).to(dtype).contiguous()
