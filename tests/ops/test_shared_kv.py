@@ -148,22 +148,36 @@ def test_blocked_with_a_key_mask_in_small_blocks():
     assert_same_forward_backward(blocked, naive, inputs)
 
 
-@pytest.mark.parametrize(
-    "case", [(2, 3, 21, 33, 8, 5, True), (1, 2, 24, 24, 4, 0, True)], ids=["memory", "local"]
-)
-def test_blocked_dropout_equals_naive_with_the_same_masks(monkeypatch, case):
+DROPOUT_CASES = {
+    "memory": ((2, 3, 21, 33, 8, 5, True), None),
+    "local": ((1, 2, 24, 24, 4, 0, True), None),
+    "memory-left-padding": ((2, 3, 21, 33, 8, 5, True), "left-padding"),
+    "local-left-padding": ((2, 2, 24, 24, 4, 0, True), "left-padding"),
+}
+
+
+@pytest.mark.parametrize("case, kind", DROPOUT_CASES.values(), ids=DROPOUT_CASES.keys())
+def test_blocked_dropout_equals_naive_with_the_same_masks(monkeypatch, case, kind):
     """Attention dropout: with the keep masks of the naive form's weights handed to the blocked
     form block by block (blocks of 3 positions), outputs, memory weights and every gradient
-    agree; the kept weights are scaled by 1 / (1 - rate) in both."""
+    agree; the kept weights are scaled by 1 / (1 - rate) in both. Also with key padding whose
+    first queries see no real key (their blocks read every key)."""
     b, h, n, m, _, k, causal = case
     rate = 0.3
     full = torch.rand(b, h, n, k + m, generator=torch.Generator().manual_seed(5)) >= rate
+    key_mask = None if kind is None else _key_mask(kind, b, n, m)
+    bare = [0] * b if key_mask is None else blocked_module._bare_queries(key_mask, n, m)
+    assert key_mask is None or bare[0] > 3  # a bare block, then skipping ones
     inputs = [t for t in _inputs(*case) if t is not None]
     block = 3
 
     def blocked(*args):
         order = iter(
-            [(i, a, z, e) for i in range(b) for a, z, e in blocked_module._blocks(n, m, block, causal)]
+            [
+                (i, a, z, e)
+                for i in range(b)
+                for a, z, e in blocked_module._blocks(n, m, block, causal, bare[i])
+            ]
         )
 
         def handed(weights, given_rate):
@@ -172,12 +186,16 @@ def test_blocked_dropout_equals_naive_with_the_same_masks(monkeypatch, case):
             return full[i, :, a:z, : k + e].transpose(0, 1).reshape(weights.shape)
 
         monkeypatch.setattr(blocked_module, "keep_mask", handed)
-        return _joined(shared_kv_attention_blocked_rows, n, m, causal, block=block, dropout=rate)(*args)
+        return _joined(
+            shared_kv_attention_blocked_rows, n, m, causal, block=block, dropout=rate, key_mask=key_mask
+        )(*args)
 
     def naive(*args):
         fake = types.SimpleNamespace(dropout=lambda w, p: w * full.to(w.dtype) / (1 - p))
         monkeypatch.setattr(naive_module, "F", fake)
-        return _joined(shared_kv_attention_naive, n, m, causal, scale=0.3, dropout=rate)(*args)
+        return _joined(shared_kv_attention_naive, n, m, causal, scale=0.3, dropout=rate, key_mask=key_mask)(
+            *args
+        )
 
     assert_same_forward_backward(blocked, naive, inputs)
 
