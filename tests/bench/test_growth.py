@@ -4,7 +4,7 @@ import pytest
 
 from longrange.bench import growth
 from longrange.bench.report import markdown_for_device
-from longrange.bench.speed import merge_results
+from longrange.bench.results import merge_results
 from longrange.bench.timing import steps_in_turn
 from longrange.cli import main
 

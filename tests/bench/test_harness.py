@@ -92,7 +92,7 @@ def test_generate_and_recall_suites_at_tiny_size(tmp_path):
 
 def test_recall_table_in_the_report(tmp_path):
     from longrange.bench.report import markdown_for_device
-    from longrange.bench.speed import merge_results
+    from longrange.bench.results import merge_results
 
     folder = tmp_path / "dev"
     rows = [
@@ -108,7 +108,7 @@ def test_recall_table_in_the_report(tmp_path):
 
 def test_the_report_names_the_points_timed_with_the_cpu_cache(tmp_path):
     from longrange.bench.report import markdown_for_device
-    from longrange.bench.speed import merge_results
+    from longrange.bench.results import merge_results
 
     def row(family, length, cache=None):
         out = {"family": family, "length": length, "batch_size": 1, "fwd_bwd_s": 1.0, "tokens_per_s": 1.0}

@@ -256,7 +256,7 @@ def test_a_later_pass_keeps_the_parts_it_did_not_measure(tmp_path):
     """Re-timing a point eagerly (a partial ``bench speed`` run) keeps its compiled figures and
     peak from the earlier pass, dated; a pass that measures them replaces them; a failed row
     keeps nothing of the earlier one."""
-    from longrange.bench.speed import merge_results, results_path
+    from longrange.bench.results import merge_results, results_path
 
     path = results_path(tmp_path, "cpu", "speed")
     first = {"family": "vanilla", "length": 64, "batch_size": 1, "fwd_bwd_s": 2.0, "measured_at": "t1"}
@@ -287,7 +287,7 @@ def test_a_later_pass_keeps_the_parts_it_did_not_measure(tmp_path):
 
 def test_reference_defaults_table_in_the_readme(tmp_path):
     from longrange.bench.report import write_report
-    from longrange.bench.speed import merge_results, results_path
+    from longrange.bench.results import merge_results, results_path
 
     pair = {"family": "routing", "class": "RoutingTransformerLM", "setting": "causal, 2 local heads"}
     pair.update(length=8192, against="reference package", longrange_s=0.5, other_s=1.0, speedup=2.0)

@@ -50,7 +50,7 @@ from longrange.bench.context_variants import (
     lm_reach,
 )
 from longrange.bench.device import device_label, environment
-from longrange.bench.speed import merge_results, results_path
+from longrange.bench.results import merge_results, results_path
 from longrange.data.corpus import Corpus, Document, load_corpus
 
 PARTS = ("position", "ablation", "recall", "compute")

@@ -17,7 +17,8 @@ import statistics
 from typing import Any
 
 from longrange.bench.device import environment
-from longrange.bench.speed import bench_inputs, fwd_bwd, merge_results, results_path, stamp
+from longrange.bench.results import merge_results, results_path
+from longrange.bench.speed import bench_inputs, fwd_bwd, stamp
 from longrange.bench.timing import steps_in_turn
 
 

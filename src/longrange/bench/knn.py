@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from longrange.bench.device import environment
 from longrange.bench.memory import run_child
-from longrange.bench.speed import merge_results, results_path
+from longrange.bench.results import merge_results, results_path
 
 CHUNK = 512
 TOP_K = 32  # the reference's num_retrieved_memories

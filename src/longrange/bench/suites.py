@@ -7,14 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench.device import environment
-from longrange.bench.speed import (
-    format_table,
-    memory_in_fresh_process,
-    merge_results,
-    results_path,
-    run_speed_suite,
-    stamp,
-)
+from longrange.bench.results import merge_results, results_path
+from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite, stamp
 
 SUITES = ("speed", "growth", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report")
 
