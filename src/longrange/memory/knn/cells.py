@@ -18,16 +18,19 @@ top-32 in a heap, and its rounded scores had to be re-scored exactly (2.5 ms mor
   with :func:`probe_cells`): inserting into a sorted top-K as the scores came cost as much as
   the scores; a buffer of 2K candidates above a running threshold, cut back whenever full,
   2 ms more than picking at the end; a candidate's column follows from its place in the
-  scratch (the query's cells in increasing order), not stored beside it (that store cost 2.9
-  of 10.3 ms in the model).
+  scratch and the layout block each 16 scores came from, noted once per block as the scan
+  writes them (a column stored beside every score cost 2.9 of 10.3 ms in the model; sorting
+  each query's cells after the scan and mapping their blocks again, 0.8 ms of 6);
+- a thread scores the queries probing a cell four at a time, each row of a block loaded once
+  for the four, and the selection gathers its candidates without a branch per score.
 
 The threads take contiguous ranges of queries (split by parity, their writes to neighbouring
-cursors shared cache lines), and a query's scratch blocks are mapped to the layout's once.
-At 32K entries of the bench model (1,448 cells, 24 probes, K = 32): 5.9 ms (7.5 before those
-two) against faiss's 16 plus the re-scoring, the same neighbours (recall@32 0.969 against exact search,
-faiss's 0.968). Where the scan cannot be built (no compiler, not Linux) :meth:`CellLists.search`
-runs :func:`search_reference`, the same result in torch ops (slower; also what tests compare
-the scan with).
+cursors shared cache lines). At 32K entries of the bench model (1,448 cells, 24 probes,
+K = 32): 4.6 ms (7.5 before the ranges and the block map, 6.1 before the four-query scoring
+and the branch-free gathering) against faiss's 16 plus the re-scoring, the same neighbours
+(recall@32 0.969 against exact search, faiss's 0.968). Where the scan cannot be built (no
+compiler, not Linux) :meth:`CellLists.search` runs :func:`search_reference`, the same
+result in torch ops (slower; also what tests compare the scan with).
 
 Each cell has room for half as many keys again as it held when the lists were built
 (:meth:`CellLists.build`); added keys go to the end of their cell, removed ones leave an empty
