@@ -476,3 +476,19 @@ def test_auto_index_with_damaged_centroids_retrains_from_the_store(tmp_path, dam
         torch.testing.assert_close(got, want)
     loaded.close()
     exact.close()
+
+
+def test_tables_handed_out_outlive_close(tmp_path):
+    """A key or value table a retrieval handed out (saved for a backward pass) stays readable
+    after the memory is closed and its file deleted: the mapping goes with its last view.
+    (Closing used to unmap it, and reading such a view crashed the process.)"""
+    memory = _memory(tmp_path, "exact", "flat", None, max_memories=16, rows=1)
+    keys = _keys(10, rows=1)
+    memory.add(_pairs(keys))
+    key_table, value_table = memory.key_table(), memory.value_table()
+    path = memory.path
+    memory.close()
+    assert not path.exists()
+    assert torch.equal(key_table[:10], keys[0]) and torch.equal(value_table[:10], keys[0].flip(-1) * 2 + 1)
+    with pytest.raises(ValueError, match="closed"):
+        memory.key_table()

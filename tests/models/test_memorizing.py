@@ -147,6 +147,24 @@ def test_long_input_runs_chunk_by_chunk_like_a_carried_state():
     state.close()
 
 
+def test_backward_after_a_call_without_a_state_reads_live_tables():
+    """A call without a state closes its memory as it returns; the backward pass still reads
+    the key and value tables its retrievals saved (closing used to unmap them, and this
+    backward pass crashed the process). The gradients equal those of a state kept open."""
+    model = _model(xl_max_memories=6).train()
+    tokens = _tokens(2, 3 * CHUNK, seed=6)
+    model.forward_lm(tokens).logits.sum().backward()
+    closed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    state = model.init_state(2)
+    model.forward_lm(tokens, state=state).logits.sum().backward()
+    state.close()
+    kept = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert kept.keys() == closed.keys() and "blocks.1.attn.to_q.weight" in kept
+    for name, grad in kept.items():
+        assert_close(closed[name], grad, 1e-6)
+
+
 def test_sos_token_clears_from_its_position_on():
     # One layer, so that positions after the sos see the earlier ones only through local keys.
     model = _model(clear_memories_on_sos_token_id=SOS, depth=1, memorizing_layers=(1,))

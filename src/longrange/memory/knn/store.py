@@ -207,10 +207,10 @@ class MemmapStore:
         self.data.flush()
 
     def close(self) -> None:
-        """Drop the mapping (the file stays; the owner removes it)."""
+        """Drop the store's references to the mapping (the file stays; the owner removes it).
+        The mapping goes with the last view of it: a table a retrieval handed out (saved for a
+        backward pass, say) keeps reading valid memory. numpy holds no buffer export on its
+        mmap, so closing the mmap here would unmap memory such views still point into (a
+        backward pass after ``forward_lm`` without a state, which closes its memory, crashed)."""
         self._view = None
-        mm = getattr(self.data, "_mmap", None)
         self.data = None
-        if mm is not None:
-            with contextlib.suppress(BufferError, ValueError):
-                mm.close()
