@@ -455,3 +455,51 @@ def test_bad_inputs_raise_before_work():
     with pytest.raises(ValueError, match="projection"):
         softmax_query_features(q, projection(8, 6))
     assert math.isfinite(favor_error(8, orthogonal=True, seeds=1, n=8, d=4))
+
+
+def _chunked_fn(proj):
+    def fn(q, k, v):
+        fq = softmax_query_features(q, proj)
+        fk, scale = softmax_key_features(k, proj, causal=True)
+        return chunk_causal_linear_attention(fq, fk, v, log_scale=scale, chunk_size=8)[0]
+
+    return fn
+
+
+AUTOCAST_OPS = {
+    "fused-causal": lambda proj: lambda q, k, v: softmax_causal_attention(q, k, v, proj, chunk_size=8)[0],
+    "fused-noncausal": lambda proj: lambda q, k, v: softmax_noncausal_attention(q, k, v, proj, eps=1e-4),
+    "chunked": _chunked_fn,
+}
+
+
+@pytest.mark.parametrize(
+    "name, backward_inside",
+    [(name, False) for name in AUTOCAST_OPS] + [("fused-causal", True), ("fused-noncausal", True)],
+)
+def test_autocast_leaves_the_float32_ops_unchanged(name, backward_inside):
+    """The ops compute in float32 by design. Under bfloat16 autocast (the trainer's --precision
+    bf16, the default on CUDA) they give the very same output and gradients as without it:
+    the products autocast cast to bfloat16 used to be saved for a backward pass that then
+    failed on mixed dtypes (and the chunked form's feature maps took their exponents from
+    bfloat16 products). The fused ops' own backward passes stay in float32 even when backward
+    itself runs under autocast (torch's own backward formulas, such as the feature maps'
+    projection in the chunked form, do follow autocast there)."""
+    fn = AUTOCAST_OPS[name](projection(24, 16))
+    inputs = qkv(2, 2, 37, 16, seed=4, dtype=torch.bfloat16)  # as autocast's projections give them
+
+    def run(autocast):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*leaves)
+            loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return out, [t.grad for t in leaves]
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g is not None and torch.equal(g, w)

@@ -50,6 +50,10 @@ class _ScaledL2Norm(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         # with u = x * inv and g = grad * gain: dx = inv * (g - u (g . u)), d gain = sum grad * u
         x, inv, gain = ctx.saved_tensors
+        # under autocast x may be bfloat16 while the output (x * inv * gain) and so its
+        # gradient are float32: the maths runs in the wider of the two
+        wide = torch.promote_types(x.dtype, grad.dtype)
+        x, inv, grad = x.to(wide), inv.to(wide), grad.to(wide)
         g = grad * gain
         along = torch.linalg.vecdot(g, x, dim=-1).unsqueeze(-1).mul_(inv).mul_(inv)
         grad_x = torch.addcmul(g, x, along, value=-1).mul_(inv)

@@ -256,7 +256,8 @@ class _ChunkCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, c, kv0, c0):
-        out, final, befores = chunk_forward(q, k, v1, c, kv0, c0)
+        with torch.autocast(q.device.type, enabled=False):  # float32 products, as designed
+            out, final, befores = chunk_forward(q, k, v1, c, kv0, c0)
         ctx.save_for_backward(q, k, v1, c, c0, befores)
         return out, final
 
@@ -264,7 +265,9 @@ class _ChunkCausal(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final):
         q, k, v1, c, c0, befores = ctx.saved_tensors
-        dq, dk, dv1, d_kv0 = chunk_backward(q, k, v1, c, c0, befores, d_out, d_final)
+        # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
+        with torch.autocast(d_out.device.type, enabled=False):
+            dq, dk, dv1, d_kv0 = chunk_backward(q, k, v1, c, c0, befores, d_out, d_final)
         return dq, dk, dv1, None, d_kv0, None
 
 

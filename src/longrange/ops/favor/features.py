@@ -108,7 +108,8 @@ def _projected(x: Tensor, projection: Tensor, normalize: bool) -> tuple[Tensor, 
         )
     x = _upcast(x)
     scale = x.shape[-1] ** -0.25 if normalize else 1.0
-    dash = x @ (projection.to(x.dtype) * scale).T
+    with torch.autocast(x.device.type, enabled=False):  # the exponent is float32 under autocast too
+        dash = x @ (projection.to(x.dtype) * scale).T
     half_sq_norm = x.square().sum(-1, keepdim=True) * (scale**2 / 2)
     return dash, half_sq_norm
 

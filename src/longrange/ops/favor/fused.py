@@ -141,9 +141,10 @@ class _SoftmaxCausal(torch.autograd.Function):
     def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
         flushing = q.device.type == "cpu" and flush_begin()  # ops/numerics.py: subnormals
         try:
-            return _SoftmaxCausal._forward(
-                ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes
-            )
+            with torch.autocast(q.device.type, enabled=False):  # float32 products, as designed
+                return _SoftmaxCausal._forward(
+                    ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes
+                )
         finally:
             flush_end(flushing)
 
@@ -180,7 +181,9 @@ class _SoftmaxCausal(torch.autograd.Function):
     def backward(ctx, d_out, d_final, _d_c):
         flushing = d_out.device.type == "cpu" and flush_begin()
         try:
-            return _SoftmaxCausal._backward(ctx, d_out, d_final)
+            # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
+            with torch.autocast(d_out.device.type, enabled=False):
+                return _SoftmaxCausal._backward(ctx, d_out, d_final)
         finally:
             flush_end(flushing)
 

@@ -82,7 +82,8 @@ class _SoftmaxNoncausal(torch.autograd.Function):
     def forward(ctx, q, k, v1, weight, keep, eps, keep_bytes):
         flushing = q.device.type == "cpu" and flush_begin()  # ops/numerics.py: subnormals
         try:
-            return _SoftmaxNoncausal._forward(ctx, q, k, v1, weight, keep, eps, keep_bytes)
+            with torch.autocast(q.device.type, enabled=False):  # float32 products, as designed
+                return _SoftmaxNoncausal._forward(ctx, q, k, v1, weight, keep, eps, keep_bytes)
         finally:
             flush_end(flushing)
 
@@ -111,7 +112,9 @@ class _SoftmaxNoncausal(torch.autograd.Function):
     def backward(ctx, d_out):
         flushing = d_out.device.type == "cpu" and flush_begin()
         try:
-            return _SoftmaxNoncausal._backward(ctx, d_out)
+            # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
+            with torch.autocast(d_out.device.type, enabled=False):
+                return _SoftmaxNoncausal._backward(ctx, d_out)
         finally:
             flush_end(flushing)
 
