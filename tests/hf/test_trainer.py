@@ -60,12 +60,20 @@ def test_trainer_lowers_the_loss(family, fresh, tmp_path):
     assert after < before - 0.5, (before, after)
 
 
-def test_gradient_checkpointing_is_refused_and_bf16_runs(tmp_path):
+def test_gradient_checkpointing_is_refused(tmp_path):
     model = lh.wrap(create_model("vanilla", "tiny"))
     data = rows(32)
     args = arguments(tmp_path, max_steps=2, activation_checkpointing=True)
     with pytest.raises(ValueError, match="does not support activation \\(gradient\\) checkpointing"):
         Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+
+
+def test_bf16_runs(family, fresh, tmp_path):
+    """The Trainer's bf16 (autocast) trains every family (the Performer's and block_recurrent's
+    backward passes failed on mixed dtypes under it before)."""
+    lr = fresh(family)
+    model = lh.wrap(lr)
+    data = rows(min(32, lr.config.max_seq_len))
     args = arguments(tmp_path, max_steps=3, bf16=True)
     result = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
