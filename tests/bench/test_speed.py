@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite
+from longrange.cli import main
 
 
 def test_speed_suite_writes_json(tmp_path, capsys):
@@ -298,3 +299,11 @@ def test_reference_defaults_table_in_the_readme(tmp_path):
     row = "| RoutingTransformerLM (causal, 2 local heads) | 8K | reference package | 500 ms | 1,000 ms |"
     assert row + " 2.00x |" in body
     assert "| PerformerLM (causal) | 8K | reference package | 500 ms | fails | - |" in body
+
+
+@pytest.mark.parametrize("flag", ["--lengths", "--reference-lengths"])
+def test_cli_refuses_lengths_that_are_not_integers_in_one_line(flag, capsys, tmp_path):
+    assert main(["bench", "speed", flag, "1024,abc", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} takes comma-separated integers, got '1024,abc'" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())

@@ -13,7 +13,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from longrange.bench.suites import run_suite
     from longrange.models.registry import available_families
 
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    lengths = int_list("--lengths", args.lengths)
     chosen = args.models or ("all" if args.suite == "context" else "vanilla")
     models = available_families() if chosen == "all" else [m.strip() for m in chosen.split(",") if m.strip()]
     for m in models:
@@ -39,9 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "readme": args.readme,
         "listops_length": (low, high),
         "reference_lengths": (
-            [int(x) for x in args.reference_lengths.split(",") if x.strip()]
-            if args.reference_lengths
-            else None
+            int_list("--reference-lengths", args.reference_lengths) if args.reference_lengths else None
         ),
         "parts": [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts is not None else None,
         "budget": args.budget,
