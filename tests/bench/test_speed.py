@@ -307,3 +307,15 @@ def test_cli_refuses_lengths_that_are_not_integers_in_one_line(flag, capsys, tmp
     err = capsys.readouterr().err
     assert f"{flag} takes comma-separated integers, got '1024,abc'" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_report_without_a_results_folder_is_refused_and_leaves_the_readme(tmp_path, capsys, monkeypatch):
+    """Run from the wrong folder, `bench report` used to write empty tables into the README it
+    found there; it now says which folder it looked for."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# mine\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "report"]) == 2
+    err = capsys.readouterr().err
+    assert "no results folder 'benchmarks/results'" in err and err.count("\n") == 1
+    assert readme.read_text() == "# mine\n"
