@@ -4,6 +4,8 @@ checks, presets and save/load."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import typing
 
 import pytest
@@ -179,6 +181,28 @@ def test_exactly_one_kmeans_update_per_backward_and_none_in_eval(monkeypatch):
     assert handle.updates == 2 and not handle.active
     assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
     assert model.body.update_kmeans() == n_kmeans  # the pending step is applied on request
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_updates_its_own_kmeans(how):
+    """A copy registers its own update handle: the copied one named the original module and
+    its hooks stayed on the original's parameters, so a deep copy trained with fixed
+    centroids (and a pickled model failed on the handle's weak reference)."""
+    torch.manual_seed(0)
+    model = _tiny_lm()
+    x = torch.randint(0, 64, (2, 32))
+    _train_step(model, x)  # initialises the means from data
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert twin.body._handle is not None and twin.body._handle is not model.body._handle
+    before, before_twin = _means(model), _means(twin)
+    _train_step(twin, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, _means(model)))
+    assert all(not torch.equal(a, b) for a, b in zip(before_twin, _means(twin)))
+    _train_step(model, x)
+    assert all(not torch.equal(a, b) for a, b in zip(before, _means(model)))
+    uncopied = _tiny_lm()
+    uncopied.cancel_kmeans_update()
+    assert pickle.loads(pickle.dumps(uncopied)).body._handle is None
 
 
 def test_checkpointed_routed_attention_gives_the_same_gradients():

@@ -116,6 +116,20 @@ class KmeansUpdates:
 
     _handle: KmeansUpdateHandle | None = None
 
+    # A copy (copy.deepcopy, pickle) registers its own handle: the hooks live on the original's
+    # parameters and the handle names the original module, so a copied handle would leave the
+    # copy's centroids fixed through training, and a weak reference does not pickle.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_kmeans_update_registered"] = state.pop("_handle", None) is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        registered = state.pop("_kmeans_update_registered", False)
+        super().__setstate__(state)
+        if registered:
+            self.register_kmeans_update()
+
     def register_kmeans_update(self) -> KmeansUpdateHandle:
         """Update the k-means after every backward pass (replacing an earlier handle)."""
         self.cancel_kmeans_update()
