@@ -189,3 +189,18 @@ def test_compiled_placement_equals_the_reference(dim):
     assert not plain._place_reference(torch.arange(len(crowd)) + 1600, many, crowd)
     for name, old in zip(("keys", "slots", "column", "cell_of", "filled"), before, strict=True):
         assert torch.equal(getattr(compiled, name), old), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cell_probed_twice_is_read_twice_as_the_reference_reads_it(threads):
+    """Probes are distinct when the index picks them; given twice by a caller, each copy of a
+    cell is scanned (duplicate candidates, as in the reference), never two scores written to
+    one place (grouping a query with itself overran its scratch)."""
+    lists, _ = _lists(300, 16, 8, 512, seed=3)
+    queries = _unit(10, 16, seed=4)
+    for row in ([0, 0, 1], [2, 2, 2], [3, -1, 3]):
+        probes = torch.tensor([row] * len(queries))
+        got = lists.search(queries, probes, 5, threads=threads)
+        want = search_reference(lists, queries, probes, 5)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)

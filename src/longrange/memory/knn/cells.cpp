@@ -276,6 +276,9 @@ extern "C" int longrange_cells_search(const float* keys, const int64_t* slots, c
         for (int64_t j = start[c]; j < start[c + 1]; ++j) {
           const int64_t qi = members[j];
           if (qi < mine || qi >= theirs) continue;
+          // a query probing the cell twice (probes given twice) takes its turns in two groups:
+          // one group's queries write their scores to distinct parts of the scratch
+          if (std::find(group, group + g, qi) != group + g) score_group(c);
           group[g++] = qi;
           if (g == 4) score_group(c);
         }
