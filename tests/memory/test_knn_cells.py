@@ -204,3 +204,15 @@ def test_a_cell_probed_twice_is_read_twice_as_the_reference_reads_it(threads):
         want = search_reference(lists, queries, probes, 5)
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+
+
+def test_search_refuses_queries_or_probes_of_the_wrong_shape():
+    """Checked before the scan, which reads both by the lists' sizes (a narrower query or fewer
+    probe rows used to be read past their end)."""
+    lists, _ = _lists(50, 16, 4, 64, seed=5)
+    with pytest.raises(ValueError, match=r"queries must be \[Q, 16\], got \[3, 8\]"):
+        lists.search(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"probes must be integer cells \[Q = 3, P\]"):
+        lists.search(torch.randn(3, 16), torch.zeros(2, 2, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="probes must be integer cells"):
+        lists.search(torch.randn(3, 16), torch.zeros(3, 2), 4)

@@ -245,6 +245,11 @@ class CellLists:
         """queries [Q, D] against the keys of their ``probes`` [Q, P] (cells, any order) ->
         (slots [Q, K], -1 past the candidates; scores [Q, K], the inner products, -inf there),
         best first."""
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {list(queries.shape)}")
+        if probes.dim() != 2 or probes.shape[0] != queries.shape[0] or probes.is_floating_point():
+            got = f"{probes.dtype} {list(probes.shape)}"
+            raise ValueError(f"probes must be integer cells [Q = {queries.shape[0]}, P], got {got}")
         lib = _load()
         if lib is None:
             return search_reference(self, queries, probes, k)
