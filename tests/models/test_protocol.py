@@ -84,6 +84,18 @@ def test_protocol_refuses_bad_calls_before_work(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float32])
+def test_tokens_of_a_type_no_embedding_reads_are_refused_before_work(family, dtype):
+    """int64 and int32 ids are read; uint8 / int16 (byte data, say) used to pass the check and
+    then fail inside the embedding with torch's message."""
+    model = tiny(family)
+    tokens = torch.randint(0, 200, (2, 6)).to(dtype)
+    with pytest.raises(TypeError, match=f"tokens must be an int64 or int32 tensor, got dtype {dtype}"):
+        model.forward_lm(tokens)
+    assert torch.equal(model.forward_lm(tokens.int()).logits, model.forward_lm(tokens.long()).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape", [(1, 0), (0, 16)], ids=["no-positions", "no-rows"])
 def test_empty_inputs_are_refused_the_same_way(family, shape):
     model = tiny(family)

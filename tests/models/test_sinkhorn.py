@@ -182,7 +182,7 @@ def test_bad_inputs_are_refused():
     model = lm()
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens(1, 49))
-    with pytest.raises(TypeError, match="integer"):
+    with pytest.raises(TypeError, match="tokens must be an int64 or int32 tensor"):
         model(torch.zeros(1, 8))
     with pytest.raises(ValueError, match="receives_context"):
         model.run(tokens(1, 8), context=torch.randn(1, 8, 32))

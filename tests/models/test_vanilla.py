@@ -90,7 +90,7 @@ def test_config_round_trip_and_errors():
 
 
 def test_bad_tokens_are_refused_before_work(model):
-    with pytest.raises(TypeError, match="integer"):
+    with pytest.raises(TypeError, match="tokens must be an int64 or int32 tensor"):
         model(torch.randn(1, 4))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 300, dtype=torch.long))

@@ -82,8 +82,9 @@ class LongRangeLM(nn.Module):
         """Validate a token batch before any work: dtype, rank, size, range, length, mask."""
         if not isinstance(tokens, Tensor):
             raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.dtype not in (torch.int64, torch.int32):  # what an embedding looks up by
+            hint = "; convert with .long()" if not tokens.is_floating_point() else ""
+            raise TypeError(f"tokens must be an int64 or int32 tensor, got dtype {tokens.dtype}{hint}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
