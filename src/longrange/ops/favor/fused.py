@@ -31,7 +31,7 @@ from torch import Tensor
 from longrange.ops.favor.chunk import FavorState, chunk_factors, scan_sums, scan_sums_backward, split_chunks
 from longrange.ops.favor.features import check_key_mask, running_log_scale
 from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
-from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
+from longrange.ops.numerics import exp_normal_, flushed_denormals
 
 # Up to this many bytes of features and kernel blocks per call are kept for backward (the
 # bench preset's 64K tokens, the reference defaults' 16K); beyond, backward forms them again.
@@ -139,14 +139,11 @@ class _SoftmaxCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
-        flushing = q.device.type == "cpu" and flush_begin()  # ops/numerics.py: subnormals
-        try:
-            with torch.autocast(q.device.type, enabled=False):  # float32 products, as designed
-                return _SoftmaxCausal._forward(
-                    ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes
-                )
-        finally:
-            flush_end(flushing)
+        # subnormals flushed on the CPU (ops/numerics.py); float32 products, as designed
+        with flushed_denormals(q.device), torch.autocast(q.device.type, enabled=False):
+            return _SoftmaxCausal._forward(
+                ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes
+            )
 
     @staticmethod
     def _forward(ctx, q, k, v1, weight, keep, kv0, c0, has_state, keep_bytes, segment_bytes):
@@ -179,13 +176,9 @@ class _SoftmaxCausal(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final, _d_c):
-        flushing = d_out.device.type == "cpu" and flush_begin()
-        try:
-            # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
-            with torch.autocast(d_out.device.type, enabled=False):
-                return _SoftmaxCausal._backward(ctx, d_out, d_final)
-        finally:
-            flush_end(flushing)
+        # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
+        with flushed_denormals(d_out.device), torch.autocast(d_out.device.type, enabled=False):
+            return _SoftmaxCausal._backward(ctx, d_out, d_final)
 
     @staticmethod
     def _backward(ctx, d_out, d_final):

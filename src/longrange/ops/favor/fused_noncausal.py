@@ -34,7 +34,7 @@ from torch import Tensor
 from longrange.ops.favor.features import check_key_mask
 from longrange.ops.favor.fused import KEEP_BYTES
 from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
-from longrange.ops.numerics import exp_normal_, flush_begin, flush_end
+from longrange.ops.numerics import exp_normal_, flushed_denormals
 
 
 def _projected(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,12 +80,9 @@ class _SoftmaxNoncausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, weight, keep, eps, keep_bytes):
-        flushing = q.device.type == "cpu" and flush_begin()  # ops/numerics.py: subnormals
-        try:
-            with torch.autocast(q.device.type, enabled=False):  # float32 products, as designed
-                return _SoftmaxNoncausal._forward(ctx, q, k, v1, weight, keep, eps, keep_bytes)
-        finally:
-            flush_end(flushing)
+        # subnormals flushed on the CPU (ops/numerics.py); float32 products, as designed
+        with flushed_denormals(q.device), torch.autocast(q.device.type, enabled=False):
+            return _SoftmaxNoncausal._forward(ctx, q, k, v1, weight, keep, eps, keep_bytes)
 
     @staticmethod
     def _forward(ctx, q, k, v1, weight, keep, eps, keep_bytes):
@@ -110,13 +107,9 @@ class _SoftmaxNoncausal(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        flushing = d_out.device.type == "cpu" and flush_begin()
-        try:
-            # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
-            with torch.autocast(d_out.device.type, enabled=False):
-                return _SoftmaxNoncausal._backward(ctx, d_out)
-        finally:
-            flush_end(flushing)
+        # backward runs under the autocast of the caller's .backward() (e.g. the trainer's)
+        with flushed_denormals(d_out.device), torch.autocast(d_out.device.type, enabled=False):
+            return _SoftmaxNoncausal._backward(ctx, d_out)
 
     @staticmethod
     def _backward(ctx, d_out):
