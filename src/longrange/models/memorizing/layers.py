@@ -210,12 +210,13 @@ class KNNAttention(Attention):
     ) -> Tensor:
         """One softmax over the retrieved pairs and the keys (or, gated, one each) -> [B, N, H, D]."""
         rate = self.dropout_rate()
-        if retrieved is None:
-            return shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
+        if retrieved is None or self.memory_gate is not None:  # the keys' own softmax
+            local = shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
+            if retrieved is None:
+                return local
         sim_mem = memory_scores(q, retrieved) * scale  # the search scored the unscaled q
         sim_mem = sim_mem.masked_fill(~retrieved.found, -torch.finfo(sim_mem.dtype).max)
         if self.memory_gate is not None:
-            local = shared_kv_attention(q * scale, keys, values, bias, key_mask=key_valid, dropout=rate)[0]
             remote = F.dropout(sim_mem.softmax(dim=-1), rate).to(values.dtype)
             remote = memory_values(remote, retrieved).transpose(1, 2)
             # a query that found no memory keeps its local attention whole
