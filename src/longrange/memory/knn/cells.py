@@ -266,23 +266,22 @@ class CellLists:
         torch.cumsum(room, 0, out=scratch_at[1:])
         total = int(scratch_at[-1])
         scratch = torch.empty(total, dtype=self.keys.dtype)
-        ptr = _ptr
         status = lib.longrange_cells_search(
-            ptr(self.keys),
-            ptr(self.slots),
-            ptr(self.first),
-            ptr(used),
+            _ptr(self.keys),
+            _ptr(self.slots),
+            _ptr(self.first),
+            _ptr(used),
             ctypes.c_int64(self.cells),
-            ptr(q),
-            ptr(probes),
+            _ptr(q),
+            _ptr(probes),
             ctypes.c_int64(n),
             ctypes.c_int64(probes.shape[1]),
             ctypes.c_int64(self.dim),
             ctypes.c_int64(k),
-            ptr(scratch),
-            ptr(scratch_at),
-            ptr(slots),
-            ptr(scores),
+            _ptr(scratch),
+            _ptr(scratch_at),
+            _ptr(slots),
+            _ptr(scores),
             ctypes.c_int(threads),
         )
         if status != 0:

@@ -1,8 +1,8 @@
 """Reference attention of H query heads against one shared key/value head with an additive
 bias [H, N, M] and optional extra logits per query (retrieved memories) in the same softmax:
 the full score matrix, a softmax, two products. The products are one GEMM over every head
-each (:func:`shared_kv_scores`, :func:`shared_kv_output`, also what the Memorizing layers use
-with key padding or attention dropout; tests hold them to einsum).
+each (:func:`shared_kv_scores`, :func:`shared_kv_output`, also what the Memorizing layers'
+own score-matrix path uses, the tests' reference; tests hold them to einsum).
 
 Dimensions: B batch, H heads, N queries, M keys, D head width, K extra logits per query.
 """
