@@ -334,8 +334,13 @@ def markdown_for_device(folder: Path) -> str:
 
 def write_report(results_dir: str | Path = "benchmarks/results", readme: str | Path = "README.md") -> str:
     root = Path(results_dir)
+    if not root.is_dir():  # a report from elsewhere would blank the README's tables
+        raise ValueError(
+            f"no results folder {str(results_dir)!r}: run the report from the repository root, or "
+            "name the folder with --out"
+        )
     sections = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         speed = load_suite(folder, "speed")
         if speed:
             plot_speed(speed, folder / "speed.png")
