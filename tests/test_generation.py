@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from longrange.generation import apply_repetition_penalty, filter_top_k, filter_top_p, generate
+from longrange.generation import apply_repetition_penalty, filter_top_k, filter_top_p, generate, sample_next
 from longrange.models.registry import create_model
 
 
@@ -62,3 +62,15 @@ def test_bad_sampling_arguments(kwargs, message):
     model = create_model("vanilla", "tiny")
     with pytest.raises(ValueError, match=message):
         model.generate(torch.zeros(1, 2, dtype=torch.long), 3, **kwargs)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    """A temperature so small that the largest logit divided by it overflows to inf used to
+    give NaN probabilities and torch.multinomial's RuntimeError."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-4.0, -5.0, -6.0]])
+    for temperature in (1e-40, 1e-300):
+        assert sample_next(logits, temperature=temperature).tolist() == [1, 0]
+        assert sample_next(logits, temperature=temperature, top_k=2, top_p=0.5).tolist() == [1, 0]
+    model = create_model("vanilla", "tiny").eval()
+    prompt = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-40), model.generate(prompt, 6, temperature=0))

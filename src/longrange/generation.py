@@ -91,7 +91,12 @@ def sample_next(
     """logits [B, V] -> token ids [B]; temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Each row's largest logit moves to 0 before the division, so that a tiny temperature
+    # sends the others to -inf rather than the largest to inf (whose softmax is NaN); one
+    # below float32's smallest normal number would be 0 once cast (and 0 / 0 is NaN).
+    tiny = torch.finfo(torch.float32).tiny
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, tiny)
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:
