@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -74,3 +76,26 @@ def test_a_tiny_temperature_samples_the_most_likely_token():
     model = create_model("vanilla", "tiny").eval()
     prompt = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.generate(prompt, 6, temperature=1e-40), model.generate(prompt, 6, temperature=0))
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, error, message",
+    [
+        ([1, 2, 3], {}, TypeError, "prompt must be a tensor of token ids, [N] or [B, N], got list"),
+        (torch.tensor(5), {}, ValueError, "prompt must have shape [N] or [B, N], got ()"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), {}, ValueError, "prompt must have shape [N] or [B, N]"),
+        (
+            torch.zeros(1, 2, dtype=torch.long),
+            {"generator": 7},
+            TypeError,
+            "generator must be a torch.Generator",
+        ),
+    ],
+    ids=["list", "scalar", "three-dims", "generator"],
+)
+def test_bad_prompts_and_generators_are_refused_naming_them(prompt, kwargs, error, message):
+    """A list or a 0-d prompt failed with AttributeError / IndexError, a generator that is
+    not one inside torch.multinomial after the prompt had run."""
+    model = create_model("vanilla", "tiny")
+    with pytest.raises(error, match=re.escape(message)):
+        model.generate(prompt, 3, **kwargs)

@@ -230,6 +230,12 @@ def generate(
         eos_token=eos_token,
         vocab_size=vocab,
     )
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a tensor of token ids, [N] or [B, N], got {type(prompt).__name__}")
+    if prompt.dim() not in (1, 2):
+        raise ValueError(f"prompt must have shape [N] or [B, N], got {tuple(prompt.shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     squeeze = prompt.dim() == 1
     tokens = prompt[None] if squeeze else prompt
     if tokens.shape[1] == 0:
