@@ -15,12 +15,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from longrange.models.base import LMOutput, LongRangeLM
-from longrange.models.state import State
+from longrange.models.state import State, state_entry
 from longrange.models.vanilla.config import VanillaConfig
 from longrange.modules.attention import KVCache, MultiheadAttention
 from longrange.modules.feedforward import FeedForward, lean_applies, lean_feed_forward
 from longrange.modules.init import init_residual_stack
 from longrange.modules.rotary import RotaryEmbedding
+
+# a decoding state holds one per layer: registered so that the state saves and loads
+state_entry(KVCache)
 
 
 def _norm(kind: str, dim: int) -> nn.Module:
