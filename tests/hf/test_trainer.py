@@ -77,3 +77,24 @@ def test_bf16_runs(family, fresh, tmp_path):
     args = arguments(tmp_path, max_steps=3, bf16=True)
     result = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_resuming_from_a_checkpoint_loads_its_weights(tmp_path):
+    """A checkpoint holds the weights under longrange's names (no ``model.`` prefix); resuming
+    from it loaded none of them before (only warnings), so training went on from a fresh model."""
+    data = rows(32)
+    args = arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    torch.manual_seed(0)
+    whole = lh.wrap(create_model("vanilla", "tiny"))
+    Trainer(model=whole, args=args, train_dataset=data, data_collator=default_data_collator).train()
+    torch.manual_seed(1)  # another start: only the checkpoint's weights can make the runs agree
+    resumed = lh.wrap(create_model("vanilla", "tiny"))
+    Trainer(model=resumed, args=args, train_dataset=data, data_collator=default_data_collator).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2")
+    )
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    # The same names by hand, strictly: the tied head is filled from the embedding it shares.
+    fresh = lh.wrap(create_model("vanilla", "tiny"))
+    fresh.load_state_dict(whole.longrange.weights_for_saving())
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), fresh.parameters(), strict=True))

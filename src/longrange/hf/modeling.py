@@ -28,6 +28,8 @@ unchanged. Notable choices:
   prefix), so ``model.safetensors`` is the same file in both formats; loading adds the prefix
   back (transformers' base-model-prefix rule). Tied parameters (a head tied to the embedding)
   are found on the longrange module and declared to transformers, so loading keeps them tied.
+  ``load_state_dict`` takes either naming, so the Trainer's resume from a checkpoint (and its
+  ``load_best_model_at_end``), which loads that file through it, restores the weights.
 - ``from_pretrained`` builds models on the meta device and refills non-persistent buffers
   with empty memory for ``_init_weights`` to compute; the longrange module computes its own
   (rotary frequencies, ...) when built, so it is built on the CPU and its buffers are kept and
@@ -111,6 +113,26 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
             tied = self.all_tied_weights_keys
             state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k not in tied}
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, also taking a state dict under longrange's names (what
+        :meth:`save_pretrained` writes), as the Trainer does when it resumes from a checkpoint
+        or reloads its best model; a tied name left out is filled from the name it is tied to."""
+        return super().load_state_dict(self._with_prefix(state_dict), strict=strict, assign=assign)
+
+    def _with_prefix(self, state_dict: Any) -> Any:
+        ours = self.state_dict(keep_vars=True)
+        prefix = f"{self.base_model_prefix}."
+        if not state_dict or all(k in ours for k in state_dict):
+            return state_dict
+        if not all(f"{prefix}{k}" in ours for k in state_dict):
+            return state_dict  # neither naming: nn.Module reports the keys
+        out = {f"{prefix}{k}": v for k, v in state_dict.items()}
+        for pair in self._tied_weights_keys.items():
+            for name, alias in (pair, pair[::-1]):
+                if name not in out and alias in out:
+                    out[name] = out[alias]
+        return out
 
     def get_input_embeddings(self) -> torch.nn.Module | None:
         return None
