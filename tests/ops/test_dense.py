@@ -40,6 +40,8 @@ CASES = [
     ("causal-padding-501", 1, 2, 501, 501, 8, True, True, False),
     ("causal-offset-37-of-100", 2, 2, 37, 100, 16, True, False, False),
     ("causal-offset-padding-1-of-63", 2, 3, 1, 63, 16, True, True, False),
+    ("causal-one-query-of-50", 2, 3, 1, 50, 16, True, False, False),  # a step of decoding: no mask
+    ("causal-one-query-of-1", 1, 2, 1, 1, 16, True, False, False),
     ("bias-63", 2, 2, 63, 63, 16, False, False, True),
     ("bias-causal-padding-offset-45-of-77", 2, 2, 45, 77, 16, True, True, True),
     ("value-width-differs", 1, 2, 33, 65, 16, False, True, False),

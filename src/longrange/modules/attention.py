@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from longrange.modules.rotary import RotaryEmbedding
@@ -68,7 +67,8 @@ class MultiheadAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=bias)
 
     def _split(self, t: Tensor) -> Tensor:
-        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        """[B, N, H * D] -> [B, H, N, D] (a view)."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def forward(
         self,
@@ -104,4 +104,4 @@ class MultiheadAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(out.transpose(1, 2).flatten(2))

@@ -30,14 +30,21 @@ def apply_rotary(
 ) -> Tensor:
     """Rotate the first R features of ``x`` [..., N, D] by ``angles`` [N, R] (already expanded
     to one angle per feature); ``scale`` ([N, R] or a number) multiplies the rotated part."""
-    rot = angles.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    if isinstance(scale, Tensor):
-        scale = scale.to(x.dtype)
+    return _rotated(x, angles.cos(), angles.sin(), interleaved, scale)
+
+
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, scale: Tensor | float) -> Tensor:
+    """:func:`apply_rotary` given the angles' cosines and sines [N, R]."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = (x, None) if x.shape[-1] == rot else (x[..., :rot], x[..., rot:])
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     turn = rotate_interleaved(x_rot) if interleaved else rotate_half(x_rot)
-    x_rot = (x_rot * cos + turn * sin) * scale
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    x_rot = x_rot * cos + turn * sin
+    if isinstance(scale, Tensor):
+        x_rot = x_rot * scale.to(x.dtype)
+    elif scale != 1.0:
+        x_rot = x_rot * scale
+    return x_rot if x_pass is None else torch.cat((x_rot, x_pass), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -95,6 +102,10 @@ class RotaryEmbedding(nn.Module):
         difference too), so positions may be offset by any constant, e.g. for KV caches.
         """
         if self.xpos_scale_base is None:
+            if q_positions is k_positions:  # one set of angles for both (decoding: half the rotary ops)
+                angles = self.angles(q_positions)
+                cos, sin = angles.cos(), angles.sin()
+                return tuple(_rotated(x, cos, sin, self.interleaved, 1.0) for x in (q, k))
             return self.rotate(q, q_positions), self.rotate(k, k_positions)
         q_scale = self.xpos_scale(q_positions)
         k_scale = self.xpos_scale(k_positions).reciprocal()

@@ -72,13 +72,13 @@ def dense_attention_sdpa(
     q: [B, H, N, D], k: [B, H, M, D], v: [B, H, M, E] -> [B, H, N, E].
     """
     n, m = q.shape[-2], k.shape[-2]
+    # one causal query is the last position: it sees every key (a step of decoding needs no mask)
+    causal = causal and not (n == 1 and m >= 1)
     if mask is None and bias is None and (not causal or n == m):
         if not causal and not dropout and _small_tiles(q, k):
             return small_tile_attention(q, k, v, scale)
         # The flash / memory-efficient kernels only run without an explicit mask.
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and n > 1, dropout_p=dropout, scale=scale
-        )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, scale=scale)
     keep = merge_masks(mask, causal, n, m, q.device)
     empty_rows = None
     if keep is not None:
