@@ -263,3 +263,24 @@ def test_where_denormals_cannot_be_flushed_a_command_says_so_and_runs(
         == 0
     )
     assert capsys.readouterr().err == ""
+
+
+def test_generate_stops_the_text_at_the_eos_byte(tmp_path, capsys):
+    """generate pads a finished row with the eos byte up to --max-new-tokens, and the command
+    printed that padding (e.g. a line of text and then up to 200 newlines)."""
+    import torch
+
+    from longrange.data.tokenizer import ByteTokenizer
+    from longrange.models.base import LongRangeLM
+
+    torch.manual_seed(0)
+    create_model("vanilla", "tiny").save_pretrained(tmp_path / "m")
+    model = LongRangeLM.from_pretrained(tmp_path / "m").eval()
+    tok = ByteTokenizer()
+    gen = torch.Generator().manual_seed(0)
+    new = model.generate(tok.encode("ab"), 24, temperature=0.8, generator=gen).tolist()
+    # the first byte, from the third on, that the sample has not emitted before
+    end = next(i for i in range(2, len(new)) if new[i] not in new[:i])
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "24", "--device", "cpu"]
+    assert main([*argv, "--keep-denormals", "--eos-token", str(new[end])]) == 0
+    assert capsys.readouterr().out == tok.decode(b"ab" + bytes(new[: end + 1])) + "\n"

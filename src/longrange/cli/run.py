@@ -48,6 +48,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             generator=gen,
         )
+    if args.eos_token is not None:
+        # generate pads what follows the end with the eos byte: the text stops at the first
+        ends = (new == args.eos_token).nonzero()
+        if len(ends):
+            new = new[: int(ends[0, 0]) + 1]
     sys.stdout.write(args.prompt + tok.decode(new) + "\n")
     return 0
 
