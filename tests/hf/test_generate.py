@@ -115,17 +115,19 @@ def test_generate_refuses_what_the_state_cannot_do(tiny):
         cache.reorder_cache(torch.tensor([0]))
 
 
-def test_padded_batch_without_the_cache(tiny):
-    # use_cache=False re-runs the whole sequence per token and honours the padding mask.
-    model = tiny("vanilla")
+def test_padded_batch_without_the_cache(family, tiny):
+    # use_cache=False re-runs the whole sequence per token and honours the (left) padding mask,
+    # for every family (the Performer's, Routing's and Sinkhorn's positions shifted with it before).
+    model = tiny(family)
     hf = lh.wrap(model)
-    short, longer = prompt(1, 4, seed=5), prompt(1, 6, seed=6)
+    short, longer = prompt(1, 2, seed=5), prompt(1, 4, seed=6)
     batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1), longer])
     mask = torch.ones_like(batch)
     mask[0, :2] = 0
-    out = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(out[0, 6:], model.generate(short, 8, temperature=0)[0])
-    assert torch.equal(out[1, 6:], model.generate(longer, 8, temperature=0)[0])
+    n = min(8, model.config.max_seq_len - 4)
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=False)
+    assert torch.equal(out[0, 4:], model.generate(short, n, temperature=0)[0])
+    assert torch.equal(out[1, 4:], model.generate(longer, n, temperature=0)[0])
 
 
 def test_text_generation_pipeline(tmp_path, saved_lr):

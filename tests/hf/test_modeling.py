@@ -150,15 +150,20 @@ def test_attention_mask(family, tiny):
         hf(input_ids=seq, attention_mask=mask, use_cache=True)
 
 
-def test_left_padding_keeps_vanilla_logits(tiny):
-    hf = lh.wrap(tiny("vanilla"))
-    seq = tokens(1, 10)
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(seq)], dim=1)
+def test_left_padding_keeps_the_unpadded_logits(family, tiny):
+    # transformers' convention (position ids count kept tokens): a left-padded row reads as the
+    # row without its padding, for every family, whatever its positional scheme.
+    hf = lh.wrap(tiny(family))
+    n = fits(hf.longrange, 10)
+    seq = tokens(2, n - 3)
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), seq], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
     with torch.no_grad():
-        assert torch.allclose(
-            hf(input_ids=padded, attention_mask=mask).logits[:, 3:], hf(input_ids=seq).logits, atol=1e-5
-        )
+        got = hf(input_ids=padded, attention_mask=mask).logits
+        assert torch.allclose(got[0, 3:], hf(input_ids=seq[:1]).logits[0], atol=1e-5)
+        assert torch.allclose(got[1, 1:], hf(input_ids=padded[1:, 1:]).logits[0], atol=1e-5)
 
 
 def test_long_inputs_are_refused_or_read_in_segments(family, tiny):

@@ -11,7 +11,9 @@ unchanged. Notable choices:
   ``CausalLMOutputWithPast``. ``labels`` are shifted inside (position t predicts t + 1) and
   -100 is ignored; the family's auxiliary loss (k-means commitment, MoE balance) is added, as
   longrange's trainer adds it. ``attention_mask`` (0/1 or bool, True = keep) becomes
-  longrange's padding mask; an all-ones mask is dropped.
+  longrange's padding mask; an all-ones mask is dropped. A row whose kept tokens do not come
+  first (left padding) is read with them moved to the front, so that its positions count kept
+  tokens only, as transformers' position ids do: a padded row's logits are its unpadded ones.
 - A decoding cache is made only when asked (``use_cache=True`` or a cache given; ``generate``
   does both), because it is built by ``prefill``, which runs without gradients; a plain call
   runs ``forward_lm`` and trains. With a cache the call runs ``prefill`` on the new tokens only
@@ -185,10 +187,22 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
             cache = cache if cache is not None else LongRangeCache()
             logits = self._cached_logits(input_ids, cache)
         else:
-            logits, aux_loss = self._full_logits(input_ids, mask)
+            logits, aux_loss = self._padded_logits(input_ids, mask)
         loss = None if labels is None else self._loss(logits, labels, aux_loss, num_items_in_batch)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
         return out if return_dict is not False else out.to_tuple()
+
+    def _padded_logits(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Where a row's kept tokens do not all come first (left padding, or padding between
+        them), they are moved to the front for the call and their logits put back in place: a
+        family's positions then count the kept tokens only, as transformers' position ids do,
+        so a padded row reads as that row without its padding."""
+        if mask is None or not bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            return self._full_logits(tokens, mask)
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # kept first
+        logits, aux_loss = self._full_logits(tokens.gather(1, order), mask.gather(1, order))
+        back = torch.argsort(order, dim=1)
+        return logits.gather(1, back[..., None].expand_as(logits)), aux_loss
 
     def _full_logits(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         lm = self.model
