@@ -284,3 +284,29 @@ def test_generate_stops_the_text_at_the_eos_byte(tmp_path, capsys):
     argv = ["generate", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "24", "--device", "cpu"]
     assert main([*argv, "--keep-denormals", "--eos-token", str(new[end])]) == 0
     assert capsys.readouterr().out == tok.decode(b"ab" + bytes(new[: end + 1])) + "\n"
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--seed", str(2**70)], "--seed must be an integer in [-2**63, 2**64), got 1180591620717411303424"),
+        (["--prompt", ""], "--prompt must hold at least one character"),
+    ],
+    ids=["seed-too-large", "empty-prompt"],
+)
+def test_generate_refuses_a_bad_seed_or_prompt_before_loading(tmp_path, capsys, option, message):
+    """The seed overflowed in torch ('Overflow when unpacking long long') and the empty prompt
+    was refused by the sampler, both after the model had been loaded (here: a missing one)."""
+    assert main(["generate", str(tmp_path / "nope"), "--device", "cpu", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_generate_continues_a_prompt_that_is_not_utf8(tmp_path, capsys):
+    """A byte model continues any bytes; a prompt argument that is not UTF-8 (it reaches
+    Python as lone surrogates) was refused with the codec's error."""
+    create_model("vanilla", "tiny").save_pretrained(tmp_path / "m")
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    argv = ["generate", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("caf\ufffd")

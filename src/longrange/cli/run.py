@@ -29,13 +29,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed must be an integer in [-2**63, 2**64), got {args.seed}")
+    # the bytes as typed: arguments that are not UTF-8 reach Python as lone surrogates
+    prompt_bytes = args.prompt.encode("utf-8", "surrogateescape")
+    if not prompt_bytes:
+        raise ValueError("--prompt must hold at least one character (the text to continue)")
     device = pick_device(args.device)
     model = load_model(args.run, device, args.set).eval()
     vocab = model.config.vocab_size
     if args.eos_token is not None and not 0 <= args.eos_token < vocab:
         raise ValueError(f"--eos-token must be a token id in [0, {vocab}), got {args.eos_token}")
     tok = ByteTokenizer()
-    prompt = tok.encode(args.prompt).to(device)
+    prompt = tok.encode(prompt_bytes).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with flushed_denormals(device, not args.keep_denormals, "generate"):
         new = model.generate(
@@ -53,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ends = (new == args.eos_token).nonzero()
         if len(ends):
             new = new[: int(ends[0, 0]) + 1]
-    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    sys.stdout.write(tok.decode(prompt_bytes + tok.decode_bytes(new.cpu())) + "\n")
     return 0
 
 
