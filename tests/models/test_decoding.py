@@ -1,6 +1,8 @@
 """Decoding states beyond the shared protocol tests: a state saved in the middle of decoding
 and loaded again continues exactly, for every family."""
 
+import re
+
 import pytest
 import torch
 
@@ -42,3 +44,23 @@ def test_a_decoding_state_saved_and_loaded_continues_exactly(family, tmp_path):
         st.close()
         logits[name] = torch.stack(steps, dim=1)
     assert_close(logits["loaded"], logits["kept"], 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": float("nan")}, "temperature must be a number >= 0 (0 = greedy), got nan"),
+        ({"length": 10.0}, "length must be an integer (prime included), got 10.0"),
+    ],
+    ids=["nan-temperature", "float-length"],
+)
+def test_block_recurrent_generate_refuses_bad_sampling_arguments_naming_them(kwargs, message):
+    """A NaN temperature failed inside torch.multinomial, a float length in range(), both
+    after work had started (the compat class and the trainer wrapper alike)."""
+    from longrange.models.block_recurrent import BlockRecurrentTransformer, RecurrentTrainerWrapper
+
+    model = BlockRecurrentTransformer(num_tokens=40, dim=32, depth=1, dim_head=8, heads=2, block_width=8)
+    prime = torch.randint(0, 40, (2, 3))
+    for sampler in (model, RecurrentTrainerWrapper(model)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sampler.generate(prime, **{"length": 8, **kwargs})

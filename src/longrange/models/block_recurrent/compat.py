@@ -192,8 +192,7 @@ class BlockRecurrentTransformer(BlockRecurrentLM):
         memories and states after every token fed to the model)."""
         length = self.config.max_seq_len + 1 if length is None else length
         self.check_tokens(prime, allow_longer=True)
-        if prime.shape[1] == 0 or prime.shape[1] >= length:
-            raise ValueError(f"prime length ({prime.shape[1]}) must be in [1, length={length})")
+        check_generate(prime, length, temperature, filter_thres)
         state = self.state_from_lists(prime, xl_memories, states)
         new = sample(self, prime, length - prime.shape[1], state, temperature, filter_thres)
         if return_memories_and_states:
@@ -217,6 +216,19 @@ class _Continuing:
         return None
 
 
+def check_generate(prime: Tensor, length: Any, temperature: Any, filter_thres: Any) -> None:
+    """ValueError for a bad ``generate`` argument, before any work: ``length`` (the final
+    length, prime included) must be an integer longer than the prime."""
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise ValueError(f"length must be an integer (prime included), got {length!r}")
+    if prime.shape[1] == 0 or prime.shape[1] >= length:
+        raise ValueError(f"prime length ({prime.shape[1]}) must be in [1, length={length})")
+    if not 0 <= filter_thres < 1:
+        raise ValueError(f"filter_thres must lie in [0, 1), got {filter_thres}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+
+
 def sample(
     model: BlockRecurrentLM,
     prime: Tensor,
@@ -227,10 +239,6 @@ def sample(
 ) -> Tensor:
     """``count`` tokens sampled after ``prime`` with the reference's rule (keep the
     ``ceil((1 - thres) * V)`` largest logits), continuing ``state`` (a fresh one when None)."""
-    if not 0 <= filter_thres < 1:
-        raise ValueError(f"filter_thres must lie in [0, 1), got {filter_thres}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     top_k = math.ceil((1 - filter_thres) * model.config.vocab_size)
 
     def pick(logits: Tensor, history: Tensor) -> Tensor:
@@ -273,8 +281,7 @@ class RecurrentTrainerWrapper(nn.Module):
         with one state carried throughout; returns the new tokens [B, length - prime length]."""
         model = self.transformer
         model.check_tokens(prime, allow_longer=True)
-        if prime.shape[1] == 0 or prime.shape[1] >= length:
-            raise ValueError(f"prime length ({prime.shape[1]}) must be in [1, length={length})")
+        check_generate(prime, length, temperature, filter_thres)
         return sample(model, prime, length - prime.shape[1], None, temperature, filter_thres)
 
     def forward(self, x: Tensor, return_memories_and_states: bool = False, mask: Tensor | None = None):
