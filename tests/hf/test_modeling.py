@@ -204,3 +204,17 @@ def test_bad_calls_are_refused(tiny):
         hf.gradient_checkpointing_enable()
     with pytest.raises(TypeError, match="LongRangeLM"):
         lh.wrap(torch.nn.Linear(2, 2))
+
+
+def test_loading_in_bfloat16_equals_the_longrange_model_cast(family, saved_lr):
+    # from_pretrained(dtype=...) builds under that default dtype: the Performer's orthogonal
+    # features (QR) failed to build in bfloat16, and other families computed their buffers
+    # (rotary frequencies, ...) in bfloat16 instead of casting longrange's float32 ones.
+    model, lr_dir = saved_lr(family)
+    loaded = lh.from_pretrained(lr_dir, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    expected = LongRangeLM.from_pretrained(lr_dir).to(torch.bfloat16).eval()
+    seq = tokens(2, fits(model, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=seq).logits, native_logits(expected, seq))

@@ -43,7 +43,8 @@ unchanged. Notable choices:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -80,9 +81,14 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
         if model is None:
             model_class = get_family(config.family).model_class
             # Built on a real device even under from_pretrained's meta device, for its
-            # non-persistent buffers (module docstring).
-            with torch.device("cpu") if _on_meta_device() else nullcontext():
-                model = model_class(config.longrange_config())
+            # non-persistent buffers (module docstring), and in float32 under a half-precision
+            # default dtype (from_pretrained's dtype=), then cast: the buffers are computed as
+            # longrange computes them, and a family that draws an orthogonal projection (QR
+            # has no CPU half-precision kernel) can be built at all.
+            dtype = torch.get_default_dtype()
+            device = torch.device("cpu") if _on_meta_device() else nullcontext()
+            with device, _default_dtype(torch.float32 if dtype.itemsize < 4 else dtype):
+                model = model_class(config.longrange_config()).to(dtype)
         elif not isinstance(model, get_family(config.family).model_class):
             raise TypeError(f"model must be a {config.family!r} LongRangeLM, got {type(model).__name__}")
         self.model = model
@@ -313,6 +319,16 @@ def _padding_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | 
         raise ValueError(f"attention_mask and input_ids must have one shape, got {shapes}")
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _on_meta_device() -> bool:
