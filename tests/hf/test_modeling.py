@@ -218,3 +218,20 @@ def test_loading_in_bfloat16_equals_the_longrange_model_cast(family, saved_lr):
     seq = tokens(2, fits(model, 12))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=seq).logits, native_logits(expected, seq))
+
+
+def test_the_auxiliary_loss_counts_once_under_gradient_accumulation(tiny):
+    # The Trainer passes num_items_in_batch (the targets of all accumulated micro-batches) and
+    # sums the micro-batches' losses; the auxiliary loss (here Routing's k-means commitment)
+    # was added whole to each, so k micro-batches counted it k times.
+    hf = lh.wrap(tiny("routing", commitment_factor=1.0))
+    half = tokens(2, 16)
+    seq = torch.cat([half, half])  # both halves hold the same aux loss as the whole
+    with torch.no_grad():
+        aux = hf.longrange.forward_lm(seq).aux_loss
+        whole = hf(input_ids=seq, labels=seq).loss
+        n = seq[:, 1:].numel()
+        parts = [hf(input_ids=p, labels=p, num_items_in_batch=torch.tensor(n)).loss for p in (half, half)]
+    assert aux > 0.01
+    assert torch.allclose(parts[0] + parts[1], whole, atol=1e-5)
+    assert torch.allclose(hf(input_ids=seq, labels=seq, num_items_in_batch=n).loss, whole, atol=1e-6)

@@ -283,11 +283,14 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        count = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-        if isinstance(count, Tensor):
-            count = count.to(total.device)
-        loss = total / count
-        return loss if aux_loss is None else loss + aux_loss
+        kept = (targets != IGNORE_INDEX).sum()
+        if num_items is None:
+            return _plus(total / kept.clamp(min=1), aux_loss)
+        count = num_items.to(total.device) if isinstance(num_items, Tensor) else num_items
+        # num_items counts the targets of every micro-batch the Trainer accumulates and sums
+        # the losses of: the auxiliary loss (this call's mean) is weighted by this call's share
+        # of them, so that the sum holds it once, as in one call on the whole batch.
+        return _plus(total / count, None if aux_loss is None else aux_loss * (kept / count))
 
     # --- generate -----------------------------------------------------------------------------
     def _prepare_cache_for_generation(
@@ -308,6 +311,10 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"the cache of a longrange model is a LongRangeCache, got {type(cache).__name__}")
         if cache is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = LongRangeCache()
+
+
+def _plus(loss: Tensor, aux_loss: Tensor | None) -> Tensor:
+    return loss if aux_loss is None else loss + aux_loss
 
 
 def _padding_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
