@@ -1,6 +1,7 @@
 """``longrange export-hf`` / ``import-hf``: the directory conversions and their commands."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -56,3 +57,25 @@ def test_export_and_import_commands(saved_lr, tmp_path, capsys):
     assert err.startswith("longrange export-hf: error:") and "overwrite" in err and len(err.splitlines()) == 1
     assert main(["export-hf", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert main(["export-hf", str(lr_dir), str(tmp_path / "hf"), "--overwrite"]) == 0
+
+
+def test_import_refuses_unreadable_or_misshapen_weights(saved_lr, tmp_path, capsys):
+    # A corrupt weights file (SafetensorError) and weights the edited config does not fit
+    # (transformers' RuntimeError) ended the command with a traceback.
+    _, lr_dir = saved_lr("vanilla")
+    lh.export_hf(lr_dir, tmp_path / "hf")
+    corrupt, misshapen = tmp_path / "corrupt", tmp_path / "misshapen"
+    for target in (corrupt, misshapen):
+        shutil.copytree(tmp_path / "hf", target)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = json.loads((misshapen / "config.json").read_text())
+    (misshapen / "config.json").write_text(json.dumps({**config, "dim": 32}))
+    with pytest.raises(ValueError, match="corrupt or unreadable weights file"):
+        lh.import_hf(corrupt, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"do not have the shapes its config\.json gives"):
+        lh.from_pretrained(misshapen)
+    capsys.readouterr()
+    for source in (corrupt, misshapen):
+        assert main(["import-hf", str(source), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err  # after transformers' progress bar and load report
+        assert err.splitlines()[-1].startswith("longrange import-hf: error:") and "Traceback" not in err

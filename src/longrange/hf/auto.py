@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from longrange.hf.configuration import FAMILY_KEY, config_class_for, family_of_model_type
@@ -66,5 +67,16 @@ def from_pretrained(directory: str | os.PathLike, **kwargs: Any) -> LongRangeFor
     """The transformers model of a directory in either format: one written by transformers'
     ``save_pretrained`` (or ``longrange export-hf``), or a longrange model directory
     (``LongRangeLM.save_pretrained``; the weights files have the same tensor names).
-    ``kwargs`` go to transformers' ``from_pretrained`` (e.g. ``dtype``, ``segment_long_inputs``)."""
-    return model_class_for(directory_family(directory)).from_pretrained(directory, **kwargs)
+    ``kwargs`` go to transformers' ``from_pretrained`` (e.g. ``dtype``, ``segment_long_inputs``).
+    A weights file that cannot be read, or whose shapes the config does not give, is a ValueError."""
+    model_class = model_class_for(directory_family(directory))
+    try:
+        return model_class.from_pretrained(directory, **kwargs)
+    except SafetensorError as err:
+        raise ValueError(f"corrupt or unreadable weights file in {directory}: {err}") from None
+    except RuntimeError as err:
+        # transformers reports weights whose shapes the config does not give, then raises this.
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        shapes = f"do not have the shapes its {CONFIG_NAME} gives"
+        raise ValueError(f"the weights in {directory} {shapes}") from None

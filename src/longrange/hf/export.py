@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from longrange.hf.auto import directory_family
-from longrange.hf.modeling import LongRangeForCausalLM, model_class_for, wrap
+from longrange.hf.auto import directory_family, from_pretrained
+from longrange.hf.modeling import LongRangeForCausalLM, wrap
 from longrange.hf.tokenizer import LongRangeByteTokenizer
 from longrange.models.base import CONFIG_NAME, LongRangeLM
 
@@ -44,9 +44,9 @@ def export_hf(
 def import_hf(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> LongRangeLM:
     """Write the longrange model directory of the transformers directory ``source`` to
     ``out``; return the longrange model."""
-    family = directory_family(source)
+    directory_family(source)
     out = _target(out, overwrite)
-    model = model_class_for(family).from_pretrained(source).longrange
+    model = from_pretrained(source).longrange
     model.save_pretrained(out)
     return model
 
