@@ -235,3 +235,17 @@ def test_the_auxiliary_loss_counts_once_under_gradient_accumulation(tiny):
     assert aux > 0.01
     assert torch.allclose(parts[0] + parts[1], whole, atol=1e-5)
     assert torch.allclose(hf(input_ids=seq, labels=seq, num_items_in_batch=n).loss, whole, atol=1e-6)
+
+
+def test_token_embeddings_are_found_and_resizing_is_refused(family, tiny):
+    # get_input_embeddings was None, so resize_token_embeddings failed with an AttributeError.
+    hf = lh.wrap(tiny(family))
+    embedding = hf.get_input_embeddings()
+    assert isinstance(embedding, torch.nn.Embedding) and embedding.num_embeddings == 256
+    assert any(p is embedding.weight for p in hf.longrange.parameters())
+    assert hf.resize_token_embeddings() is embedding
+    assert hf.resize_token_embeddings(256, pad_to_multiple_of=64) is embedding
+    for size, multiple in ((300, None), (256, 100)):
+        with pytest.raises(ValueError, match=r"new_num_tokens must be the model's vocab_size \(256\)"):
+            hf.resize_token_embeddings(size, pad_to_multiple_of=multiple)
+    assert hf.config.vocab_size == 256 and hf.longrange.config.vocab_size == 256

@@ -143,7 +143,29 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
         return out
 
     def get_input_embeddings(self) -> torch.nn.Module | None:
+        """The longrange model's token embedding (its ``nn.Embedding`` child of ``vocab_size``
+        rows; each family names it its own way), None for a model without one."""
+        vocab = self.model.config.vocab_size
+        for child in self.model.children():
+            if isinstance(child, torch.nn.Embedding) and child.num_embeddings == vocab:
+                return child
         return None
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs: Any
+    ) -> torch.nn.Module | None:
+        """Refused unless it keeps the size: the vocabulary size is a field of the family's
+        config that its layers (embedding, output head, logits) are built from."""
+        vocab = self.model.config.vocab_size
+        size = vocab if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None and pad_to_multiple_of > 0:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if size != vocab:
+            raise ValueError(
+                f"new_num_tokens must be the model's vocab_size ({vocab}), got {size}: longrange models do "
+                "not resize their token embeddings; build the model with the vocab_size you need"
+            )
+        return self.get_input_embeddings()
 
     def get_output_embeddings(self) -> torch.nn.Module | None:
         return None
