@@ -249,3 +249,17 @@ def test_token_embeddings_are_found_and_resizing_is_refused(family, tiny):
         with pytest.raises(ValueError, match=r"new_num_tokens must be the model's vocab_size \(256\)"):
             hf.resize_token_embeddings(size, pad_to_multiple_of=multiple)
     assert hf.config.vocab_size == 256 and hf.longrange.config.vocab_size == 256
+
+
+def test_return_dict_false_gives_tuples_from_the_argument_or_the_config(tiny):
+    hf = lh.wrap(tiny("vanilla"))
+    seq = tokens(1, 6)
+    with torch.no_grad():
+        logits = hf(input_ids=seq).logits
+        loss, got = hf(input_ids=seq, labels=seq, return_dict=False)
+        assert loss.dim() == 0
+        assert torch.equal(got, logits)
+        hf.config.return_dict = False  # transformers' models read the config's setting too
+        (got,) = hf(input_ids=seq)
+        assert torch.equal(got, logits)
+        assert torch.equal(hf(input_ids=seq, return_dict=True).logits, logits)

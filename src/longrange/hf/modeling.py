@@ -218,6 +218,7 @@ class LongRangeForCausalLM(PreTrainedModel, GenerationMixin):
             logits, aux_loss = self._padded_logits(input_ids, mask)
         loss = None if labels is None else self._loss(logits, labels, aux_loss, num_items_in_batch)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         return out if return_dict is not False else out.to_tuple()
 
     def _padded_logits(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
