@@ -197,7 +197,6 @@ def test_every_reference_wrapper_takes_window(family):
     wrapper = dict(_lm_wrappers())[family].eval()
     prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
     run = lambda t: _first(wrapper.net(t))  # noqa: E731
-    run(prompt)  # routing's k-means start from the first input they see (a draw of their own)
     slide = _seeded(3, wrapper.generate, prompt, 20, filter_thres=0.0, window="slide")
     assert torch.equal(slide, _windowed_rerun(run, prompt, 20, 16, 16, seed=3))
     restart = _seeded(3, wrapper.generate, prompt, 20, filter_thres=0.0)

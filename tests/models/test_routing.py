@@ -183,6 +183,51 @@ def test_exactly_one_kmeans_update_per_backward_and_none_in_eval(monkeypatch):
     assert model.body.update_kmeans() == n_kmeans  # the pending step is applied on request
 
 
+def _repeated_centroids(model) -> float:
+    """The largest cosine between two different centroids of one head, over the model."""
+    worst = -1.0
+    for means in _means(model):
+        sims = torch.einsum("hcd,hkd->hck", means, means) - 2 * torch.eye(means.shape[1])
+        worst = max(worst, float(sims.amax()))
+    return worst
+
+
+@pytest.mark.parametrize("first", ["eval-one-token", "train-one-token", "generate-short-prompt"])
+def test_a_short_first_call_leaves_distinct_centroids_and_decoding_exact(first):
+    """A first call on fewer points than clusters (or any eval call) does not initialise the
+    k-means: the centroids stay distinct, decoding equals the full forward, and a later
+    training call on enough points initialises them as it would have on a fresh model."""
+    torch.manual_seed(0)
+    model = create_model("routing", "tiny", window_size=8, max_seq_len=64)
+    fresh = copy.deepcopy(model)
+    one = torch.randint(0, 256, (1, 1))
+    if first == "train-one-token":
+        model.train().forward_lm(one)
+    elif first == "eval-one-token":
+        model.eval().forward_lm(one)
+    else:
+        model.eval().generate(torch.randint(0, 256, (1, 3)), 2)
+    assert _repeated_centroids(model) < 0.99
+    assert not any(bool(m.initted) for m in model.modules() if isinstance(m, Kmeans))
+    model.eval()
+    x = torch.randint(0, 256, (1, 16))
+    logits, state = model.prefill(x[:, :6])
+    rows = [logits]
+    for i in range(6, 16):
+        step_logits, state = model.step(x[:, i], state)
+        rows.append(step_logits[:, None])
+    with torch.no_grad():
+        assert_close(torch.cat(rows, dim=1), model.forward_lm(x).logits, rtol=1e-5)
+    seq = torch.randint(0, 256, (2, 64))
+    for m in (model, fresh):
+        m.train()
+        torch.manual_seed(1)  # the same draws
+        m.forward_lm(seq)
+    assert all(bool(m.initted) for m in model.modules() if isinstance(m, Kmeans))
+    for got, expected in zip(_means(model), _means(fresh)):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copied_model_updates_its_own_kmeans(how):
     """A copy registers its own update handle: the copied one named the original module and

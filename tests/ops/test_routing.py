@@ -21,7 +21,14 @@ from longrange.ops.routing import (
     push_ring,
     ring_buffers,
 )
-from longrange.ops.routing.kmeans import commitment_loss, ema_, init_means, lloyd_step, nearest
+from longrange.ops.routing.kmeans import (
+    Kmeans,
+    commitment_loss,
+    ema_,
+    init_means,
+    lloyd_step,
+    nearest,
+)
 from longrange.ops.routing.spans import local_attention_spans, span_attention
 from longrange.testing import assert_close, assert_same_forward_backward
 
@@ -374,6 +381,65 @@ def test_kmeans_init_from_data_and_weights():
     # weight-0 points never move a centroid
     weights = torch.zeros(2, x.shape[2], dtype=torch.bool)
     assert torch.equal(lloyd_step(x, means, buckets, weights), means)
+
+
+def _distinct_centroids(means):
+    """Largest cosine between two different centroids of a head."""
+    sims = torch.einsum("hcd,hkd->hck", means, means) - 2 * torch.eye(means.shape[1])
+    return float(sims.amax())
+
+
+@pytest.mark.parametrize("case", ["fewer-points", "identical-rows", "few-kept"])
+def test_kmeans_init_never_repeats_a_centroid(case):
+    """Too few (distinct, kept) points for C centroids: the missing centroids come from the
+    fallback instead of repeating a point, so no centroid is a dead copy of another."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1, 2, 3, 8, generator=gen), dim=-1)
+    points, weights = x[0], None  # points [H, N, D]: those a centroid may come from
+    if case == "identical-rows":
+        points = torch.nn.functional.normalize(torch.randn(2, 5, 8, generator=gen), dim=-1)
+        x = points.expand(3, -1, -1, -1)
+    elif case == "few-kept":
+        x = torch.nn.functional.normalize(torch.randn(2, 2, 16, 8, generator=gen), dim=-1)
+        weights = torch.zeros(2, 16, dtype=torch.bool)
+        weights[0, :3] = True
+        points = x[0, :, :3]
+    fallback = torch.nn.functional.normalize(torch.randn(2, 8, 8, generator=gen), dim=-1)
+    means = init_means(x, 8, iters=0, weights=weights, generator=gen, fallback=fallback)
+    assert _distinct_centroids(means) < 0.999
+    # each centroid is a (kept) point or the fallback's centroid of its slot
+    from_points = torch.einsum("hcd,hnd->hcn", means, points).amax(-1) > 1 - 1e-6
+    from_fallback = (means - fallback).abs().amax(-1) < 1e-6
+    assert bool((from_points | from_fallback).all())
+    assert int(from_points.sum(-1).min()) == (5 if case == "identical-rows" else 3)
+    # after Lloyd iterations the centroids stay apart
+    assert _distinct_centroids(init_means(x, 8, weights=weights, generator=gen)) < 0.999
+
+
+def test_kmeans_initialises_in_training_from_enough_distinct_points():
+    """No initialisation in eval mode, nor from fewer points than clusters (the constructor's
+    centroids stay and a later call initialises); from enough points the draw is unchanged:
+    the first C of a random permutation of the points."""
+    torch.manual_seed(0)
+    kmeans = Kmeans(2, 8, 4)
+    before = kmeans.means.clone()
+    x = torch.randn(1, 2, 64, 8)
+    kmeans.eval()(x)
+    kmeans.train()(x[:, :, :3])
+    kmeans(x, weights=torch.arange(64)[None] < 3)  # three kept points
+    assert torch.equal(kmeans.means, before) and not bool(kmeans.initted)
+    torch.manual_seed(1)
+    kmeans(x)
+    assert bool(kmeans.initted)
+    torch.manual_seed(1)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    pick = torch.randperm(64)[:4]
+    expected = xn[0][:, pick]
+    for _ in range(10):
+        expected = lloyd_step(xn, expected)
+    assert_close(kmeans.means, expected, rtol=1e-6)
+    kmeans(torch.randn(1, 2, 64, 8))  # initialised once
+    assert_close(kmeans.means, expected, rtol=1e-6)
 
 
 def test_empty_cluster_keeps_its_mean():

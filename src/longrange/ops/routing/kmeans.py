@@ -11,6 +11,18 @@ parameter) and the Lloyd steps accumulated until :meth:`Kmeans.update` applies t
 update may happen (training, not during reversible recomputation) is the attention layer's
 decision (``longrange.models.routing.routed``).
 
+The centroids start from data, as in the reference implementation, with two differences
+(docs/ARCHITECTURE.md, "Reference compatibility"): they are initialised by the first call in
+training mode only, so that a model in eval mode is a function of its weights and a call's
+result never depends on which calls came first; and only from a call that yields C distinct
+points per head (queries and keys count apart; padding does not count). Drawing C centroids
+from fewer points repeats some: a repeated centroid never wins a point (ties go to the first
+copy) and stays dead, and a decoding step and a full forward, which round differently, break
+the ties differently. A call with fewer points (a one-token prompt, a short first batch)
+leaves the constructor's random centroids in place, and the next call tries again. Inside a
+compiled graph, which cannot wait for the count of distinct points, the centroids missing
+for want of them keep the constructor's directions and the initialisation stands.
+
 Points may carry a weight (``weights`` [B, N] or [B, H, N], 0 or 1, e.g. a padding mask): a
 point of weight 0 neither moves a centroid nor enters the commitment loss.
 
@@ -98,37 +110,69 @@ def init_means(
     iters: int = 10,
     weights: Tensor | None = None,
     generator: torch.Generator | None = None,
+    fallback: Tensor | None = None,
 ) -> Tensor:
-    """Centroids [H, C, D] from data: C points drawn per head (without replacement when there
-    are enough), then ``iters`` Lloyd iterations. x: [B, H, N, D] normalised.
+    """Centroids [H, C, D] from data: C distinct points per head, then ``iters`` Lloyd
+    iterations. x: [B, H, N, D] normalised.
 
-    The draw has static shapes (no host read), so it traces into a compiled graph: without
-    weights a random permutation of the points; with weights the C kept points of largest
-    random key (kept points first), repeated when fewer than C are kept."""
+    Up to 2 C candidate points are drawn in random order (with weights: kept points only); per
+    head, the first C that repeat no earlier candidate (cosine above :data:`SAME_DIRECTION`)
+    become the centroids. Where fewer are distinct, the missing centroids are ``fallback``'s
+    ([H, C, D]; default random directions): a repeated centroid would never win a point (ties
+    go to the first copy) and would stay dead. With enough distinct points this is the first C
+    of a random permutation (of the kept points, with weights).
+
+    The draw has static shapes (no host read), so it traces into a compiled graph."""
+    means = draw_centroids(x, num_clusters, weights, generator, fallback)[0]
+    for _ in range(iters):
+        means = lloyd_step(x, means, weights=weights)
+    return means
+
+
+# two centroids whose cosine exceeds this count as one (their similarities tie up to rounding)
+SAME_DIRECTION = 1.0 - 1e-5
+
+
+def draw_centroids(
+    x: Tensor,
+    num_clusters: int,
+    weights: Tensor | None,
+    generator: torch.Generator | None,
+    fallback: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`init_means`'s draw, before the Lloyd iterations: (centroids [H, C, D], missing
+    [H, C] bool, True where a centroid is ``fallback``'s for want of distinct points)."""
     b, h, n, d = x.shape
     pool = x.transpose(0, 1).reshape(h, b * n, d)
     count = b * n
+    size = 2 * num_clusters  # candidates: room for repeats among the first C
     w = _point_weights(weights, x)
     if w is None:
-        if count >= num_clusters:
-            pick = torch.randperm(count, generator=generator, device="cpu")[:num_clusters]
-        else:
-            pick = torch.randint(0, count, (num_clusters,), generator=generator, device="cpu")
-        pick = pick.to(x.device)
+        order = torch.randperm(count, generator=generator, device="cpu").to(x.device)
+        usable = count
     else:
         # A point is a candidate when every head keeps it (padding masks are per token).
         keep = (w > 0).all(dim=1).reshape(count)
         keys = torch.rand(count, generator=generator, device="cpu").to(x.device) + keep.to(x.dtype)
-        order = keys.argsort(descending=True)
-        # the kept points come first; C picks cycle through them when fewer than C are kept
-        # (through every point when none is)
-        kept = keep.sum().clamp_min(1)
-        kept = torch.where(keep.any(), kept, torch.full_like(kept, count))
-        pick = order[torch.arange(num_clusters, device=x.device) % kept]
-    means = pool[:, pick]
-    for _ in range(iters):
-        means = lloyd_step(x, means, weights=weights)
-    return means
+        order = keys.argsort(descending=True)  # the kept points first
+        usable = keep.sum()
+    if count < size:
+        order = torch.cat((order, order.new_zeros(size - count)))
+    order = order[:size]
+    slots = torch.arange(size, device=x.device)
+    valid = slots < usable
+    cands = pool[:, order]  # [H, 2C, D]
+    sims = torch.einsum("hcd,hkd->hck", cands, cands)
+    earlier = torch.ones(size, size, dtype=torch.bool, device=x.device).tril(-1) & valid
+    repeat = ~valid | ((sims > SAME_DIRECTION) & earlier).any(dim=-1)  # [H, 2C]
+    # per head, the candidates that repeat nothing first, in drawn order
+    first = (repeat.long() * size + slots).argsort(dim=-1)[:, :num_clusters]
+    means = cands.gather(1, first[..., None].expand(-1, -1, d))
+    missing = repeat.gather(1, first)
+    if fallback is None:
+        fallback = torch.randn(h, num_clusters, d, generator=generator, device="cpu").to(x.device)
+    fallback = F.normalize(fallback.to(x.dtype), dim=-1)
+    return torch.where(missing[..., None], fallback, means), missing
 
 
 def commitment_loss(x: Tensor, means: Tensor, buckets: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -197,12 +241,20 @@ class Kmeans(nn.Module):
 
     @torch.no_grad()
     def init(self, x: Tensor, weights: Tensor | None = None) -> None:
-        """Initialise the centroids from the points x [B, H, N, D] (once)."""
+        """Initialise the centroids from the points x [B, H, N, D] (once; in training only, and
+        only from a call with C distinct points: see the module docstring)."""
         if not self._initted and not torch.compiler.is_compiling():
             self._initted = bool(self.initted)  # the buffer may have been set in place
-        if self._initted:
+        if self._initted or not self.training or x.shape[0] * x.shape[2] < self.num_clusters:
             return
-        means = init_means(x.float(), self.num_clusters, iters=KMEANS_INIT_ITERS, weights=weights)
+        x = x.float()
+        means, missing = draw_centroids(x, self.num_clusters, weights, None, self.means)
+        # a compiled graph cannot wait for this answer: there the missing centroids keep the
+        # constructor's directions and the centroids count as initialised
+        if not torch.compiler.is_compiling() and bool(missing.any()):
+            return
+        for _ in range(KMEANS_INIT_ITERS):
+            means = lloyd_step(x, means, weights=weights)
         self.means.copy_(means)
         self.initted.fill_(True)
         self._initted = True
