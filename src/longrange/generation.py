@@ -80,6 +80,16 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return torch.where(seen, penalised, logits)
 
 
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits [B, V] (float32) divided by ``temperature`` > 0 for a softmax, at any temperature:
+    a tiny one gives all the mass to the largest logit instead of NaN probabilities."""
+    # Each row's largest logit moves to 0 before the division, so that a tiny temperature
+    # sends the others to -inf rather than the largest to inf (whose softmax is NaN); one
+    # below float32's smallest normal number would be 0 once cast (and 0 / 0 is NaN).
+    tiny = torch.finfo(torch.float32).tiny
+    return (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, tiny)
+
+
 def sample_next(
     logits: Tensor,
     *,
@@ -91,12 +101,7 @@ def sample_next(
     """logits [B, V] -> token ids [B]; temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    # Each row's largest logit moves to 0 before the division, so that a tiny temperature
-    # sends the others to -inf rather than the largest to inf (whose softmax is NaN); one
-    # below float32's smallest normal number would be 0 once cast (and 0 / 0 is NaN).
-    tiny = torch.finfo(torch.float32).tiny
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, tiny)
+    logits = apply_temperature(logits.float(), temperature)
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:

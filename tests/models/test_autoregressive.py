@@ -163,6 +163,19 @@ def test_sample_takes_the_token_choice():
             wrapper.generate(torch.tensor([[5]]), **{"seq_len": 2, **bad})
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    """Dividing the logits by 1e-40 overflowed the largest to inf: NaN probabilities and
+    torch.multinomial's RuntimeError."""
+    wrapper = AutoregressiveWrapper(_Echo())
+    for temperature in (1e-40, 1e-300):
+        out = wrapper.generate(torch.tensor([[5, 9]]), 3, temperature=temperature, filter_thres=0.0)
+        assert out.tolist() == [[9, 9, 9]]
+    model = create_model("vanilla", "tiny").eval()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    greedy = decode_loop(model, prompt, 4, lambda logits, history: logits.argmax(dim=-1))
+    assert torch.equal(AutoregressiveWrapper(model).generate(prompt, 4, temperature=1e-40), greedy)
+
+
 def _lm_wrappers():
     from longrange.models import performer, routing, sinkhorn
 

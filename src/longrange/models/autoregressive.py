@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longrange.generation import Pick, RecomputeDecoder, decode_loop, top_k
+from longrange.generation import Pick, RecomputeDecoder, apply_temperature, decode_loop, top_k
 from longrange.models.base import LongRangeLM
 
 
@@ -43,11 +43,12 @@ def reference_pick(
     adjust: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Pick:
     """The references' token choice: filter the logits (``adjust(logits, history)`` first,
-    when given), divide by the temperature, draw one token from the softmax."""
+    when given), divide by the temperature (:func:`~longrange.generation.apply_temperature`:
+    a tiny one picks the most likely token), draw one token from the softmax."""
 
     def pick(logits: Tensor, history: Tensor) -> Tensor:
         logits = logits.float() if adjust is None else adjust(logits.float(), history)
-        probs = F.softmax(filter_logits_fn(logits, filter_thres) / temperature, dim=-1)
+        probs = F.softmax(apply_temperature(filter_logits_fn(logits, filter_thres), temperature), dim=-1)
         return torch.multinomial(probs, 1).squeeze(-1)
 
     return pick
