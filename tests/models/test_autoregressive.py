@@ -176,6 +176,22 @@ def test_a_tiny_temperature_samples_the_most_likely_token():
     assert torch.equal(AutoregressiveWrapper(model).generate(prompt, 4, temperature=1e-40), greedy)
 
 
+@pytest.mark.parametrize(
+    "prompt, error",
+    [
+        ([5, 9], TypeError),
+        ((5, 9), TypeError),
+        (torch.tensor(5), ValueError),
+        (torch.zeros(1, 1, 2, dtype=torch.long), ValueError),
+    ],
+    ids=["list", "tuple", "scalar", "3-d"],
+)
+def test_sample_refuses_a_prompt_that_is_not_a_token_tensor(prompt, error):
+    wrapper = AutoregressiveWrapper(_Echo())
+    with pytest.raises(error, match=r"start_tokens must .*\[N\] or \[B, N\]"):
+        wrapper.generate(prompt, 2)
+
+
 def _lm_wrappers():
     from longrange.models import performer, routing, sinkhorn
 

@@ -128,6 +128,11 @@ class AutoregressiveWrapper(nn.Module):
     ) -> Tensor:
         """:meth:`generate` with the token choice ``pick(logits [B, V], history [B, T]) ->
         [B]`` given (a family adds its reference's sampling keywords this way)."""
+        if not isinstance(start_tokens, Tensor):
+            kind = type(start_tokens).__name__
+            raise TypeError(f"start_tokens must be a tensor of token ids, [N] or [B, N], got {kind}")
+        if start_tokens.dim() not in (1, 2):
+            raise ValueError(f"start_tokens must have shape [N] or [B, N], got {tuple(start_tokens.shape)}")
         squeeze = start_tokens.dim() == 1
         tokens = (start_tokens[None] if squeeze else start_tokens).long()
         decoder, conditioning = self._decoder(kwargs)
