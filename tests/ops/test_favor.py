@@ -25,7 +25,7 @@ from longrange.ops.favor import (
     softmax_query_features,
 )
 from longrange.ops.favor.chunk import _block_size, scan_sums, scan_sums_backward
-from longrange.ops.favor.fused import softmax_causal_attention
+from longrange.ops.favor.fused import softmax_causal_attention, softmax_causal_step
 from longrange.ops.favor.fused_noncausal import softmax_noncausal_attention
 from longrange.testing import assert_close, assert_same_forward_backward, relative_error
 
@@ -402,6 +402,43 @@ def test_decoding_steps_equal_the_chunked_pass(kind):
     assert_close(torch.cat(outs, dim=2), full, 1e-5)
     empty = FavorState.empty(2, 2, fq.shape[-1], 8, q)
     assert empty.kv.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_decoding_step_equals_the_feature_maps_and_the_step(dtype):
+    # softmax_causal_step against its reference: the two feature maps then the generic step,
+    # from an empty state (the first key sets the stabiliser) and after a prefix, with keys
+    # scaled up so that the stabiliser moves
+    q, k, v = qkv(2, 3, 12, 8, seed=21, dtype=dtype, scale=2.0)
+    proj = projection(20, 8)
+    fast = ref = FavorState.empty(2, 3, 20, 8, q)
+    for t in range(12):
+        step = [x[:, :, t : t + 1] for x in (q, k, v)]
+        out, fast = softmax_causal_step(*step, proj, fast)
+        fq = softmax_query_features(step[0], proj)
+        fk, scale = softmax_key_features(step[1], proj, causal=True, initial_log_scale=ref.log_scale)
+        expected, ref = causal_linear_attention_step(fq, fk, step[2], ref, log_scale=scale)
+        assert out.dtype == dtype
+        assert_close(out.float(), expected.float(), 1e-6 if dtype == torch.float32 else 1e-2)
+        assert_close(fast.kv, ref.kv, 1e-6)
+        assert_close(fast.log_scale, ref.log_scale, 1e-6)
+    full, _ = softmax_causal_attention(q, k, v, proj)
+    assert_close(out.float(), full[:, :, -1:].float(), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_fused_decoding_step_leaves_its_state_and_refuses_bad_shapes():
+    q, k, v = qkv(1, 2, 1, 8, seed=3)
+    proj = projection(12, 8)
+    _, state = softmax_causal_attention(*qkv(1, 2, 5, 8, seed=4), proj)
+    before = state.kv.clone(), state.log_scale.clone()
+    softmax_causal_step(q, k, v, proj, state)
+    assert torch.equal(state.kv, before[0]) and torch.equal(state.log_scale, before[1])
+    with pytest.raises(ValueError, match=r"\[B, H, 1, D\]"):
+        softmax_causal_step(*qkv(1, 2, 2, 8, seed=5), proj, state)
+    with pytest.raises(ValueError, match="projection must be"):
+        softmax_causal_step(q, k, v, projection(12, 4), state)
+    with pytest.raises(ValueError, match="state must hold"):
+        softmax_causal_step(q, k, v, projection(16, 8), state)
 
 
 def test_orthogonal_rows_and_scalings():

@@ -193,10 +193,13 @@ class FastAttention(nn.Module):
         if k.shape[-2] != q.shape[-2]:
             raise ValueError("causal attention needs as many keys as queries")
         one_step = state is not None and q.shape[-2] == 1 and not torch.is_grad_enabled()
-        if softmax_kernel and self.backend in ("auto", "fused") and not one_step:
-            return favor.softmax_causal_attention(
-                q, k, v, self.projection_matrix, mask=mask, chunk_size=self.chunk_size, state=state
-            )
+        if softmax_kernel and self.backend in ("auto", "fused"):
+            if one_step and mask is None:
+                return favor.softmax_causal_step(q, k, v, self.projection_matrix, state)
+            if not one_step:
+                return favor.softmax_causal_attention(
+                    q, k, v, self.projection_matrix, mask=mask, chunk_size=self.chunk_size, state=state
+                )
         running = None if state is None else state.log_scale
         fq, fk, scale = self.features(q, k, mask, running)
         if one_step:

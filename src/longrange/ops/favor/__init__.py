@@ -6,7 +6,7 @@
 - ``linear``: non-causal linear attention;
 - ``chunk``: causal linear attention in chunks with running sums, and the decoding step;
 - ``fused``: causal FAVOR+ with the softmax kernel formed inside the chunked products (and
-  formed again in backward), so the feature tensors are never stored;
+  formed again in backward), so the feature tensors are never stored; and its decoding step;
 - ``fused_noncausal``: non-causal FAVOR+ with the softmax kernel in one autograd function.
 
 :func:`causal_linear_attention` is the one choice point between the chunked and naive paths
@@ -28,7 +28,7 @@ from longrange.ops.favor.features import (
     softmax_key_features,
     softmax_query_features,
 )
-from longrange.ops.favor.fused import CHUNK_SIZE, softmax_causal_attention
+from longrange.ops.favor.fused import CHUNK_SIZE, softmax_causal_attention, softmax_causal_step
 from longrange.ops.favor.fused_noncausal import softmax_noncausal_attention
 from longrange.ops.favor.linear import key_value_sums, linear_attention
 from longrange.ops.favor.naive import linear_attention_naive
@@ -51,6 +51,7 @@ __all__ = [
     "no_projection_features",
     "running_log_scale",
     "softmax_causal_attention",
+    "softmax_causal_step",
     "softmax_key_features",
     "softmax_noncausal_attention",
     "softmax_query_features",

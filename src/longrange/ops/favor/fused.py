@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from longrange.ops.favor.chunk import FavorState, chunk_factors, scan_sums, scan_sums_backward, split_chunks
-from longrange.ops.favor.features import check_key_mask, running_log_scale
-from longrange.ops.favor.linear import normalise_backward, normaliser, with_ones
+from longrange.ops.favor.features import EMPTY_LOG_SCALE, check_key_mask, running_log_scale
+from longrange.ops.favor.linear import normalise, normalise_backward, normaliser, with_ones
 from longrange.ops.numerics import exp_normal_, flushed_denormals
 
 # Up to this many bytes of features and kernel blocks per call are kept for backward (the
@@ -272,3 +272,42 @@ def softmax_causal_attention(
     if out.shape[2] != n:
         out = out[:, :, :n]
     return out.to(v.dtype), FavorState(final, c.flatten(2)[:, :, n - 1])
+
+
+def softmax_causal_step(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, state: FavorState
+) -> tuple[Tensor, FavorState]:
+    """One decoding position of causal FAVOR+: q, k, v [B, H, 1, D] after the running sums
+    ``state`` -> (out [B, H, 1, D] in v's dtype, the new state; ``state`` is not changed).
+
+    The maths of :func:`~longrange.ops.favor.features.softmax_query_features`,
+    :func:`~longrange.ops.favor.features.softmax_key_features` (causal, continuing from the
+    state's stabiliser) and :func:`~longrange.ops.favor.chunk.causal_linear_attention_step`,
+    its reference, with the query and the key projected as one [2, D] block: about half the
+    operator calls, which are most of a decoding step's time."""
+    if q.dim() != 4 or q.shape[-2] != 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        shapes = [list(t.shape) for t in (q, k, v)]
+        raise ValueError(f"q, k, v must be [B, H, 1, D] alike, got {shapes}")
+    d, m = q.shape[-1], projection.shape[0]
+    if projection.dim() != 2 or projection.shape[1] != d:
+        raise ValueError(f"projection must be [M, D = {d}], got {list(projection.shape)}")
+    dtype = state.kv.dtype
+    if state.kv.shape != (*q.shape[:2], m, v.shape[-1] + 1) or state.log_scale.shape != q.shape[:2]:
+        raise ValueError(
+            f"state must hold kv [{q.shape[0]}, {q.shape[1]}, {m}, {v.shape[-1] + 1}] and log_scale "
+            f"{list(q.shape[:2])}"
+        )
+    x = torch.cat((q, k), dim=-2).to(dtype)  # [B, H, 2, D]: the query, then the key
+    scale = d**-0.25
+    with torch.autocast(x.device.type, enabled=False):
+        dash = x @ (projection.to(dtype) * scale).T  # [B, H, 2, M]
+    half_sq = x.square().sum(-1, keepdim=True) * (scale**2 / 2)
+    row_max = dash.amax(dim=-1, keepdim=True) - half_sq  # the largest log-feature of each
+    c = torch.maximum(state.log_scale[..., None, None], row_max[..., 1:, :]).clamp_min_(EMPTY_LOG_SCALE)
+    # the query's own max (it cancels); the key's running stabiliser
+    shift = half_sq + torch.cat((row_max[..., :1, :], c), dim=-2) + 0.5 * math.log(m)
+    feats = exp_normal_(dash.sub_(shift))
+    fq, fk = feats[..., :1, :], feats[..., 1:, :]
+    kv = state.kv * torch.exp(state.log_scale - c[..., 0, 0])[..., None, None]
+    kv.addcmul_(fk.transpose(-1, -2), with_ones(v.to(dtype)))  # + phi(k)^T [v, 1]
+    return normalise(fq @ kv).to(v.dtype), FavorState(kv, c[..., 0, 0])
