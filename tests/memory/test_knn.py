@@ -492,3 +492,24 @@ def test_tables_handed_out_outlive_close(tmp_path):
     assert torch.equal(key_table[:10], keys[0]) and torch.equal(value_table[:10], keys[0].flip(-1) * 2 + 1)
     with pytest.raises(ValueError, match="closed"):
         memory.key_table()
+
+
+@pytest.mark.parametrize("fills", [(27, 3), (1, 20)], ids=["27-3", "1-20"])
+def test_auto_index_equals_exact_backend_bit_for_bit_while_small(tmp_path, fills):
+    """Below ``exact_limit`` the ``auto`` index is the exact search: the same ids and the same
+    scores, to the last bit, as ``backend="exact"``, also with rows filled unequally and few
+    queries (a decoding step). It searched row by row, products of other shapes than the
+    exact backend's one product, and the scores differed in the last bit."""
+    gen = torch.Generator().manual_seed(0)
+    pairs = torch.randn(2, max(fills), 2, DIM, generator=gen)
+    mask = torch.arange(max(fills))[None, :] < torch.tensor(fills)[:, None]
+    exact = _memory(tmp_path, "exact", "flat", None, name="exact")
+    auto = _memory(tmp_path, "faiss", "auto", None, name="auto")
+    for memory in (exact, auto):
+        memory.add(pairs, mask)
+    for queries in (7, 2):
+        q = torch.randn(2, queries, DIM, generator=gen)
+        for got, want in zip(auto.lookup(q, 4), exact.lookup(q, 4), strict=True):
+            assert torch.equal(got, want)
+    exact.close()
+    auto.close()

@@ -536,3 +536,21 @@ def test_shared_kv_op_equals_the_layers_own_attention(monkeypatch, options, padd
     assert fast_grads.keys() == own_grads.keys() and any("rel_pos" in name for name in own_grads)
     for name, grad in own_grads.items():
         assert_close(fast_grads[name], grad, 1e-9, name=name)
+
+
+def test_auto_backend_equals_exact_while_the_memory_is_small():
+    """knn_backend="auto" (the adaptive index, exact below its limit) and "exact" give the
+    same logits bit for bit while decoding, with rows whose memories fill unequally (a
+    document starts in row 1)."""
+    exact = _model(knn_backend="exact", clear_memories_on_sos_token_id=SOS)
+    auto = _model(knn_backend="auto", clear_memories_on_sos_token_id=SOS)
+    auto.load_state_dict(exact.state_dict())
+    tokens = _tokens(2, 40, seed=3).clamp_min(EOS + 1)
+    tokens[1, 30] = SOS
+    got, got_state = auto.prefill(tokens[:, :36])
+    want, want_state = exact.prefill(tokens[:, :36])
+    assert torch.equal(got, want)
+    for t in range(36, 40):
+        assert torch.equal(auto.step(tokens[:, t], got_state)[0], exact.step(tokens[:, t], want_state)[0])
+    got_state.close()
+    want_state.close()

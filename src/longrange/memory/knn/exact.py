@@ -69,9 +69,17 @@ class ExactIndex(KNNIndex):
         pass  # the store's count decides which slots are searched
 
     def search(self, rows: Sequence[int], queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        rows = list(rows)
-        filled = np.minimum(self.store.counts[rows], self.store.capacity)
-        keys = self.keys[:, : int(filled.max()) if len(rows) else 0]
-        if rows != list(range(self.store.rows)):
-            keys = keys[torch.as_tensor(rows, device=keys.device)]
-        return exact_search(keys, filled, queries, k)
+        return search_rows(self.keys, self.store, list(rows), queries, k)
+
+
+def search_rows(
+    table: Tensor, store: MemmapStore, rows: list[int], queries: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`exact_search` of queries [R, Q, D] in the given rows of the key table [R', M, D]
+    of ``store``, as one product (the exact backend's search; the ``auto`` index calls it too
+    while every row searched is small, so that the two agree bit for bit)."""
+    filled = np.minimum(store.counts[rows], store.capacity)
+    keys = table[:, : int(filled.max()) if len(rows) else 0]
+    if rows != list(range(store.rows)):
+        keys = keys[torch.as_tensor(rows, device=keys.device)]
+    return exact_search(keys, filled, queries, k)
