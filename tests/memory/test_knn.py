@@ -513,3 +513,29 @@ def test_auto_index_equals_exact_backend_bit_for_bit_while_small(tmp_path, fills
             assert torch.equal(got, want)
     exact.close()
     auto.close()
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [torch.tensor([False, True]), np.array([False, True]), [True], 1.0, [0.0, 1.0]],
+    ids=["bool-tensor", "bool-array", "bool-list", "float", "float-list"],
+)
+def test_clear_refuses_a_mask_or_floats_as_row_indices(tmp_path, rows):
+    """A mask of rows (or floats) given as batch_indices is refused naming the argument: it
+    used to be cast to ints, so a mask [False, True] cleared row 0 and left row 1."""
+    memory = _memory(tmp_path, "exact", "flat", None)
+    memories = KNNMemoryList([memory])
+    memory.add(_pairs(_keys(5)))
+    with pytest.raises(TypeError, match="batch_indices"):
+        memory.clear(rows)
+    with pytest.raises(TypeError, match="batch_indices"):
+        memories.clear_memory(rows)
+    with pytest.raises(TypeError, match="memory_indices"):
+        memories.clear_memory(1, memory_indices=[True])
+    with pytest.raises(TypeError, match="batch indices"):
+        memory.set_scoped_indices(rows)
+    assert memory.db_offsets.tolist() == [5, 5]
+    memory.clear(torch.tensor([1]))  # integer tensors, numpy integers and ranges are indices
+    memory.clear(np.int64(0))
+    assert memory.db_offsets.tolist() == [0, 0]
+    memory.close()

@@ -61,6 +61,35 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def row_indices(name: str, value, rows: int) -> list[int]:
+    """Batch row indices given as an int or a sequence / array / tensor of ints, each in
+    [0, rows); a bool (a mask: which rows?) or a float is refused rather than cast."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        if isinstance(value, Tensor):
+            dtype = value.dtype
+            integral = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        else:
+            integral = value.dtype.kind in "iu"
+        if not integral:
+            raise TypeError(
+                f"{name} must be indices (an int or a sequence of ints), got a {value.dtype} "
+                "array; for a mask pass mask.nonzero().flatten()"
+            )
+        value = value.tolist()
+    if isinstance(value, (int, np.integer, str, bytes)) or not hasattr(value, "__iter__"):
+        items = [value]
+    else:
+        items = list(value)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise TypeError(f"{name} must be indices (an int or a sequence of ints), got {value!r}")
+    chosen = [int(i) for i in items]
+    bad = [i for i in chosen if not 0 <= i < rows]
+    if bad:
+        raise ValueError(f"{name} must lie in [0, {rows}), got {bad}")
+    return chosen
+
+
 def _release(store: MemmapStore, path: Path, directory: Path, remove_directory: bool) -> None:
     store.close()
     with contextlib.suppress(OSError):
@@ -163,12 +192,9 @@ class KNNMemory:
         return self.store.counts
 
     def set_scoped_indices(self, indices: Iterable[int]) -> None:
-        indices = [int(i) for i in indices]
+        indices = row_indices("batch indices", indices, self.num_indices)
         if len(set(indices)) != len(indices):
             raise ValueError(f"scoped batch indices must be unique, got {indices}")
-        bad = [i for i in indices if not 0 <= i < self.num_indices]
-        if bad:
-            raise ValueError(f"batch indices must lie in [0, {self.num_indices}), got {bad}")
         self.scoped_indices = indices
 
     @contextmanager
@@ -186,10 +212,7 @@ class KNNMemory:
         if batch_indices is None:
             rows = list(range(self.num_indices))
         else:
-            rows = [int(batch_indices)] if isinstance(batch_indices, int) else [int(i) for i in batch_indices]
-        bad = [i for i in rows if not 0 <= i < self.num_indices]
-        if bad:
-            raise ValueError(f"batch_indices must lie in [0, {self.num_indices}), got {bad}")
+            rows = row_indices("batch_indices", batch_indices, self.num_indices)
         for row in rows:
             self.store.clear(row)
             self.index.reset(row)

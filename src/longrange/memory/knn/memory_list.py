@@ -21,6 +21,7 @@ from longrange.memory.knn.memory import (
     SAVE_META,
     KNNMemory,
     positive_int,
+    row_indices,
 )
 from longrange.memory.knn.store import make_memory_directory, prepare_directory, remove_memory_directory
 
@@ -90,11 +91,13 @@ class KNNMemoryList(list):
         self, batch_indices: int | Sequence[int] | None = None, memory_indices: Sequence[int] | None = None
     ) -> None:
         """Clear the given rows (all when None) of the given memories (all when None)."""
-        chosen = range(len(self)) if memory_indices is None else memory_indices
+        chosen = (
+            range(len(self))
+            if memory_indices is None
+            else row_indices("memory_indices", memory_indices, len(self))
+        )
         for i in chosen:
-            if not 0 <= int(i) < len(self):
-                raise ValueError(f"memory_indices must lie in [0, {len(self)}), got {i}")
-            self[int(i)].clear(batch_indices)
+            self[i].clear(batch_indices)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write every memory into ``directory/layer<i>`` and a list of them beside."""
