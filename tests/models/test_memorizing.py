@@ -3,6 +3,7 @@ through past entries, per batch row; document starts (sos / eos) cut memory, XL 
 token shift; padding is neither attended nor stored; greedy decoding equals recompute with
 XL, shifts, token shift and the gated combine; the memory files are owned and removed."""
 
+import gc
 import os
 
 import pytest
@@ -554,3 +555,32 @@ def test_auto_backend_equals_exact_while_the_memory_is_small():
         assert torch.equal(auto.step(tokens[:, t], got_state)[0], exact.step(tokens[:, t], want_state)[0])
     got_state.close()
     want_state.close()
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"max_knn_memories": 128},
+        {"dim": 64},
+        {"heads": 4},
+        {"xl_max_memories": 8, "xl_memory_layers": (1,)},
+    ],
+    ids=["capacity", "width", "heads", "xl-layers"],
+)
+def test_a_state_of_another_configuration_is_refused(tmp_path, changed):
+    """A saved state loaded into a model of another configuration is a ValueError at load:
+    it used to load, then continue with the old memory capacity, or fail in the middle of a
+    forward (a kNN search of the wrong width, a KeyError for a missing XL window)."""
+    model = _model()
+    state = model.init_state(2)
+    model.forward_lm(_tokens(2, 3 * CHUNK), state=state)
+    model.save_state(state, tmp_path / "state")
+    state.close()
+    other = _model(**changed)
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_state(tmp_path / "state", batch_size=2)
+    fresh = _model().init_state(2)  # a live state handed to the other model: the same refusal
+    with pytest.raises(ValueError, match="another configuration"):
+        other.forward_lm(_tokens(2, CHUNK), state=fresh)
+    fresh.close()
+    gc.collect()  # the refused loaded state's memories go with it

@@ -186,6 +186,25 @@ class MemorizingLM(SegmentedLM):
             raise ValueError(
                 f"expected {len(self.knn_layers)} kNN memories (one per memorizing layer), got {len(knn)}"
             )
+        c = self.config
+        for memory in knn:
+            if (memory.dim, memory.max_memories) != (c.head_width, c.max_knn_memories):
+                raise ValueError(
+                    f"the state's kNN memories hold keys of width {memory.dim} and {memory.max_memories} "
+                    f"entries per row; this model needs {c.head_width} and max_knn_memories="
+                    f"{c.max_knn_memories} (a state of another configuration)"
+                )
+        # a window: [B, L, dim] inputs with xl_reproject, else [2, B, L, head_width] keys/values
+        width, dims = (c.dim, 3) if c.xl_reproject else (c.head_width, 4)
+        for i, layer in enumerate(state.layers):
+            window = layer.get("xl")
+            if ("xl" in layer) != (i in self.xl_source) or (
+                window is not None and (window.dim() != dims or window.shape[-1] != width)
+            ):
+                raise ValueError(
+                    f"the state's XL windows do not fit this model's (XL layers "
+                    f"{self.xl_layers}, xl_reproject={c.xl_reproject}): a state of another configuration"
+                )
 
     def forget_rows(self, state: State, rows: Tensor) -> None:
         knn, keep = state.shared["knn"], state.shared["shift_keep"]
