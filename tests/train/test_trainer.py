@@ -64,6 +64,16 @@ def test_run_folder_contents_and_learning(tmp_path, text_folder):
     assert (run / "sample.txt").read_text().startswith("def ")
 
 
+def test_validation_follows_eval_every_whatever_the_logging_interval(tmp_path, text_folder):
+    # The CLI sets --eval-every but not log_every (10): a validation every 3 steps must not
+    # wait for a step that both divide.
+    Trainer(_cfg(tmp_path, steps=7, eval_every=3, log_every=10), corpus=load_corpus(text_folder)).fit()
+    lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records if "val_bpb" in r] == [0, 3, 6, 7]
+    assert all("train_loss" in r for r in records if r["step"] > 0)
+
+
 def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)

@@ -334,7 +334,11 @@ class Trainer:
                     self.warn(f"step {self.step}: {what}; the step was skipped (no update)")
                 else:
                     self.nonfinite_streak = 0
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                last = self.step == cfg.steps
+                evaluating = self.step % cfg.eval_every == 0 or last
+                # A validation step is logged whatever log_every is: the two intervals need not
+                # divide each other (the CLI sets --eval-every but not log_every).
+                if self.step % cfg.log_every == 0 or evaluating:
                     elapsed = time.perf_counter() - window_start
                     tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                     window_start, window_steps = time.perf_counter(), 0
@@ -345,7 +349,7 @@ class Trainer:
                         tokens_per_s=tok_s,
                         skipped_steps=self.skipped_steps,
                     )
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    if evaluating:
                         if self.dist.is_main:
                             last_bpb = self.evaluate()
                             record["val_bpb"] = last_bpb
