@@ -584,3 +584,39 @@ def test_a_state_of_another_configuration_is_refused(tmp_path, changed):
         other.forward_lm(_tokens(2, CHUNK), state=fresh)
     fresh.close()
     gc.collect()  # the refused loaded state's memories go with it
+
+
+@pytest.mark.parametrize("dies_at", ["tensors", "memory-index"])
+def test_a_save_that_dies_half_way_does_not_load_as_a_mix(tmp_path, monkeypatch, dies_at):
+    """Saving a state over an earlier save, killed after the kNN memories were written: the
+    folder refuses to load, instead of loading the old position and XL windows beside the new
+    memories (or a memory's old counts beside its new pairs), as it did."""
+    import longrange.models.state as state_module
+    from longrange.memory.knn import ExactIndex
+
+    model = _model()
+    state = model.init_state(2)
+    model.forward_lm(_tokens(2, 2 * CHUNK), state=state)
+    model.save_state(state, tmp_path / "state")
+    model.forward_lm(_tokens(2, 2 * CHUNK, seed=1), state=state)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing after this point runs
+
+    if dies_at == "tensors":
+        monkeypatch.setattr(state_module, "atomic_write_safetensors", killed)
+    else:  # in a memory's save, after its pairs, before its metadata
+        monkeypatch.setattr(ExactIndex, "save", killed, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_state(state, tmp_path / "state")
+    monkeypatch.undo()
+    with pytest.raises((FileNotFoundError, ValueError)):
+        model.load_state(tmp_path / "state", batch_size=2)
+    if dies_at == "memory-index":
+        with pytest.raises(ValueError, match="no saved kNN memory"):
+            state.shared["knn"][0].load(tmp_path / "state" / "files-1" / "layer1")
+    model.save_state(state, tmp_path / "state")  # a complete save loads again
+    loaded = model.load_state(tmp_path / "state", batch_size=2)
+    assert loaded.position == state.position
+    loaded.close()
+    state.close()

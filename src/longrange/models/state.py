@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longrange.atomic import atomic_write_json, atomic_write_safetensors, read_json, read_safetensors
+from longrange.atomic import (
+    atomic_write_json,
+    atomic_write_safetensors,
+    fsync_directory,
+    read_json,
+    read_safetensors,
+)
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -102,6 +108,11 @@ class State:
         file-backed entries in sub-folders)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # state.json is written last and names everything else: drop an earlier save's first,
+        # so a save that dies half way leaves a folder that refuses to load, never old entries
+        # beside new files
+        (directory / STATE_JSON).unlink(missing_ok=True)
+        fsync_directory(directory)
         tensors: dict[str, Tensor] = {}
         tree = _encode({"layers": self.layers, "shared": self.shared}, "s", tensors, directory, [0])
         atomic_write_safetensors(directory / STATE_TENSORS, tensors)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longrange.atomic import atomic_write_json, fsync_directory
 from longrange.memory.knn import compiled
 from longrange.memory.knn.factory import make_index, resolve_backend
 from longrange.memory.knn.retrieval import TableLease
@@ -346,9 +347,15 @@ class KNNMemory:
         data = target / SAVE_DATA
         if data.resolve() == self.path.resolve():
             raise ValueError(f"cannot save a kNN memory onto its own file {str(self.path)!r}")
+        # the metadata is written last and vouches for the rest: drop an earlier save's first,
+        # so a save that dies half way leaves no saved memory, never old counts beside new pairs
+        (target / SAVE_META).unlink(missing_ok=True)
+        fsync_directory(target)
         self.store.flush()
         tmp = target / (SAVE_DATA + ".tmp")
         shutil.copyfile(self.path, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, data)
         self.index.save(target)
         meta = {
@@ -360,9 +367,7 @@ class KNNMemory:
             "index": self.index_kind,
             **self.options,
         }
-        tmp_meta = target / (SAVE_META + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_meta, target / SAVE_META)
+        atomic_write_json(target / SAVE_META, meta)
 
     def load(self, directory: str | os.PathLike) -> None:
         """Replace this memory's contents with those saved in ``directory``.

@@ -102,6 +102,7 @@ class KNNMemoryList(list):
     def save(self, directory: str | os.PathLike) -> None:
         """Write every memory into ``directory/layer<i>`` and a list of them beside."""
         target = prepare_directory(directory)
+        (target / LIST_META).unlink(missing_ok=True)  # written last: a half save is no saved list
         for i, memory in enumerate(self):
             memory.save(target / f"layer{i + 1}")
         # where the memories' own folder lives: a re-opened copy goes beside it
