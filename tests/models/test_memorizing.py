@@ -3,7 +3,6 @@ through past entries, per batch row; document starts (sos / eos) cut memory, XL 
 token shift; padding is neither attended nor stored; greedy decoding equals recompute with
 XL, shifts, token shift and the gated combine; the memory files are owned and removed."""
 
-import gc
 import os
 
 import pytest
@@ -567,23 +566,37 @@ def test_auto_backend_equals_exact_while_the_memory_is_small():
     ],
     ids=["capacity", "width", "heads", "xl-layers"],
 )
-def test_a_state_of_another_configuration_is_refused(tmp_path, changed):
+def test_a_state_of_another_configuration_is_refused(tmp_path, monkeypatch, changed):
     """A saved state loaded into a model of another configuration is a ValueError at load:
     it used to load, then continue with the old memory capacity, or fail in the middle of a
-    forward (a kNN search of the wrong width, a KeyError for a missing XL window)."""
+    forward (a kNN search of the wrong width, a KeyError for a missing XL window). The refused
+    state is closed (its memory files go at once), as is one of another batch size."""
     model = _model()
     state = model.init_state(2)
     model.forward_lm(_tokens(2, 3 * CHUNK), state=state)
     model.save_state(state, tmp_path / "state")
     state.close()
+    closed = _record_closes(monkeypatch)
     other = _model(**changed)
     with pytest.raises(ValueError, match="another configuration"):
         other.load_state(tmp_path / "state", batch_size=2)
+    assert len(closed) == 1
+    with pytest.raises(ValueError, match="batch"):
+        model.load_state(tmp_path / "state", batch_size=3)
+    assert len(closed) == 2
     fresh = _model().init_state(2)  # a live state handed to the other model: the same refusal
     with pytest.raises(ValueError, match="another configuration"):
         other.forward_lm(_tokens(2, CHUNK), state=fresh)
     fresh.close()
-    gc.collect()  # the refused loaded state's memories go with it
+
+
+def _record_closes(monkeypatch) -> list:
+    """The states closed from now on (State.close still runs)."""
+    from longrange.models.state import State
+
+    closed, close = [], State.close
+    monkeypatch.setattr(State, "close", lambda self: (closed.append(self), close(self))[1])
+    return closed
 
 
 @pytest.mark.parametrize("dies_at", ["tensors", "memory-index"])

@@ -140,9 +140,7 @@ class LongRangeLM(nn.Module):
 
     def load_state(self, directory: str | os.PathLike, *, batch_size: int, device: Any = "cpu") -> State:
         """Read a state written by :meth:`save_state`, refusing one of another batch size."""
-        state = State.load(directory, device)
-        state.check_batch(batch_size)
-        return state
+        return State.load(directory, device).checked(lambda state: state.check_batch(batch_size))
 
     # --- incremental decoding -------------------------------------------------------------
     def context_limit(self) -> int | None:

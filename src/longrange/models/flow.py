@@ -209,8 +209,7 @@ class SegmentedLM(LongRangeLM):
 
     def load_state(self, directory: str | os.PathLike, *, batch_size: int, device: Any = "cpu") -> State:
         state = super().load_state(directory, batch_size=batch_size, device=device)
-        self.check_state(state, batch_size)
-        return state
+        return state.checked(lambda state: self.check_state(state, batch_size))
 
     def _drop_derived(self, state: State) -> None:
         for layer in state.layers:

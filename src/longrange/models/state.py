@@ -102,6 +102,17 @@ class State:
             if callable(close) and not isinstance(leaf, Tensor):
                 close()
 
+    def checked(self, check: Callable[[State], None]) -> State:
+        """This state once ``check`` accepts it (e.g. a model's check of a loaded state); a
+        refused state is closed first, so that its kNN memory files go at once rather than
+        whenever the collector finds it."""
+        try:
+            check(self)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     # --- persistence ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write the state into ``directory`` (tensors as safetensors, the rest as JSON,
