@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import uuid
 
 import pytest
@@ -245,3 +246,57 @@ def test_corrupt_checkpoint_files_are_refused(tmp_path, text_folder):
     (root / "latest.json").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         Trainer(_cfg(tmp_path, steps=6), resume=str(run), corpus=corpus)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("files", [], "files must map each file's path to its size and sha256"),
+        ("files", {"config.json": "x"}, "files must map each file's path to its size and sha256"),
+        ("step", None, "step must be an integer >= 0"),
+        ("step", "3", "step must be an integer >= 0"),
+        ("world_size", 0, "world_size an integer >= 1"),
+        ("folder", 3, "folder must be a folder name"),
+        ("folder", "../checkpoints/step-000003", "which is missing or misnamed"),
+    ],
+)
+def test_a_pointer_with_fields_of_the_wrong_type_is_refused_clearly(
+    tmp_path, text_folder, field, value, message
+):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, steps=3), corpus=corpus).fit()
+    root = tmp_path / "runs" / "t" / "checkpoints"
+    pointer = json.loads((root / "latest.json").read_text())
+    atomic_write_json(root / "latest.json", {**pointer, field: value})
+    with pytest.raises(ValueError, match=message):
+        Trainer(_cfg(tmp_path, steps=6), resume=str(tmp_path / "runs" / "t"), corpus=corpus)
+
+
+def test_run_options_that_are_not_an_object_are_refused_clearly(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, steps=3), corpus=corpus).fit()
+    (tmp_path / "runs" / "t" / "train_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"corrupt trainer options .*train_config\.json"):
+        Trainer(_cfg(tmp_path, steps=6), resume=str(tmp_path / "runs" / "t"), corpus=corpus)
+
+
+def test_a_checkpoint_of_another_family_is_refused(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, name="v", steps=3), corpus=corpus).fit()
+    Trainer(_cfg(tmp_path, name="p", model="performer", steps=3), corpus=corpus).fit()
+    run = tmp_path / "runs" / "v"
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(tmp_path / "runs" / "p" / "checkpoints", run / "checkpoints")
+    with pytest.raises(ValueError, match="holds a 'performer' model but the run trains 'vanilla'"):
+        Trainer(_cfg(tmp_path, name="v", steps=6), resume=str(run), corpus=corpus)
+
+
+def test_a_misshapen_optimizer_state_is_refused_clearly(tmp_path, text_folder):
+    corpus = load_corpus(text_folder)
+    Trainer(_cfg(tmp_path, steps=3), corpus=corpus).fit()
+    root = tmp_path / "runs" / "t" / "checkpoints"
+    path = root / "step-000003" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "optimizer": {"state": []}}))
+    _rewrite_pointer(root)  # damaged before the pointer was written: the checksums agree
+    with pytest.raises(ValueError, match=r"corrupt trainer state .*misshapen optimizer state"):
+        Trainer(_cfg(tmp_path, steps=6), resume=str(tmp_path / "runs" / "t"), corpus=corpus)

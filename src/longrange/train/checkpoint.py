@@ -229,11 +229,12 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
         raise ValueError(f"corrupt checkpoint pointer {root / POINTER}: needs {', '.join(keys)}")
     if pointer["format"] != POINTER_FORMAT:
         raise ValueError(f"{root / POINTER}: unknown checkpoint format {pointer['format']!r}")
-    step = int(pointer["step"])
-    folder = root / str(pointer["folder"])
-    if folder.name != step_folder_name(step) or not folder.is_dir():
+    _check_pointer_fields(root / POINTER, pointer)
+    step = pointer["step"]
+    folder = root / pointer["folder"]
+    if pointer["folder"] != step_folder_name(step) or not folder.is_dir():
         raise ValueError(
-            f"{root / POINTER} names step {step} in {folder.name!r}, which is missing or misnamed"
+            f"{root / POINTER} names step {step} in {pointer['folder']!r}, which is missing or misnamed"
         )
     for rel, expected in pointer["files"].items():
         path = folder / rel
@@ -255,8 +256,36 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     _agree(folder / TRAINER_JSON, trainer["step"], step)
     _agree(folder / WEIGHTS_NAME, _weights_step(folder / WEIGHTS_NAME), step)
     tensors = read_safetensors(folder / TRAINER_TENSORS, "trainer state")
-    optimizer_state = optimizer_from_flat(tensors, trainer["optimizer"])
-    return Checkpoint(folder, step, int(pointer["world_size"]), trainer, optimizer_state)
+    try:
+        optimizer_state = optimizer_from_flat(tensors, trainer["optimizer"])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"corrupt trainer state in {folder}: misshapen optimizer state ({err})") from None
+    return Checkpoint(folder, step, pointer["world_size"], trainer, optimizer_state)
+
+
+def _check_pointer_fields(path: Path, pointer: dict) -> None:
+    """Refuse a pointer whose fields have the wrong types (a hand edit, another tool)."""
+
+    def counts(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    digests = pointer["files"]
+    listed = isinstance(digests, dict) and all(
+        isinstance(rel, str)
+        and isinstance(d, dict)
+        and counts(d.get("size"), 0)
+        and isinstance(d.get("sha256"), str)
+        for rel, d in digests.items()
+    )
+    if not (counts(pointer["step"], 0) and counts(pointer["world_size"], 1)):
+        problem = "step must be an integer >= 0 and world_size an integer >= 1"
+    elif not isinstance(pointer["folder"], str):
+        problem = "folder must be a folder name"
+    elif not listed:
+        problem = "files must map each file's path to its size and sha256"
+    else:
+        return
+    raise ValueError(f"corrupt checkpoint pointer {path}: {problem}")
 
 
 def _weights_step(path: Path) -> int | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.atomic import read_json
+from longrange.models.base import CONFIG_NAME
 from longrange.train import distributed as dist_util
 from longrange.train.checkpoint import (
     CHECKPOINTS,
@@ -44,7 +45,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    return TrainConfig.from_dict(read_json(Path(run_dir) / "train_config.json", "trainer options"))
+    path = Path(run_dir) / "train_config.json"
+    data = read_json(path, "trainer options")
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupt trainer options {path}: not a JSON object of options")
+    return TrainConfig.from_dict(data)
 
 
 def check_resume(run_dir: Path, cfg: TrainConfig, *, world_size: int) -> tuple[Checkpoint, list[str]]:
@@ -55,6 +60,14 @@ def check_resume(run_dir: Path, cfg: TrainConfig, *, world_size: int) -> tuple[C
     changed = resume_changes(load_run_config(run_dir), cfg)
     steps = cfg.steps
     checkpoint = read_checkpoint(run_dir)
+    model_config = read_json(checkpoint.folder / CONFIG_NAME, "model config")
+    family = model_config.get("family") if isinstance(model_config, dict) else None
+    if family != cfg.model:
+        # The weights would be loaded as whatever they are and trained under the run's name.
+        raise ValueError(
+            f"{checkpoint.folder} holds a {family!r} model but the run trains {cfg.model!r} "
+            "(train_config.json): the checkpoint belongs to another run"
+        )
     if steps < checkpoint.step:
         raise ValueError(
             f"steps {steps} is below the run's current step {checkpoint.step}: a run cannot go back "
