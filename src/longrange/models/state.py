@@ -132,7 +132,8 @@ class State:
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> State:
-        """Read a state written by :meth:`save`; ValueError when it is missing or corrupt."""
+        """Read a state written by :meth:`save`; FileNotFoundError (naming the file) when it is
+        missing, ValueError when it is corrupt."""
         directory = Path(directory)
         doc = read_json(directory / STATE_JSON, "model state")
         tensors = read_safetensors(directory / STATE_TENSORS, "model state")
