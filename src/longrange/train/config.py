@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,6 +110,19 @@ class TrainConfig:
         for name in ("fsdp", "compile", "progress", "flush_denormals"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        # np.random.default_rng takes no negative seed, torch.manual_seed none from 2**64 on
+        # (and each process adds its rank): refused here, not after the run folder is made.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.name is not None and (
+            not isinstance(self.name, str)
+            or self.name in ("", ".", "..")
+            or any(sep and sep in self.name for sep in (os.sep, os.altsep, "/"))
+        ):
+            raise ValueError(
+                f"name must be a folder name (not empty, '.' or '..', no '/'): the run folder made "
+                f"under out, got {self.name!r}"
+            )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
 
