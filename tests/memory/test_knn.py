@@ -494,6 +494,22 @@ def test_tables_handed_out_outlive_close(tmp_path):
         memory.key_table()
 
 
+def test_copying_or_pickling_a_memory_is_refused_naming_the_way_to_copy(tmp_path):
+    """A memory is its file: copy.deepcopy used to return a memory that read as closed (and
+    failed at its first use), pickle failed on a weak reference deep inside; both now say
+    how to copy one. The original is left as it was."""
+    import copy
+    import pickle
+
+    memory = _memory(tmp_path, "exact", "flat", None, max_memories=16, rows=1)
+    memory.add(_pairs(_keys(5, rows=1)))
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps, lambda m: copy.deepcopy(KNNMemoryList([m]))):
+        with pytest.raises(TypeError, match="cannot be copied or pickled: save"):
+            attempt(memory)
+    assert memory.lookup(_keys(1, rows=1)[:, :1], 2)[2].all()
+    memory.close()
+
+
 @pytest.mark.parametrize("fills", [(27, 3), (1, 20)], ids=["27-3", "1-20"])
 def test_auto_index_equals_exact_backend_bit_for_bit_while_small(tmp_path, fills):
     """Below ``exact_limit`` the ``auto`` index is the exact search: the same ids and the same

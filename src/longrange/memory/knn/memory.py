@@ -437,6 +437,15 @@ class KNNMemory:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __reduce_ex__(self, protocol):
+        # A copy would share (or, once the original closes, lose) this memory's file and
+        # index: copy.deepcopy used to return a memory that read as closed, pickle failed
+        # on a weak reference deep inside.
+        raise TypeError(
+            "a KNNMemory is backed by its own file and cannot be copied or pickled: save() it "
+            "and open the saved copy (KNNMemoryList.open_saved, or a model's save_state / load_state)"
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"file={str(self.path)!r}"
         return (
