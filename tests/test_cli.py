@@ -310,3 +310,25 @@ def test_generate_continues_a_prompt_that_is_not_utf8(tmp_path, capsys):
     argv = ["generate", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu"]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("caf\ufffd")
+
+
+def test_a_run_given_relative_data_resumes_from_another_folder(tmp_path, text_folder, monkeypatch, capsys):
+    # The run reads the data it started with wherever the resume runs, even where the same
+    # relative name means another folder.
+    monkeypatch.chdir(text_folder.parent)
+    args = ["train", "--preset", "tiny", "--set", "max_seq_len=32", "--data", text_folder.name]
+    args += ["--steps", "3", "--batch-size", "2", "--eval-every", "3", "--eval-tokens", "128"]
+    args += ["--out", str(tmp_path / "runs"), "--name", "rel", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "rel"
+    assert json.loads((run / "train_config.json").read_text())["data"] == str(text_folder)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / text_folder.name).mkdir(parents=True)
+    (elsewhere / text_folder.name / "other.txt").write_text("another corpus " * 100)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "4", "--no-progress"]) == 0
+    assert f"data: {text_folder}: 11 train documents" in capsys.readouterr().out
+    # the same relative name given again here names the other folder: a change, refused
+    assert main(["train", "--resume", str(run), "--steps", "5", "--data", text_folder.name]) == 2
+    assert "with its own --data" in capsys.readouterr().err

@@ -143,8 +143,9 @@ def _finite(value: Any) -> bool:
 
 
 def _comparable(name: str, value: Any) -> Any:
-    if name == "data" and value in (None, "builtin"):
-        return "builtin"
+    if name == "data":
+        # a relative path means the file it names from here (runs record absolute ones)
+        return "builtin" if value in (None, "builtin") else os.path.abspath(value)
     return json.loads(json.dumps(value))  # tuples and lists compare equal, as after a save
 
 

@@ -21,7 +21,9 @@ Faults:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,9 @@ class LossStep(nn.Module):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, corpus: Corpus | None = None) -> None:
+        if not resume and cfg.data not in (None, "builtin"):
+            # The run records where its data is, so that a resume from another folder reads it.
+            cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
         self.cfg = cfg
         self.dist = dist_util.init_distributed(dist_util.pick_device(cfg.device))
         self.device = dist_util.pick_device(cfg.device, self.dist)
