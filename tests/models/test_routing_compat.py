@@ -255,6 +255,33 @@ def test_wrappers_and_autopadder():
     assert torch.equal(again, sample)
 
 
+def test_autopadder_hands_the_padding_mask_over_as_input_mask():
+    """The reference's Autopadder always calls the net with ``input_mask``: a module of the
+    user's around the LM (or the block stack, which takes no ``mask``) runs padded, and its
+    output equals the net's own on the explicitly padded, masked input."""
+
+    class Client(torch.nn.Module):  # a user's module with the reference LM's forward keywords
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, x, input_mask=None):
+            return self.lm(x, input_mask=input_mask)
+
+    torch.manual_seed(0)
+    lm = _tiny_lm(n_local_attn_heads=2).eval()
+    body_kw = dict(dim=32, depth=1, max_seq_len=64, heads=2, window_size=8)
+    body = RoutingTransformer(**body_kw, n_local_attn_heads=1, local_attn_window_size=8).eval()
+    x, h = torch.randint(1, 64, (2, 21)), torch.randn(2, 21, 32)
+    mask = F.pad(torch.ones(2, 21, dtype=torch.bool), (0, 3), value=False)
+    with torch.no_grad():
+        out, aux = Autopadder(Client(lm))(x)
+        assert out.shape == (2, 21, 64) and aux.shape == (1,)
+        assert torch.equal(out, lm(F.pad(x, (0, 3)), input_mask=mask)[0][:, :21])
+        out, _ = Autopadder(body)(h)
+        assert torch.equal(out, body(F.pad(h, (0, 0, 0, 3)), input_mask=mask)[0][:, :21])
+
+
 PARITY = [
     pytest.param(dict(), id="routed"),
     pytest.param(dict(n_local_attn_heads=2, num_mem_kv=2), id="local-mem"),

@@ -166,13 +166,21 @@ def _find_body(net: nn.Module) -> RoutingBody | None:
 
 class Autopadder(_SharedAutopadder):
     """Pads to the local attention window, as the reference did (a no-op without local heads:
-    longrange's layers accept any length, so padding is only a compatibility convenience)."""
+    longrange's layers accept any length, so padding is only a compatibility convenience).
+    When it pads, the padding mask goes to the net as ``input_mask``, as the reference's did
+    (the block stack and a user's module around the LM take no ``mask``), unless the caller
+    passed ``mask``."""
 
     def __init__(self, net: nn.Module, pad_multiple: int | None = None) -> None:
         if pad_multiple is None:
             body = _find_body(net)
             pad_multiple = body.pad_multiple if body is not None else 0
         super().__init__(net, pad_multiple=max(1, pad_multiple))
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Any:
+        if "mask" not in kwargs and x.shape[1] % self.pad_multiple:
+            kwargs.setdefault("input_mask", None)
+        return super().forward(x, **kwargs)
 
 
 class AutoregressiveWrapper(_SharedWrapper):
