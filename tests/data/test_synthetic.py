@@ -138,3 +138,24 @@ def test_distance_tasks_are_seeded_and_refuse_bad_arguments():
         synthetic.recall_at_distance(1, distance=49, num_pairs=16)
     with pytest.raises(ValueError, match="num_queries"):
         synthetic.recall_at_distance(1, distance=100, num_pairs=4, num_queries=5)
+
+
+@pytest.mark.parametrize("alphabet", [0, 160, 300], ids=["empty", "past-255", "far-past-255"])
+def test_copying_refuses_an_alphabet_that_leaves_the_bytes(alphabet):
+    with pytest.raises(ValueError, match=r"alphabet must be an integer in \[1, 159\]"):
+        synthetic.copying(2, length=3, alphabet=alphabet)
+    inputs, targets = synthetic.copying(2, length=50, alphabet=159, seed=1)
+    assert int(inputs.max()) <= 255 and int(targets.max()) <= 255
+
+
+def test_listops_refuses_a_length_window_it_can_never_fill():
+    # depth 1 with two arguments makes "[MIN 1 2 ]" and the like: 9 or 10 characters
+    assert synthetic.listops_length_range(max_depth=1, max_args=2) == (9, 10)
+    with pytest.raises(ValueError, match="9 to 10 characters long; min_length 1900"):
+        synthetic.listops(1, min_length=1900, max_length=2000, max_depth=1, max_args=2)
+    with pytest.raises(ValueError, match="max_args must be an integer >= 2"):
+        synthetic.listops(1, min_length=1, max_length=100, max_args=1)
+    lengths = {
+        len(ex.text) for ex in synthetic.listops(20, min_length=10, max_length=10, max_depth=1, max_args=2)
+    }
+    assert lengths == {10}

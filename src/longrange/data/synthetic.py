@@ -98,6 +98,9 @@ def copying(batch: int, *, length: int, seed: int = 0, alphabet: int = 26) -> tu
     """``length`` random letters, "|", then the same letters; the copy is scored."""
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
+    most = 256 - ord("a")  # the letters are bytes from "a" on
+    if not isinstance(alphabet, int) or not 1 <= alphabet <= most:
+        raise ValueError(f"alphabet must be an integer in [1, {most}] (byte tokens), got {alphabet!r}")
     rng = _rng(seed)
     src = rng.integers(ord("a"), ord("a") + alphabet, size=(batch, length))
     sep = np.full((batch, 1), ord("|"))
@@ -242,6 +245,16 @@ def _listops_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args
     return f"[{op} " + " ".join(parts) + " ]", _listops_value(op, values)
 
 
+def listops_length_range(*, max_depth: int, max_args: int) -> tuple[int, int]:
+    """The shortest and the longest text :func:`_listops_tree` can make: "[OP a b ... ]" is
+    len(OP) + 3 characters around its arguments, each followed by a space."""
+    shortest = min(map(len, LISTOPS_OPS)) + 3 + 2 * 2  # two one-digit arguments
+    longest = 1  # a digit
+    for _ in range(max_depth):
+        longest = max(map(len, LISTOPS_OPS)) + 3 + max_args * (longest + 1)
+    return shortest, longest
+
+
 def listops(
     count: int,
     *,
@@ -255,6 +268,18 @@ def listops(
     depth at most ``max_depth``; the label is the expression's value (0-9)."""
     if not 1 <= min_length <= max_length:
         raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
+    for name, value, low in (("count", count, 0), ("max_depth", max_depth, 1), ("max_args", max_args, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    # Lengths the generator can make: no window outside them is ever met (the loop below
+    # would draw forever).
+    shortest, longest = listops_length_range(max_depth=max_depth, max_args=max_args)
+    if min_length > longest or max_length < shortest:
+        raise ValueError(
+            f"ListOps expressions of depth <= {max_depth} with <= {max_args} arguments are "
+            f"{shortest} to {longest} characters long; min_length {min_length} and max_length "
+            f"{max_length} leave none"
+        )
     rng = _rng(seed)
     out: list[ListOpsExample] = []
     while len(out) < count:
