@@ -200,11 +200,18 @@ def test_enc_dec_keywords_are_checked():
     assert model.dec.ignore_index == model.dec.pad_value == 0
 
 
-def test_enc_dec_reference_weights_give_the_reference_encoder():
+@pytest.mark.parametrize(
+    "sides",
+    [dict(), dict(enc_shift_tokens=True), dict(dec_shift_tokens=True)],
+    ids=["plain", "enc-shift", "dec-shift"],
+)
+def test_enc_dec_reference_weights_give_the_reference_encoder(sides):
+    """Also with token shift on one side only: the reference wraps only that side's branches
+    in its shift module, so only that side's names lose the wrapper."""
     rt = import_reference("routing_transformer")
     torch.manual_seed(0)
     kw = dict(dim=32, enc_num_tokens=16, enc_depth=1, enc_heads=2, enc_max_seq_len=32, enc_window_size=8)
-    kw.update(dec_num_tokens=16, dec_depth=1, dec_heads=2, dec_max_seq_len=32, dec_window_size=8)
+    kw.update(dec_num_tokens=16, dec_depth=1, dec_heads=2, dec_max_seq_len=32, dec_window_size=8, **sides)
     reference = rt.RoutingTransformerEncDec(**kw)
     src = torch.randint(0, 16, (2, 32))
     reference.enc(src)  # k-means initialised from data
@@ -318,6 +325,22 @@ def test_reference_parity_non_causal(options):
         got, got_aux = ours(x)
     assert relative_error(got, expected) < 1e-4
     assert abs(float(got_aux) - float(expected_aux.sum())) <= 1e-4 * abs(float(expected_aux.sum()))
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [dict(depth=3), dict(receives_context=True), dict(shift_tokens=True)],
+    ids=["deeper", "context-layers", "token-shift"],
+)
+def test_converter_refuses_a_reference_built_with_other_keywords(theirs):
+    """Reference weights that have no place in our model are an error, not dropped: a deeper
+    stack's extra layers, or context layers (which would land on our self-attention
+    blocks), or a token-shifting stack (ours would not shift)."""
+    rt = import_reference("routing_transformer")
+    kw = dict(num_tokens=16, dim=32, depth=2, max_seq_len=32, heads=2, window_size=8)
+    reference = rt.RoutingTransformerLM(**{**kw, **theirs})
+    with pytest.raises(ValueError, match="reference weights with no place in RoutingTransformerLM"):
+        load_reference(RoutingTransformerLM(**kw), reference.state_dict())
 
 
 def test_reference_parity_block_stack():

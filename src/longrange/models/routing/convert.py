@@ -19,20 +19,40 @@ from longrange.models.routing.compat import RoutingTransformerEncDec
 from longrange.models.routing.model import RoutingBody, RoutingLM
 from longrange.modules.positional import AbsolutePositionalEmbedding
 
+# reference entries with no counterpart here: fixed sinusoid tables and rotary frequencies
+# (ours are recomputed), the wrapper's second reference to its net, and a tied output
+# matrix (the token embedding itself)
+_SKIPPED = re.compile(r"(^|\.)(sinu_pos_emb\.emb|rel_pos\.inv_freq|out\.tensor)$|^dec\.base_net\.")
 
-def _our_name(key: str, shift: bool) -> str:
-    key = rename_blocks(key)
-    if shift:
+
+def _our_name(key: str, shifting: tuple[str, ...]) -> str:
+    """Our name for the reference's ``key``: the block layout renamed, the Autopadder of the
+    reference's wrapper dropped and, inside a stack that shifts tokens (``shifting``: our
+    names' prefixes for those; an encoder-decoder may shift on one side only), its
+    ``PreShiftTokens`` wrapper unwrapped."""
+    key = re.sub(r"^dec\.net\.net\.", "dec.net.", rename_blocks(key))
+    if key.startswith(shifting):
         key = re.sub(r"(layers\.blocks\.\d+\.[fg]\.)fn\.fn\.", r"\1fn.", key)
-    return re.sub(r"^dec\.net\.net\.", "dec.net.", key)
+    return key
 
 
 def convert_reference(model: nn.Module, reference: dict[str, Tensor]) -> None:
     """Copy a ``routing_transformer`` model's state dict into ``model`` (see the module
-    docstring); ValueError when one of our weights is missing or a shape differs."""
-    shift = any(m.config.shift_tokens for m in model.modules() if isinstance(m, RoutingBody))
-    renamed = {_our_name(k, shift): v for k, v in reference.items()}
+    docstring); ValueError when a weight on either side has no counterpart or a shape
+    differs."""
+    shifting = tuple(
+        f"{name}." if name else ""
+        for name, m in model.named_modules()
+        if isinstance(m, RoutingBody) and m.config.shift_tokens
+    )
     ours = model.state_dict()
+    renamed = {_our_name(k, shifting): v for k, v in reference.items() if not _SKIPPED.search(k)}
+    unplaced = [k for k in reference if not _SKIPPED.search(k) and _our_name(k, shifting) not in ours]
+    if unplaced:
+        raise ValueError(
+            f"reference weights with no place in {type(model).__name__} (built with other keywords?): "
+            f"{unplaced[:5]}"
+        )
     for key, tensor in ours.items():
         theirs = renamed.get(key)
         if (
