@@ -159,3 +159,24 @@ def test_listops_refuses_a_length_window_it_can_never_fill():
         len(ex.text) for ex in synthetic.listops(20, min_length=10, max_length=10, max_depth=1, max_args=2)
     }
     assert lengths == {10}
+
+
+@pytest.mark.parametrize("batch", [0, -2, 2.0, True], ids=["zero", "negative", "float", "bool"])
+@pytest.mark.parametrize(
+    "task, options",
+    [
+        (synthetic.mqar, {"num_pairs": 4}),
+        (synthetic.passkey, {"length": 200, "depth": 0.5}),
+        (synthetic.copying, {"length": 5}),
+        (synthetic.passkey_at_distance, {"distance": 80}),
+        (synthetic.recall_at_distance, {"distance": 80}),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_a_batch_that_is_not_a_positive_integer_is_refused_naming_it(task, options, batch):
+    # numpy's own errors ("negative dimensions are not allowed", "need at least one array to
+    # stack") named neither the argument nor what it takes; a zero batch gave empty tensors
+    # from some tasks and failed in others
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        task(batch, **options)
+    assert task(np.int64(2), **options)[0].shape[0] == 2

@@ -35,6 +35,12 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _check_batch(batch: int) -> None:
+    """The generators' row count: a positive integer (numpy's own errors named neither)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+
+
 def mqar(
     batch: int, *, num_pairs: int, num_queries: int | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -42,6 +48,7 @@ def mqar(
 
     Keys are distinct within a row. Length 2P + 3Q.
     """
+    _check_batch(batch)
     lo, hi = KEY_RANGE
     if not 1 <= num_pairs <= hi - lo:
         raise ValueError(f"num_pairs must lie in [1, {hi - lo}], got {num_pairs}")
@@ -72,6 +79,7 @@ def passkey(batch: int, *, length: int, depth: float, seed: int = 0) -> tuple[Te
     """Filler text of ``length`` bytes with "The pass key is NNNNN. Remember it." at relative
     ``depth`` (0 = start, 1 = just before the question), ending in the question and the key.
     The five key digits are the scored answers."""
+    _check_batch(batch)
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     question = b" What is the pass key? The pass key is "
@@ -96,6 +104,7 @@ def passkey(batch: int, *, length: int, depth: float, seed: int = 0) -> tuple[Te
 
 def copying(batch: int, *, length: int, seed: int = 0, alphabet: int = 26) -> tuple[Tensor, Tensor]:
     """``length`` random letters, "|", then the same letters; the copy is scored."""
+    _check_batch(batch)
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     most = 256 - ord("a")  # the letters are bytes from "a" on
@@ -134,6 +143,7 @@ def passkey_at_distance(
     no two rows share their text around the needle. All rows have one length,
     ``prefix + len(needle) + distance + 4`` inputs.
     """
+    _check_batch(batch)
     shortest = passkey_min_distance()
     if not isinstance(distance, int) or distance < shortest:
         raise ValueError(f"distance must be an integer >= {shortest} for the passkey task, got {distance!r}")
@@ -174,6 +184,7 @@ def recall_at_distance(
     distances, so a model must match the key, not count positions. Filler bytes are random in
     RECALL_FILLER. All rows have one length, ``prefix + distance - 1 + 3 * num_pairs`` inputs.
     """
+    _check_batch(batch)
     lo, hi = KEY_RANGE
     if not 1 <= num_pairs <= hi - lo:
         raise ValueError(f"num_pairs must lie in [1, {hi - lo}], got {num_pairs}")
