@@ -143,6 +143,17 @@ def test_reference_parity():
         shutil.rmtree(reference.knn_memories_directory, ignore_errors=True)
 
 
+def test_converter_refuses_a_deeper_reference(tmp_path):
+    """A deeper reference's extra layers are an error rather than dropped."""
+    ref_module = import_reference("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
+    from longrange.convert import load_reference
+
+    kwargs = dict(num_tokens=VOCAB, dim=32, heads=2, dim_head=8, memorizing_layers=(1,))
+    reference = ref_module.MemorizingTransformer(**kwargs, depth=3, knn_memories_directory=str(tmp_path))
+    with pytest.raises(ValueError, match="reference weights with no place"):
+        load_reference(MemorizingTransformer(**kwargs, depth=2), reference.state_dict())
+
+
 def test_reference_parity_with_xl_on_the_first_chunk():
     ref_module = import_reference("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
     from longrange.convert import load_reference

@@ -18,7 +18,8 @@ _PARTS = {
 
 
 def convert_reference(model: MemorizingLM, reference: dict[str, Tensor]) -> None:
-    """Map memorizing-transformers-pytorch names onto ours."""
+    """Map memorizing-transformers-pytorch names onto ours; ValueError when a weight on
+    either side has no counterpart or a shape differs."""
     mapping = {
         "embed.weight": "token_emb.weight",
         "rel_pos.relative_attention_bias.weight": "rel_pos_bias.relative_attention_bias.weight",
@@ -36,6 +37,11 @@ def convert_reference(model: MemorizingLM, reference: dict[str, Tensor]) -> None
             if rest.startswith(ours + "."):
                 mapping[name] = f"layers.{index}.{theirs}{rest[len(ours) :]}"
                 break
+    unused = sorted(set(reference) - set(mapping.values()))
+    if unused:
+        raise ValueError(
+            f"reference weights with no place in this model (built with other keywords?): {unused[:5]}"
+        )
     copy_weights(model, reference, mapping)
 
 
