@@ -216,6 +216,10 @@ PARITY_CASES = [
         dict(generalized_attention=True, ff_glu=True, qkv_bias=True, attn_out_bias=True),
     ),
     ("no-projection-tied", dict(no_projection=True, tie_embed=True)),
+    # kernels with negative values: a row's kernel sum may be negative (it was replaced by 1)
+    ("generalized-elu", dict(generalized_attention=True, kernel_fn=nn.ELU())),
+    ("generalized-tanh", dict(generalized_attention=True, kernel_fn=nn.Tanh())),
+    ("generalized-gelu", dict(generalized_attention=True, kernel_fn=nn.GELU())),
     ("axial", dict(rotary_position_emb=False, axial_position_emb=True, axial_position_shape=(8, 8))),
     ("absolute-cross", dict(rotary_position_emb=False, cross_attend=True)),
 ]
@@ -228,6 +232,16 @@ def test_non_causal_parity_with_reference(kw):
     extra = {"context": torch.randn(2, 10, 32)} if kw.get("cross_attend") else {}
     with torch.no_grad():
         assert relative_error(ours(x, **extra), theirs(x, **extra)) < 1e-4
+
+
+@pytest.mark.parametrize("kernel", [nn.ELU(), nn.Tanh()], ids=["elu", "tanh"])
+def test_causal_parity_with_reference_for_kernels_with_negative_values(kernel):
+    # the generalized kernels carry no stabiliser, so causal outputs equal the reference's;
+    # with a signed kernel a prefix's kernel sum may be negative (it was replaced by 1)
+    theirs, ours = converted_lms(**SMALL, causal=True, generalized_attention=True, kernel_fn=kernel)
+    x = tokens(2, 64, seed=6)
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) < 1e-4
 
 
 def test_non_causal_training_gradients_equal_the_reference():

@@ -19,9 +19,11 @@ def with_ones(v: Tensor) -> Tensor:
 
 def normaliser(out: Tensor) -> Tensor:
     """The kernel sums (last column) of [..., E + 1] as divisors [..., 1]: 1 where a row has no
-    key (its numerator is zero too, so it gives zeros)."""
+    key (its numerator is zero too, so it gives zeros). A sum may be negative: the generalized
+    kernels ELU, GELU, tanh, leaky ReLU and the identity take negative values, and the sum is
+    then the divisor as it is, as the references divide."""
     den = out[..., -1:]
-    return torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den != 0, den, torch.ones_like(den))
 
 
 def normalise(out: Tensor) -> Tensor:

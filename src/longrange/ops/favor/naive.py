@@ -29,5 +29,5 @@ def linear_attention_naive(
             kernel = kernel * torch.exp(diff.masked_fill(~keep, float("-inf")))
         kernel = kernel.masked_fill(~keep, 0.0)
     den = kernel.sum(-1, keepdim=True)
-    out = (kernel @ v) / torch.where(den > 0, den, torch.ones_like(den))
+    out = (kernel @ v) / torch.where(den != 0, den, torch.ones_like(den))  # a signed kernel's sum may be < 0
     return out
