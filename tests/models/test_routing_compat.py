@@ -300,6 +300,9 @@ PARITY = [
         dict(ff_chunks=2, n_local_attn_heads=2, ff_activation=torch.nn.ReLU),
         id="chunks-relu",
     ),
+    # product-key memory in the second layer: its sub-keys as wide as the installed
+    # product_key_memory's default (128; ours were 256, so the weights did not load)
+    pytest.param(dict(pkm_layers=(2,), pkm_num_keys=128), id="pkm"),
 ]
 
 

@@ -98,7 +98,7 @@ class RoutingBody(KmeansUpdates, nn.Module):
                 **common,
             ),
             "context_ff": ff,
-            "pkm": lambda: PKM(c.dim, num_keys=c.pkm_num_keys),
+            "pkm": lambda: PKM(c.dim, num_keys=c.pkm_num_keys, dim_head=128),
             "moe": lambda: MoE(
                 c.dim, num_experts=c.moe_num_experts, loss_coef=c.moe_loss_coef, causal=c.causal
             ),
