@@ -16,6 +16,7 @@ from longrange.ops.sinkhorn import (
     dense_selection,
     differentiable_topk,
     gumbel_sinkhorn,
+    picked_buckets,
     rotate_heads,
     sinkhorn_attention,
     sinkhorn_attention_naive,
@@ -232,11 +233,19 @@ def test_decode_step_equals_full_rows(offset):
     for pos in range(n - (1 if offset else 0)):
         rel = pos - offset
         sel = (None, None) if rel < 0 else (idx[:, :, rel // s], w[:, :, rel // s])
-        got = causal_sinkhorn_step(
-            q[:, :, pos : pos + 1], k[:, :, : pos + 1], v[:, :, : pos + 1], null_k, null_v,
-            indices=sel[0], weights=sel[1], position=pos, offset=offset, bucket_size=s,
-        )  # fmt: skip
+        step = dict(indices=sel[0], weights=sel[1], position=pos, offset=offset, bucket_size=s)
+        caches = k[:, :, : pos + 1], v[:, :, : pos + 1]
+        got = causal_sinkhorn_step(q[:, :, pos : pos + 1], *caches, null_k, null_v, **step)
         assert_close(got[:, :, 0], full[:, :, pos], 1e-5, name=f"position {pos}")
+        if rel >= 0:
+            # the picked buckets formed at the bucket's first position, kept by the caller
+            first = offset + (rel // s) * s
+            kept = tuple(
+                picked_buckets(t[:, :, : first + 1], null, *sel, offset=offset, bucket_size=s)
+                for t, null in ((k, null_k), (v, null_v))
+            )
+            again = causal_sinkhorn_step(q[:, :, pos : pos + 1], *caches, null_k, null_v, picked=kept, **step)
+            assert torch.equal(again, got)
 
 
 def test_bad_lengths_are_refused():

@@ -26,6 +26,7 @@ from longrange.ops.sinkhorn import (
     cumulative_mean,
     dense_selection,
     differentiable_topk,
+    picked_buckets,
     rotate_heads,
     unrotate_heads,
 )
@@ -45,6 +46,10 @@ class _HeadGroup:
     sk: Tensor  # [B, Hg, U_cap, D]: the same sum for every finished bucket
     indices: Tensor | None = None  # [B, Hg, P]: the current bucket's picks
     weights: Tensor | None = None
+    # the picked buckets of the key / value caches, scaled [B, Hg, P * S, D]: formed at the
+    # bucket's first step (None until then, and after a new pick)
+    picked_k: Tensor | None = None
+    picked_v: Tensor | None = None
 
 
 @state_entry
@@ -144,6 +149,7 @@ class SinkhornCausalAttention(nn.Module):
         group.indices, group.weights = differentiable_topk(
             scores, self.n_top_buckets, temperature=self.temperature
         )
+        group.picked_k = group.picked_v = None
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, cache: CausalCache, length: int) -> None:
         """Record the first ``length`` positions of q, k, v [B, H, >= length, D]."""
@@ -185,18 +191,25 @@ class SinkhornCausalAttention(nn.Module):
                 if row == s - 1:
                     g.sk[:, :, bucket] = g.ck_sum
                     g.ck_sum = torch.zeros_like(g.ck_sum)
+            keys, values = cache.k[:, heads, : position + 1], cache.v[:, heads, : position + 1]
+            null_k, null_v = self.null_keys[heads, 0], self.null_values[heads, 0]
+            if rel >= 0 and g.picked_k is None:  # the bucket's first step (or a loaded state)
+                common = dict(offset=g.offset, bucket_size=s)
+                g.picked_k = picked_buckets(keys, null_k, g.indices, g.weights, **common)
+                g.picked_v = picked_buckets(values, null_v, g.indices, g.weights, **common)
             outs.append(
                 causal_sinkhorn_step(
                     q[:, heads],
-                    cache.k[:, heads, : position + 1],
-                    cache.v[:, heads, : position + 1],
-                    self.null_keys[heads, 0],
-                    self.null_values[heads, 0],
+                    keys,
+                    values,
+                    null_k,
+                    null_v,
                     indices=g.indices,
                     weights=g.weights,
                     position=position,
                     offset=g.offset,
                     bucket_size=s,
+                    picked=None if rel < 0 else (g.picked_k, g.picked_v),
                 )
             )
         return torch.cat(outs, dim=1)

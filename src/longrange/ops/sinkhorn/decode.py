@@ -48,17 +48,24 @@ def causal_sinkhorn_step(
     offset: int,
     bucket_size: int,
     scale: float | None = None,
+    picked: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """q [B, H, 1, D] at ``position``; caches [B, H, >= position + 1, D or E] holding the new
     key and value; indices / weights [B, H, P] of the current bucket (None before
-    ``offset``). Returns [B, H, 1, E]."""
+    ``offset``); ``picked``: the current bucket's :func:`picked_buckets` of the key and value
+    caches when the caller keeps them (they change only when a bucket begins: a decoder
+    forms them once a bucket, not once a token). Returns [B, H, 1, E]."""
     rel = position - offset
     if rel < 0:
         keys, values = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
     else:
         start = offset + (rel // bucket_size) * bucket_size
         own_k, own_v = k_cache[:, :, start : position + 1], v_cache[:, :, start : position + 1]
-        common = dict(offset=offset, bucket_size=bucket_size)
-        keys = torch.cat([picked_buckets(k_cache, null_k, indices, weights, **common), own_k], dim=2)
-        values = torch.cat([picked_buckets(v_cache, null_v, indices, weights, **common), own_v], dim=2)
+        if picked is None:
+            common = dict(offset=offset, bucket_size=bucket_size)
+            picked = (
+                picked_buckets(k_cache, null_k, indices, weights, **common),
+                picked_buckets(v_cache, null_v, indices, weights, **common),
+            )
+        keys, values = torch.cat([picked[0], own_k], dim=2), torch.cat([picked[1], own_v], dim=2)
     return dense_attention(q, keys, values, scale=scale)
