@@ -40,3 +40,10 @@ def test_activation_names():
     assert activation_name(nn.GELU(approximate="tanh")) == "gelu_tanh"
     assert activation_name(nn.SiLU()) == "silu"
     assert activation_name(nn.Tanh()) is None
+
+
+def test_an_empty_batch_or_sequence_runs_like_feedforward():
+    ff = ChunkedFeedForward(8, mult=2).eval()
+    for shape in [(0, 5, 8), (2, 0, 8)]:
+        x = torch.randn(*shape)
+        assert ff(x).shape == FeedForward.forward(ff, x).shape == shape

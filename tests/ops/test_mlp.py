@@ -118,3 +118,24 @@ def test_auto_keeps_the_pre_activations_while_small_and_only_the_input_beyond(mo
     for got in (grads_small, grads_large):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep", ["hidden", "pre", "input"])
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (0, 3, 8)], ids=["n0", "len0", "batch0"])
+def test_no_positions_give_an_empty_output_and_zero_weight_gradients(shape, keep):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w1 = torch.randn(20, 8, generator=gen, requires_grad=True)
+    w2 = torch.randn(6, 20, generator=gen, requires_grad=True)
+    out = mlp_chunked(x, w1, None, w2, None, activation="gelu", keep=keep)
+    assert out.shape == (*shape[:-1], 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not w1.grad.any() and not w2.grad.any()
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_chunk_size_must_be_a_positive_int(chunk_size):
+    x, w1, w2 = torch.randn(2, 3, 8), torch.randn(20, 8), torch.randn(6, 20)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mlp_chunked(x, w1, None, w2, None, activation="gelu", chunk_size=chunk_size)

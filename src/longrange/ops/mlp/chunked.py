@@ -116,7 +116,8 @@ class _SlicedMLP(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         n = flat.shape[0]
         out, kept = None, []
-        for start in range(0, n, rows):
+        # no positions: one empty slice, so that the output still takes autocast's dtype
+        for start in range(0, max(n, 1), rows):
             pre = _pre(_normed(flat[start : start + rows], ln_w, ln_b, eps), w1, b1, glu)
             hidden = _hidden(pre, activation)
             if out is None:  # autocast decides the products' dtype: w2 in it once
@@ -234,5 +235,9 @@ def mlp_chunked(
     """x [..., D] -> [..., O], as :func:`~longrange.ops.mlp.naive.mlp_naive`, keeping only x
     for backward (or what ``keep`` says, one of :data:`KEEPS`); ``chunk_size`` positions per
     slice (default: about :data:`CHUNK_ELEMENTS` inner activations)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     rows = chunk_size or max(1, CHUNK_ELEMENTS // w1.shape[0])
     return sliced_mlp(x, w1, b1, w2, b2, activation=activation, rows=rows, keep=keep)
