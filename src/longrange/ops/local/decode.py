@@ -2,9 +2,10 @@
 
 The query at absolute position p sees, in a full causal pass, the keys of its own window and of
 the look_backward windows before it, up to itself: at most (look_backward + 1) * C keys, all
-among the last :func:`local_cache_length` positions. The step masks the cached keys with the
-same rules as the full pass (:func:`longrange.ops.local.naive.window_bounds`), so it returns
-exactly the row p of the full result.
+among the last :func:`local_cache_length` positions. The step reads the cached keys from the
+window's first one on and masks them with the same rules as the full pass
+(:func:`longrange.ops.local.naive.window_bounds`) where a mask is needed (padding, shared
+query-key), so it returns exactly the row p of the full result.
 
 Rotary positions inside a span depend on the query's window, so the cache holds keys *before*
 rotation and the step rotates them with the same span columns as the blocked path.
@@ -61,22 +62,31 @@ def local_attention_step(
             f"{position + 1}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
     device = q.device
-    k_pos = torch.arange(position - m + 1, position + 1, device=device)
-    q_pos = torch.full((1,), position, device=device)
     span_start = (position // window_size - look_backward) * window_size
+    # the window's first key (window_bounds for one causal query): the cached keys before it
+    # are cut off rather than masked, so that a step without padding needs no mask at all
+    lo = max(span_start, 0, position - look_backward * window_size if exact_windowsize else 0)
+    first = max(lo - (position - m + 1), 0)
+    if first:
+        k_cache, v_cache = k_cache[..., first:, :], v_cache[..., first:, :]
+        mask = None if mask is None else mask[..., first:]
+    k_pos = torch.arange(position - m + 1 + first, position + 1, device=device)
+    q_pos = torch.full((1,), position, device=device)
     k = F.normalize(k_cache, dim=-1) if shared_qk else k_cache
     if rotary is not None:
         q, k = rotary(q, k, q_pos - span_start, k_pos - span_start)
-    keep = window_keep(
-        q_pos[:, None],
-        k_pos[None, :],
-        window_size=window_size,
-        look_backward=look_backward,
-        look_forward=0,
-        causal=True,
-        exact_windowsize=exact_windowsize,
-        seq_len=position + 1,
-    )  # [1, M]
+    keep = None
+    if mask is not None or shared_qk:
+        keep = window_keep(
+            q_pos[:, None],
+            k_pos[None, :],
+            window_size=window_size,
+            look_backward=look_backward,
+            look_forward=0,
+            causal=True,
+            exact_windowsize=exact_windowsize,
+            seq_len=position + 1,
+        )  # [1, M]
     if mask is not None:
         keys_kept = mask[:, None, :] if mask.dim() == 2 else mask
         keep = keep & keys_kept[..., None, :]
