@@ -182,3 +182,40 @@ def test_many_small_problems_take_the_matmul_path_and_equal_naive(monkeypatch):
     monkeypatch.setattr(sdpa, "small_tile_attention", lambda *a, **kw: calls.append(1))
     dense_attention_sdpa(q, k, v)
     assert calls == []  # over the limit: the flash path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "change, error, name",
+    [
+        (dict(q=torch.ones(1, 2, 4, 8, dtype=torch.long)), TypeError, "q must be a floating"),
+        (dict(k=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), TypeError, "share one dtype"),
+        (dict(q=torch.zeros(2, 4, 8)), ValueError, "q must be 4-D"),
+        (dict(k=torch.zeros(1, 2, 4, 6)), ValueError, "must agree"),
+        (dict(v=torch.zeros(1, 2, 3, 8)), ValueError, "must agree"),
+        (dict(mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "mask must broadcast"),
+        (dict(mask=torch.ones(1, 1, 1, 3, dtype=torch.bool)), ValueError, "mask must broadcast"),
+        (dict(bias=torch.zeros(3, 4, 4)), ValueError, "bias must broadcast"),
+        (dict(bias=torch.zeros(2, 4, 4, dtype=torch.long)), TypeError, "bias must be a floating"),
+        (dict(dropout=float("nan")), ValueError, "dropout"),
+        (dict(dropout=1.5), ValueError, "dropout"),
+    ],
+    ids=[
+        "int-q",
+        "mixed-dtypes",
+        "3d-q",
+        "k-width",
+        "v-length",
+        "mask-3-rows",
+        "mask-wrong-m",
+        "bias-heads",
+        "int-bias",
+        "nan-dropout",
+        "dropout-above-1",
+    ],
+)
+def test_wrong_inputs_are_refused_by_name_before_any_work(backend, change, error, name):
+    """Both backends refuse the same wrong arguments; a NaN dropout was taken as no dropout."""
+    q, k, v = make_inputs(1, 2, 4, 4, 8, seed=0)
+    with pytest.raises(error, match=name):
+        dense_attention(**(dict(q=q, k=k, v=v) | change), backend=backend)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from longrange.ops.dense.inputs import check_dense_inputs
 from longrange.ops.dense.masks import additive_mask, causal_mask, merge_masks
 from longrange.ops.dense.naive import dense_attention_naive
 from longrange.ops.dense.sdpa import cpu_flash_supported, dense_attention_sdpa
@@ -25,7 +26,12 @@ def dense_attention(
     dropout: float = 0.0,
     backend: str = "sdpa",
 ) -> Tensor:
-    """Exact attention; ``backend`` is "sdpa" (fused, the default) or "naive" (reference)."""
+    """Exact attention; ``backend`` is "sdpa" (fused, the default) or "naive" (reference).
+
+    q: [B, H, N, D], k: [B, H, M, D], v: [B, H, M, E] of one floating dtype; mask (bool, True =
+    may attend) and bias broadcastable to [B, H, N, M]; dropout in [0, 1). Returns [B, H, N, E].
+    """
+    check_dense_inputs(q, k, v, mask, bias, dropout)
     if backend == "sdpa":
         return dense_attention_sdpa(
             q, k, v, mask=mask, causal=causal, bias=bias, scale=scale, dropout=dropout
