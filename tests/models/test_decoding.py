@@ -21,12 +21,12 @@ OPTIONS = {
 
 def tiny(family: str):
     torch.manual_seed(0)
-    model = create_model(family, "tiny", **OPTIONS[family]).eval()
-    with torch.no_grad():
-        out = model.forward_lm(torch.randint(0, 256, (2, 16)))  # routing's k-means start here
+    model = create_model(family, "tiny", **OPTIONS[family])
+    with torch.no_grad():  # routing's k-means start from the first call in training mode
+        out = model.forward_lm(torch.randint(0, 256, (2, 16)))
     if out.state is not None:
         out.state.close()
-    return model
+    return model.eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -23,10 +23,12 @@ OPTIONS = {
 
 def tiny(family: str):
     torch.manual_seed(0)
-    model = create_model(family, "tiny", **OPTIONS[family]).eval()
-    with torch.no_grad():
-        model.forward_lm(torch.randint(0, 256, (2, 8)))  # lazy initialisation (k-means) happens here
-    return model
+    model = create_model(family, "tiny", **OPTIONS[family])
+    with torch.no_grad():  # lazy initialisation: routing's k-means start from a training call
+        out = model.forward_lm(torch.randint(0, 256, (2, 8)))
+    if out.state is not None:
+        out.state.close()
+    return model.eval()
 
 
 def full_logits(model, seq):
