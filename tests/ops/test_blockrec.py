@@ -121,3 +121,14 @@ def test_bad_backend():
     q, k, v = make_inputs(1, 1, 2, 2, 4, seed=0)
     with pytest.raises(ValueError, match="backend"):
         shared_kv_attention(q, k, v, backend="flash")
+
+
+def test_naive_keeps_float64_inputs_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 7, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    scores = torch.einsum("bhnd,bmd->bhnm", q, k) * 8**-0.5
+    expected = torch.einsum("bhnm,bmd->bhnd", scores.softmax(dim=-1), v)
+    out = shared_kv_attention_naive(q, k, v)
+    assert out.dtype == torch.float64
+    assert (out - expected).abs().max() < 1e-12

@@ -219,3 +219,16 @@ def test_wrong_inputs_are_refused_by_name_before_any_work(backend, change, error
     q, k, v = make_inputs(1, 2, 4, 4, 8, seed=0)
     with pytest.raises(error, match=name):
         dense_attention(**(dict(q=q, k=k, v=v) | change), backend=backend)
+
+
+def test_naive_keeps_float64_inputs_in_float64():
+    """The reference worked in float32 whatever the input, so a float64 comparison with it
+    could not see errors below 1e-7."""
+    q, k, v = make_inputs(2, 2, 9, 9, 8, seed=3, dtype=torch.float64)
+    bias = torch.randn(2, 9, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    scores = (q @ k.transpose(-1, -2)) * 8**-0.5 + bias
+    scores = scores.masked_fill(~causal_mask(9, 9), float("-inf"))
+    expected = scores.softmax(dim=-1) @ v
+    out = dense_attention_naive(q, k, v, causal=True, bias=bias)
+    assert out.dtype == torch.float64
+    assert (out - expected).abs().max() < 1e-12

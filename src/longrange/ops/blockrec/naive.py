@@ -1,4 +1,5 @@
-"""Reference shared-key/value attention: every head's score matrix written out in float32.
+"""Reference shared-key/value attention: every head's score matrix written out in float32
+(float64 inputs: float64).
 
 Dimensions: B batch, H query heads, N queries, M keys, D head width.
 """
@@ -23,7 +24,8 @@ def shared_kv_attention_naive(
     and sees keys up to it. A query with no key it may attend gets zeros. -> [B, H, N, D]."""
     n, m = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bhnd,bmd->bhnm", q.float(), k.float()) * scale
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhnd,bmd->bhnm", q.to(wide), k.to(wide)) * scale
     keep = torch.ones(n, m, dtype=torch.bool, device=q.device)
     if causal:
         keep = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + m - n
@@ -33,4 +35,4 @@ def shared_kv_attention_naive(
     scores = scores.masked_fill(~keep, float("-inf"))
     any_key = keep.any(dim=-1, keepdim=True)
     weights = scores.masked_fill(~any_key, 0.0).softmax(dim=-1) * any_key
-    return torch.einsum("bhnm,bmd->bhnd", weights, v.float()).to(q.dtype)
+    return torch.einsum("bhnm,bmd->bhnd", weights, v.to(wide)).to(q.dtype)

@@ -21,16 +21,17 @@ def dense_attention_naive(
     bias: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Softmax attention computed in float32 from the full score matrix.
+    """Softmax attention computed in float32 (float64 inputs: float64) from the full score matrix.
 
     q: [B, H, N, D], k: [B, H, M, D], v: [B, H, M, E]; mask broadcastable to [B, H, N, M]
     (True = may attend); causal aligns the queries with the last N keys; bias is added to the
     scores. A query with no key it may attend gets zeros. Returns [B, H, N, E] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhnd,bhmd->bhnm", q.to(wide), k.to(wide)) * scale
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.to(wide)
     keep = merge_masks(mask, causal, q.shape[-2], k.shape[-2], q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -39,5 +40,5 @@ def dense_attention_naive(
     weights = scores.softmax(dim=-1)
     if keep is not None:
         weights = weights * any_key
-    out = torch.einsum("bhnm,bhme->bhne", weights, v.float())
+    out = torch.einsum("bhnm,bhme->bhne", weights, v.to(wide))
     return out.to(q.dtype)
