@@ -282,3 +282,13 @@ def test_bad_arguments_are_named(word, kwargs, error):
         local_attention(q, k, v, **kwargs)
     with pytest.raises(TypeError, match="q"):
         local_attention(q.long(), k, v, window_size=8)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["length-5", "padding-mask"])
+def test_blocked_runs_on_the_meta_device(masked):
+    """Shapes only: the check for rows with no key read a value, which the meta device has not."""
+    q = torch.empty(2, 2, 5, 4, device="meta")
+    v = torch.empty(2, 2, 5, 3, device="meta")
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta") if masked else None
+    out = local_attention(q, q, v, window_size=2, mask=mask, backend="blocked")
+    assert out.shape == (2, 2, 5, 3) and out.device.type == "meta"

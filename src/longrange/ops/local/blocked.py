@@ -102,9 +102,10 @@ def local_attention_blocked(
     empty_rows = None
     if mask is not None or extra:
         # Only a padding mask or the padded queries can leave a row with no key; SDPA would
-        # return NaN there, so such rows are opened and their output zeroed afterwards.
+        # return NaN there, so such rows are opened and their output zeroed afterwards (always
+        # where no value can be read: under torch.compile and on the meta device).
         any_key = keep.any(dim=-1, keepdim=True)
-        if torch.compiler.is_compiling() or not bool(any_key.all()):
+        if torch.compiler.is_compiling() or device.type == "meta" or not bool(any_key.all()):
             empty_rows = ~any_key
             keep = keep | empty_rows
     attn_mask: Tensor = keep
