@@ -130,3 +130,23 @@ def test_half_precision_runs(dtype, query_norm):
     assert out.dtype == dtype and torch.isfinite(out).all()
     out.float().sum().backward()
     assert torch.isfinite(pkm.values.weight.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8)], ids=["batch0", "len0"])
+def test_no_positions_give_an_empty_output(shape):
+    out = PKM(8, heads=2, num_keys=4, topk=2, dim_head=4)(torch.randn(*shape))
+    assert out.shape == shape
+
+
+def test_wrong_input_or_mask_is_named():
+    pkm = PKM(8, heads=2, num_keys=4, topk=2, dim_head=4, query_norm="batch")
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        pkm(x[0])
+    with pytest.raises(ValueError, match="x must be"):
+        pkm(torch.randn(2, 5, 6))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="input_mask"):
+        pkm(x, input_mask=mask.float())
+    with pytest.raises(ValueError, match="input_mask"):
+        pkm(x, input_mask=mask[:, :3])

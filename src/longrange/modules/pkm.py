@@ -128,6 +128,15 @@ class PKM(nn.Module):
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, **kwargs) -> Tensor:
         """x [B, N, D]; ``input_mask`` [B, N] bool (True = real) only shapes batch statistics."""
+        dim = self.values.embedding_dim
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x must be [B, N, D={dim}], got shape {tuple(x.shape)}")
+        reads_mask = self.query_norm == "batch" and self.training and input_mask is not None
+        if reads_mask and (input_mask.dtype != torch.bool or input_mask.shape != x.shape[:2]):
+            raise ValueError(
+                f"input_mask must be a bool tensor [B, N] = {tuple(x.shape[:2])}, got "
+                f"{input_mask.dtype} {tuple(input_mask.shape)}"
+            )
         b, n = x.shape[:2]
         h, t = self.heads, self.topk
         q = self.to_queries(self.input_dropout(x)).view(b, n, 2, h, self.dim_head)
@@ -141,7 +150,7 @@ class PKM(nn.Module):
         memory_ids = pair_ids.flatten(-2).gather(-1, where)
         weights = best.softmax(dim=-1).to(self.values.weight.dtype)
         out = self.values(memory_ids.reshape(b * n, h * t), per_sample_weights=weights.reshape(b * n, h * t))
-        return self.value_dropout(out.view(b, n, -1))
+        return self.value_dropout(out.view(b, n, dim))
 
 
 def pkm_value_parameters(module: nn.Module) -> list[nn.Parameter]:
