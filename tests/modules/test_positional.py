@@ -130,3 +130,14 @@ def test_t5_bias_scale_and_grad_and_errors():
         T5RelativePositionBias(num_buckets=2, causal=False)
     with pytest.raises(ValueError, match="max_distance"):
         T5RelativePositionBias(num_buckets=32, max_distance=8)
+
+
+@pytest.mark.parametrize(
+    "axial_shape, axial_dims",
+    [((2.5, 3), None), ((2, 3), (8, 0)), ((2, 3), (9, -1))],
+    ids=["float-size-truncated", "zero-width", "negative-width"],
+)
+def test_axial_sizes_and_widths_must_be_positive_ints(axial_shape, axial_dims):
+    """A float size was truncated (2.5 -> 2: five positions fewer than asked, silently)."""
+    with pytest.raises(ValueError, match="axial"):
+        AxialPositionalEmbedding(8, axial_shape, axial_dims)

@@ -40,6 +40,10 @@ def _check_positions(n: int, offset: int, max_seq_len: int) -> None:
         )
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 class FixedPositionalEmbedding(nn.Module):
     """Sinusoidal table of ``max_seq_len`` rows; ``dim`` must be even. Not a parameter."""
 
@@ -91,11 +95,15 @@ class AxialPositionalEmbedding(nn.Module):
 
     def __init__(self, dim: int, axial_shape: Sequence[int], axial_dims: Sequence[int] | None = None) -> None:
         super().__init__()
-        axial_shape = tuple(int(s) for s in axial_shape)
-        if not axial_shape or any(s <= 0 for s in axial_shape):
-            raise ValueError(f"axial_shape must be non-empty positive sizes, got {axial_shape}")
+        axial_shape = tuple(axial_shape)
+        if not axial_shape or not all(_positive_int(s) for s in axial_shape):
+            raise ValueError(f"axial_shape must be non-empty positive int sizes, got {axial_shape}")
         self.summed = axial_dims is None
         dims = (dim,) * len(axial_shape) if axial_dims is None else tuple(axial_dims)
+        if not all(_positive_int(w) for w in dims):
+            raise ValueError(
+                f"dim and axial_dims must be positive ints, got dim={dim!r}, axial_dims={axial_dims!r}"
+            )
         if len(dims) != len(axial_shape):
             raise ValueError(
                 f"axial_dims must have one width per axis of axial_shape {axial_shape}, got {dims}"
