@@ -87,3 +87,9 @@ def test_pre_shift_tokens_reads_the_named_mask_and_passes_it_on():
     assert seen["input_mask"] is mask
     assert torch.equal(out, shift_tokens(x, (0, 1), mask))
     assert out[0, 1, 2:].eq(0).all()
+
+
+def test_past_mask_must_be_bool():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="past_mask"):
+        shift_tokens(x, (0, 1), past=x[:, :2], past_mask=torch.ones(2, 2))

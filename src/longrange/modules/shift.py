@@ -77,8 +77,11 @@ def shift_tokens(
         if past.dim() != 3 or past.shape[0] != b or past.shape[2] != d:
             raise ValueError(f"past must be [{b}, P, {d}], got shape {tuple(past.shape)}")
         p = past.shape[1]
-        if past_mask is not None and past_mask.shape != (b, p):
-            raise ValueError(f"past_mask must have shape {(b, p)}, got {tuple(past_mask.shape)}")
+        if past_mask is not None and (past_mask.shape != (b, p) or past_mask.dtype != torch.bool):
+            raise ValueError(
+                f"past_mask must be a bool tensor of shape {(b, p)}, got {past_mask.dtype} "
+                f"{tuple(past_mask.shape)}"
+            )
         if mask is not None or past_mask is not None:
             past_keep = past_mask if past_mask is not None else past.new_ones(b, p, dtype=bool)
             keep = mask if mask is not None else x.new_ones(b, n, dtype=bool)
