@@ -59,3 +59,14 @@ def test_top_k_rows_is_torch_topk_along_rows_best_first(rows, k):
     assert torch.equal(scores.gather(-2, got), want.values)
     distinct = got.transpose(-1, -2).flatten(0, 2)
     assert all(len(set(column.tolist())) == k for column in distinct)
+
+
+@pytest.mark.parametrize("shape", [(0, 40), (2, 0, 40)], ids=["no-rows", "no-queries"])
+def test_top_k_of_no_queries_is_empty(shape):
+    values, indices = top_k(torch.randn(*shape), 2)
+    assert values.shape == indices.shape == (*shape[:-1], 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 40, 3), (2, 40, 0)], ids=["no-batch", "no-columns"])
+def test_top_k_rows_of_no_columns_is_empty(shape):
+    assert top_k_rows(torch.randn(*shape), 2).shape == (*shape[:-2], 2, shape[-1])

@@ -70,7 +70,7 @@ def top_k_columns(scores: Tensor, k: int) -> Tensor:
     CELL_STRIDES scores picks the answer (an entry of any other group has k groups of larger
     maxima, so k larger scores, above it). 2048 x 1448 at k = 24: 5.8 ms."""
     q, c = scores.shape
-    if scores.device.type != "cpu" or c < 16 * k:
+    if scores.device.type != "cpu" or c < 16 * k or q == 0:
         return scores.topk(k, dim=1, sorted=False).indices
     if c % CELL_STRIDES:  # -inf padding: never above a real score, as k <= C
         scores = torch.nn.functional.pad(scores, (0, -c % CELL_STRIDES), value=-math.inf)
@@ -110,7 +110,7 @@ def top_k_rows(scores: Tensor, k: int) -> Tensor:
     picks k groups, and a top-k of their k x ROW_SLABS scores the answer (as in
     :func:`top_k_columns`). 21.4 -> 7.6 ms."""
     n = scores.shape[-2]
-    if scores.device.type != "cpu" or n < 16 * k:
+    if scores.device.type != "cpu" or n < 16 * k or scores.numel() == 0:
         return scores.topk(k, dim=-2).indices
     if n % ROW_SLABS:  # -inf padding rows: never above a real score, as k <= N
         scores = torch.nn.functional.pad(scores, (0, 0, 0, -n % ROW_SLABS), value=-math.inf)
