@@ -540,3 +540,33 @@ def test_autocast_leaves_the_float32_ops_unchanged(name, backward_inside):
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert g is not None and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 0, 4), (0, 2, 5, 4)], ids=["len0", "batch0"])
+def test_chunk_causal_takes_no_positions_or_no_batch(shape):
+    q = torch.rand(*shape, requires_grad=True)
+    v = torch.randn(*shape[:-1], 3, requires_grad=True)
+    out, state = chunk_causal_linear_attention(q, q, v, chunk_size=2)
+    assert out.shape == (*shape[:-1], 3) and state.kv.shape == (*shape[:2], 4, 4)
+    out.sum().backward()
+    assert v.grad.shape == v.shape
+
+
+def test_chunk_causal_empty_segment_keeps_the_state():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.rand(2, 2, 5, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64)
+    full, _ = chunk_causal_linear_attention(q, q, v, chunk_size=2)
+    first, state = chunk_causal_linear_attention(q[:, :, :3], q[:, :, :3], v[:, :, :3], chunk_size=2)
+    _, state = chunk_causal_linear_attention(q[:, :, :0], q[:, :, :0], v[:, :, :0], state=state)
+    rest, _ = chunk_causal_linear_attention(q[:, :, 3:], q[:, :, 3:], v[:, :, 3:], state=state)
+    assert_close(torch.cat((first, rest), dim=2), full)
+
+
+def test_chunk_causal_refuses_integer_inputs():
+    """Integer values were computed in float32 and cast back to integers (truncated)."""
+    q = torch.ones(1, 1, 4, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="v must be a floating"):
+        chunk_causal_linear_attention(q.float(), q.float(), q)
+    with pytest.raises(TypeError, match="q must be a floating"):
+        chunk_causal_linear_attention(q, q, q.float())

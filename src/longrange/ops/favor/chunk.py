@@ -57,6 +57,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor | None, state: Fav
             f"q, k must be [B, H, N, M] alike and v [B, H, N, E], got {list(q.shape)}, "
             f"{list(k.shape)}, {list(v.shape)}"
         )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if log_scale is not None and log_scale.shape != q.shape[:-1]:
         raise ValueError(f"log_scale must be [B, H, N] = {list(q.shape[:-1])}, got {list(log_scale.shape)}")
     if state is not None:
@@ -278,7 +281,7 @@ def split_chunks(t: Tensor, size: int, value: float = 0.0) -> Tensor:
     if pad:
         spec = [0, 0] * (t.dim() - 3) + [0, pad]
         t = F.pad(t, spec, value=value)
-    return t.reshape(*t.shape[:2], -1, size, *t.shape[3:])
+    return t.reshape(*t.shape[:2], t.shape[2] // size, size, *t.shape[3:])
 
 
 def chunk_causal_linear_attention(
@@ -304,6 +307,10 @@ def chunk_causal_linear_attention(
     b, h, n, m = q.shape
     q, k, v1 = q.to(dtype), k.to(dtype), with_ones(v.to(dtype))
     e1 = v1.shape[-1]
+    if n == 0:  # no positions: nothing to attend, the state goes on as it came
+        start = state if state is not None else FavorState.empty(b, h, m, e1 - 1, like=q)
+        # v itself is the empty output [B, H, 0, E]: a copy keeps it in the autograd graph
+        return v.clone(), FavorState(start.kv.to(dtype), start.log_scale.to(dtype))
     c = log_scale.detach().to(dtype) if log_scale is not None else q.new_zeros(b, h, n)
     if state is not None:
         kv0, c0 = state.kv.to(dtype), state.log_scale.to(dtype)
@@ -314,7 +321,7 @@ def chunk_causal_linear_attention(
         # padded positions repeat the last stabiliser, so that c stays non-decreasing
         c = torch.cat((c, c[..., -1:].expand(b, h, -n % size)), dim=-1)
     q, k, v1 = (split_chunks(t, size) for t in (q, k, v1))
-    out, final = _ChunkCausal.apply(q, k, v1, c.reshape(b, h, -1, size), kv0, c0)
+    out, final = _ChunkCausal.apply(q, k, v1, c.reshape(b, h, q.shape[2], size), kv0, c0)
     out = normalise(out.flatten(2, 3)[:, :, :n])
     final_scale = c[..., -1] if log_scale is not None or state is None else state.log_scale
     return out.to(v.dtype), FavorState(final, final_scale)
