@@ -46,6 +46,22 @@ def test_a_decoding_state_saved_and_loaded_continues_exactly(family, tmp_path):
     assert_close(logits["loaded"], logits["kept"], 1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_under_bf16_autocast_follows_the_full_forward(family):
+    """Decoding under autocast, as a bf16 run samples: the step's queries come out of the
+    projections in bfloat16 while the caches keep the model's float32. dense_attention's
+    argument check refused that mix (vanilla and sinkhorn raised TypeError); the step's
+    logits follow the full forward's under the same autocast."""
+    model = tiny(family)
+    seq = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model.forward_lm(seq).logits.float()
+        logits, state = model.prefill(seq[:, :12])
+        steps = [logits[:, -1]] + [model.step(seq[:, t], state)[0] for t in range(12, 19)]
+    state.close()
+    assert_close(torch.stack(steps, dim=1).float(), full[:, 11:19], 0.05)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

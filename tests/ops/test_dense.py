@@ -232,3 +232,15 @@ def test_naive_keeps_float64_inputs_in_float64():
     out = dense_attention_naive(q, k, v, causal=True, bias=bias)
     assert out.dtype == torch.float64
     assert (out - expected).abs().max() < 1e-12
+
+
+def test_mixed_dtypes_are_taken_under_autocast():
+    # a bfloat16 query against float32 keys and values (a decoding step's float32 KV cache):
+    # refused by the argument check without autocast, computed as autocast casts them with it
+    q, k, v = make_inputs(1, 2, 1, 9, 16, seed=4)
+    with pytest.raises(TypeError, match="share one dtype"):
+        dense_attention(q.bfloat16(), k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dense_attention(q.bfloat16(), k, v, causal=True)
+        same = dense_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert torch.equal(mixed, same)

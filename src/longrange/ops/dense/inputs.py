@@ -32,7 +32,9 @@ def check_dense_inputs(
             raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, N or M, D or E], got shape {tuple(t.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
+    # under autocast the kernels cast their inputs themselves (a bfloat16 query against a
+    # float32 KV cache, say, while decoding)
+    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, n, d = q.shape
     m = k.shape[2]
