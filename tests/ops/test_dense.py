@@ -244,3 +244,15 @@ def test_mixed_dtypes_are_taken_under_autocast():
         mixed = dense_attention(q.bfloat16(), k, v, causal=True)
         same = dense_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
     assert torch.equal(mixed, same)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["padding", "padding-causal"])
+def test_masked_attention_runs_on_the_meta_device(causal):
+    """Shapes only (a model built on the meta device): the check for rows with no key read a
+    value ("Tensor.item() cannot be called on meta tensors"); on meta they are opened
+    unconditionally, as in a compiled graph."""
+    q = torch.empty(2, 2, 5, 4, device="meta")
+    v = torch.empty(2, 2, 7, 3, device="meta")
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool, device="meta")
+    out = dense_attention(q, torch.empty(2, 2, 7, 4, device="meta"), v, mask=mask, causal=causal)
+    assert out.shape == (2, 2, 5, 3) and out.device.type == "meta"

@@ -83,7 +83,7 @@ def dense_attention_sdpa(
     empty_rows = None
     if keep is not None:
         any_key = keep.any(dim=-1, keepdim=True)
-        if torch.compiler.is_compiling() or not bool(any_key.all()):
+        if torch.compiler.is_compiling() or q.device.type == "meta" or not bool(any_key.all()):
             empty_rows = ~any_key
             keep = keep | empty_rows
     if bias is None:
