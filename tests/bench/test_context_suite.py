@@ -155,14 +155,30 @@ def test_suite_rerun_replaces_its_rows(tmp_path):
             "--parts takes a comma-separated subset of position,ablation,recall,compute",
         ),
         (["--parts", ""], "--parts takes"),
+        (["--parts", "recall,recall"], "--parts takes"),
         (["--budget", "0"], "--budget must be a positive number of seconds"),
+        # calibrated first, then failed turning an infinite budget into a step count
+        (["--budget", "inf"], "--budget must be a positive number of seconds (finite), got inf"),
         (["--recall-budget", "-1"], "--recall-budget must be a positive number of seconds"),
+        (["--recall-budget", "inf"], "--recall-budget must be a positive number of seconds"),
         (["--seeds", "0,x"], "--seeds takes comma-separated integers"),
         (["--seeds", "1,1"], "--seeds must be distinct"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--models", "nope"], "unknown model family 'nope'"),
     ],
-    ids=["part", "no-part", "budget", "recall-budget", "seed-text", "seed-twice", "steps", "family"],
+    ids=[
+        "part",
+        "no-part",
+        "part-twice",
+        "budget",
+        "budget-inf",
+        "recall-budget",
+        "recall-budget-inf",
+        "seed-text",
+        "seed-twice",
+        "steps",
+        "family",
+    ],
 )
 def test_cli_refuses_bad_options_in_one_line(argv, message, capsys, tmp_path):
     assert main(["bench", "context", "--out", str(tmp_path), *argv]) == 2

@@ -22,6 +22,7 @@ Rows go to ``benchmarks/results/<device>/context.json`` with the device and time
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -89,11 +90,12 @@ class ContextSetup:
 def check_options(parts, budget_s, seeds, steps, recall_budget_s=DEFAULT_RECALL_BUDGET_S) -> None:
     """Refuse bad suite options with the accepted values, before any work."""
     bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
+    if bad or not parts or len(set(parts)) != len(parts):
         raise ValueError(f"--parts takes a comma-separated subset of {','.join(PARTS)}; got {list(parts)}")
     for flag, value in (("--budget", budget_s), ("--recall-budget", recall_budget_s)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{flag} must be a positive number of seconds, got {value!r}")
+        # an infinite budget would calibrate first and then fail turning it into a step count
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{flag} must be a positive number of seconds (finite), got {value!r}")
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"--seeds takes comma-separated non-negative integers, got {list(seeds)}")
     if len(set(seeds)) != len(seeds):

@@ -5,16 +5,55 @@ keeping the parts it did not measure).
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
-from longrange.atomic import atomic_write_json
+from longrange.atomic import atomic_write_json, read_json
 from longrange.bench.device import device_slug
 
 
 def results_path(out_dir: str | Path, device: str, suite: str) -> Path:
     return Path(out_dir) / device_slug(device) / f"{suite}.json"
+
+
+def read_results(
+    path: Path, *, required: tuple[str, ...] = (), measured: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A results file, refused with a ValueError naming it when it is not one: not JSON (a
+    truncated write, a hand edit), not an object with a list of rows under ``results``, or a
+    row without one of the ``required`` fields (``measured``: required of rows without an
+    ``error``). Rows are never skipped: a file that cannot be read whole is refused whole."""
+    data = read_json(path, "results file")
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not isinstance(data.get("environment", {}), dict):
+        raise ValueError(f"results file {path} is not an object with a list of rows under 'results'")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"results file {path}: row {i} is not an object")
+        wanted = required + (() if "error" in row else measured)
+        missing = [f for f in wanted if f not in row]
+        if missing:
+            raise ValueError(f"results file {path}: row {i} has no {', '.join(map(repr, missing))}")
+    return data
+
+
+def check_writable(out_dir: str | Path, device: str, suites: tuple[str, ...]) -> None:
+    """Refuse, before any work, an ``--out`` folder the results cannot be written under (a file
+    in its place, a folder without write permission) and an existing results file of ``suites``
+    that cannot be read (merging would drop its rows)."""
+    folder = results_path(out_dir, device, "x").parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out_dir)!r}: no permission to write in {existing}")
+    for suite in suites:
+        path = results_path(out_dir, device, suite)
+        if path.exists():
+            read_results(path)
 
 
 # A row's parts that separate passes measure: ``bench speed --compile`` times the compiled
@@ -46,13 +85,9 @@ def merge_results(
     keys: tuple[str, ...] = ("family", "length", "batch_size"),
 ) -> None:
     """Replace earlier rows with the same key fields (keeping the parts of them that the new
-    row did not measure, :data:`CARRIED`) and keep the rest."""
-    existing: list[dict[str, Any]] = []
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text()).get("results", [])
-        except (json.JSONDecodeError, AttributeError):
-            existing = []
+    row did not measure, :data:`CARRIED`) and keep the rest. An existing file that is not a
+    results file is refused (:func:`read_results`), never written over."""
+    existing: list[dict[str, Any]] = read_results(path)["results"] if path.exists() else []
 
     def key(r: dict[str, Any]) -> tuple:
         return tuple(str(r.get(k)) for k in keys)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench.device import environment
-from longrange.bench.results import merge_results, results_path
+from longrange.bench.results import check_writable, merge_results, results_path
 from longrange.bench.speed import format_table, memory_in_fresh_process, run_speed_suite, stamp
 
 SUITES = ("speed", "growth", "memory", "generate", "recall", "quality", "listops", "context", "knn", "report")
@@ -37,7 +37,9 @@ def run_generate_suite(families, *, device, prompt_len=1024, new_tokens=1024, ou
         try:
             row = generate_point(family, device=device, prompt_len=prompt_len, new_tokens=new_tokens)
         except (RuntimeError, ValueError) as err:
-            row = {"family": family, "error": str(err)[:200]}
+            # with its key fields, so that it replaces the family's earlier row at this setting
+            row = {"family": family, "prompt_len": prompt_len, "new_tokens": new_tokens}
+            row["error"] = str(err)[:200]
         rows.append(stamp(row))
         print(format_generate_table([row]).splitlines()[-1], flush=True)
     path = results_path(out_dir, device, "generate")
@@ -104,8 +106,46 @@ def run_listops_suite(
     return rows
 
 
+# The results files each suite merges its rows into (``speed --compare-reference`` adds
+# reference_defaults); knn always writes under the CPU's folder.
+WRITES = {suite: (suite,) for suite in SUITES if suite != "report"}
+
+
+def _positive(options: dict[str, Any], key: str, flag: str) -> None:
+    value = options.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def check_suite_options(suite: str, families: list[str], lengths: list[int], options: dict[str, Any]) -> None:
+    """Refuse bad input before any work: an unknown suite, no family or one named twice,
+    counts that are not positive, lengths the memory suite cannot measure (the other suites
+    check their own)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
+    if suite not in ("knn", "report"):
+        if not families:
+            raise ValueError("--models names no family; give 'all' or comma-separated families")
+        twice = sorted({f for f in families if families.count(f) > 1})
+        if twice:
+            raise ValueError(f"--models names {', '.join(twice)} more than once")
+    for key, flag in (
+        ("steps", "--steps"),
+        ("batch_size", "--batch-size"),
+        ("prompt_len", "--prompt-len"),
+        ("new_tokens", "--new-tokens"),
+    ):
+        _positive(options, key, flag)
+    if suite == "memory" and (not lengths or any(n < 2 for n in lengths)):
+        raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
+
+
 def run_suite(suite: str, families: list[str], lengths: list[int], *, device: str, options: dict[str, Any]):
+    check_suite_options(suite, families, lengths, options)
     out_dir = options.get("out", "benchmarks/results")
+    if suite in WRITES:
+        written = WRITES[suite] + (("reference_defaults",) if options.get("compare_reference") else ())
+        check_writable(out_dir, "cpu" if suite == "knn" else device, written)
     if suite == "speed":
         return run_speed_suite(
             families,
