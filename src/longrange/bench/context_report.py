@@ -15,8 +15,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from longrange.atomic import read_json
-from longrange.bench.report import pyplot, save_figure, series_styles, write_readme_block
+from longrange.bench.report import (
+    check_readme,
+    malformed_as_value_error,
+    pyplot,
+    save_figure,
+    series_styles,
+    write_readme_block,
+)
+from longrange.bench.results import read_results
 from longrange.models.registry import FAMILIES
 
 START, END = "<!-- bench-context:start -->", "<!-- bench-context:end -->"
@@ -25,7 +32,7 @@ AFTER = "<!-- bench:end -->"
 
 def load_context(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / "context.json"
-    return read_json(path, "context results") if path.is_file() else None
+    return read_results(path, required=("part",)) if path.exists() else None
 
 
 def _rows(data: dict[str, Any], part: str) -> list[dict[str, Any]]:
@@ -329,13 +336,20 @@ def write_context_report(
     results_dir: str | Path = "benchmarks/results", readme: str | Path = "README.md"
 ) -> str:
     """Redraw the plots of every device folder and rewrite the README's context block."""
+    check_readme(readme, START, END)
+    body = context_markdown(results_dir)
+    write_readme_block(readme, START, END, body, after=AFTER)
+    return body
+
+
+def context_markdown(results_dir: str | Path = "benchmarks/results") -> str:
+    """Redraw the plots of every device folder and return the README's context block."""
     root = Path(results_dir)
     sections = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        data = load_context(folder)
-        if data:
-            draw_context_plots(data, folder)
-            sections.append(markdown_context(folder))
-    body = "\n".join(sections) if sections else "_No context results recorded yet._\n"
-    write_readme_block(readme, START, END, body, after=AFTER)
-    return body
+        with malformed_as_value_error(folder):
+            data = load_context(folder)
+            if data:
+                draw_context_plots(data, folder)
+                sections.append(markdown_context(folder))
+    return "\n".join(sections) if sections else "_No context results recorded yet._\n"

@@ -7,21 +7,37 @@ the JSON, never from hand edits.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
 
 from longrange.atomic import atomic_write_bytes
+from longrange.bench.results import read_results
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
+# The fields the report reads of every row of a suite, and of every row without an error.
+FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "speed": (("family", "length"), ("fwd_bwd_s", "tokens_per_s")),
+    "growth": (("family", "length", "base_length"), ("tokens_per_s", "vs_base")),
+    "reference_defaults": (("family", "length"), ()),
+    "knn": (("fill",), ()),
+    "generate": (("family",), ()),
+    "recall": (("family", "task"), ()),
+    "quality": (("family",), ()),
+    "listops": (("family",), ()),
+}
+
 
 def load_suite(folder: Path, suite: str) -> dict[str, Any] | None:
+    """The suite's results in ``folder`` (None when it has none), refused with a ValueError
+    naming the file when it cannot be reported whole."""
     path = folder / f"{suite}.json"
-    if not path.is_file():
+    if not path.exists():
         return None
-    return json.loads(path.read_text())
+    required, measured = FIELDS.get(suite, ((), ()))
+    return read_results(path, required=required, measured=measured)
 
 
 REFERENCE_SUFFIX = " (reference)"
@@ -68,8 +84,10 @@ def save_figure(fig, path: Path, rect: tuple[float, float, float, float] | None 
 
 
 def plot_speed(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
     rows = [r for r in data["results"] if "fwd_bwd_s" in r]
+    if not rows:  # every point failed: nothing to draw, and a legend of no series is an error
+        return
+    plt = pyplot()
     families = list(dict.fromkeys(r["family"] for r in rows))
     styles = series_styles(families)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -333,6 +351,14 @@ def markdown_for_device(folder: Path) -> str:
 
 
 def write_report(results_dir: str | Path = "benchmarks/results", readme: str | Path = "README.md") -> str:
+    check_readme(readme, START, END)
+    body = report_markdown(results_dir)
+    write_readme_block(readme, START, END, body)
+    return body
+
+
+def report_markdown(results_dir: str | Path = "benchmarks/results") -> str:
+    """Redraw the speed plots and return the README block for every device folder."""
     root = Path(results_dir)
     if not root.is_dir():  # a report from elsewhere would blank the README's tables
         raise ValueError(
@@ -341,13 +367,43 @@ def write_report(results_dir: str | Path = "benchmarks/results", readme: str | P
         )
     sections = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        speed = load_suite(folder, "speed")
-        if speed:
-            plot_speed(speed, folder / "speed.png")
-        sections.append(markdown_for_device(folder))
-    body = "\n".join(sections) if sections else "_No results recorded yet._\n"
-    write_readme_block(readme, START, END, body)
-    return body
+        with malformed_as_value_error(folder):
+            speed = load_suite(folder, "speed")
+            if speed:
+                plot_speed(speed, folder / "speed.png")
+            sections.append(markdown_for_device(folder))
+    return "\n".join(sections) if sections else "_No results recorded yet._\n"
+
+
+@contextlib.contextmanager
+def malformed_as_value_error(folder: Path):
+    """A results file that is JSON with the expected fields but values a table cannot show
+    (a hand edit: a time given as text, a curve that is not a list) fails the report with one
+    ValueError naming the folder, not a traceback from deep in the formatting."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+        if isinstance(err, ValueError) and str(folder) in str(err):
+            raise  # already names its file
+        raise ValueError(f"results in {folder} cannot be reported: {type(err).__name__}: {err}") from None
+
+
+def check_readme(readme: str | Path, start: str, end: str) -> None:
+    """Refuse a README that is not a file, or whose ``start`` / ``end`` markers are not one
+    pair in that order: rewriting the block would then fail, or delete what lies between a
+    lone marker and the block."""
+    readme = Path(readme)
+    if readme.exists() and not readme.is_file():
+        raise ValueError(f"--readme {str(readme)!r} is not a file")
+    text = readme.read_text() if readme.is_file() else ""
+    starts, ends = text.count(start), text.count(end)
+    if (starts, ends) == (0, 0):
+        return
+    if (starts, ends) != (1, 1) or text.index(end) < text.index(start):
+        raise ValueError(
+            f"--readme {str(readme)!r} must hold {start} and {end} once each, in that order, or "
+            f"neither; it holds {starts} and {ends}: fix the markers by hand"
+        )
 
 
 def write_readme_block(
@@ -355,7 +411,8 @@ def write_readme_block(
 ) -> None:
     """Put ``body`` between the ``start`` and ``end`` markers of ``readme`` (atomically):
     in place of what they held, else right after the line ``after`` when it is there, else
-    at the end of the file."""
+    at the end of the file (:func:`check_readme` refuses markers that are not one pair)."""
+    check_readme(readme, start, end)
     readme = Path(readme)
     text = readme.read_text() if readme.is_file() else ""
     block = f"{start}\n{body}\n{end}"

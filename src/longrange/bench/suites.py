@@ -217,13 +217,20 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             out_dir=out_dir,
         )
     if suite == "report":
-        from longrange.bench.context_report import write_context_report
-        from longrange.bench.report import write_report
+        from longrange.bench import context_report, report
 
         readme = options.get("readme", "README.md")
-        body = write_report(out_dir, readme)
+        # both blocks made (every results file read) and both markers checked before either
+        # block is written, so a bad file or marker leaves the README as it was
+        report.check_readme(readme, report.START, report.END)
+        report.check_readme(readme, context_report.START, context_report.END)
+        body, context = report.report_markdown(out_dir), context_report.context_markdown(out_dir)
+        report.write_readme_block(readme, report.START, report.END, body)
+        report.write_readme_block(
+            readme, context_report.START, context_report.END, context, after=context_report.AFTER
+        )
         print(body)
-        print(write_context_report(out_dir, readme))
+        print(context)
         return []
     raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
 
