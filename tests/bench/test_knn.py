@@ -68,3 +68,20 @@ def test_report_lists_the_fills_in_order(tmp_path):
     table = markdown_for_device(tmp_path)
     lines = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [line.split(" | ")[0] for line in lines] == ["| 0", "| 32,768", "| 250,000"]
+
+
+def test_the_cli_fills_the_documented_defaults_without_lengths(monkeypatch, tmp_path):
+    """`bench knn` without --lengths used the speed suite's 1024,4096: no fill 0, so no
+    time relative to the empty memory, and never the 250,000 entries the docstring names."""
+    from longrange.bench import suites
+    from longrange.cli import main
+
+    seen = []
+    monkeypatch.setattr(knn, "run_knn_suite", lambda fills, **kwargs: seen.append(("knn", fills)))
+    monkeypatch.setattr(
+        suites, "run_speed_suite", lambda f, lengths, **kwargs: seen.append(("speed", lengths))
+    )
+    assert main(["bench", "knn", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "speed", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert main(["bench", "knn", "--out", str(tmp_path), "--lengths", "0,512"]) == 0
+    assert seen == [("knn", list(knn.DEFAULT_FILLS)), ("speed", [1024, 4096]), ("knn", [0, 512])]

@@ -13,7 +13,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from longrange.bench.suites import run_suite
     from longrange.models.registry import available_families
 
-    lengths = int_list("--lengths", args.lengths)
+    if args.lengths is not None:
+        lengths = int_list("--lengths", args.lengths)
+    elif args.suite == "knn":
+        from longrange.bench.knn import DEFAULT_FILLS
+
+        lengths = list(DEFAULT_FILLS)
+    else:
+        lengths = [1024, 4096]
     chosen = args.models or ("all" if args.suite == "context" else "vanilla")
     models = available_families() if chosen == "all" else [m.strip() for m in chosen.split(",") if m.strip()]
     for m in models:
@@ -82,7 +89,10 @@ def add_parser(sub: Any) -> None:
         help="comma-separated families, or 'all' (default vanilla; context: all)",
     )
     b.add_argument(
-        "--lengths", default="1024,4096", help="comma-separated sequence lengths (speed, growth, memory)"
+        "--lengths",
+        default=None,
+        help="comma-separated sequence lengths (speed, growth, memory; default 1024,4096), or memory "
+        "fills (knn; default 0,32768,250000)",
     )
     b.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
