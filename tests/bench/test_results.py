@@ -56,6 +56,8 @@ def test_the_cli_refuses_a_corrupt_results_file_before_any_work(tmp_path, capsys
         (["generate", "--prompt-len", "0"], "--prompt-len must be a positive integer, got 0"),
         (["memory", "--lengths", "1"], "--lengths must be integers >= 2, got [1]"),
         (["memory", "--lengths", ""], "--lengths must be integers >= 2, got []"),
+        (["speed", "--lengths", "256,512,256"], "--lengths names 256 more than once"),
+        (["memory", "--lengths", "64,64"], "--lengths names 64 more than once"),
     ],
     ids=[
         "no-family",
@@ -68,6 +70,8 @@ def test_the_cli_refuses_a_corrupt_results_file_before_any_work(tmp_path, capsys
         "prompt-len",
         "memory-length",
         "memory-no-length",
+        "speed-length-twice",
+        "memory-length-twice",
     ],
 )
 def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, capsys, monkeypatch):

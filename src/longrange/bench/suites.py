@@ -119,8 +119,8 @@ def _positive(options: dict[str, Any], key: str, flag: str) -> None:
 
 def check_suite_options(suite: str, families: list[str], lengths: list[int], options: dict[str, Any]) -> None:
     """Refuse bad input before any work: an unknown suite, no family or one named twice,
-    counts that are not positive, lengths the memory suite cannot measure (the other suites
-    check their own)."""
+    counts that are not positive, a length named twice, lengths the memory suite cannot
+    measure (the other suites check their own)."""
     if suite not in SUITES:
         raise ValueError(f"unknown bench suite {suite!r}; accepted: {', '.join(SUITES)}")
     if suite not in ("knn", "report"):
@@ -138,6 +138,10 @@ def check_suite_options(suite: str, families: list[str], lengths: list[int], opt
         _positive(options, key, flag)
     if suite == "memory" and (not lengths or any(n < 2 for n in lengths)):
         raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
+    if suite in ("speed", "memory", "knn"):  # growth refuses its own
+        twice = sorted({n for n in lengths if lengths.count(n) > 1})
+        if twice:  # each would be measured twice into two rows of one key
+            raise ValueError(f"--lengths names {', '.join(map(str, twice))} more than once")
 
 
 def run_suite(suite: str, families: list[str], lengths: list[int], *, device: str, options: dict[str, Any]):
