@@ -132,3 +132,32 @@ def test_naive_keeps_float64_inputs_in_float64():
     out = shared_kv_attention_naive(q, k, v)
     assert out.dtype == torch.float64
     assert (out - expected).abs().max() < 1e-12
+
+
+def _bad_arguments():
+    q, k, v = make_inputs(2, 3, 5, 7, 8, seed=4)
+    keys = torch.rand(2, 7) < 0.7
+    return [
+        ("float-key-mask", dict(key_mask=keys.float()), TypeError, "key_mask"),
+        ("key-mask-wrong-length", dict(key_mask=keys[:, :6]), ValueError, "key_mask"),
+        ("integer-inputs", dict(q=q.long(), k=k.long(), v=v.long()), TypeError, "q must be a floating"),
+        ("mixed-dtypes", dict(k=k.double()), TypeError, "share one dtype"),
+        ("k-with-heads", dict(k=k[:, None]), ValueError, "k must be 3-D"),
+        ("k-narrower-than-q", dict(k=k[..., :4]), ValueError, "must agree"),
+        ("v-other-batch", dict(v=v[:1]), ValueError, "must agree"),
+        ("nan-scale", dict(scale=float("nan")), ValueError, "scale"),
+        ("causal-not-bool", dict(causal="yes"), TypeError, "causal"),
+    ], (q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "naive"])
+@pytest.mark.parametrize("case", range(len(_bad_arguments()[0])), ids=[c[0] for c in _bad_arguments()[0]])
+def test_bad_arguments_are_named(backend, case):
+    """A float key mask was added to the scores by the fused kernel (a silently wrong answer);
+    other wrong arguments failed deep inside torch, or (integer inputs in the reference) gave
+    a truncated result."""
+    cases, (q, k, v) = _bad_arguments()
+    _, changes, error, match = cases[case]
+    args = dict(q=q, k=k, v=v, key_mask=None, causal=True, scale=None) | changes
+    with pytest.raises(error, match=match):
+        shared_kv_attention(**args, backend=backend)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.ops.blockrec.inputs import check_shared_kv_inputs
+
 
 def shared_kv_attention_naive(
     q: Tensor,
@@ -22,6 +24,7 @@ def shared_kv_attention_naive(
     """q: [B, H, N, D]; k, v: [B, M, D] (one head shared by all query heads);
     key_mask: [B, M] bool, True = may attend; causal: query i sits at key position M - N + i
     and sees keys up to it. A query with no key it may attend gets zeros. -> [B, H, N, D]."""
+    check_shared_kv_inputs(q, k, v, key_mask, causal, scale)
     n, m = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     wide = torch.promote_types(q.dtype, torch.float32)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.ops.blockrec.inputs import check_shared_kv_inputs
 from longrange.ops.dense import additive_mask, cpu_flash_supported
 
 FOLD_MIN_BATCH = 4
@@ -142,6 +143,7 @@ def shared_kv_attention_sdpa(
 ) -> Tensor:
     """Same contract as :func:`shared_kv_attention_naive`: q [B, H, N, D], k/v [B, M, D],
     key_mask [B, M] -> [B, H, N, D]."""
+    check_shared_kv_inputs(q, k, v, key_mask, causal, scale)
     b, h, n, d = q.shape
     m = k.shape[-2]
     fold = b >= FOLD_MIN_BATCH
