@@ -357,6 +357,47 @@ def test_bad_input_is_refused(change, match):
         )
 
 
+@pytest.mark.parametrize("backend", ["naive", "blocked"])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"q": torch.zeros(1, 2, 5, 4, dtype=torch.long)}, TypeError, "q must be a floating-point tensor"),
+        ({"keys": torch.zeros(1, 7, 4, dtype=torch.float64)}, TypeError, "must share one dtype"),
+        ({"memory_logits": torch.zeros(1, 2, 5)}, ValueError, r"memory_logits must be \[B=1, H=2, N=5, K\]"),
+        ({"memory_logits": torch.zeros(1, 2, 5, 3, 1)}, ValueError, "memory_logits must be"),
+        (
+            {"memory_logits": torch.zeros(1, 2, 5, 3, dtype=torch.long)},
+            TypeError,
+            "memory_logits must be a float",
+        ),
+    ],
+    ids=["integer-q", "mixed-dtypes", "memory-3d", "memory-5d", "memory-integer"],
+)
+def test_wrong_dtypes_and_memory_ranks_are_named(backend, change, error, match):
+    """These failed deep in torch (an index error, a dtype mismatch in a GEMM), or, mixed
+    dtypes, ran in one backend and failed in the other; integer memory logits were taken."""
+    args = {
+        "q": torch.zeros(1, 2, 5, 4),
+        "keys": torch.zeros(1, 7, 4),
+        "values": torch.zeros(1, 7, 4),
+        "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
+        "memory_logits": None,
+    } | change
+    with pytest.raises(error, match=match):
+        shared_kv_attention(*list(args.values())[:4], memory_logits=args["memory_logits"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive", "blocked"])
+def test_an_empty_batch_gives_an_empty_output(backend):
+    """The naive form (what auto runs below BLOCKED_FROM queries) failed on an ambiguous view of
+    zero elements."""
+    q, keys, values, table, memory = _inputs(0, 2, 5, 7, 4, 3, causal=True)
+    out, weights = shared_kv_attention(
+        q, keys, values, ToeplitzBias(table, 5, 7), memory_logits=memory, backend=backend
+    )
+    assert out.shape == (0, 5, 2, 4) and weights.shape == (0, 5, 2, 3)
+
+
 def test_toeplitz_bias_rows_and_dense_agree():
     values = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     bias = ToeplitzBias(values, 4, 6, causal=True)

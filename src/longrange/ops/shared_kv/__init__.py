@@ -33,9 +33,19 @@ BACKENDS = ("auto", "blocked", "naive")
 BLOCKED_FROM = 16
 
 
+def _kind(x: object) -> str:
+    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
+
+
 def _check(
     q: Tensor, keys: Tensor, values: Tensor, bias, memory_logits: Tensor | None, key_mask: Tensor | None
 ) -> None:
+    for name, t in (("q", q), ("keys", keys), ("values", values)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
+    # under autocast the products cast their inputs themselves
+    if not q.dtype == keys.dtype == values.dtype and not torch.is_autocast_enabled(q.device.type):
+        raise TypeError(f"q, keys, values must share one dtype, got {q.dtype}, {keys.dtype}, {values.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, N, D], got {list(q.shape)}")
     b, h, n, d = q.shape
@@ -48,7 +58,13 @@ def _check(
     shape = (bias.heads, bias.n, bias.m) if isinstance(bias, ToeplitzBias) else tuple(bias.shape)
     if len(shape) != 3 or shape[0] not in (1, h) or shape[1:] != (n, m):
         raise ValueError(f"bias must be [H={h} or 1, N={n}, M={m}], got {list(shape)}")
-    if memory_logits is not None and tuple(memory_logits.shape[:3]) != (b, h, n):
+    if memory_logits is not None and (
+        not isinstance(memory_logits, Tensor) or not memory_logits.is_floating_point()
+    ):
+        raise TypeError(f"memory_logits must be a floating-point tensor, got {_kind(memory_logits)}")
+    if memory_logits is not None and (
+        memory_logits.dim() != 4 or tuple(memory_logits.shape[:3]) != (b, h, n)
+    ):
         raise ValueError(f"memory_logits must be [B={b}, H={h}, N={n}, K], got {list(memory_logits.shape)}")
     if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, m)):
         raise ValueError(

@@ -30,7 +30,7 @@ def shared_kv_output(attn: Tensor, values: Tensor) -> Tensor:
     """Weights attn [B, H, N, M] (rows may be strided) times one value head [B, M, D] ->
     [B, H, N, D]: one GEMM over every head."""
     b, h, n, m = attn.shape
-    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, -1)
+    return torch.bmm(attn.reshape(b, h * n, m).to(values.dtype), values).view(b, h, n, values.shape[-1])
 
 
 def shared_kv_attention_naive(
