@@ -262,6 +262,47 @@ def test_bad_lengths_are_refused():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"bucket_size": 0}, ValueError, "bucket_size must be a positive int"),
+        ({"bucket_size": -4, "kv_bucket_size": -4}, ValueError, "bucket_size must be a positive int"),
+        ({"kv_bucket_size": 4.0}, ValueError, "kv_bucket_size must be a positive int"),
+        ({"k": "short-batch"}, ValueError, r"k must be \[B, H, M, D\]"),
+        ({"k": "double"}, TypeError, "share one dtype"),
+        ({"kv_mask": "float"}, ValueError, "kv_mask must be a bool tensor"),
+        ({"kv_mask": "short"}, ValueError, "kv_mask must be a bool tensor"),
+    ],
+    ids=[
+        "bucket-0",
+        "bucket-negative",
+        "bucket-float",
+        "k-batch",
+        "mixed-dtypes",
+        "mask-float",
+        "mask-short",
+    ],
+)
+def test_bad_arguments_are_named(change, error, match):
+    """Each failed deep in torch (a division by zero, an invalid reshape, a size mismatch)."""
+    q, k, v = _inputs(2, 2, 8, 8, 4, seed=0)
+    kv_mask = torch.ones(2, 8, dtype=torch.bool)
+    args = dict(k=k, bucket_size=4, kv_bucket_size=4, kv_mask=kv_mask) | change
+    args["k"] = (
+        {"short-batch": k[:1], "double": k.double()}.get(args["k"], args["k"])
+        if isinstance(args["k"], str)
+        else args["k"]
+    )
+    if isinstance(args["kv_mask"], str):
+        args["kv_mask"] = kv_mask.float() if args["kv_mask"] == "float" else kv_mask[:, :7]
+    with pytest.raises(error, match=match):
+        sinkhorn_attention(
+            q, args["k"], v, bucket_size=args["bucket_size"], kv_bucket_size=args["kv_bucket_size"],
+            row_index=torch.arange(2)[:, None], include_own=True, reorder=torch.eye(2).expand(2, 2, 2, 2),
+            kv_mask=args["kv_mask"],
+        )  # fmt: skip
+
+
 # --- layouts ---------------------------------------------------------------------------------
 def test_split_and_merge_heads_equal_rotation_with_gradients():
     x = randn(2, 12, 3 * 4 * 5, seed=12)

@@ -96,10 +96,26 @@ def _masked_buckets(
     return kb, vb, keep
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, bucket_size: int, kv_bucket_size: int) -> None:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, bucket_size: int, kv_bucket_size: int, kv_mask: Tensor | None = None
+) -> None:
+    for name, size in (("bucket_size", bucket_size), ("kv_bucket_size", kv_bucket_size)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating [B, H, N, D] tensor, got {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must be [B, H, M, D] as q {tuple(q.shape)} is, got {tuple(k.shape)}")
+    if kv_mask is not None:
+        b, h, m = k.shape[:3]
+        if kv_mask.dtype != torch.bool or tuple(kv_mask.shape) not in ((b, m), (b, 1, m), (b, h, m)):
+            raise ValueError(
+                f"kv_mask must be a bool tensor [B, M] = {(b, m)} or [B, 1 or H, M], got "
+                f"{kv_mask.dtype} {tuple(kv_mask.shape)}"
+            )
     if q.shape[2] % bucket_size:
         raise ValueError(f"query length {q.shape[2]} must be divisible by bucket_size {bucket_size}")
     if k.shape[2] % kv_bucket_size or v.shape[:3] != k.shape[:3]:
@@ -129,7 +145,7 @@ def sinkhorn_attention(
     with the sorted rows given either as hard picks (``indices``, ``weights`` [B, H, R]:
     row r is key bucket ``indices[r]`` times ``weights[r]``) or as ``reorder`` [B, H, R, V].
     """
-    _check(q, k, v, bucket_size, kv_bucket_size)
+    _check(q, k, v, bucket_size, kv_bucket_size, kv_mask)
     b, h, n, d = q.shape
     e = v.shape[-1]
     u, v_count, t = n // bucket_size, k.shape[2] // kv_bucket_size, kv_bucket_size
