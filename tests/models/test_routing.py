@@ -461,6 +461,25 @@ def test_recomputed_attention_gives_the_same_step_and_one_kmeans_update():
         assert_close(a, b, rtol=1e-6)
 
 
+def test_recomputed_attention_replays_the_first_calls_dropout():
+    """The first training call also draws the k-means' first centroids; a recomputed branch
+    does not draw them again, so its dropout masks must still be the forward's: the gradients
+    equal those of the same call without recomputation."""
+    x = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for rule in ("never", "always"):
+        torch.manual_seed(0)
+        model = create_model("routing", preset="tiny", attn_dropout=0.2, recompute_attention=rule)
+        model.cancel_kmeans_update()
+        torch.manual_seed(5)
+        out = model.forward_lm(x)
+        (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        assert_close(b, a, rtol=1e-5)
+
+
 def test_recompute_rule():
     config = RoutingConfig(dim=32, depth=1, heads=4, window_size=8, max_seq_len=64)
     assert config.recompute_attention == "auto"
