@@ -5,8 +5,8 @@ A field's annotation is its check (docs/ARCHITECTURE.md, "Configs"): ``int``, ``
 ``bool``, ``str``, ``Literal[...]`` and ``tuple[int, ...]`` are checked by type and choice,
 ``X | None`` also accepts None, and ``typing.Annotated`` adds a :class:`Rule` for ranges
 (:data:`PositiveInt`, :data:`NonNegativeInt`, :data:`Probability`, :data:`PositiveFloat`,
-:data:`LayerNumbers`). A family's :meth:`ModelConfig.check` holds only what relates two
-fields. Every failure is a ValueError that names the field and what it accepts.
+:data:`NonNegativeFloat`, :data:`LayerNumbers`). A family's :meth:`ModelConfig.check` holds
+only what relates two fields. Every failure is a ValueError that names the field and what it accepts.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Rule:
 PositiveInt = Annotated[int, Rule("a positive integer", lambda v, c: v > 0)]
 NonNegativeInt = Annotated[int, Rule("a non-negative integer", lambda v, c: v >= 0)]
 PositiveFloat = Annotated[float, Rule("a positive number", lambda v, c: v > 0)]
+NonNegativeFloat = Annotated[float, Rule("a number >= 0", lambda v, c: v >= 0)]
 Probability = Annotated[float, Rule("a number in [0, 1)", lambda v, c: 0 <= v < 1)]
 LayerNumbers = Annotated[
     tuple[int, ...],

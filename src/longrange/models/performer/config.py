@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from longrange.models.config import (
     BENCH_SIZE,
     ModelConfig,
+    NonNegativeFloat,
     PositiveInt,
     Probability,
     Rule,
@@ -62,7 +63,7 @@ class PerformerConfig(ModelConfig):
     generalized_attention: bool = False
     kernel_fn: KernelName = "relu"
     kernel_eps: float = 1e-3
-    feature_eps: float = 1e-4
+    feature_eps: NonNegativeFloat = 1e-4
     use_scalenorm: bool = False
     use_rezero: bool = False
     cross_attend: bool = False

@@ -15,6 +15,7 @@ from longrange.models.config import (
     BENCH_SIZE,
     LayerNumbers,
     ModelConfig,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
     Probability,
@@ -25,7 +26,6 @@ from longrange.models.config import (
 
 # the feed-forward activations a config may name (the reference took an nn.Module class)
 Activation = Literal["gelu", "relu", "silu", "tanh", "leaky_relu", "sigmoid"]
-NonNegativeFloat = Annotated[float, Rule("a number >= 0", lambda v, c: v >= 0)]
 UnitInterval = Annotated[float, Rule("a number in [0, 1]", lambda v, c: 0 <= v <= 1)]
 AtLeastTwo = Annotated[int, Rule("an integer >= 2", lambda v, c: v >= 2)]
 
