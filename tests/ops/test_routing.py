@@ -371,6 +371,26 @@ def test_kmeans_moves_means_toward_data_and_commitment_falls():
     assert closeness.min() > 0.9
 
 
+def test_kmeans_centroids_move_as_in_float32_in_a_half_precision_model():
+    """model.to(bfloat16) made the centroids bfloat16, whose resolution near 1 is coarser than
+    an EMA step (0.001 of the way at the default decay): 500 updates toward fixed targets
+    went 6% of the way instead of 39%. They stay float32 now, and move as a float32 module's."""
+    targets = torch.nn.functional.normalize(
+        torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3)), dim=-1
+    )
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        kmeans = Kmeans(2, 8, 4).to(dtype)
+        assert kmeans.means.dtype == torch.float32
+        start = kmeans.means.clone()
+        for _ in range(500):
+            kmeans.update(targets.to(dtype))
+        moved[dtype] = (start - targets).norm() - (kmeans.means - targets).norm()
+    assert_close(moved[torch.bfloat16], moved[torch.float32], 1e-2)
+    assert moved[torch.float32] > 0.3 * (start - targets).norm()
+
+
 def test_kmeans_init_from_data_and_weights():
     x, _, gen = _clustered_points(seed=1)
     means = init_means(x, 4, iters=10, generator=gen)

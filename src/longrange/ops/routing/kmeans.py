@@ -235,6 +235,16 @@ class Kmeans(nn.Module):
     def num_clusters(self) -> int:
         return self.means.shape[1]
 
+    def _apply(self, fn, recurse: bool = True):
+        # The centroids stay float32 when the model goes to half precision (model.to(bfloat16)):
+        # an EMA step moves them by 1 - decay (0.001) of the way, below bfloat16's resolution
+        # near 1, so bfloat16 centroids barely moved. Every use casts them to the points' dtype.
+        kept = self.means
+        out = super()._apply(fn, recurse)
+        if self.means.dtype in (torch.float16, torch.bfloat16):
+            self.means = kept.to(self.means.device, torch.float32)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted = bool(self.initted)
