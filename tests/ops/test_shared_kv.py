@@ -316,6 +316,29 @@ def test_diagonal_sums_refuse_a_block_that_does_not_fit():
         diagonal_sums(torch.zeros(6, 3), 2, 2, 4, torch.zeros(2, 10))
 
 
+def _refused_call(change: dict, error: type, match: str) -> None:
+    """shared_kv_attention on small valid arguments with ``change`` applied raises ``error``."""
+    args = {
+        "q": torch.zeros(1, 2, 5, 4),
+        "keys": torch.zeros(1, 7, 4),
+        "values": torch.zeros(1, 7, 4),
+        "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
+        "memory_logits": None,
+        "key_mask": None,
+        "backend": "auto",
+    } | change
+    with pytest.raises(error, match=match):
+        shared_kv_attention(
+            args["q"],
+            args["keys"],
+            args["values"],
+            args["bias"],
+            memory_logits=args["memory_logits"],
+            key_mask=args["key_mask"],
+            backend=args["backend"],
+        )
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -335,26 +358,7 @@ def test_diagonal_sums_refuse_a_block_that_does_not_fit():
     ids=["q", "keys", "values", "bias", "memory", "backend", "mask-dtype", "mask-shape", "blocked-dense"],
 )
 def test_bad_input_is_refused(change, match):
-    args = {
-        "q": torch.zeros(1, 2, 5, 4),
-        "keys": torch.zeros(1, 7, 4),
-        "values": torch.zeros(1, 7, 4),
-        "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
-        "memory_logits": None,
-        "key_mask": None,
-        "backend": "auto",
-    }
-    args.update(change)
-    with pytest.raises(ValueError, match=match):
-        shared_kv_attention(
-            args["q"],
-            args["keys"],
-            args["values"],
-            args["bias"],
-            memory_logits=args["memory_logits"],
-            key_mask=args["key_mask"],
-            backend=args["backend"],
-        )
+    _refused_call(change, ValueError, match)
 
 
 @pytest.mark.parametrize("backend", ["naive", "blocked"])
@@ -376,15 +380,7 @@ def test_bad_input_is_refused(change, match):
 def test_wrong_dtypes_and_memory_ranks_are_named(backend, change, error, match):
     """These failed deep in torch (an index error, a dtype mismatch in a GEMM), or, mixed
     dtypes, ran in one backend and failed in the other; integer memory logits were taken."""
-    args = {
-        "q": torch.zeros(1, 2, 5, 4),
-        "keys": torch.zeros(1, 7, 4),
-        "values": torch.zeros(1, 7, 4),
-        "bias": ToeplitzBias(torch.zeros(2, 11), 5, 7),
-        "memory_logits": None,
-    } | change
-    with pytest.raises(error, match=match):
-        shared_kv_attention(*list(args.values())[:4], memory_logits=args["memory_logits"], backend=backend)
+    _refused_call({"backend": backend} | change, error, match)
 
 
 @pytest.mark.parametrize("backend", ["auto", "naive", "blocked"])
