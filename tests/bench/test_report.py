@@ -118,3 +118,33 @@ def test_a_readme_that_is_a_folder_is_refused_before_the_report(tmp_path, capsys
     assert _report(tmp_path, readme) == 2
     assert f"--readme '{readme}' is not a file" in capsys.readouterr().err
     assert not (tmp_path / "results" / "cpu-test" / "speed.png").exists()
+
+
+@pytest.mark.parametrize(
+    "suite, good, failed, line",
+    [
+        (
+            "generate",
+            {"family": "vanilla", "prompt_len": 8, "new_tokens": 4, "incremental_tokens_per_s": 90.0,
+             "recompute_tokens_per_s": 9.0, "speedup": 10.0},
+            {"family": "performer", "prompt_len": 8, "new_tokens": 4, "error": "out of memory"},
+            "| performer | fails | fails | fails |",
+        ),
+        (
+            "quality",
+            {"family": "vanilla", "preset": "tiny", "steps": 5, "val_bpb": 7.5},
+            {"family": "routing", "preset": "tiny", "steps": 5, "error": "refused"},
+            "| routing | tiny | 5 | fails |",
+        ),
+    ],
+    ids=["generate", "quality"],
+)  # fmt: skip
+def test_a_failed_point_stays_in_its_table_as_fails(suite, good, failed, line, tmp_path):
+    """A re-run that failed replaces the family's row with an error row; the table dropped
+    error rows, so the family vanished from the README instead of showing that it failed."""
+    folder = _folder(tmp_path)
+    (folder / f"{suite}.json").write_text(json.dumps({"environment": {}, "results": [good, failed]}))
+    readme = tmp_path / "README.md"
+    assert _report(tmp_path, readme) == 0
+    text = readme.read_text()
+    assert line in text and f"| {good['family']} |" in text

@@ -175,12 +175,15 @@ def _recall_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """One table row per result; a failed point (an ``error`` row) shows "fails" where its
+    figures would be, so that a family whose re-run failed stays in the table, as in speed's."""
     out = ["| " + " | ".join(c[1] for c in columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         cells = []
+        missing = "fails" if "error" in r else "-"
         for key, _title, fmt in columns:
             value = r.get(key)
-            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
+            cells.append(missing if value is None else format(value, fmt) if fmt else str(value))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -320,7 +323,7 @@ def markdown_for_device(folder: Path) -> str:
             ("recompute_tokens_per_s", "full recompute", ".1f"),
             ("speedup", "speed-up", ".1f"),
         ]
-        parts.append(_rows_markdown([r for r in gen["results"] if "error" not in r], cols) + "\n")
+        parts.append(_rows_markdown(gen["results"], cols) + "\n")
     recall = load_suite(folder, "recall")
     if recall:
         first = recall["results"][0] if recall["results"] else {}
@@ -335,7 +338,7 @@ def markdown_for_device(folder: Path) -> str:
             ("steps", "steps", ""),
             ("val_bpb", "val bpb", ".3f"),
         ]
-        parts.append(_rows_markdown([r for r in quality["results"] if "error" not in r], cols) + "\n")
+        parts.append(_rows_markdown(quality["results"], cols) + "\n")
     listops = load_suite(folder, "listops")
     if listops:
         parts.append("ListOps (Long Range Arena) accuracy after a fixed budget (chance 10%):\n")
@@ -346,7 +349,7 @@ def markdown_for_device(folder: Path) -> str:
             ("steps", "steps", ""),
             ("accuracy", "accuracy", ".3f"),
         ]
-        parts.append(_rows_markdown([r for r in listops["results"] if "error" not in r], cols) + "\n")
+        parts.append(_rows_markdown(listops["results"], cols) + "\n")
     return "\n".join(parts)
 
 
