@@ -518,3 +518,66 @@ def test_commitment_loss_is_the_mean_squared_distance_with_its_gradient():
     (g_got,) = torch.autograd.grad(got, x)
     (g_expected,) = torch.autograd.grad(expected, x)
     assert_close(g_got, g_expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 0, 4), (0, 2, 9, 4), (2, 0, 9, 4)], ids=["n0", "batch0", "heads0"])
+@pytest.mark.parametrize("backend", ["auto", "blocked", "spans"])
+def test_no_batch_heads_or_positions_give_an_empty_output_with_gradients(shape, backend):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    clusters = torch.zeros(shape[:3], dtype=torch.long)
+    mem_k, mem_v = _mem(shape[1], 2, 1, 4, torch.Generator().manual_seed(0))
+    out = causal_routed_attention(
+        x, x, x, clusters, window_size=3, mem_k=mem_k, mem_v=mem_v[..., :4], backend=backend
+    )
+    out.sum().backward()
+    assert out.shape == shape and x.grad.shape == shape
+    for causal in (True, False):
+        out = local_attention_spans(x, x, x, window_size=3, causal=causal)
+        assert out.shape == shape
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [({"window_size": 0}, "window_size"), ({"window_size": 4.0}, "window_size"),
+     ({"window_size": 4, "look_backward": -1}, "look_backward"),
+     ({"window_size": 4, "look_forward": -1, "causal": False}, "look_forward")],
+    ids=["window-0", "window-float", "look-backward-negative", "look-forward-negative"],
+)  # fmt: skip
+def test_local_spans_refuse_bad_window_arguments_by_name(options, name):
+    """A zero window divided by zero; a negative look-back killed the process (SIGFPE)."""
+    q = torch.randn(1, 1, 12, 4)
+    with pytest.raises(ValueError, match=name):
+        local_attention_spans(q, q, q, **{"causal": True, **options})
+
+
+def test_routing_options_dtypes_and_cluster_counts_are_refused_by_name():
+    q, k, v, gen = _qkv(1, 2, 10, 4)
+    clusters = torch.zeros(1, 2, 10, dtype=torch.long)
+    index = cluster_topk(torch.randn(1, 2, 10, 3, generator=gen, dtype=torch.float64), 4)
+    mem_k, mem_v = _mem(2, 2, 1, 4, gen)  # 2 clusters against the index's 3
+    with pytest.raises(TypeError, match="dtype"):
+        causal_routed_attention(q, k.float(), v, clusters, window_size=4)
+    with pytest.raises(TypeError, match="dtype"):
+        balanced_routed_attention(q, k, v.float(), index, index)
+    for bad in (-0.1, 1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="dropout"):
+            causal_routed_attention(q, k, v, clusters, window_size=4, dropout=bad)
+        with pytest.raises(ValueError, match="dropout"):
+            assigned_routed_attention(q, k, v, clusters, index, dropout=bad)
+    for bad in (float("nan"), float("inf"), "a"):
+        with pytest.raises(ValueError, match="scale"):
+            causal_routed_attention(q, k, v, clusters, window_size=4, scale=bad)
+        with pytest.raises(ValueError, match="scale"):
+            balanced_routed_attention(q, k, v, index, index, scale=bad)
+    with pytest.raises(ValueError, match="mem_k"):
+        balanced_routed_attention(q, k, v, index, index, mem_k=mem_k, mem_v=mem_v)
+    with pytest.raises(ValueError, match="mem_k"):
+        assigned_routed_attention(q, k, v, clusters, index, mem_k=mem_k, mem_v=mem_v)
+    with pytest.raises(ValueError, match="q_index"):
+        balanced_routed_attention(q, k, v, index, index[:, :, :2])
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="block_size"):
+            assigned_routed_attention(q, k, v, clusters, index, block_size=bad)
+    for bad in (11, -1, 2.0):
+        with pytest.raises(ValueError, match="size"):
+            cluster_topk(torch.randn(1, 2, 10, 3), bad)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longrange.ops.dense import dense_attention_sdpa
-from longrange.ops.routing.causal import check_routing_inputs
+from longrange.ops.routing.causal import check_routing_inputs, check_routing_options
 from longrange.ops.select import top_k_rows
 
 
@@ -38,9 +38,20 @@ def _check_index(name: str, index: Tensor, batch_heads: tuple[int, int], length:
         raise ValueError(f"{name} must hold positions in [0, {length})")
 
 
+def _check_memory_clusters(mem_k: Tensor | None, clusters: int) -> None:
+    if mem_k is not None and mem_k.shape[1] != clusters:
+        raise ValueError(
+            f"mem_k [H, C, K, D] must have the C = {clusters} clusters of the index, got {mem_k.shape[1]}"
+        )
+
+
 def cluster_topk(dists: Tensor, size: int) -> Tensor:
     """Positions each cluster takes, nearest first: dists [B, H, N, C] -> [B, H, C, size]
     (size <= N); ``top_k_rows`` is ``dists.topk(size, dim=-2)`` without its slow CPU path."""
+    if not isinstance(dists, Tensor) or dists.dim() != 4:
+        raise ValueError(f"dists must be a [B, H, N, C] tensor, got {getattr(dists, 'shape', dists)!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= dists.shape[2]:
+        raise ValueError(f"size must be an int in [0, N = {dists.shape[2]}], got {size!r}")
     return top_k_rows(dists, size).transpose(-1, -2)
 
 
@@ -100,9 +111,16 @@ def balanced_routed_attention(
     plus dropout. q: [B, H, N, D], k: [B, H, M, D], v: [B, H, M, E]; q_index [B, H, C, Wq],
     k_index [B, H, C, Wk] (from :func:`cluster_topk`). Returns [B, H, N, E]."""
     check_routing_inputs(q, k, v, mem_k=mem_k, mem_v=mem_v, mask=q_mask, same_length=shared_qk)
+    check_routing_options(scale=scale, dropout=dropout)
     b, h, n, _ = q.shape
     _check_index("q_index", q_index, (b, h), n)
     _check_index("k_index", k_index, (b, h), k.shape[2])
+    if q_index.shape[2] != k_index.shape[2]:
+        raise ValueError(
+            f"q_index [B, H, C, Wq] and k_index [B, H, C, Wk] must have the same clusters C, "
+            f"got {q_index.shape[2]} and {k_index.shape[2]}"
+        )
+    _check_memory_clusters(mem_k, k_index.shape[2])
     if k_mask is not None and (k_mask.dtype != torch.bool or tuple(k_mask.shape) != (b, k.shape[2])):
         raise ValueError(f"k_mask must be a bool tensor [B, M] = {(b, k.shape[2])}")
     e = v.shape[-1]
@@ -228,8 +246,14 @@ def assigned_routed_attention(
     plus dropout. q: [B, H, N, D], k: [B, H, M, D], v: [B, H, M, E]; q_clusters [B, H, N];
     k_index [B, H, C, Wk]. Returns [B, H, N, E]."""
     check_routing_inputs(q, k, v, mem_k=mem_k, mem_v=mem_v, mask=q_mask, same_length=False)
+    check_routing_options(scale=scale, dropout=dropout)
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     b, h, n, d = q.shape
     _check_index("k_index", k_index, (b, h), k.shape[2])
+    _check_memory_clusters(mem_k, k_index.shape[2])
     if k_mask is not None and (k_mask.dtype != torch.bool or tuple(k_mask.shape) != (b, k.shape[2])):
         raise ValueError(f"k_mask must be a bool tensor [B, M] = {(b, k.shape[2])}")
     if q_clusters.dtype != torch.int64 or tuple(q_clusters.shape) != (b, h, n):

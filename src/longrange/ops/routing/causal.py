@@ -28,6 +28,8 @@ W window, D head width, E value width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,6 +57,8 @@ def check_routing_inputs(
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1] or v.shape[:-1] != k.shape[:-1]:
         raise ValueError(
             f"q [B, H, N, D], k [B, H, M, D], v [B, H, M, E] do not fit: {tuple(q.shape)}, "
@@ -75,6 +79,17 @@ def check_routing_inputs(
             f"mask must be a bool tensor [B, N] = {(q.shape[0], q.shape[2])}, "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
+
+
+def check_routing_options(*, scale: float | None, dropout: float) -> None:
+    """ValueError / TypeError for a ``scale`` that is not None or a finite number, or a
+    ``dropout`` outside [0, 1)."""
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
 def _check_clusters(name: str, clusters: Tensor, shape: tuple[int, ...], num_clusters: int | None) -> None:
@@ -124,9 +139,12 @@ def causal_routed_attention(
     ):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     check_routing_inputs(q, k, v, mem_k=mem_k, mem_v=mem_v, mask=mask, same_length=True)
+    check_routing_options(scale=scale, dropout=dropout)
     b, h, n, _ = q.shape
     if not torch.compiler.is_compiling():
         _check_clusters("clusters", clusters, (b, h, n), None if mem_k is None else mem_k.shape[1])
+    if q.numel() == 0:  # no batch, head or position: v is the empty [B, H, N, E] output
+        return v.clone()
     n_mem = 0 if mem_k is None else mem_k.shape[2]
     spans_apply = span_attention_supported(q) and v.shape[-1] == q.shape[-1] and (n_mem > 0 or not shared_qk)
     if backend == "spans" or (backend == "auto" and spans_apply and dropout == 0):

@@ -345,9 +345,22 @@ def local_attention_spans(
     ``exact_windowsize``, no mask, no rotary inside the op: rotate q and k at their absolute
     positions first) on :func:`span_attention`: q, k, v [B, H, N, D] -> [B, H, N, D]. A causal
     one looks forward no window."""
+    for name, value, least in (("window_size", window_size, 1), ("look_backward", look_backward, 0),
+                               ("look_forward", look_forward, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if causal and look_forward:
         raise ValueError("causal local attention looks forward no window (look_forward=0)")
+    if not all(isinstance(t, Tensor) and t.is_floating_point() and t.dtype == q.dtype for t in (q, k, v)):
+        raise TypeError("q, k and v must be floating-point tensors of one dtype")
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"q, k [B, H, N, D] and v [B, H, N, E] do not fit: {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     b, h, n, d = q.shape
+    if q.numel() == 0:  # no batch, head or position: v is the empty output
+        return v.clone()
     c = window_size
     blocks = -(-n // c)
     t, front, ahead = blocks * c, look_backward * c, look_forward * c
