@@ -351,3 +351,39 @@ def test_cuda_dropout_replay():
     x = torch.randn(2, 9, 16, dtype=torch.float64, device="cuda")
     a, b = run_and_grad(rev, x, 2), run_and_grad(plain, x, 2)
     assert_close(a[2], b[2], rtol=1e-9, name="input grad")
+
+
+class _Broadcast(nn.Module):
+    """A branch whose result broadcasts against the stream: a learned [1, 1, D] shift."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(1, 1, dim, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.shift * 2.0
+
+
+def test_a_branch_result_that_broadcasts_gets_the_plain_stacks_gradients():
+    """Backward handed the stream's [B, N, D] gradient to the branch's [1, 1, D] result (a
+    shape mismatch deep in autograd) where plain autograd sums it over the broadcast."""
+    torch.manual_seed(4)
+    rev = ReversibleSequence([(_Broadcast(8), PreNorm(8, FeedForward(8, mult=2)))] * 2).double()
+    plain = ReversibleSequence([(b.f, b.g) for b in rev.blocks], recompute=False)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    a, b = run_and_grad(rev, x, 1), run_and_grad(plain, x, 1)
+    assert_close(a[0], b[0], rtol=1e-12, name="output")
+    assert_close(a[2], b[2], rtol=1e-9, name="input grad")
+    for name in b[3]:
+        assert_close(a[3][name], b[3][name], rtol=1e-9, name=name)
+
+
+def test_tensors_needing_gradients_inside_a_keyword_container_are_refused():
+    """They were passed to the branches detached in backward: their gradients silently None
+    where the plain stack gives them."""
+    torch.manual_seed(5)
+    rev = ReversibleSequence(make_blocks(1, 8, 0.0), args_route={"context": (True, False)}).double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"'context'.*keyword of its own"):
+        rev(x, context=[context])

@@ -43,6 +43,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 # How many reversible recomputations are running. A plain module global (not a ContextVar)
@@ -319,7 +320,9 @@ class _ReversibleFunction(torch.autograd.Function):
                 if id(p) in slot:
                     inputs.append(p)
                     targets.append(slot[id(p)])
-            outs, cots = [out], [d_branch.to(out.dtype)]
+            # a branch result that broadcasts against the stream ([1, N, D], [D]) takes the
+            # stream's gradient summed over the broadcast dimensions, as autograd would
+            outs, cots = [out], [d_branch.sum_to_size(out.shape).to(out.dtype)]
             if a is not None and a.requires_grad:
                 outs.append(a)
                 cots.append(d_aux.to(a.dtype))
@@ -374,6 +377,16 @@ class ReversibleSequence(_Stack):
         blocks = [(i, self.blocks[i]) for i in kept]
         routed = [routed[i] for i in kept]
         grad_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad]
+        if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            for k, v in kwargs.items():
+                if not isinstance(v, Tensor) and any(
+                    isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(v)
+                ):
+                    raise TypeError(
+                        f"keyword {k!r} holds tensors that need gradients inside a "
+                        f"{type(v).__name__}: the reversible stack differentiates tensor keywords "
+                        "only; pass each such tensor as a keyword of its own"
+                    )
         seen, params = set(), []
         for _, block in blocks:
             for p in block.parameters():
