@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longrange.checks import is_positive_int
+
 
 def pad_to_multiple(x: Tensor, multiple: int, *, dim: int = 1, value: float = 0) -> tuple[Tensor, int]:
     """Pad ``x`` on the right of ``dim`` to a multiple (a positive int); return it and the pad
     length."""
-    if not _positive_int(multiple):
+    if not is_positive_int(multiple):
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
     length = x.shape[dim]
     pad = (-length) % multiple
@@ -27,17 +29,13 @@ def pad_to_multiple(x: Tensor, multiple: int, *, dim: int = 1, value: float = 0)
     return F.pad(x, spec, value=value), pad
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 class Autopadder(nn.Module):
     def __init__(
         self, net: nn.Module, pad_multiple: int | None = None, context_pad_multiple: int | None = None
     ):
         super().__init__()
         multiple = pad_multiple if pad_multiple is not None else getattr(net, "pad_multiple", None)
-        if not _positive_int(multiple):
+        if not is_positive_int(multiple):
             raise ValueError(
                 "Autopadder needs pad_multiple (a positive int) or a net with a pad_multiple attribute; "
                 f"got {multiple!r}"
@@ -47,7 +45,7 @@ class Autopadder(nn.Module):
         if context_pad_multiple is None:
             context_pad_multiple = getattr(net, "context_pad_multiple", None) or multiple
         # a negative multiple would crop the context, a fraction skip its padding: both silently
-        if not _positive_int(context_pad_multiple):
+        if not is_positive_int(context_pad_multiple):
             raise ValueError(
                 f"context_pad_multiple must be a positive int or None, got {context_pad_multiple!r}"
             )

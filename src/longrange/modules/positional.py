@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from longrange.checks import is_positive_int
+
 
 def _check_positions(n: int, offset: int, max_seq_len: int) -> None:
     if offset < 0:
@@ -38,10 +40,6 @@ def _check_positions(n: int, offset: int, max_seq_len: int) -> None:
             f"positions up to {offset + n} exceed max_seq_len={max_seq_len} "
             f"(sequence length {n}, offset {offset})"
         )
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class FixedPositionalEmbedding(nn.Module):
@@ -96,11 +94,11 @@ class AxialPositionalEmbedding(nn.Module):
     def __init__(self, dim: int, axial_shape: Sequence[int], axial_dims: Sequence[int] | None = None) -> None:
         super().__init__()
         axial_shape = tuple(axial_shape)
-        if not axial_shape or not all(_positive_int(s) for s in axial_shape):
+        if not axial_shape or not all(is_positive_int(s) for s in axial_shape):
             raise ValueError(f"axial_shape must be non-empty positive int sizes, got {axial_shape}")
         self.summed = axial_dims is None
         dims = (dim,) * len(axial_shape) if axial_dims is None else tuple(axial_dims)
-        if not all(_positive_int(w) for w in dims):
+        if not all(is_positive_int(w) for w in dims):
             raise ValueError(
                 f"dim and axial_dims must be positive ints, got dim={dim!r}, axial_dims={axial_dims!r}"
             )

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from longrange.atomic import atomic_write_json, fsync_directory
+from longrange.checks import positive_int
 from longrange.memory.knn import compiled
 from longrange.memory.knn.factory import make_index, resolve_backend
 from longrange.memory.knn.retrieval import TableLease
@@ -54,12 +55,6 @@ SAVE_META = "knn.memory.json"
 SAVE_FORMAT = "longrange-knn-memory-2"  # data [2, R, M, D]: keys, then values
 OLD_FORMAT = "longrange-knn-memory-1"  # data [R, M, 2, D]; still read
 DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = None  # None: a fresh temporary directory per memory list
-
-
-def positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def row_indices(name: str, value, rows: int) -> list[int]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from longrange.atomic import atomic_write_json, read_json
+from longrange.checks import positive_int
 from longrange.memory.knn.memory import (
     DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY,
     SAVE_META,
     KNNMemory,
-    positive_int,
     row_indices,
 )
 from longrange.memory.knn.store import make_memory_directory, prepare_directory, remove_memory_directory

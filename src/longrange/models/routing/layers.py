@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from longrange.checks import positive_int
 from longrange.models.routing.routed import (
     ContextCache,
     KmeansAttention,
     RoutedCache,
-    check_positive,
     replaying,
 )
 from longrange.models.state import state_entry
@@ -98,8 +98,8 @@ class SelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("max_seq_len", max_seq_len)):
-            check_positive(name, value)
-        check_positive("window_size", window_size)
+            positive_int(name, value)
+        positive_int("window_size", window_size)
         if dim_head is None and dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is None")
         if max_seq_len % window_size:
@@ -116,7 +116,7 @@ class SelfAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"attn_layer_dropout must lie in [0, 1), got {dropout!r}")
         dim_head = dim // heads if dim_head is None else dim_head
-        check_positive("dim_head", dim_head)
+        positive_int("dim_head", dim_head)
         self.heads, self.dim_head = heads, dim_head
         self.local_attn_heads = local_attn_heads
         self.global_attn_heads = heads - local_attn_heads
@@ -125,7 +125,7 @@ class SelfAttention(nn.Module):
 
         if self.local_attn_heads:
             local_window = window_size if local_attn_window_size is None else local_attn_window_size
-            check_positive("local_attn_window_size", local_window)
+            positive_int("local_attn_window_size", local_window)
             self.local_attn = LocalAttention(
                 window_size=local_window,
                 causal=causal,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from longrange.checks import positive_int
 from longrange.models.state import state_entry
 from longrange.modules.reversible import in_recomputation
 from longrange.ops.routing import (
@@ -59,11 +60,6 @@ def replaying() -> Iterator[None]:
         yield
     finally:
         _REPLAYING[0] -= 1
-
-
-def check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def update_kmeans(module: nn.Module) -> int:
@@ -191,9 +187,9 @@ class KmeansAttention(nn.Module):
         shared_qk: bool = False,
     ) -> None:
         super().__init__()
-        check_positive("window_size", window_size)
+        positive_int("window_size", window_size)
         if context_window_size is not None:
-            check_positive("context_window_size", context_window_size)
+            positive_int("context_window_size", context_window_size)
         if isinstance(num_mem_kv, bool) or not isinstance(num_mem_kv, int) or num_mem_kv < 0:
             raise ValueError(f"num_mem_kv must be a non-negative integer, got {num_mem_kv!r}")
         if not 0.0 <= dropout < 1.0:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longrange.checks import positive_int
 from longrange.ops.select import argmax_last
 
 KMEANS_INIT_ITERS = 10
@@ -198,11 +199,6 @@ def ema_(moving: Tensor, new: Tensor, decay: float) -> Tensor:
     return moving.mul_(decay).add_(new.to(moving.dtype), alpha=1.0 - decay)
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class Kmeans(nn.Module):
     """Spherical k-means over H heads with C centroids of width D (``means`` [H, C, D])."""
 
@@ -216,7 +212,7 @@ class Kmeans(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("num_clusters", num_clusters)):
-            _positive_int(name, value)
+            positive_int(name, value)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"kmeans_ema_decay must lie in [0, 1], got {ema_decay!r}")
         if commitment < 0:
