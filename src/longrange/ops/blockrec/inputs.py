@@ -11,9 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def _kind(x: object) -> str:
-    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
+from longrange.checks import floating_tensors, kind, one_dtype
 
 
 def check_shared_kv_inputs(
@@ -22,14 +20,12 @@ def check_shared_kv_inputs(
     """Refuse what :func:`~longrange.ops.blockrec.shared_kv_attention` cannot compute, naming
     it: q [B, H, N, D], k / v [B, M, D] of one floating dtype (autocast casts mixed ones
     itself), key_mask [B, M] bool, causal a bool, scale None or a finite number."""
+    floating_tensors(q=q, k=k, v=v)
     for name, t, dims in (("q", q, 4), ("k", k, 3), ("v", v, 3)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
         if t.dim() != dims:
             want = "[B, H, N, D]" if dims == 4 else "[B, M, D]"
             raise ValueError(f"{name} must be {dims}-D {want}, got shape {tuple(t.shape)}")
-    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    one_dtype(q=q, k=k, v=v, autocast_casts=True)
     b, _, _, d = q.shape
     m = k.shape[1]
     if tuple(k.shape) != (b, m, d) or tuple(v.shape) != (b, m, d):
@@ -39,11 +35,11 @@ def check_shared_kv_inputs(
         )
     if key_mask is not None:
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask must be a bool tensor (True = may attend), got {_kind(key_mask)}")
+            raise TypeError(f"key_mask must be a bool tensor (True = may attend), got {kind(key_mask)}")
         if tuple(key_mask.shape) != (b, m):
             raise ValueError(f"key_mask must be [B, M] = {(b, m)}, got {tuple(key_mask.shape)}")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {_kind(causal)}")
+        raise TypeError(f"causal must be a bool, got {kind(causal)}")
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     ):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.checks import floating_tensors, kind, one_dtype
 from longrange.ops.local.blocked import local_attention_blocked
 from longrange.ops.local.decode import local_attention_step, local_cache_length
 from longrange.ops.local.naive import Rotary, local_attention_naive, window_bounds
@@ -54,19 +55,14 @@ def resolve_backend(
     return "blocked"
 
 
-def _kind(x: object) -> str:
-    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
-
-
 def _check_count(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    floating_tensors(q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
     if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
@@ -74,12 +70,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
             f"q, k must be [B, H, N, D] and v [B, H, N, E] alike, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    one_dtype(q=q, k=k, v=v, autocast_casts=False)
     if mask is None:
         return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = keep), got {_kind(mask)}")
+        raise TypeError(f"mask must be a bool tensor (True = keep), got {kind(mask)}")
     batch, heads, n, _ = q.shape
     if tuple(mask.shape) not in ((batch, n), (batch, 1, n), (batch, heads, n)):
         raise ValueError(f"mask must be [B, N] or [B, H, N] = {(batch, heads, n)}, got {tuple(mask.shape)}")
@@ -89,7 +84,7 @@ def _check_bias(bias: Tensor | None, q: Tensor, window_size: int, span: int) -> 
     if bias is None:
         return
     if not isinstance(bias, Tensor) or not bias.is_floating_point():
-        raise TypeError(f"bias must be a floating-point tensor, got {_kind(bias)}")
+        raise TypeError(f"bias must be a floating-point tensor, got {kind(bias)}")
     try:
         torch.broadcast_shapes(bias.shape, (*q.shape[:2], window_size, span))
     except RuntimeError:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longrange.checks import floating_tensors, one_dtype
 from longrange.ops.dense import additive_mask
 from longrange.ops.routing.order import NO_CLUSTER, default_block_size, sort_by_cluster
 from longrange.ops.routing.spans import causal_routed_attention_spans, span_attention_supported
@@ -52,13 +53,11 @@ def check_routing_inputs(
     same_length: bool,
 ) -> None:
     """ValueError / TypeError naming the bad argument (shapes as in the op docstrings)."""
+    floating_tensors(q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    one_dtype(q=q, k=k, v=v, autocast_casts=False)
     if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1] or v.shape[:-1] != k.shape[:-1]:
         raise ValueError(
             f"q [B, H, N, D], k [B, H, M, D], v [B, H, M, E] do not fit: {tuple(q.shape)}, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.checks import floating_tensors, one_dtype
 from longrange.ops.dense.bias import ToeplitzBias
 from longrange.ops.shared_kv.blocked import shared_kv_attention_blocked
 from longrange.ops.shared_kv.diagonal import diagonal_sums, diagonal_sums_torch
@@ -33,19 +34,11 @@ BACKENDS = ("auto", "blocked", "naive")
 BLOCKED_FROM = 16
 
 
-def _kind(x: object) -> str:
-    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
-
-
 def _check(
     q: Tensor, keys: Tensor, values: Tensor, bias, memory_logits: Tensor | None, key_mask: Tensor | None
 ) -> None:
-    for name, t in (("q", q), ("keys", keys), ("values", values)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
-    # under autocast the products cast their inputs themselves
-    if not q.dtype == keys.dtype == values.dtype and not torch.is_autocast_enabled(q.device.type):
-        raise TypeError(f"q, keys, values must share one dtype, got {q.dtype}, {keys.dtype}, {values.dtype}")
+    floating_tensors(q=q, keys=keys, values=values)
+    one_dtype(q=q, keys=keys, values=values, autocast_casts=True)  # under autocast the products cast them
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, N, D], got {list(q.shape)}")
     b, h, n, d = q.shape
@@ -58,10 +51,8 @@ def _check(
     shape = (bias.heads, bias.n, bias.m) if isinstance(bias, ToeplitzBias) else tuple(bias.shape)
     if len(shape) != 3 or shape[0] not in (1, h) or shape[1:] != (n, m):
         raise ValueError(f"bias must be [H={h} or 1, N={n}, M={m}], got {list(shape)}")
-    if memory_logits is not None and (
-        not isinstance(memory_logits, Tensor) or not memory_logits.is_floating_point()
-    ):
-        raise TypeError(f"memory_logits must be a floating-point tensor, got {_kind(memory_logits)}")
+    if memory_logits is not None:
+        floating_tensors(memory_logits=memory_logits)
     if memory_logits is not None and (
         memory_logits.dim() != 4 or tuple(memory_logits.shape[:3]) != (b, h, n)
     ):

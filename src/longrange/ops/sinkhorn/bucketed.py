@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longrange.checks import one_dtype
 from longrange.ops.dense import dense_attention
 from longrange.ops.sinkhorn.layout import gather_weighted
 from longrange.ops.sinkhorn.picked import causal_picked_attention, picked_supported
@@ -105,8 +106,7 @@ def _check(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating [B, H, N, D] tensor, got {tuple(t.shape)}")
-    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    one_dtype(q=q, k=k, v=v, autocast_casts=True)
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must be [B, H, M, D] as q {tuple(q.shape)} is, got {tuple(k.shape)}")
     if kv_mask is not None:
