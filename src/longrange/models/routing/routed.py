@@ -232,22 +232,13 @@ class KmeansAttention(nn.Module):
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def _kmeans(self, points: Tensor, **kwargs) -> tuple[Tensor | None, Tensor, Tensor]:
-        # The centroids' first draw takes numbers from the CPU generator, and a recomputation
-        # for backward (recompute_attention, reversible) does not draw them again: drawn from
-        # the global stream, they would shift the replay's dropout masks off the forward's.
-        if self.training and not self.kmeans._initted and not torch.compiler.is_compiling():
-            with torch.random.fork_rng(devices=[]):
-                return self.kmeans(points, **kwargs)
-        return self.kmeans(points, **kwargs)
-
     def _route_pairs(self, q: Tensor, k: Tensor, mask: Tensor | None, paired: bool, need_dists: bool = True):
         """k-means over queries and keys; returns (dists or None, buckets, loss, keys to attend)."""
         if self.shared_qk:
             keys = F.normalize(k, dim=-1)
             # with shared query/key projections the queries are the keys before normalising
             points = keys if k is q else F.normalize(q, dim=-1)
-            dists, buckets, loss = self._kmeans(
+            dists, buckets, loss = self.kmeans(
                 points,
                 weights=mask,
                 update_means=self._update(),
@@ -256,7 +247,7 @@ class KmeansAttention(nn.Module):
             )
             return dists, buckets, loss, keys
         weights = None if mask is None else torch.cat((mask, mask), dim=-1)
-        dists, buckets, loss = self._kmeans(
+        dists, buckets, loss = self.kmeans(
             torch.cat((q, k), dim=2),
             paired=paired,
             weights=weights,
@@ -362,7 +353,7 @@ class KmeansAttention(nn.Module):
             qm = query_mask if query_mask is not None else q.new_ones(b, n, dtype=torch.bool)
             km = key_mask if key_mask is not None else q.new_ones(b, m, dtype=torch.bool)
             weights = torch.cat((qm, km), dim=-1)
-        dists, _, loss = self._kmeans(torch.cat((q, k), dim=2), weights=weights, update_means=self._update())
+        dists, _, loss = self.kmeans(torch.cat((q, k), dim=2), weights=weights, update_means=self._update())
         q_dists, k_dists = dists[:, :, :n], dists[:, :, n:]
         if key_mask is not None:
             k_dists = k_dists.masked_fill(~key_mask[:, None, :, None], float("-inf"))

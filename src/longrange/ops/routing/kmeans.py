@@ -31,6 +31,8 @@ Dimensions: B batch, H heads, N points per row, D head width, C clusters.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -254,7 +256,13 @@ class Kmeans(nn.Module):
         if self._initted or not self.training or x.shape[0] * x.shape[2] < self.num_clusters:
             return
         x = x.float()
-        means, missing = draw_centroids(x, self.num_clusters, weights, None, self.means)
+        # The draw takes its numbers from a fork of the CPU generator: a recomputation for
+        # backward (recompute_attention, reversible) finds the centroids set and draws nothing,
+        # so numbers taken from the global stream would shift its replayed dropout masks off
+        # the forward's. (A compiled graph draws from the stream.)
+        forked = nullcontext() if torch.compiler.is_compiling() else torch.random.fork_rng(devices=[])
+        with forked:
+            means, missing = draw_centroids(x, self.num_clusters, weights, None, self.means)
         # a compiled graph cannot wait for this answer: there the missing centroids keep the
         # constructor's directions and the centroids count as initialised
         if not torch.compiler.is_compiling() and bool(missing.any()):
