@@ -16,6 +16,11 @@ def test_train_generate_eval(tmp_path, text_folder, train_cli, capsys):
     assert capsys.readouterr().out.startswith("def ")
     assert main(["eval", str(run), "--data", str(text_folder), "--device", "cpu"]) == 0
     assert "bits per byte" in capsys.readouterr().out
+    greedy = ["generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main([*greedy, "--device", "cpu"]) == 0
+    eager = capsys.readouterr().out
+    assert main([*greedy, "--device", "cpu", "--compile"]) == 0
+    assert capsys.readouterr().out == eager
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -216,6 +217,7 @@ def generate(
     repetition_penalty: float = 1.0,
     generator: torch.Generator | None = None,
     window: str = "restart",
+    compile: bool = False,
     **conditioning: Any,
 ) -> Tensor:
     """Sample continuations of ``prompt`` ([B, N] or [N] token ids); return the new tokens
@@ -224,6 +226,8 @@ def generate(
     temperature 0 is greedy. ``eos_token`` ends a row (the module docstring has the rule);
     ``window`` says what happens when a bounded context fills ("restart" or "slide");
     ``conditioning`` keywords (``context``, ``context_mask``) go to the model's ``prefill``.
+    ``compile`` runs each step through ``torch.compile`` (the model's ``compiled_decoding``):
+    the same tokens, faster steps once the first few have paid the compilation.
     """
     vocab = model.config.vocab_size
     check_sampling(
@@ -241,6 +245,11 @@ def generate(
         raise ValueError(f"prompt must have shape [N] or [B, N], got {tuple(prompt.shape)}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and not hasattr(model, "compiled_decoding"):
+        name = type(model).__name__
+        raise ValueError(f"compile=True needs a model with compiled_decoding(); {name} has none")
     squeeze = prompt.dim() == 1
     tokens = prompt[None] if squeeze else prompt
     if tokens.shape[1] == 0:
@@ -259,9 +268,16 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        out = decode_loop(
-            model, tokens, max_new_tokens, pick, eos_token=eos_token, window=window, conditioning=conditioning
-        )
+        with model.compiled_decoding() if compile else nullcontext():
+            out = decode_loop(
+                model,
+                tokens,
+                max_new_tokens,
+                pick,
+                eos_token=eos_token,
+                window=window,
+                conditioning=conditioning,
+            )
     finally:
         model.train(was_training)
     return out[0] if squeeze else out

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from longrange.bench import generate, suites
+from longrange.bench import generate, report, suites
 from longrange.bench.results import merge_results, results_path
 from longrange.cli import main
 
@@ -106,7 +106,7 @@ def test_a_failed_rerun_of_generate_replaces_the_family_row(tmp_path, monkeypatc
     """A failure used to be recorded without its prompt and new-token counts, so it sat beside
     the family's earlier row instead of replacing it, and the README kept the old figures."""
 
-    def fine(family, *, device, prompt_len, new_tokens):
+    def fine(family, *, device, prompt_len, new_tokens, compile):
         speeds = {"prefill_s": 0.1, "incremental_tokens_per_s": 9.0, "recompute_tokens_per_s": 3.0}
         return {
             "family": family,
@@ -127,3 +127,15 @@ def test_a_failed_rerun_of_generate_replaces_the_family_row(tmp_path, monkeypatc
     suites.run_generate_suite(["vanilla"], device="cpu", prompt_len=8, new_tokens=2, out_dir=tmp_path)
     rows = _rows(results_path(tmp_path, "cpu", "generate"))
     assert [(r["family"], "error" in r) for r in rows] == [("performer", False), ("vanilla", True)]
+
+
+def test_generate_with_compile_times_compiled_steps_and_the_report_shows_them(tmp_path):
+    """``bench generate --compile``: the compiled steps' tokens/s and the compilation's
+    seconds beside eager's, in the printed table, the results file and the README table."""
+    main_args = ["bench", "generate", "--models", "vanilla", "--prompt-len", "8", "--new-tokens", "4"]
+    assert main([*main_args, "--compile", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (row,) = _rows(results_path(tmp_path, "cpu", "generate"))
+    assert row["compiled_tokens_per_s"] > 0 and row["compile_s"] >= 0
+    assert "compiled tok/s" in generate.format_generate_table([row])
+    folder = results_path(tmp_path, "cpu", "generate").parent
+    assert "| compiled |" in report.markdown_for_device(folder)

@@ -1,6 +1,7 @@
 """Decoding states beyond the shared protocol tests: a state saved in the middle of decoding
 and loaded again continues exactly, for every family."""
 
+import contextlib
 import re
 
 import pytest
@@ -19,9 +20,9 @@ OPTIONS = {
 }
 
 
-def tiny(family: str):
+def tiny(family: str, **options):
     torch.manual_seed(0)
-    model = create_model(family, "tiny", **OPTIONS[family])
+    model = create_model(family, "tiny", **{**OPTIONS[family], **options})
     with torch.no_grad():  # routing's k-means start from the first call in training mode
         out = model.forward_lm(torch.randint(0, 256, (2, 16)))
     if out.state is not None:
@@ -85,3 +86,66 @@ def test_block_recurrent_generate_refuses_bad_sampling_arguments_naming_them(kwa
     for sampler in (model, RecurrentTrainerWrapper(model)):
         with pytest.raises(ValueError, match=re.escape(message)):
             sampler.generate(prime, **{"length": 8, **kwargs})
+
+
+# --- compiled decoding --------------------------------------------------------------------
+# Graphs a compiled run of STEPS steps builds (one-layer models of OPTIONS, as measured with
+# torch 2.13): the first step, the steps after it (caches grown from the prefill's layout),
+# and the graphs for the positions where a bucket, block, window or chunk begins or ends.
+# A graph fixed to one cache length would need one per step, and hit dynamo's limit.
+STEPS = 26
+MOST_GRAPHS = {
+    "vanilla": 1, "performer": 6, "routing": 7, "sinkhorn": 11, "block_recurrent": 11, "memorizing": 7
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_decoding_traces_whole_steps_and_equals_eager(family):
+    """Under ``compiled_decoding`` every step traces without a graph break and the graphs
+    follow the growing caches (dynamic shapes) over buckets, blocks and chunks: a few graphs
+    in all, not one per step, and the same logits as the eager steps. Hashing a symbolic
+    length (a dict of biases or rotary tables keyed by it, a set of lengths), an integer
+    index into a cache, ``divmod`` and ``math.isfinite`` on a symbol each broke this."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = tiny(family, depth=1)  # (one layer: tracing costs seconds a layer)
+    seq = torch.randint(0, 256, (2, 3 + STEPS), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        _, state = model.prefill(seq[:, :3])
+        with model.compiled_decoding("eager") if compiled else contextlib.nullcontext():
+            steps = [model.step(seq[:, t], state)[0] for t in range(3, 3 + STEPS)]
+        state.close()
+        logits[compiled] = torch.stack(steps, dim=1)
+    breaks = dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert not breaks, breaks
+    assert 1 <= graphs <= MOST_GRAPHS[family], graphs
+    assert_close(logits[True], logits[False], 1e-5)
+
+
+def test_generate_with_compile_gives_eager_tokens():
+    """generate(compile=True) runs inductor's code for the steps: greedy tokens as eager."""
+    import torch._dynamo
+
+    model = tiny("vanilla")
+    prompt = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    try:
+        fast = model.generate(prompt, 12, temperature=0.0, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(fast, model.generate(prompt, 12, temperature=0.0))
+    assert model._decoding_compiled is None  # the block ended with the call
+
+
+def test_generate_refuses_a_bad_compile_argument():
+    model = tiny("vanilla")
+    with pytest.raises(TypeError, match=re.escape("compile must be True or False, got 'yes'")):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, compile="yes")
+    with pytest.raises(TypeError, match=re.escape("backend must be a torch.compile backend name, got 3")):
+        model.compiled_decoding(3).__enter__()

@@ -394,9 +394,10 @@ def test_an_empty_batch_gives_an_empty_output(backend):
     assert out.shape == (0, 5, 2, 4) and weights.shape == (0, 5, 2, 3)
 
 
-def test_toeplitz_bias_rows_and_dense_agree():
-    values = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
-    bias = ToeplitzBias(values, 4, 6, causal=True)
+@pytest.mark.parametrize("n", [4, 1], ids=["queries", "one-query"])
+def test_toeplitz_bias_rows_and_dense_agree(n):
+    values = torch.randn(3, n + 5, dtype=torch.float64, requires_grad=True)
+    bias = ToeplitzBias(values, n, 6, causal=True)
     assert bias.dense() is bias.dense() and bias.rows() is bias.rows()  # built once
     assert torch.equal(bias.rows(), bias.dense().detach().permute(1, 0, 2))
     assert not bias.rows().requires_grad and bias.dense().requires_grad

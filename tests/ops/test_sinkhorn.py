@@ -22,7 +22,13 @@ from longrange.ops.sinkhorn import (
     sinkhorn_attention_naive,
     unrotate_heads,
 )
-from longrange.ops.sinkhorn.layout import gather_weighted, merge_heads, split_heads
+from longrange.ops.sinkhorn.layout import (
+    gather_weighted,
+    merge_heads,
+    merge_heads_reference,
+    split_heads,
+    split_heads_reference,
+)
 from longrange.testing import assert_close, assert_same_forward_backward
 
 
@@ -316,7 +322,29 @@ def test_split_and_merge_heads_equal_rotation_with_gradients():
         out = torch.cat([q * k, v[:, :1], v[:, 1:]], dim=1)
         return unrotate_heads(out, 2, 3).transpose(1, 2).flatten(2)
 
+    def reference(x):
+        q, k, v = split_heads_reference(x, 3, 4, rotate_from=2, shift=3)
+        return merge_heads_reference(q * k, v[:, :1], v[:, 1:], rotate_from=2, shift=3)
+
     assert_same_forward_backward(fast, plain, [x])
+    assert_same_forward_backward(reference, plain, [x])
+
+
+@pytest.mark.parametrize("stacked, heads, rotate_from, shift", [(1, 3, None, 0), (2, 4, 0, 5), (3, 2, 1, -1)])
+def test_split_and_merge_heads_references_equal_the_fused_functions(stacked, heads, rotate_from, shift):
+    x = randn(2, 7, stacked * heads * 3, seed=18)
+    fused = split_heads(x, stacked, heads, rotate_from=rotate_from, shift=shift)
+    plain = split_heads_reference(x, stacked, heads, rotate_from=rotate_from, shift=shift)
+    assert [tuple(t.shape) for t in plain] == [(2, heads, 7, 3)] * stacked
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert b.is_contiguous()
+    options = dict(rotate_from=rotate_from, shift=shift)
+    first = x[..., : heads * 3]  # merging the first tensor undoes the split of the first third
+    torch.testing.assert_close(merge_heads(fused[0], **options), first, rtol=0, atol=0)
+    torch.testing.assert_close(merge_heads_reference(plain[0], **options), first, rtol=0, atol=0)
+    halves = (plain[-1][:, :1], plain[-1][:, 1:])
+    torch.testing.assert_close(merge_heads_reference(*halves, **options), merge_heads(*halves, **options))
 
 
 @pytest.mark.parametrize("own", [False, True], ids=["picks", "picks-own"])

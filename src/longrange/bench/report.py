@@ -323,6 +323,8 @@ def markdown_for_device(folder: Path) -> str:
             ("recompute_tokens_per_s", "full recompute", ".1f"),
             ("speedup", "speed-up", ".1f"),
         ]
+        if any("compiled_tokens_per_s" in r for r in gen["results"]):
+            cols.append(("compiled_tokens_per_s", "compiled", ".1f"))
         parts.append(_rows_markdown(gen["results"], cols) + "\n")
     recall = load_suite(folder, "recall")
     if recall:

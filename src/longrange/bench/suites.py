@@ -29,13 +29,17 @@ def run_memory_suite(families, lengths, *, device, batch_size=1, out_dir="benchm
     return rows
 
 
-def run_generate_suite(families, *, device, prompt_len=1024, new_tokens=1024, out_dir="benchmarks/results"):
+def run_generate_suite(
+    families, *, device, prompt_len=1024, new_tokens=1024, compile=False, out_dir="benchmarks/results"
+):
     from longrange.bench.generate import format_generate_table, generate_point
 
     rows = []
     for family in families:
         try:
-            row = generate_point(family, device=device, prompt_len=prompt_len, new_tokens=new_tokens)
+            row = generate_point(
+                family, device=device, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile
+            )
         except (RuntimeError, ValueError) as err:
             # with its key fields, so that it replaces the family's earlier row at this setting
             row = {"family": family, "prompt_len": prompt_len, "new_tokens": new_tokens}
@@ -179,6 +183,7 @@ def run_suite(suite: str, families: list[str], lengths: list[int], *, device: st
             device=device,
             prompt_len=options.get("prompt_len", 1024),
             new_tokens=options.get("new_tokens", 1024),
+            compile=options.get("compile", False),
             out_dir=out_dir,
         )
     if suite == "recall":

@@ -105,7 +105,9 @@ def add_parser(sub: Any) -> None:
         "--compare-reference", action="store_true", help="speed: also time the installed reference packages"
     )
     b.add_argument(
-        "--compile", action="store_true", help="speed: also time torch.compile(model) beside eager, same run"
+        "--compile",
+        action="store_true",
+        help="speed: also time torch.compile(model) beside eager, same run; generate: compiled steps too",
     )
     b.add_argument(
         "--reference-lengths",

@@ -53,6 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             eos_token=args.eos_token,
             repetition_penalty=args.repetition_penalty,
             generator=gen,
+            compile=args.compile,
         )
     if args.eos_token is not None:
         # generate pads what follows the end with the eos byte: the text stops at the first
@@ -114,6 +115,11 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (default 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decoding steps through torch.compile (faster steps after a compilation of seconds)",
+    )
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help=KEEP_WEIGHTS_SET_HELP)
     g.add_argument("--keep-denormals", action="store_true", help=KEEP_DENORMALS_HELP)
     g.set_defaults(func=cmd_generate)

@@ -65,10 +65,12 @@ class XLMemory:
     _length: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
-        lengths = {t.shape[-2] for t in self.entries}
-        if len(lengths) > 1:
-            raise ValueError(f"every layer's memory must hold the same number of positions, got {lengths}")
-        self._length = lengths.pop() if lengths else 0
+        lengths = [t.shape[-2] for t in self.entries]  # (a list: hashing would fix symbolic sizes)
+        if any(length != lengths[0] for length in lengths[1:]):
+            raise ValueError(
+                f"every layer's memory must hold the same number of positions, got {sorted(set(lengths))}"
+            )
+        self._length = lengths[0] if lengths else 0
         if self.mask is not None and tuple(self.mask.shape[-1:]) != (self._length,):
             raise ValueError(f"memory mask covers {self.mask.shape[-1]} positions, memory {self._length}")
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +40,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "longrange"
 
+# One compiled ``decode`` per class and backend, shared by its instances (the weights are the graph's
+# inputs, not constants), so a copy of a model never decodes with another's weights.
+_COMPILED_DECODE: dict[tuple[type, str], Any] = {}
+DECODE_RECOMPILE_LIMIT = 32
+
 
 @dataclass
 class LMOutput:
@@ -56,6 +63,8 @@ class LongRangeLM(nn.Module):
     # Keywords ``prefill`` accepts as conditioning (a cross-attending decoder's context); a
     # family whose config decides it makes this a property.
     conditioning_keys: tuple[str, ...] = ()
+    # the backend inside ``compiled_decoding()``: single-token steps run the compiled ``decode``
+    _decoding_compiled: str | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -190,9 +199,38 @@ class LongRangeLM(nn.Module):
                 f"positions up to {state.position + tokens.shape[1]} exceed the decoding window of {limit}"
             )
         with torch.no_grad():
-            logits = self.decode(tokens, state)
+            if tokens.shape[1] == 1 and self._decoding_compiled is not None:
+                logits = self._compiled_decode()(self, tokens, state)
+            else:
+                logits = self.decode(tokens, state)
         state.position += tokens.shape[1]
         return logits, state
+
+    @contextmanager
+    def compiled_decoding(self, backend: str = "inductor") -> Iterator[None]:
+        """Inside the block, ``step`` runs ``decode`` through ``torch.compile`` (dynamic
+        shapes: one graph follows the growing caches), which on CPU fuses a step's hundreds of
+        small operations; ``prefill`` stays eager. The first steps pay the compilation, and a
+        few more graphs come where a bucket, block or chunk begins or ends. ``backend`` is
+        torch.compile's (the tests trace with "eager")."""
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a torch.compile backend name, got {backend!r}")
+        import torch._dynamo  # (here: importing the compiler costs every import of longrange)
+
+        # more graphs per step than dynamo's default limit of 8 for some families
+        limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
+        before, self._decoding_compiled = self._decoding_compiled, backend
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                yield
+        finally:
+            self._decoding_compiled = before
+
+    def _compiled_decode(self) -> Any:
+        key = (type(self), self._decoding_compiled)
+        if key not in _COMPILED_DECODE:
+            _COMPILED_DECODE[key] = torch.compile(type(self).decode, dynamic=True, backend=key[1])
+        return _COMPILED_DECODE[key]
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt``; see :func:`longrange.generation.generate`."""

@@ -339,15 +339,24 @@ class BlockRecurrentLM(SegmentedLM):
         return self.head(self.norm(x))
 
     def _rotary_tables(self, keys: int, queries: int, tables: dict, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        if keys not in tables:
-            pos = torch.arange(keys, device=self.embed.weight.device, dtype=torch.float32)
-            pos = pos + (self.window - keys)
-            angles = self.rotary.angles(pos)
-            scale = self.rotary.xpos_scale(pos - self.window // 2)
-            cos, sin = angles.cos(), angles.sin()
-            tables[keys] = (cos * scale, sin * scale, cos / scale, sin / scale)
-        q_cos, q_sin, k_cos, k_sin = (t.to(dtype) for t in tables[keys])
+        # a compiled call builds them where used: hashing a symbolic key count would fix the
+        # graph to one count (the compiler merges the repeats)
+        if torch.compiler.is_compiling():
+            built = self._build_rotary_tables(keys)
+        else:
+            if keys not in tables:
+                tables[keys] = self._build_rotary_tables(keys)
+            built = tables[keys]
+        q_cos, q_sin, k_cos, k_sin = (t.to(dtype) for t in built)
         return q_cos[keys - queries :], q_sin[keys - queries :], k_cos, k_sin
+
+    def _build_rotary_tables(self, keys: int) -> tuple[Tensor, ...]:
+        pos = torch.arange(keys, device=self.embed.weight.device, dtype=torch.float32)
+        pos = pos + (self.window - keys)
+        angles = self.rotary.angles(pos)
+        scale = self.rotary.xpos_scale(pos - self.window // 2)
+        cos, sin = angles.cos(), angles.sin()
+        return cos * scale, sin * scale, cos / scale, sin / scale
 
     def _layer(
         self,
@@ -372,12 +381,13 @@ class BlockRecurrentLM(SegmentedLM):
             keys, key_mask, block = streams[i].take(kv_parts[k], piece.mask, piece.finish)
             if i in self.writer:
                 tracks[self.writer[i]].advance(piece.index, piece.finish, block.entries[0], block.mask)
-            groups.setdefault((sizes[k], keys.shape[-2], key_mask is not None), []).append(
-                (k, keys, key_mask)
-            )
+            # (a compiled call keeps pieces apart: hashing symbolic sizes would fix them)
+            shape = k if torch.compiler.is_compiling() else (sizes[k], keys.shape[-2])
+            groups.setdefault((shape, key_mask is not None), []).append((k, keys, key_mask))
         outs: list[Tensor | None] = [None] * len(pieces)
         # Pieces of equal shape run as one batch: the kernels are much faster on many blocks.
-        for (width, _, masked), members in groups.items():
+        for (_, masked), members in groups.items():
+            width = sizes[members[0][0]]
             qg = join([q_parts[k] for k, _, _ in members], 0)
             keys, values = join([kv for _, kv, _ in members], 1)
             mg = join([m for _, _, m in members], 0) if masked else None

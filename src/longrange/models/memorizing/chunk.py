@@ -175,16 +175,20 @@ def run_piece(model: SegmentedLM, tokens: Tensor, piece: Piece, state: State) ->
         q, k, v = attn.project(h)
         keys, values, key_valid = layer_keys(model, i, state, h, k, v, piece.mask)
         m = keys.shape[1]
-        if (attn.knn, m) not in biases:  # shared by the layers of a kind: built once per piece
+        # shared by the layers of a kind with as many keys: built once per piece. A compiled
+        # step keys them by XL source (same source, same keys), as hashing the symbolic key
+        # count would fix it to one value and recompile at every step
+        kind = (attn.knn, model.xl_source.get(i) if torch.compiler.is_compiling() else m)
+        if kind not in biases:
             table = model.knn_rel_pos if attn.knn else model.rel_pos
             per_distance = relative_bias_values(table, n, m, causal=True)
-            biases[(attn.knn, m)] = ToeplitzBias(per_distance, n, m, causal=True)
+            biases[kind] = ToeplitzBias(per_distance, n, m, causal=True)
         if attn.knn:
             j = model.knn_source[i]
             found = retrieved(attn, knn[j] if j < len(knn) else None, q, after_start)
-            out = attn.attend(q, keys, values, key_valid, biases[(attn.knn, m)], found)
+            out = attn.attend(q, keys, values, key_valid, biases[kind], found)
         else:
-            out = attn.attend(q, keys, values, key_valid, biases[(attn.knn, m)])
+            out = attn.attend(q, keys, values, key_valid, biases[kind])
         x = x + out
         x = x + block.ff(block.ff_norm(x))
         kvs.append(torch.stack([k, v], dim=0).detach())

@@ -174,8 +174,8 @@ class SinkhornCausalAttention(nn.Module):
     def step(self, q: Tensor, k: Tensor, v: Tensor, cache: CausalCache, position: int) -> Tensor:
         """q, k, v [B, H, 1, D] of the token at ``position`` -> [B, H, 1, D]."""
         s = self.bucket_size
-        cache.k[:, :, position] = k[:, :, 0]
-        cache.v[:, :, position] = v[:, :, 0]
+        cache.k[:, :, position : position + 1] = k  # (a slice: see SinkhornSelfAttention.step)
+        cache.v[:, :, position : position + 1] = v
         outs = []
         for g in cache.groups:
             rel = position - g.offset
@@ -184,7 +184,7 @@ class SinkhornCausalAttention(nn.Module):
                 g.sum_q = g.sum_q + q[:, heads, 0]
                 g.sum_k = g.sum_k + k[:, heads, 0]
                 ck = g.sum_k / (rel + 1)
-                bucket, row = divmod(rel, s)
+                bucket, row = rel // s, rel % s  # (divmod does not trace)
                 if row == 0:
                     self._pick(g, g.sum_q / (rel + 1), ck, k[:, heads, 0], bucket)
                 g.ck_sum = g.ck_sum + ck

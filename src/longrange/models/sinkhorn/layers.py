@@ -201,8 +201,9 @@ class SinkhornSelfAttention(nn.Module):
             k, v = split_heads(self.to_kv(x), 2, self.heads)
             if lh:
                 local_k, local_v = cache["local_k"], cache["local_v"]
-                local_k[:, :, p] = k[:, :lh, 0]
-                local_v[:, :, p] = v[:, :lh, 0]
+                # slices, not an integer index, which would fix a compiled step to one position
+                local_k[:, :, p : p + 1] = k[:, :lh]
+                local_v[:, :, p : p + 1] = v[:, :lh]
                 lo = max(0, p + 1 - self.local_attention.cache_length)
                 lk, lv = local_k[:, :, lo : p + 1], local_v[:, :, lo : p + 1]
                 outs.append(self.local_attention.step(q[:, :lh], lk, lv, position=p))

@@ -41,6 +41,9 @@ def check_shared_kv_inputs(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {kind(causal)}")
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        # a compiled call may hold the scale as a symbol, which math.isfinite cannot read
+        or (not torch.compiler.is_compiling() and not math.isfinite(scale))
     ):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")

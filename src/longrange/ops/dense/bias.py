@@ -56,6 +56,8 @@ def toeplitz(values: Tensor, n: int, m: int) -> Tensor:
     """:func:`toeplitz_reference`'s matrix [..., N, M] from values [..., L], contiguous, with a
     backward that sums the gradient's diagonals in one strided pass."""
     _check(values, n, m)
+    if n == 1:  # one query (a decoding step) reads the values as they are
+        return values.unsqueeze(-2).contiguous()
     return _Toeplitz.apply(values, n, m)
 
 
@@ -89,6 +91,8 @@ class ToeplitzBias:
         return self._dense
 
     def rows(self) -> Tensor:
+        if self._rows is None and self.n == 1:
+            self._rows = self.values.detach().unsqueeze(0)
         if self._rows is None:
             # row i reads window N - 1 - i of the values: one gather of the windows in reverse
             # ([N, H, M] in one pass). A flip of the window view, then a permuted copy, took

@@ -89,17 +89,47 @@ class _MergeHeads(torch.autograd.Function):
 
 def split_heads(x: Tensor, stacked: int, heads: int, *, rotate_from: int | None = None, shift: int = 0):
     """x [B, N, C * H * D] -> C tensors [B, H, N, D] (contiguous); heads ``rotate_from`` ..
-    are rotated left by ``shift`` positions (out[t] = in[(t + shift) % N])."""
+    are rotated left by ``shift`` positions (out[t] = in[(t + shift) % N]). Under
+    ``torch.compile`` the plain ops (:func:`split_heads_reference`), which the compiler fuses
+    and traces with symbolic sizes."""
+    if torch.compiler.is_compiling():
+        return split_heads_reference(x, stacked, heads, rotate_from=rotate_from, shift=shift)
     start = heads if rotate_from is None else rotate_from
     return _SplitHeads.apply(x, stacked, heads, start, shift)
 
 
 def merge_heads(*parts: Tensor, rotate_from: int | None = None, shift: int = 0) -> Tensor:
     """[B, H_i, N, D] parts (concatenated over heads) -> [B, N, H * D]; heads ``rotate_from`` ..
-    are rotated back right by ``shift`` (undoing :func:`split_heads`)."""
+    are rotated back right by ``shift`` (undoing :func:`split_heads`); plain ops under
+    ``torch.compile`` (:func:`merge_heads_reference`)."""
+    if torch.compiler.is_compiling():
+        return merge_heads_reference(*parts, rotate_from=rotate_from, shift=shift)
     heads = sum(p.shape[1] for p in parts)
     start = heads if rotate_from is None else rotate_from
     return _MergeHeads.apply(start, shift, *parts)
+
+
+def _rolled_heads(x: Tensor, start: int, shift: int) -> Tensor:
+    """x [..., H, N, D] with heads ``start`` .. rolled left by ``shift`` along N."""
+    if start >= x.shape[-3] or shift % x.shape[-2] == 0:
+        return x
+    return torch.cat([x[..., :start, :, :], x[..., start:, :, :].roll(-shift, dims=-2)], dim=-3)
+
+
+def split_heads_reference(
+    x: Tensor, stacked: int, heads: int, *, rotate_from: int | None = None, shift: int = 0
+) -> tuple[Tensor, ...]:
+    """:func:`split_heads` by reshape, permute and roll."""
+    start = heads if rotate_from is None else rotate_from
+    parts = x.unflatten(-1, (stacked, heads, -1)).permute(2, 0, 3, 1, 4)  # [C, B, H, N, D]
+    return tuple(t.contiguous() for t in _rolled_heads(parts, start, shift).unbind(0))
+
+
+def merge_heads_reference(*parts: Tensor, rotate_from: int | None = None, shift: int = 0) -> Tensor:
+    """:func:`merge_heads` by cat, roll and reshape."""
+    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    start = full.shape[1] if rotate_from is None else rotate_from
+    return _rolled_heads(full, start, -shift).transpose(1, 2).flatten(2)
 
 
 def _picked(src: Tensor, null: Tensor | None, picks: Tensor) -> Tensor:
