@@ -25,7 +25,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Regenerates the CPU results, plots and README tables (about 85 minutes on 2 quiet cores; time
+# Regenerates the CPU results, plots and README tables (about 100 minutes on 2 quiet cores; time
 # nothing else meanwhile). The linear-cost families also run at 32K-128K (vanilla, quadratic,
 # stops at 16K); the speed pass times the reference packages beside their families at 4K and
 # 8K (the Performer reference needs 5 GB at 4K and 10 GB at 8K, causal) and every
@@ -33,7 +33,8 @@ test: $(STAMP)
 # Sinkhorn classes also at their packages' own defaults; the compile pass times torch.compile beside eager at 2K;
 # the growth pass times each linear family at 16K and 64K in turn in one process (the ratio the
 # performance aims ask for); the knn pass times memorizing's chunk as its kNN memory fills (0, 32K,
-# 250K entries).
+# 250K entries); the generate pass also times the compiled decoding steps (compiling sinkhorn's
+# seven step graphs alone takes about 11 minutes here).
 BENCH_LENGTHS ?= 1024,2048,4096,8192,16384
 LONG_LENGTHS ?= 32768,65536,131072
 LINEAR_FAMILIES = performer,routing,sinkhorn,block_recurrent,memorizing
@@ -44,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/longrange bench growth --models $(LINEAR_FAMILIES) --lengths 16384,65536 --repeats 5
 	$(BIN)/longrange bench speed --models all --lengths 2048 --repeats 3 --compile
 	$(BIN)/longrange bench knn --lengths 0,32768,250000 --compare-reference --repeats 15
-	$(BIN)/longrange bench generate --models all --prompt-len 1024 --new-tokens 1024
+	$(BIN)/longrange bench generate --models all --prompt-len 1024 --new-tokens 1024 --compile
 	$(BIN)/longrange bench recall --models all --steps 300
 	$(BIN)/longrange bench quality --models all --steps 300
 	$(BIN)/longrange bench report

@@ -324,7 +324,7 @@ def markdown_for_device(folder: Path) -> str:
             ("speedup", "speed-up", ".1f"),
         ]
         if any("compiled_tokens_per_s" in r for r in gen["results"]):
-            cols.append(("compiled_tokens_per_s", "compiled", ".1f"))
+            cols += [("compiled_tokens_per_s", "compiled", ".1f"), ("compile_s", "compile s", ".0f")]
         parts.append(_rows_markdown(gen["results"], cols) + "\n")
     recall = load_suite(folder, "recall")
     if recall:
