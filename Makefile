@@ -34,7 +34,7 @@ test: $(STAMP)
 # the growth pass times each linear family at 16K and 64K in turn in one process (the ratio the
 # performance aims ask for); the knn pass times memorizing's chunk as its kNN memory fills (0, 32K,
 # 250K entries); the generate pass also times the compiled decoding steps (compiling sinkhorn's
-# seven step graphs alone takes about 11 minutes here).
+# step graphs alone takes about 4 minutes here).
 BENCH_LENGTHS ?= 1024,2048,4096,8192,16384
 LONG_LENGTHS ?= 32768,65536,131072
 LINEAR_FAMILIES = performer,routing,sinkhorn,block_recurrent,memorizing
