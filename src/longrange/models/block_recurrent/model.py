@@ -381,8 +381,9 @@ class BlockRecurrentLM(SegmentedLM):
             keys, key_mask, block = streams[i].take(kv_parts[k], piece.mask, piece.finish)
             if i in self.writer:
                 tracks[self.writer[i]].advance(piece.index, piece.finish, block.entries[0], block.mask)
-            # (a compiled call keeps pieces apart: hashing symbolic sizes would fix them)
-            shape = k if torch.compiler.is_compiling() else (sizes[k], keys.shape[-2])
+            # a lone piece (a decoding step) needs no group, and a compiled step's sizes are
+            # symbols, which hashing would fix to one value
+            shape = k if len(pieces) == 1 else (sizes[k], keys.shape[-2])
             groups.setdefault((shape, key_mask is not None), []).append((k, keys, key_mask))
         outs: list[Tensor | None] = [None] * len(pieces)
         # Pieces of equal shape run as one batch: the kernels are much faster on many blocks.
