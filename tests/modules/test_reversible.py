@@ -306,6 +306,9 @@ def test_routing_per_layer_and_errors():
         SequentialSequence(blocks, layer_dropout=1.5)
     with pytest.raises(TypeError, match="blocks"):
         SequentialSequence([(Spy("f"),)])
+    # "no" was truthy: the stack recomputed what the caller asked it to keep, silently
+    with pytest.raises(TypeError, match="recompute must be True or False, got 'no'"):
+        ReversibleSequence(blocks, recompute="no")
 
 
 def test_bad_branch_output_raises():

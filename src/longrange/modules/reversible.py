@@ -368,6 +368,8 @@ class ReversibleSequence(_Stack):
         *,
         recompute: bool = True,
     ) -> None:
+        if not isinstance(recompute, bool):  # a string such as "no" would read as True
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
         super().__init__(blocks, layer_dropout, args_route)
         self.recompute = recompute
 
