@@ -29,12 +29,16 @@ from longrange.ops.sinkhorn.bucketed import (
     causal_bucket_mask,
     causal_sinkhorn_attention,
     gather_buckets,
-    rotate_heads,
     sinkhorn_attention,
-    unrotate_heads,
 )
 from longrange.ops.sinkhorn.decode import causal_sinkhorn_step, picked_buckets
-from longrange.ops.sinkhorn.layout import gather_weighted, merge_heads, split_heads
+from longrange.ops.sinkhorn.layout import (
+    gather_weighted,
+    merge_heads,
+    rotate_heads,
+    split_heads,
+    unrotate_heads,
+)
 from longrange.ops.sinkhorn.naive import causal_sinkhorn_attention_naive, sinkhorn_attention_naive
 from longrange.ops.sinkhorn.sort import (
     attention_sort_scores,

@@ -12,7 +12,7 @@ queries are not special, a query with no key gets zeros).
 Causal: P null buckets (a learned key / value, repeated over a bucket) stand in front of the
 key buckets; query bucket u draws its P sorted buckets from the nulls and the buckets before
 it, and sees its own bucket up to the query. Heads from ``wrap_from`` on hold a sequence
-rotated left by S - 1 (:func:`rotate_heads`), which moves bucket boundaries by S - 1 for
+rotated left by S - 1 (``layout.rotate_heads``), which moves bucket boundaries by S - 1 for
 them; their last bucket wraps around and is recomputed with its own mask (row 0, the last
 position, sees the sorted buckets and itself; rows 1.., positions 0 .. S - 2, see their own
 keys from row 1 up to themselves).
@@ -61,18 +61,6 @@ def gather_buckets(buckets: Tensor, index: Tensor) -> Tensor:
     flat_index = (index + offsets).reshape(-1)
     picked = _RowSelect.apply(flat, flat_index) if flat.requires_grad else flat.index_select(0, flat_index)
     return picked.reshape(*index.shape, *buckets.shape[3:])
-
-
-def rotate_heads(x: Tensor, start: int, shift: int, *, dim: int = 2) -> Tensor:
-    """Rotate heads ``start:`` (dim 1) of x left by ``shift`` along ``dim``."""
-    if start >= x.shape[1] or shift == 0:
-        return x
-    return torch.cat([x[:, :start], x[:, start:].roll(-shift, dims=dim)], dim=1)
-
-
-def unrotate_heads(x: Tensor, start: int, shift: int, *, dim: int = 2) -> Tensor:
-    """Undo :func:`rotate_heads`."""
-    return rotate_heads(x, start, -shift, dim=dim)
 
 
 def _bucket_keep(mask: Tensor, heads: int, bucket_size: int) -> Tensor:

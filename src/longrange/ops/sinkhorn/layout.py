@@ -109,11 +109,16 @@ def merge_heads(*parts: Tensor, rotate_from: int | None = None, shift: int = 0) 
     return _MergeHeads.apply(start, shift, *parts)
 
 
-def _rolled_heads(x: Tensor, start: int, shift: int) -> Tensor:
-    """x [..., H, N, D] with heads ``start`` .. rolled left by ``shift`` along N."""
-    if start >= x.shape[-3] or shift % x.shape[-2] == 0:
+def rotate_heads(x: Tensor, start: int, shift: int, *, dim: int = 2) -> Tensor:
+    """Rotate heads ``start:`` (dim 1) of x left by ``shift`` along ``dim``."""
+    if start >= x.shape[1] or shift == 0:
         return x
-    return torch.cat([x[..., :start, :, :], x[..., start:, :, :].roll(-shift, dims=-2)], dim=-3)
+    return torch.cat([x[:, :start], x[:, start:].roll(-shift, dims=dim)], dim=1)
+
+
+def unrotate_heads(x: Tensor, start: int, shift: int, *, dim: int = 2) -> Tensor:
+    """Undo :func:`rotate_heads`."""
+    return rotate_heads(x, start, -shift, dim=dim)
 
 
 def split_heads_reference(
@@ -122,14 +127,14 @@ def split_heads_reference(
     """:func:`split_heads` by reshape, permute and roll."""
     start = heads if rotate_from is None else rotate_from
     parts = x.unflatten(-1, (stacked, heads, -1)).permute(2, 0, 3, 1, 4)  # [C, B, H, N, D]
-    return tuple(t.contiguous() for t in _rolled_heads(parts, start, shift).unbind(0))
+    return tuple(rotate_heads(t, start, shift).contiguous() for t in parts.unbind(0))
 
 
 def merge_heads_reference(*parts: Tensor, rotate_from: int | None = None, shift: int = 0) -> Tensor:
     """:func:`merge_heads` by cat, roll and reshape."""
     full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     start = full.shape[1] if rotate_from is None else rotate_from
-    return _rolled_heads(full, start, -shift).transpose(1, 2).flatten(2)
+    return unrotate_heads(full, start, shift).transpose(1, 2).flatten(2)
 
 
 def _picked(src: Tensor, null: Tensor | None, picks: Tensor) -> Tensor:
