@@ -92,7 +92,7 @@ def format_generate_table(rows: list[dict[str, Any]]) -> str:
             f"{r['family']:<16}{r['prefill_s']:>10.2f}{r['incremental_tokens_per_s']:>19,.1f}"
             f"{r['recompute_tokens_per_s']:>17,.1f}{r['speedup']:>9.1f}x"
         )
-        if compiled and "compiled_tokens_per_s" in r:
+        if "compiled_tokens_per_s" in r:
             line += f"{r['compiled_tokens_per_s']:>16,.1f}{r['compile_s']:>11.1f}"
         lines.append(line)
     return "\n".join(lines)
